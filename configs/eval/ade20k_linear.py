@@ -1,0 +1,11 @@
+"""Linear segmentation on ADE20k SceneParse150 (training / validation; 151 labels, 0 ignored but counted in the mean).
+
+python -m evaluation --config=configs/eval/ade20k_linear.py --config.checkpoint=SOURCE --config.data_dir=DIR --config.workdir=OUT
+"""
+
+from configs.eval import base
+
+
+def get_config():
+    # The reference ADE20k train loader keeps the last partial batch and does not shuffle.
+    return base.get_eval_config("ade20k", "linear", drop_last=False)

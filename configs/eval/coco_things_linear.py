@@ -1,0 +1,11 @@
+"""Linear segmentation on COCO-Things (12 thing supercategories; train = the seeded random 10% of train2017, val = val2017; ignore 255).
+
+python -m evaluation --config=configs/eval/coco_things_linear.py --config.checkpoint=SOURCE --config.data_dir=DIR --config.workdir=OUT
+"""
+
+from configs.eval import base
+
+
+def get_config():
+    # The reference COCO train loader shuffles.
+    return base.get_eval_config("coco_things", "linear", shuffle=True)

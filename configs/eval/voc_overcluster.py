@@ -1,0 +1,11 @@
+"""Overclustering on Pascal VOC 2012 (data_dir/VOCSegmentation; train = trainaug 10,582, val 1,449; 21 classes, ignore 255).
+
+python -m evaluation --config=configs/eval/voc_overcluster.py --config.checkpoint=SOURCE --config.data_dir=DIR --config.workdir=OUT
+"""
+
+from configs.eval import base
+
+
+def get_config():
+    # The reference VOC val loader (batch 32, drop_last=True) uses 1,440 of 1,449 images.
+    return base.get_eval_config("voc", "overcluster", drop_remainder=32)

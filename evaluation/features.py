@@ -1,0 +1,259 @@
+"""Frozen patch features for the dense evaluations: model loading, the protocols' resizing, batched extraction.
+
+The protocols only ever see a `features_fn(images) -> (B, h, w, D)` callable over ImageNet-normalised float32
+NHWC batches, so tests can hand them an oracle instead of a network. `FeatureExtractor` is the real one: the
+backbone's final-norm patch tokens (and on request the last block's CLS attention), jitted once and sharded
+over every device along a 1-D `data` mesh (batches padded to a multiple of the device count).
+
+Resizing follows the reference transforms: images through PIL bilinear (torchvision's `Resize` on PIL images,
+which antialiases), masks through PIL nearest, then torch-style nearest (`F.interpolate(mode="nearest")`,
+src = floor(dst * in / out)) from the input size down to the evaluation size.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
+from tqdm import tqdm
+
+from evaluation.datasets import SegmentationDataset
+from neco_jax.errors import UserError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+FeaturesFn = Callable[[np.ndarray], np.ndarray]
+
+
+class CheckpointError(UserError):
+    """The checkpoint or workdir given to an evaluation cannot be loaded."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resizing and normalisation (host side, as the reference's PIL transforms).
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> uint8 (h, w, 3), PIL bilinear with antialias (torchvision `Resize` on PIL)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Label map (H, W) uint8 -> (h, w), PIL nearest (torchvision `Resize(NEAREST)` on PIL)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of torch `F.interpolate(mode='nearest')`: floor(dst * (in / out)) in float32, clamped."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def nearest_resize(x: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Torch-style nearest resize of the two axes after the leading ones: (..., H, W) -> (..., h, w)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    rows = nearest_indices(x.shape[-2], h)
+    cols = nearest_indices(x.shape[-1], w)
+    return x[..., rows[:, None], cols[None, :]]
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) -> float32 ImageNet-normalised (ToTensor then Normalize with std 0.225)."""
+    return (images.astype(np.float32) / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One evaluation batch: normalised images, masks at the eval size, and the dataset indices they came from."""
+
+    images: np.ndarray  # (B, S, S, 3) float32
+    masks: np.ndarray  # (B, m, m) uint8
+    indices: np.ndarray  # (B,) int64
+
+
+def load_eval_example(dataset: SegmentationDataset, i: int, image_size: int, mask_size: int) -> tuple:
+    """Image resized to `image_size` (uint8) and mask resized to `image_size` (PIL nearest) then to `mask_size`
+    (torch nearest), as the reference val transforms and its in-model mask downsampling."""
+    image, mask = dataset[i]
+    mask = resize_mask(mask, image_size)
+    if mask_size != image_size:
+        mask = nearest_resize(mask, mask_size)
+    return resize_image(image, image_size), mask
+
+
+def iterate_batches(
+    dataset: SegmentationDataset,
+    *,
+    batch_size: int,
+    image_size: int,
+    mask_size: int,
+    indices: Sequence[int] | None = None,
+    load_fn: Callable | None = None,
+    num_threads: int = 8,
+    desc: str | None = None,
+) -> Iterator[Batch]:
+    """Batches in `indices` order (default: all), decoded by a thread pool one batch ahead.
+
+    `load_fn(dataset, i)` -> (uint8 image, uint8 mask) replaces the val loading (e.g. random crops for training).
+    """
+    indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if load_fn is None:
+
+        def load_fn(ds, i):
+            return load_eval_example(ds, i, image_size, mask_size)
+
+    chunks = [indices[s : s + batch_size] for s in range(0, len(indices), batch_size)]
+    with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+
+        def submit(chunk):
+            return [pool.submit(load_fn, dataset, int(i)) for i in chunk]
+
+        pending = submit(chunks[0]) if chunks else []
+        with tqdm(total=len(indices), desc=desc, unit="img", disable=desc is None) as bar:
+            for n, chunk in enumerate(chunks):
+                results = [f.result() for f in pending]
+                pending = submit(chunks[n + 1]) if n + 1 < len(chunks) else []
+                images = normalize(np.stack([r[0] for r in results]))
+                masks = np.stack([r[1] for r in results])
+                bar.update(len(chunk))
+                yield Batch(images, masks, chunk)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models.
+
+
+def load_from_workdir(workdir: str | Path, which: str = "teacher"):
+    """The student or teacher backbone of a training workdir (orbax checkpoints under workdir/checkpoints).
+
+    Not available yet: the training loop that writes these checkpoints has not landed. Export the backbone with
+    `neco_jax.save_backbone` and pass that folder instead.
+    """
+    if which not in ("student", "teacher"):
+        raise CheckpointError(f"checkpoint_model must be 'student' or 'teacher', got {which!r}")
+    raise CheckpointError(
+        f"{workdir} is a training workdir; reading training checkpoints is not supported yet. "
+        "Export the backbone with neco_jax.save_backbone(model, folder) and pass that folder as --config.checkpoint"
+    )
+
+
+def load_model(source: str, *, arch: str | None = None, which: str = "teacher"):
+    """A backbone from anything `neco_jax.load_backbone` accepts, or from a training workdir (`which` model)."""
+    if not source:
+        raise CheckpointError("no checkpoint given; pass --config.checkpoint=<name, file or folder>")
+    path = Path(source)
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        return load_from_workdir(path, which)
+    from neco_jax import load_backbone  # the conversion package; imported late so datasets/metrics work without it
+
+    return load_backbone(source, arch=arch or None)
+
+
+def with_compute_dtype(model, dtype: str):
+    """The same weights in a model whose config computes in `dtype` (parameters stay fp32; the model keeps
+    LayerNorm/softmax in fp32 itself)."""
+    config = getattr(model, "config", None)
+    if config is None or config.dtype == dtype:
+        return model
+    new_config = dataclasses.replace(config, dtype=dtype)
+    abstract = nnx.eval_shape(lambda: type(model)(new_config, rngs=nnx.Rngs(0)))
+    nnx.update(abstract, nnx.state(model))
+    return abstract
+
+
+def data_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh over every device, axis `data`."""
+    return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+class FeatureExtractor:
+    """Jitted, data-parallel final-norm patch tokens of a frozen backbone.
+
+    `extractor(images)` -> (B, h, w, D) float32; `extractor.with_attention(images)` -> (features, CLS attention
+    (B, heads, h, w)). Images are (B, H, W, 3) float32 ImageNet-normalised; B need not divide the device count.
+    """
+
+    def __init__(self, model, *, dtype: str = "float32"):
+        if dtype not in ("float32", "bfloat16"):
+            raise UserError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        model = with_compute_dtype(model, dtype)
+        self.patch_size = int(model.config.patch_size)
+        self.embed_dim = int(model.config.embed_dim)
+        self.mesh = data_mesh()
+        self._n = self.mesh.devices.size
+        replicated = NamedSharding(self.mesh, P())
+        self._data = NamedSharding(self.mesh, P("data"))
+        graphdef, state = nnx.split(model)
+        self._state = jax.device_put(state, replicated)
+        p = self.patch_size
+
+        def forward(state, x, with_attention: bool):
+            out = nnx.merge(graphdef, state)(x, deterministic=True, return_attention=with_attention)
+            b, h, w = x.shape[0], x.shape[1] // p, x.shape[2] // p
+            feats = out["x_norm_patchtokens"].astype(jnp.float32).reshape(b, h, w, -1)
+            if not with_attention:
+                return feats
+            attn = out["attn_cls"].astype(jnp.float32)
+            return feats, attn.reshape(b, attn.shape[1], h, w)
+
+        self._forward = jax.jit(
+            forward, static_argnums=2, in_shardings=(replicated, self._data), out_shardings=self._data
+        )
+
+    def _run(self, images: np.ndarray, with_attention: bool):
+        images = np.asarray(images, dtype=np.float32)
+        b = images.shape[0]
+        if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
+            raise UserError(
+                f"image size {images.shape[1]}x{images.shape[2]} is not a multiple of the patch size {self.patch_size}"
+            )
+        pad = -b % self._n
+        if pad:
+            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+        out = self._forward(self._state, jax.device_put(images, self._data), with_attention)
+        return jax.tree.map(lambda a: np.asarray(a)[:b], out)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self._run(images, False)
+
+    def with_attention(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._run(images, True)
+
+
+def extract_features(
+    features_fn: FeaturesFn,
+    dataset: SegmentationDataset,
+    *,
+    image_size: int,
+    mask_size: int,
+    batch_size: int,
+    indices: Sequence[int] | None = None,
+    num_threads: int = 8,
+    desc: str | None = "features",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N, h, w, D) float32 and eval masks (N, m, m) uint8 of a dataset (or its `indices`)."""
+    feats, masks = [], []
+    for batch in iterate_batches(
+        dataset,
+        batch_size=batch_size,
+        image_size=image_size,
+        mask_size=mask_size,
+        indices=indices,
+        num_threads=num_threads,
+        desc=desc,
+    ):
+        feats.append(np.asarray(features_fn(batch.images), dtype=np.float32))
+        masks.append(batch.masks)
+    return np.concatenate(feats), np.concatenate(masks)

@@ -1,0 +1,146 @@
+"""The evaluation job: validate the config, run `evaluation.<protocol>.run(config)`, write results.
+
+A protocol module exposes `run(config) -> dict` holding at least `"miou"` (a fraction in [0, 1]); it may add
+`"per_class_iou"` (list), `"class_names"` and `"runs"` (a list of flat dicts, one row each, e.g. one per K).
+The runner writes `workdir/results.json` (the dict plus the config) and `workdir/results.txt` (tables).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+
+from evaluation import datasets as datasets_lib
+from evaluation import features as features_lib
+from neco_jax.errors import UserError
+
+PROTOCOLS = ("linear", "overcluster", "hummingbird", "cbfe")
+
+
+class ConfigError(UserError):
+    """An evaluation config value is missing or invalid."""
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every field a user sets on the command line, with a message naming the field and the fix."""
+    if config.protocol not in PROTOCOLS:
+        raise ConfigError(f"config.protocol={config.protocol!r} is unknown; use one of {', '.join(PROTOCOLS)}")
+    if config.dataset not in datasets_lib.DATASET_NAMES:
+        raise ConfigError(
+            f"config.dataset={config.dataset!r} is unknown; use one of {', '.join(datasets_lib.DATASET_NAMES)}"
+        )
+    for field in ("data_dir", "workdir", "checkpoint"):
+        if not config.get(field):
+            raise ConfigError(f"config.{field} is not set; pass --config.{field}=...")
+    if config.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.dtype={config.dtype!r}; use 'float32' or 'bfloat16'")
+    if config.checkpoint_model not in ("teacher", "student"):
+        raise ConfigError(f"config.checkpoint_model={config.checkpoint_model!r}; use 'teacher' or 'student'")
+    for field in ("image_size", "mask_size", "batch_size"):
+        if config[field] <= 0:
+            raise ConfigError(f"config.{field} must be positive, got {config[field]}")
+    if config.num_images < 0:
+        raise ConfigError(f"config.num_images must be >= 0 (0 = all), got {config.num_images}")
+
+
+def open_split(config: ml_collections.ConfigDict, split: str) -> datasets_lib.SegmentationDataset:
+    """The dataset split named `split`, cut to `config.num_images` when that is set."""
+    kwargs = {}
+    if config.dataset.startswith("coco"):
+        kwargs = {"seed": config.coco_seed, "fraction": config.coco_train_fraction}
+    ds = datasets_lib.open_dataset(config.dataset, config.data_dir, split, **kwargs)
+    if config.num_images:
+        ds = ds.subset(range(min(config.num_images, len(ds))))
+    return ds
+
+
+def make_extractor(config: ml_collections.ConfigDict) -> features_lib.FeatureExtractor:
+    """The frozen backbone of `config.checkpoint`, jitted and sharded over all devices."""
+    model = features_lib.load_model(config.checkpoint, arch=config.arch, which=config.checkpoint_model)
+    return features_lib.FeatureExtractor(model, dtype=config.dtype)
+
+
+def format_results(results: dict) -> str:
+    """A readable text version of a results dict: headline scalars, per-run rows, per-class IoU."""
+    lines = []
+    scalars = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    width = max((len(k) for k in scalars), default=0)
+    for k, v in scalars.items():
+        shown = f"{100 * v:.2f} %" if k.startswith("miou") and isinstance(v, float) else v
+        lines.append(f"{k:<{width}}  {shown}")
+    runs = results.get("runs") or []
+    if runs:
+        cols = list(runs[0])
+        cells = [[_cell(c, r.get(c)) for c in cols] for r in runs]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+        lines += ["", "  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+        lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+    per_class = results.get("per_class_iou")
+    if per_class is not None:
+        names = results.get("class_names") or [str(i) for i in range(len(per_class))]
+        w = max(len(n) for n in names)
+        lines += ["", f"{'class':<{w}}  IoU %"]
+        lines += [f"{n:<{w}}  {100 * v:6.2f}" for n, v in zip(names, per_class)]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(name: str, value) -> str:
+    if isinstance(value, float):
+        return f"{100 * value:.2f}" if name.startswith("miou") else f"{value:.4g}"
+    return str(value)
+
+
+def run_job(config: ml_collections.ConfigDict) -> dict:
+    """Run the config's protocol and write results.json / results.txt into config.workdir."""
+    validate(config)
+    workdir = Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    module = importlib.import_module(f"evaluation.{config.protocol}")
+    start = time.time()
+    results = module.run(config)
+    if "miou" not in results:
+        raise RuntimeError(f"evaluation.{config.protocol}.run returned no 'miou'")
+    results = {**results, "seconds": round(time.time() - start, 1)}
+    (workdir / "results.json").write_text(json.dumps({**results, "config": config.to_dict()}, indent=2, default=_json))
+    text = f"{config.protocol} on {config.dataset} ({config.checkpoint})\n\n" + format_results(results)
+    (workdir / "results.txt").write_text(text)
+    print(text, end="")
+    return results
+
+
+def _json(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: `python -m evaluation --config=configs/eval/<dataset>_<protocol>.py --config.<field>=...`."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path:  # config files import `configs.eval.base`
+        sys.path.insert(0, str(repo))
+    flag_values = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file("config", None, "evaluation job config file", flag_values=flag_values)
+    argv = sys.argv if argv is None else argv
+    try:
+        try:
+            flag_values(argv)
+            config = config_flag.value
+            if config is None:
+                raise ConfigError("no config given; pass --config=configs/eval/<dataset>_<protocol>.py")
+            config.protocol  # noqa: B018  (config files load lazily: surface a bad file here)
+        except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ConfigError("bad command line: " + " ".join(str(e).split())) from e
+        run_job(config)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
