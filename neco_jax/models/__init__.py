@@ -1,0 +1,7 @@
+"""Vision Transformers (DINOv2 and DINO families) and NeCo's projection head in Flax NNX."""
+
+from neco_jax.models.archs import ARCHS, get_arch
+from neco_jax.models.head import ProjectionHead
+from neco_jax.models.vit import ModelConfigError, ViTConfig, VisionTransformer
+
+__all__ = ["ARCHS", "get_arch", "ModelConfigError", "ProjectionHead", "ViTConfig", "VisionTransformer"]

@@ -1,0 +1,61 @@
+"""NeCo's projection head: Linear-GELU-Linear-GELU-Linear, then L2 normalisation, all in fp32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from neco_jax.models.layers import LINEAR_INIT
+
+# F.normalize's eps: x / max(||x||, eps), so an all-zero vector stays zero instead of becoming NaN.
+NORMALIZE_EPS = 1e-12
+
+
+def l2_normalize(x: jax.Array, eps: float = NORMALIZE_EPS) -> jax.Array:
+    """`torch.nn.functional.normalize(x, dim=-1)`."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+class ProjectionHead(nnx.Module):
+    """D -> hidden -> ... -> out_dim with exact GELU between layers; output rows are unit vectors.
+
+    Weights are N(0, 0.02^2) (the original's trunc_normal_ with +-2 absolute bounds), biases zero.
+    Parameters: `layers/{i}/{kernel,bias}`.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        *,
+        hidden_dim: int = 2048,
+        out_dim: int = 256,
+        num_layers: int = 3,
+        rngs: nnx.Rngs,
+    ):
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nnx.List(
+            [
+                nnx.Linear(
+                    d_in,
+                    d_out,
+                    dtype=jnp.float32,
+                    param_dtype=jnp.float32,
+                    kernel_init=LINEAR_INIT,
+                    bias_init=nnx.initializers.zeros_init(),
+                    rngs=rngs,
+                )
+                for d_in, d_out in zip(dims[:-1], dims[1:])
+            ]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = jax.nn.gelu(x, approximate=False)
+        return l2_normalize(x)

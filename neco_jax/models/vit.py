@@ -1,0 +1,259 @@
+"""The Vision Transformer of DINOv2 (and of DINO in timm's layout) as a Flax NNX module.
+
+Parameter tree (nnx.state paths, what the converters map to): `cls_token` (1,1,D), `pos_embed` (1,1+G*G,D),
+`register_tokens` (1,R,D) if R > 0, `mask_token` (1,D) if present, `patch_embed/proj/{kernel,bias}`,
+`blocks/{i}/{norm1,attn/qkv,attn/proj,ls1,norm2,mlp/fc1,mlp/fc2 | mlp/w12,mlp/w3,ls2}`, `norm/{scale,bias}`.
+
+Forward numerics follow `dinov2/models/vision_transformer.py`: CLS prepended, position embedding added
+(the G x G table resampled for other grids, see `pos_embed.py`), then register tokens inserted after CLS
+(they get no position embedding), pre-norm blocks with layer scale, final LayerNorm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from neco_jax.errors import UserError
+from neco_jax.models.drop_path import (
+    BATCH_SUBSET_THRESHOLD,
+    add_residual_on_subset,
+    drop_path,
+    drop_path_schedule,
+)
+from neco_jax.models.layers import (
+    Attention,
+    LayerScale,
+    Mlp,
+    PatchEmbed,
+    SwiGLUFFN,
+    layer_norm,
+    swiglu_hidden_dim,
+)
+from neco_jax.models.pos_embed import interpolate_pos_embed
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_FFN_LAYERS = ("mlp", "swiglu")
+
+
+class ModelConfigError(UserError):
+    """A ViT configuration value or field that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Everything that fixes a ViT's parameters and forward pass.
+
+    arch: name of the architecture (see `neco_jax.models.archs`), informative only.
+    patch_size, embed_dim, depth, num_heads, mlp_ratio: the usual ViT sizes.
+    ffn_layer: "mlp" (fc1-GELU-fc2) or "swiglu" (DINOv2's fused SwiGLU of ViT-g, width rule in `layers.py`).
+    num_register_tokens: 0, or 4 for DINOv2 with registers.
+    layerscale / layerscale_init: per-channel residual scales `ls1`/`ls2` (DINOv2 yes, DINO no); init value
+        for random init (hub weights were built with 1.0; DINOv2 training uses 1e-5).
+    pos_grid: side G of the learned position table (37 for DINOv2 at 518 px; 14 or 28 for DINO).
+    interpolate_offset / interpolate_antialias: position-table resampling rule. 0.1 / False is DINOv2's,
+        DINO's and NeCo's (scale_factor with +0.1); 0.0 / True is the hub's register models (explicit size).
+    has_mask_token: keep DINOv2's (unused in forward) `mask_token` parameter, so hub exports are complete.
+    drop_path_rate: stochastic depth rate of the last block (linear schedule from 0).
+    dtype: compute dtype of matmuls, "float32" or "bfloat16"; parameters, LayerNorm, softmax and the
+        residual stream stay float32.
+    """
+
+    arch: str = "custom"
+    patch_size: int = 14
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    ffn_layer: str = "mlp"
+    num_register_tokens: int = 0
+    layerscale: bool = True
+    layerscale_init: float = 1.0
+    pos_grid: int = 37
+    interpolate_offset: float = 0.1
+    interpolate_antialias: bool = False
+    has_mask_token: bool = True
+    drop_path_rate: float = 0.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid"):
+            if int(getattr(self, name)) <= 0:
+                raise ModelConfigError(f"ViTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.embed_dim % self.num_heads:
+            raise ModelConfigError(
+                f"ViTConfig.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.ffn_layer not in _FFN_LAYERS:
+            raise ModelConfigError(f"ViTConfig.ffn_layer must be one of {_FFN_LAYERS}, got {self.ffn_layer!r}")
+        if self.dtype not in _DTYPES:
+            raise ModelConfigError(f"ViTConfig.dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        if self.num_register_tokens < 0:
+            raise ModelConfigError(f"ViTConfig.num_register_tokens must be >= 0, got {self.num_register_tokens}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ModelConfigError(f"ViTConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.interpolate_offset < 0:
+            raise ModelConfigError(f"ViTConfig.interpolate_offset must be >= 0, got {self.interpolate_offset}")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        hidden = int(self.embed_dim * self.mlp_ratio)
+        return swiglu_hidden_dim(self.embed_dim, self.mlp_ratio) if self.ffn_layer == "swiglu" else hidden
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ViTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ModelConfigError(f"unknown ViTConfig field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**values)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        dim, dtype = config.embed_dim, config.compute_dtype
+        ffn = SwiGLUFFN if config.ffn_layer == "swiglu" else Mlp
+        self.norm1 = layer_norm(dim, rngs=rngs)
+        self.attn = Attention(dim, config.num_heads, dtype=dtype, rngs=rngs)
+        self.ls1 = LayerScale(dim, config.layerscale_init) if config.layerscale else None
+        self.norm2 = layer_norm(dim, rngs=rngs)
+        self.mlp = ffn(dim, config.mlp_hidden_dim, dtype=dtype, rngs=rngs)
+        self.ls2 = LayerScale(dim, config.layerscale_init) if config.layerscale else None
+
+    def _attn_residual(self, x: jax.Array, return_attention: bool) -> tuple[jax.Array, jax.Array | None]:
+        out, attn = self.attn(self.norm1(x), return_attention=return_attention)
+        out = out.astype(jnp.float32)
+        return (self.ls1(out) if self.ls1 is not None else out), attn
+
+    def _mlp_residual(self, x: jax.Array) -> jax.Array:
+        out = self.mlp(self.norm2(x)).astype(jnp.float32)
+        return self.ls2(out) if self.ls2 is not None else out
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        drop_rate: float = 0.0,
+        key: jax.Array | None = None,
+        return_attention: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """x (B, N, D) fp32 -> (x, attention or None). `drop_rate` > 0 (training only) needs `key`."""
+        if drop_rate > BATCH_SUBSET_THRESHOLD:
+            if return_attention:
+                raise ValueError("return_attention is not available in a block trained with batch-subset drop path")
+            key_attn, key_mlp = jax.random.split(key)
+            x = add_residual_on_subset(x, lambda y: self._attn_residual(y, False)[0], drop_rate, key_attn)
+            x = add_residual_on_subset(x, self._mlp_residual, drop_rate, key_mlp)
+            return x, None
+        residual, attn = self._attn_residual(x, return_attention)
+        if drop_rate > 0.0:
+            key_attn, key_mlp = jax.random.split(key)
+            x = x + drop_path(residual, drop_rate, key_attn)
+            x = x + drop_path(self._mlp_residual(x), drop_rate, key_mlp)
+        else:
+            x = x + residual
+            x = x + self._mlp_residual(x)
+        return x, attn
+
+
+class VisionTransformer(nnx.Module):
+    """DINOv2-style ViT. Call on NHWC ImageNet-normalised images; returns DINOv2's `forward_features` dict."""
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dim, grid = config.embed_dim, config.pos_grid
+        normal = nnx.initializers.normal
+        self.patch_embed = PatchEmbed(config.patch_size, dim, dtype=config.compute_dtype, rngs=rngs)
+        self.cls_token = nnx.Param(normal(1e-6)(rngs.params(), (1, 1, dim), jnp.float32))
+        # PyTorch's trunc_normal_(std=0.02) with its +-2 absolute bounds: in effect N(0, 0.02^2).
+        self.pos_embed = nnx.Param(normal(0.02)(rngs.params(), (1, 1 + grid * grid, dim), jnp.float32))
+        if config.num_register_tokens:
+            shape = (1, config.num_register_tokens, dim)
+            self.register_tokens = nnx.Param(normal(1e-6)(rngs.params(), shape, jnp.float32))
+        if config.has_mask_token:
+            self.mask_token = nnx.Param(jnp.zeros((1, dim), jnp.float32))
+        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
+        self.norm = layer_norm(dim, rngs=rngs)
+        self.drop_rates = drop_path_schedule(config.drop_path_rate, config.depth)
+
+    def _embed(self, x: jax.Array) -> jax.Array:
+        """Images (B, H, W, 3) -> tokens [cls, registers, patches] (B, 1 + R + h*w, D) in fp32."""
+        cfg = self.config
+        b, height, width, _ = x.shape
+        grid_hw = (height // cfg.patch_size, width // cfg.patch_size)
+        patches = self.patch_embed(x.astype(cfg.compute_dtype)).astype(jnp.float32)
+        patches = patches.reshape(b, grid_hw[0] * grid_hw[1], cfg.embed_dim)
+        cls = jnp.broadcast_to(self.cls_token[...], (b, 1, cfg.embed_dim))
+        pos = interpolate_pos_embed(
+            self.pos_embed[...],
+            grid_hw,
+            (height, width),
+            offset=cfg.interpolate_offset,
+            antialias=cfg.interpolate_antialias,
+        )
+        tokens = jnp.concatenate([cls, patches], axis=1) + pos
+        if cfg.num_register_tokens:
+            regs = jnp.broadcast_to(self.register_tokens[...], (b, cfg.num_register_tokens, cfg.embed_dim))
+            tokens = jnp.concatenate([tokens[:, :1], regs, tokens[:, 1:]], axis=1)
+        return tokens
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        deterministic: bool = True,
+        key: jax.Array | None = None,
+        return_attention: bool = False,
+        n_last_blocks: int = 0,
+    ) -> dict[str, Any]:
+        """Forward pass.
+
+        x: (B, H, W, 3) float, ImageNet-normalised; H, W need not be multiples of the patch (the border is dropped).
+        deterministic=False turns on stochastic depth (drawn from `key`).
+        Returns `x_norm_clstoken` (B, D), `x_norm_regtokens` (B, R, D), `x_norm_patchtokens` (B, N, D) in
+        row-major patch order, `x_prenorm` (B, 1+R+N, D); with return_attention also `attn_cls` (B, heads, N),
+        the last block's softmax attention from CLS to the patches; with n_last_blocks=n also `blocks`, the
+        last n block outputs after the final norm.
+        """
+        cfg = self.config
+        depth = len(self.blocks)
+        if not 0 <= n_last_blocks <= depth:
+            raise ValueError(f"n_last_blocks must be in [0, {depth}], got {n_last_blocks}")
+        training = not deterministic and cfg.drop_path_rate > 0
+        if training and key is None:
+            raise ValueError("deterministic=False with drop_path_rate > 0 needs a PRNG `key`")
+        tokens = self._embed(x)
+        outputs, attn = [], None
+        for i, block in enumerate(self.blocks):
+            rate = self.drop_rates[i] if training else 0.0
+            block_key = jax.random.fold_in(key, i) if rate > 0 else None
+            last = i == depth - 1
+            tokens, attn = block(tokens, drop_rate=rate, key=block_key, return_attention=return_attention and last)
+            if i >= depth - n_last_blocks:
+                outputs.append(tokens)
+        normed = self.norm(tokens)
+        first_patch = 1 + cfg.num_register_tokens
+        result = {
+            "x_norm_clstoken": normed[:, 0],
+            "x_norm_regtokens": normed[:, 1:first_patch],
+            "x_norm_patchtokens": normed[:, first_patch:],
+            "x_prenorm": tokens,
+        }
+        if return_attention:
+            result["attn_cls"] = attn[:, :, 0, first_patch:]
+        if n_last_blocks:
+            result["blocks"] = tuple(self.norm(out) for out in outputs)
+        return result
