@@ -1,0 +1,244 @@
+"""NeCo's multi-crop views: crop geometry with the overlap rule, colour pipeline, and the crop-pair boxes.
+
+Follows the original `NeCoTransforms` (reference: neco_method.md section 2) operation for operation on PIL
+images: torchvision `RandomResizedCrop.get_params` semantics (integer boxes, 10 tries, central-crop fallback),
+PIL crop + bilinear resize (PIL widens the filter when downsampling, i.e. antialiased), torchvision's PIL
+colour ops, and `calculate_bboxes` in float32. Randomness comes from a NumPy `Generator` the caller seeds, so
+the loader can derive it from (seed, epoch, index); the streams therefore differ from torch's, the
+distributions do not.
+
+The one deliberate change: the original redraws a crop until the overlap rule holds, with no limit. We redraw
+at most `max_resample_tries` times, then use a fallback box that always intersects every global crop:
+global crop k>0 becomes a copy of global crop 0, a local crop becomes the intersection of the global crops.
+It satisfies the rule whenever global crop 0 covers more than 2 x min_intersection of the image (always for
+the default scales, except images so elongated that no crop can satisfy the rule: there the original hangs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+from input_pipeline.errors import DataConfigError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewConfig:
+    """Multi-crop and colour settings; defaults are the original ViT-S/14 DINOv2 recipe (518/98, 2+4 crops)."""
+
+    size_crops: tuple[int, ...] = (518, 98)  # global, local crop side in pixels
+    nmb_crops: tuple[int, ...] = (2, 4)  # number of global, local crops
+    min_scale_crops: tuple[float, ...] = (0.25, 0.05)  # RandomResizedCrop area fraction, lower bound
+    max_scale_crops: tuple[float, ...] = (1.0, 0.25)  # ... upper bound
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range (torchvision default)
+    min_intersection: float = 0.01  # overlap with each earlier global crop > int(W*H*this) (x2 between globals)
+    jitter_strength: float = 1.0  # ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s)
+    blur_strength: float = 1.0  # blur sigma ~ U(0.1 s, 2 s)
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    max_resample_tries: int = 100  # redraws per crop before the fallback box (the original has no limit)
+
+    def __post_init__(self):
+        n = len(self.size_crops)
+        if not 1 <= n <= 2 or not (len(self.nmb_crops) == len(self.min_scale_crops) == len(self.max_scale_crops) == n):
+            raise DataConfigError(
+                "config.data.size_crops, nmb_samples, min_scale_crops and max_scale_crops must have the same "
+                f"length, 1 (globals only) or 2 (globals, locals); got {self.size_crops}, {self.nmb_crops}, "
+                f"{self.min_scale_crops}, {self.max_scale_crops}"
+            )
+        if self.nmb_crops[0] < 1 or any(c < 0 for c in self.nmb_crops) or any(s < 1 for s in self.size_crops):
+            raise DataConfigError(
+                f"config.data.nmb_samples {self.nmb_crops} / size_crops {self.size_crops}: need >= 1 global crop, "
+                "non-negative counts and positive sizes"
+            )
+        for lo, hi in zip(self.min_scale_crops, self.max_scale_crops):
+            if not 0 < lo <= hi <= 1:
+                raise DataConfigError(f"crop scale range ({lo}, {hi}) must satisfy 0 < min <= max <= 1")
+        if not 0 < self.min_intersection < 1:
+            raise DataConfigError(f"config.data.min_intersection_crops={self.min_intersection} must be in (0, 1)")
+        if not 0 <= self.jitter_strength <= 2.5 or self.blur_strength < 0:
+            raise DataConfigError(
+                f"jitter_strength={self.jitter_strength} must be in [0, 2.5] (hue range 0.2 s <= 0.5) and "
+                f"blur_strength={self.blur_strength} >= 0"
+            )
+        for name in ("jitter_prob", "grayscale_prob", "blur_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise DataConfigError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
+        if self.max_resample_tries < 0:
+            raise DataConfigError(f"max_resample_tries={self.max_resample_tries} must be >= 0")
+
+    @property
+    def num_global(self) -> int:
+        return self.nmb_crops[0]
+
+    @property
+    def num_local(self) -> int:
+        return self.nmb_crops[1] if len(self.nmb_crops) > 1 else 0
+
+    def crop_group(self, i: int) -> int:
+        """0 for the global crops (indices < num_global), 1 for the local ones."""
+        return 0 if i < self.num_global else 1
+
+
+def random_resized_crop_params(rng, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
+    """torchvision `RandomResizedCrop.get_params`: (top, left, h, w) in integer pixels of the original image.
+
+    `rng` needs `uniform(a, b)` and `integers(lo, hi)` (a NumPy Generator), drawn in torchvision's order.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height  # central-crop fallback, as torchvision
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def intersection_areas(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Integer overlap areas of one x1,y1,x2,y2 box with each row of `others`."""
+    w = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
+    h = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
+    return w * h
+
+
+def _fallback_box(i: int, boxes: np.ndarray, num_global: int) -> np.ndarray:
+    if i < num_global:
+        return boxes[0].copy()
+    g = boxes[:num_global]
+    return np.array([g[:, 0].max(), g[:, 1].max(), g[:, 2].min(), g[:, 3].min()], np.int64)
+
+
+def sample_crop_boxes(rng, width: int, height: int, cfg: ViewConfig) -> np.ndarray:
+    """(V, 4) int64 crop boxes x1,y1,x2,y2 (globals first) obeying the original's overlap rule.
+
+    Crop i > 0 must overlap every earlier global crop by strictly more than int(W*H*min_intersection) pixels,
+    twice that when crop i is itself global; local crops are never compared with each other.
+    """
+    num_global = cfg.num_global
+    boxes = np.zeros((sum(cfg.nmb_crops), 4), np.int64)
+    threshold = int(width * height * cfg.min_intersection)
+    for i in range(len(boxes)):
+        group = cfg.crop_group(i)
+        scale = (cfg.min_scale_crops[group], cfg.max_scale_crops[group])
+
+        def draw():
+            top, left, h, w = random_resized_crop_params(rng, width, height, scale, cfg.ratio)
+            return np.array([left, top, left + w, top + h], np.int64)
+
+        box = draw()
+        if i > 0:
+            earlier = boxes[: min(i, num_global)]
+            need = 2 * threshold if i < num_global else threshold
+            tries = 0
+            while not np.all(intersection_areas(box, earlier) > need):
+                if tries == cfg.max_resample_tries:
+                    box = _fallback_box(i, boxes, num_global)
+                    break
+                box = draw()
+                tries += 1
+        boxes[i] = box
+    return boxes
+
+
+def crop_pair_boxes(boxes: np.ndarray, cfg: ViewConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The original `calculate_bboxes`, in float32: overlap of each (global g, crop v) pair in resized pixels.
+
+    Returns `gc` (G, V, 4): the overlap in crop g's resized frame, and `all` (V, G, 4): the same overlap in
+    crop v's resized frame; x1,y1,x2,y2 with x along the width; mapping size * (p - crop_x1y1) / crop_wh.
+    """
+    g = cfg.num_global
+    b = boxes.astype(np.float32)
+    left_top = np.maximum(b[:g, None, :2], b[None, :, :2])  # (G, V, 2)
+    right_bottom = np.minimum(b[:g, None, 2:], b[None, :, 2:])
+    if not np.all(right_bottom - left_top > 0):
+        raise RuntimeError(f"crop boxes without overlap reached calculate_bboxes: {boxes.tolist()}")
+    wh = (b[:, 2:] - b[:, :2])[:, None, :]  # (V, 1, 2)
+    sizes = np.array([cfg.size_crops[cfg.crop_group(i)] for i in range(len(b))], np.float32)[:, None, None]
+    x1y1 = b[:, None, :2]
+    gc = np.concatenate(
+        [sizes[:g] * ((left_top - x1y1[:g]) / wh[:g]), sizes[:g] * ((right_bottom - x1y1[:g]) / wh[:g])], axis=-1
+    )
+    lt_v, rb_v = left_top.transpose(1, 0, 2), right_bottom.transpose(1, 0, 2)  # (V, G, 2)
+    all_ = np.concatenate([sizes * ((lt_v - x1y1) / wh), sizes * ((rb_v - x1y1) / wh)], axis=-1)
+    return gc.astype(np.float32), all_.astype(np.float32)
+
+
+def resized_crop(img: Image.Image, box, size: int) -> Image.Image:
+    """torchvision `F.resized_crop` on PIL: crop the integer box, then PIL bilinear resize to size x size."""
+    return img.crop(tuple(int(v) for v in box)).resize((size, size), Image.BILINEAR)
+
+
+def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
+    """torchvision's PIL hue shift: rotate the uint8 HSV hue channel by int(hue_factor * 255), wrapping."""
+    h, s, v = img.convert("HSV").split()
+    np_h = np.array(h, dtype=np.uint8)
+    np_h += np.int32(hue_factor * 255).astype(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert(img.mode)
+
+
+def color_jitter(img: Image.Image, rng, strength: float) -> Image.Image:
+    """torchvision ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s): the four ops in a random order, factors uniform."""
+    if strength == 0:  # torchvision drops ops whose factor range is the identity
+        return img
+    order = rng.permutation(4)
+    lo = max(0.0, 1.0 - 0.8 * strength)
+    factors = [rng.uniform(lo, 1.0 + 0.8 * strength) for _ in range(3)] + [rng.uniform(-0.2 * strength, 0.2 * strength)]
+    ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+    for k in order:
+        img = adjust_hue(img, factors[3]) if k == 3 else ops[k](img).enhance(factors[k])
+    return img
+
+
+def color_augment(img: Image.Image, rng, cfg: ViewConfig) -> Image.Image:
+    """RandomApply(jitter, p) -> RandomGrayscale(p) -> RandomApply(PIL GaussianBlur(U(0.1 s, 2 s)), p)."""
+    if rng.random() < cfg.jitter_prob:
+        img = color_jitter(img, rng, cfg.jitter_strength)
+    if rng.random() < cfg.grayscale_prob:
+        img = img.convert("L").convert("RGB")
+    if rng.random() < cfg.blur_prob:
+        sigma = rng.uniform(0.1 * cfg.blur_strength, 2.0 * cfg.blur_strength)
+        img = img.filter(ImageFilter.GaussianBlur(radius=sigma))
+    return img
+
+
+def normalize(img: Image.Image) -> np.ndarray:
+    """ToTensor + Normalize(ImageNet) in float32 with torchvision's operation order, as HWC."""
+    x = np.asarray(img, dtype=np.float32) / np.float32(255)
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def make_views(img: Image.Image, rng, cfg: ViewConfig) -> dict[str, np.ndarray]:
+    """All crops of one RGB image plus their pair boxes; crops grouped by size as the batch contract wants."""
+    boxes = sample_crop_boxes(rng, img.width, img.height, cfg)
+    crops = [[], []]
+    for i, box in enumerate(boxes):
+        group = cfg.crop_group(i)
+        view = color_augment(resized_crop(img, box, cfg.size_crops[group]), rng, cfg)
+        crops[group].append(normalize(view))
+    gc, all_ = crop_pair_boxes(boxes, cfg)
+    local_size = cfg.size_crops[1] if len(cfg.size_crops) > 1 else cfg.size_crops[0]
+    return {
+        "global_crops": np.stack(crops[0]),
+        "local_crops": np.stack(crops[1]) if crops[1] else np.zeros((0, local_size, local_size, 3), np.float32),
+        "boxes_gc": gc,
+        "boxes_all": all_,
+    }
