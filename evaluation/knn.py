@@ -20,6 +20,10 @@ Two selection methods, both exact:
   than every bin that holds none, so no true neighbour is lost, and the tie rule is unchanged
   because the kept bins are re-sorted by position before the final selection.
 
+Neighbour similarities for label transfer: ``cosine_similarities`` gathers the k keys of every
+query on the device that holds them and recomputes the cosine in fp32 (as the reference, which
+re-normalises query and keys), so bf16 ranking does not leak into the softmax weights.
+
 Precision: ``dtype`` is the storage and matmul dtype of keys and queries; ``topk_dtype`` is the
 dtype the scores are produced and ranked in (bf16 ranking is faster and has more ties; fp32
 ranking of bf16 products is the usual compromise). Returned scores are fp32.
@@ -35,19 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from evaluation.features import data_mesh
 from neco_jax.errors import UserError
 
-AXIS = "data"
+AXIS = "data"  # the axis name of features.data_mesh
 
 
 class KnnConfigError(UserError):
     """A k-NN setting that cannot work with the given data."""
-
-
-def data_mesh(devices: list | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh over ``devices`` (default: all) with the axis name ``"data"``."""
-    devices = jax.devices() if devices is None else devices
-    return jax.sharding.Mesh(np.asarray(devices), (AXIS,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +159,32 @@ def _compiled_search(mesh, k, chunk, topk_dtype, bin_size):
         fn, mesh=mesh, in_specs=(P(), P(AXIS, None), P()), out_specs=(P(), P()), check_vma=False
     )
     return jax.jit(mapped)
+
+
+def _device_cosines(queries, keys, indices):
+    """fp32 cosine of each query with its neighbours held on this device (0 elsewhere), summed over devices."""
+    per_device = keys.shape[0]
+    local = indices - jax.lax.axis_index(AXIS) * per_device
+    mine = (local >= 0) & (local < per_device)
+    neighbours = jnp.take(keys, jnp.clip(local, 0, per_device - 1), axis=0).astype(jnp.float32)
+    q = queries.astype(jnp.float32)
+    dots = jnp.einsum("qd,qkd->qk", q, neighbours)
+    norms = jnp.linalg.norm(q, axis=-1, keepdims=True) * jnp.linalg.norm(neighbours, axis=-1)
+    cos = jnp.where(mine, dots / jnp.maximum(norms, 1e-12), 0.0)
+    return jax.lax.psum(cos, AXIS)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_cosines(mesh):
+    mapped = jax.shard_map(
+        _device_cosines, mesh=mesh, in_specs=(P(), P(AXIS, None), P()), out_specs=P(), check_vma=False
+    )
+    return jax.jit(mapped)
+
+
+def cosine_similarities(store: ShardedKeys, queries: jax.Array, indices: jax.Array) -> jax.Array:
+    """fp32 cosines (Q, k) between queries (Q, D) and the keys at ``indices`` (Q, k), computed where they live."""
+    return _compiled_cosines(store.mesh)(jnp.asarray(queries), store.array, jnp.asarray(indices, jnp.int32))
 
 
 def search_block(

@@ -1,7 +1,7 @@
 """Label transfer for dense NN retrieval: neighbours' soft labels, weighted by a softmax over cosines.
 
-This is the Hummingbird "cross attention" readout: query and neighbour keys are both
-L2-normalised, the weights are ``softmax(cos(q, k_j) / temperature)`` over the k neighbours
+This is the Hummingbird "cross attention" readout: with query and neighbour keys both
+L2-normalised (``knn.cosine_similarities``), the weights are ``softmax(cos(q, k_j) / temperature)`` over the k neighbours
 (temperature 0.02 in open-hummingbird-eval), and the prediction is the weighted mean of the
 neighbours' C-dim label distributions. The patch-level prediction is upsampled bilinearly to the
 network input size (align_corners=False, no antialias, as ``F.interpolate(mode="bilinear")``)
@@ -14,23 +14,9 @@ import jax
 import jax.numpy as jnp
 
 
-def _l2_normalise(x: jax.Array) -> jax.Array:
-    # Same guard as torch.nn.functional.normalize (eps 1e-12 on the norm).
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def transfer_labels(
-    queries: jax.Array,
-    neighbour_keys: jax.Array,
-    neighbour_labels: jax.Array,
-    *,
-    temperature: float = 0.02,
-) -> jax.Array:
-    """Soft labels (Q, C) from queries (Q, D), neighbour keys (Q, k, D) and their labels (Q, k, C)."""
-    q = _l2_normalise(queries.astype(jnp.float32))
-    keys = _l2_normalise(neighbour_keys.astype(jnp.float32))
-    logits = jnp.einsum("qd,qkd->qk", q, keys) / temperature
-    weights = jax.nn.softmax(logits, axis=-1)
+def transfer_labels(cosines: jax.Array, neighbour_labels: jax.Array, *, temperature: float = 0.02) -> jax.Array:
+    """Soft labels (Q, C) from query-neighbour cosines (Q, k) and the neighbours' label distributions (Q, k, C)."""
+    weights = jax.nn.softmax(cosines.astype(jnp.float32) / temperature, axis=-1)
     return jnp.einsum("qk,qkc->qc", weights, neighbour_labels.astype(jnp.float32))
 
 
@@ -47,15 +33,14 @@ def upsample_labels(soft: jax.Array, size: tuple[int, int]) -> jax.Array:
 
 
 def predict_segmentation(
-    queries: jax.Array,
-    neighbour_keys: jax.Array,
+    cosines: jax.Array,
     neighbour_labels: jax.Array,
     *,
     grid: tuple[int, int],
     size: tuple[int, int],
     temperature: float = 0.02,
 ) -> jax.Array:
-    """Per-pixel class ids (B, H, W) for B images whose B*S*S patch queries were searched."""
-    soft = transfer_labels(queries, neighbour_keys, neighbour_labels, temperature=temperature)
+    """Per-pixel class ids (B, H, W) for B images whose B*h*w patch queries were searched (row-major)."""
+    soft = transfer_labels(cosines, neighbour_labels, temperature=temperature)
     soft = soft.reshape(-1, grid[0], grid[1], soft.shape[-1])
     return jnp.argmax(upsample_labels(soft, size), axis=-1).astype(jnp.int32)
