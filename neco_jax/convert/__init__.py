@@ -1,0 +1,200 @@
+"""Weight conversion between PyTorch ViT checkpoints and neco_jax's NNX models.
+
+Into JAX: DINOv2 hub and timm state dicts, NeCo's released files and its Lightning training
+checkpoints (student, teacher and both projection heads), as .pth/.pt/.ckpt/.safetensors.
+Out of JAX: the DINOv2 hub layout or timm's, as .pth or .safetensors.
+The CLI is ``python -m neco_jax.convert`` (see ``__main__.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from neco_jax.convert import infer, keymap, torch_io
+from neco_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from neco_jax.models.vit import ViTConfig
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Shape of a NeCo projection head (D -> hidden -> ... -> out), read from its weights."""
+
+    in_dim: int
+    hidden_dim: int
+    out_dim: int
+    num_layers: int
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Converted:
+    """One ViT of a checkpoint in JAX form: its config, NNX parameters, and projection head if any."""
+
+    config: ViTConfig
+    params: dict[str, np.ndarray]
+    head_config: HeadConfig | None = None
+    head_params: dict[str, np.ndarray] | None = None
+
+
+def resolve_arch(arch: str | ViTConfig, **overrides: Any) -> ViTConfig:
+    """A ViTConfig from a name (``neco_jax.models.get_arch``) or an existing config."""
+    from neco_jax.models import get_arch
+
+    if isinstance(arch, str):
+        return get_arch(arch, **overrides)
+    return dataclasses.replace(arch, **overrides) if overrides else arch
+
+
+def config_for(state_dict: Mapping[str, np.ndarray], arch: str | ViTConfig | None = None) -> ViTConfig:
+    """The architecture of a backbone state dict: ``arch`` if given, else inferred from the shapes.
+
+    ``has_mask_token`` always follows the file: DINOv2 hub files carry ``mask_token`` (kept, so an
+    export is complete), timm files have none; it takes no part in the forward pass.
+    """
+    has_mask = "mask_token" in state_dict
+    if arch is None:
+        fields = infer.infer_fields(state_dict)
+        return resolve_arch(infer.family_arch_name(fields), **fields)
+    return resolve_arch(arch, has_mask_token=has_mask)
+
+
+def param_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """'/'-joined NNX parameter path -> shape of ``VisionTransformer(config)``, without allocating it."""
+    from flax import nnx
+
+    from neco_jax.models.vit import VisionTransformer
+
+    model = nnx.eval_shape(lambda: VisionTransformer(config, rngs=nnx.Rngs(0)))
+    return {path: tuple(v.shape) for path, v in flat_params(model).items()}
+
+
+def flat_params(module) -> dict[str, Any]:
+    """'/'-joined path -> value of every ``nnx.Param`` of a module (arrays or shape structs)."""
+    from flax import nnx
+
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    return {"/".join(str(p) for p in path): var.get_value() for path, var in flat}
+
+
+def _natural_key(path: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
+
+
+def head_param_shapes(config: HeadConfig) -> dict[str, tuple[int, ...]]:
+    """'/'-joined NNX parameter path -> shape of the ``ProjectionHead`` with this config."""
+    from flax import nnx
+
+    from neco_jax.models.head import ProjectionHead
+
+    head = nnx.eval_shape(
+        lambda: ProjectionHead(
+            config.in_dim,
+            hidden_dim=config.hidden_dim,
+            out_dim=config.out_dim,
+            num_layers=config.num_layers,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    return {path: tuple(v.shape) for path, v in flat_params(head).items()}
+
+
+def _head_torch_keys(jax_paths) -> dict[str, str]:
+    """NNX head path -> key in NeCo's ``projection_head`` (an nn.Sequential of Linear/GELU, or one Linear)."""
+    kernels = sorted((p for p in jax_paths if p.endswith("kernel")), key=_natural_key)
+    if len(kernels) == 1:
+        prefixes = {kernels[0][: -len("kernel")]: ""}
+    else:
+        prefixes = {k[: -len("kernel")]: f"{2 * i}." for i, k in enumerate(kernels)}
+    out = {}
+    for path in jax_paths:
+        prefix = path[: path.rindex("/") + 1]
+        leaf = "weight" if path.endswith("kernel") else "bias"
+        out[path] = prefixes[prefix] + leaf
+    return out
+
+
+def head_config_for(state_dict: Mapping[str, np.ndarray], what: str) -> HeadConfig:
+    """Read a projection head's widths and depth off its PyTorch weights."""
+    weights = sorted((k for k in state_dict if k.endswith("weight")), key=_natural_key)
+    if not weights or any(state_dict[k].ndim != 2 for k in weights):
+        raise UserError(f"{what}: projection_head keys {sorted(state_dict)} are not a stack of Linear layers")
+    first, last = state_dict[weights[0]].shape, state_dict[weights[-1]].shape
+    return HeadConfig(in_dim=first[1], hidden_dim=first[0] if len(weights) > 1 else 2048,
+                      out_dim=last[0], num_layers=len(weights))
+
+
+def head_to_jax(state_dict: Mapping[str, np.ndarray], config: HeadConfig, what: str) -> dict[str, np.ndarray]:
+    """NeCo ``projection_head.*`` weights (prefix removed) -> NNX head parameters, strictly."""
+    shapes = head_param_shapes(config)
+    keys = _head_torch_keys(shapes)
+    expected = {keys[p]: (s[::-1] if p.endswith("kernel") else s) for p, s in shapes.items()}
+    _strict_check(state_dict, expected, f"{what} (projection head)", "The head is not NeCo's D->hidden->out MLP.")
+    return {p: np.ascontiguousarray(state_dict[keys[p]].T if p.endswith("kernel") else state_dict[keys[p]])
+            for p in shapes}
+
+
+def head_to_torch(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """NNX head parameters -> NeCo ``projection_head`` keys (without the prefix)."""
+    keys = _head_torch_keys(params)
+    return {keys[p]: (np.asarray(v).T if p.endswith("kernel") else np.asarray(v)) for p, v in params.items()}
+
+
+def _strict_check(state_dict, expected: Mapping[str, tuple], what: str, hint: str) -> None:
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    mismatched = sorted(f"{k} {tuple(state_dict[k].shape)} vs {expected[k]}"
+                        for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k])
+    if missing or unexpected or mismatched:
+        raise keymap.KeyMismatchError(keymap.mismatch_message(what, missing, unexpected, mismatched, hint))
+
+
+def backbone_to_jax(
+    state_dict: Mapping[str, np.ndarray], arch: str | ViTConfig | None = None, *, what: str = "the state dict"
+) -> tuple[ViTConfig, dict[str, np.ndarray]]:
+    """A backbone state dict (DINOv2 or timm layout) -> (config, float32 NNX parameters)."""
+    state_dict = keymap.normalize_keys(state_dict)
+    config = config_for(state_dict, arch)
+    hint = ("Name the right architecture with --arch / arch=, or drop it to infer one from the shapes."
+            if arch is not None else "Name the architecture with --arch / arch=.")
+    params = keymap.to_jax(state_dict, param_shapes(config), keymap.detect_layout(state_dict), what=what, hint=hint)
+    return config, {p: v.astype(np.float32, copy=False) for p, v in params.items()}
+
+
+def read_checkpoint(
+    path: str | Path, arch: str | ViTConfig | None = None
+) -> dict[str, Converted]:
+    """Every ViT in a weight file, converted: ``{"backbone": ...}`` for a plain state dict,
+    ``{"student": ..., "teacher": ...}`` for a NeCo Lightning checkpoint; heads attached."""
+    state_dict = torch_io.read_state_dict(path)
+    backbones, heads, leftover = torch_io.split_parts(state_dict)
+    if leftover:
+        raise keymap.KeyMismatchError(keymap.mismatch_message(
+            str(path), [], sorted(leftover), [], "These keys belong to no ViT (no matching cls_token prefix)."))
+    out = {}
+    for name, sd in backbones.items():
+        what = str(path) if name == "backbone" else f"{path} [{name}]"
+        config, params = backbone_to_jax(sd, arch, what=what)
+        head_config = head_params = None
+        if name in heads:
+            head_config = head_config_for(heads[name], what)
+            head_params = head_to_jax(heads[name], head_config, what)
+        out[name] = Converted(config, params, head_config, head_params)
+    orphans = sorted(heads.keys() - backbones.keys())
+    if orphans:
+        raise UserError(f"{path}: projection head(s) under {orphans} have no backbone beside them")
+    return out
+
+
+def export_state_dict(params: Mapping[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
+    """NNX backbone parameters -> PyTorch state dict in the ``dinov2`` or ``timm`` layout."""
+    return keymap.to_torch({p: np.asarray(v) for p, v in params.items()}, layout)

@@ -1,0 +1,236 @@
+"""Load and save ViT backbones: one entry point for names, PyTorch files, URLs and saved folders.
+
+A saved folder holds ``config.json`` (the ViTConfig dict) and ``params.safetensors`` (every
+``nnx.Param`` under its '/'-joined NNX path), plus ``head.json`` / ``head.safetensors`` when a
+NeCo projection head came with the weights. A NeCo training checkpoint converts to one such
+folder per ViT: ``FOLDER/student`` and ``FOLDER/teacher``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from neco_jax.convert import (
+    Converted,
+    HeadConfig,
+    flat_params,
+    head_config_for,
+    head_param_shapes,
+    head_to_torch,
+    keymap,
+    param_shapes,
+    read_checkpoint,
+    resolve_arch,
+)
+from neco_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from neco_jax.models.head import ProjectionHead
+    from neco_jax.models.vit import ViTConfig, VisionTransformer
+
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.safetensors"
+HEAD_CONFIG_FILE = "head.json"
+HEAD_PARAMS_FILE = "head.safetensors"
+PARTS = ("student", "teacher")
+
+
+def load_backbone(
+    source: str | os.PathLike,
+    *,
+    arch: str | ViTConfig | None = None,
+    which: str = "student",
+) -> VisionTransformer:
+    """The NNX ViT for ``source`` (see :func:`load_converted`), ready to call."""
+    converted = load_converted(source, arch=arch, which=which)
+    return build(converted.config, converted.params)
+
+
+def load_head(source: str | os.PathLike, *, which: str = "student") -> ProjectionHead:
+    """The NeCo projection head stored with ``source`` (a NeCo checkpoint or a saved folder)."""
+    converted = load_converted(source, which=which)
+    if converted.head_config is None:
+        raise UserError(f"{source} holds no projection head (only training checkpoints and NeCo files have one)")
+    return build_head(converted.head_config, converted.head_params)
+
+
+def load_converted(
+    source: str | os.PathLike,
+    *,
+    arch: str | ViTConfig | None = None,
+    which: str = "student",
+) -> Converted:
+    """Config and NumPy parameters of one ViT, from any source ``load_backbone`` accepts.
+
+    ``source``: a known pretrained name (``neco_jax.pretrained.PRETRAINED``), an http(s)/file URL,
+    a .pth/.pt/.ckpt/.safetensors file, or a folder written by :func:`save_backbone`.
+    ``arch``: an architecture name or ViTConfig; inferred from the weights when omitted.
+    ``which``: ``student`` or ``teacher``, for NeCo training checkpoints that hold both.
+    """
+    path = Path(os.fspath(source))
+    if path.is_dir():
+        return _read_folder(_pick_folder(path, which), arch)
+    path, arch = locate(source, arch)
+    return _pick_part(read_checkpoint(path, arch), which, os.fspath(source))
+
+
+def locate(source: str | os.PathLike, arch: str | ViTConfig | None = None) -> tuple[Path, Any]:
+    """The local weight file for a file path, URL or known name (downloaded once into the cache),
+    and the architecture to read it with (a known name brings its own unless ``arch`` is given)."""
+    from neco_jax import pretrained
+
+    text = os.fspath(source)
+    path = Path(text)
+    if path.is_file():
+        return path, arch
+    if "://" in text:
+        return pretrained.fetch(text), arch
+    if path.suffix or os.sep in text:
+        raise UserError(f"{text} does not exist: give an existing weight file, a URL or a known pretrained name")
+    entry = pretrained.get_pretrained(text)  # an unknown name raises, listing the known ones
+    arch = arch if arch is not None else resolve_arch(entry.arch, **entry.overrides)
+    return pretrained.fetch(text), arch
+
+
+def _pick_part(parts: Mapping[str, Converted], which: str, source: str) -> Converted:
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    if which not in parts:
+        raise UserError(f"{source} holds the ViTs {sorted(parts)}; choose one with which=")
+    return parts[which]
+
+
+def _pick_folder(folder: Path, which: str) -> Path:
+    if (folder / CONFIG_FILE).is_file():
+        return folder
+    if (folder / which / CONFIG_FILE).is_file():
+        return folder / which
+    raise UserError(
+        f"{folder} is not a saved backbone: it has no {CONFIG_FILE} (nor {which}/{CONFIG_FILE}); "
+        "write one with neco_jax.save_backbone or `python -m neco_jax.convert to-jax`"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is missing or damaged ({err}); save the backbone again") from err
+
+
+def _read_folder(folder: Path, arch: str | ViTConfig | None) -> Converted:
+    from neco_jax.models.vit import ViTConfig
+
+    try:
+        saved = ViTConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"{folder / CONFIG_FILE} is not a ViTConfig ({err}); save the backbone again") from err
+    config = resolve_arch(arch) if arch is not None else saved
+    params = _read_safetensors(folder / PARAMS_FILE)
+    _check_params(params, param_shapes(config), f"{folder / PARAMS_FILE}")
+    head_config = head_params = None
+    if (folder / HEAD_CONFIG_FILE).is_file():
+        head_config = HeadConfig(**json.loads((folder / HEAD_CONFIG_FILE).read_text()))
+        head_params = _read_safetensors(folder / HEAD_PARAMS_FILE)
+        _check_params(head_params, head_param_shapes(head_config), f"{folder / HEAD_PARAMS_FILE}")
+    return Converted(config, params, head_config, head_params)
+
+
+def _check_params(params: Mapping[str, np.ndarray], shapes: Mapping[str, tuple], what: str) -> None:
+    missing = sorted(p for p in shapes if p not in params)
+    unexpected = sorted(p for p in params if p not in shapes)
+    mismatched = sorted(f"{p} {tuple(params[p].shape)} vs {shapes[p]}"
+                        for p in shapes if p in params and tuple(params[p].shape) != shapes[p])
+    if missing or unexpected or mismatched:
+        raise keymap.KeyMismatchError(keymap.mismatch_message(
+            what, missing, unexpected, mismatched, "The folder was saved for another architecture."))
+
+
+def _fill(abstract_module, params: Mapping[str, np.ndarray]):
+    """Replace every abstract ``nnx.Param`` of ``abstract_module`` by the array at its path."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    state = nnx.state(abstract_module, nnx.Param)
+    flat = [(path, var.replace(jnp.asarray(params["/".join(str(p) for p in path)])))
+            for path, var in nnx.to_flat_state(state)]
+    nnx.update(abstract_module, nnx.from_flat_state(flat))
+    return abstract_module
+
+
+def build(config: ViTConfig, params: Mapping[str, np.ndarray]) -> VisionTransformer:
+    """A VisionTransformer holding exactly ``params`` (nothing is randomly initialised and kept)."""
+    from flax import nnx
+
+    from neco_jax.models.vit import VisionTransformer
+
+    _check_params(params, param_shapes(config), "the parameters")
+    return _fill(nnx.eval_shape(lambda: VisionTransformer(config, rngs=nnx.Rngs(0))), params)
+
+
+def build_head(config: HeadConfig, params: Mapping[str, np.ndarray]) -> ProjectionHead:
+    """A ProjectionHead holding exactly ``params``."""
+    from flax import nnx
+
+    from neco_jax.models.head import ProjectionHead
+
+    head = nnx.eval_shape(lambda: ProjectionHead(config.in_dim, hidden_dim=config.hidden_dim,
+                                                 out_dim=config.out_dim, num_layers=config.num_layers,
+                                                 rngs=nnx.Rngs(0)))
+    return _fill(head, params)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def _write_arrays(path: Path, arrays: Mapping[str, Any]) -> None:
+    from safetensors.numpy import save_file
+
+    contiguous = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
+    _atomic_write(path, lambda tmp: save_file(contiguous, tmp))
+
+
+def save_converted(converted: Converted, folder: str | os.PathLike) -> Path:
+    """Write a converted ViT (and its head, if any) as a backbone folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_arrays(folder / PARAMS_FILE, converted.params)
+    _write_json(folder / CONFIG_FILE, converted.config.to_dict())
+    for name in (HEAD_CONFIG_FILE, HEAD_PARAMS_FILE):
+        (folder / name).unlink(missing_ok=True)
+    if converted.head_config is not None:
+        _write_arrays(folder / HEAD_PARAMS_FILE, converted.head_params)
+        _write_json(folder / HEAD_CONFIG_FILE, converted.head_config.to_dict())
+    return folder
+
+
+def save_backbone(model: VisionTransformer, folder: str | os.PathLike, *, head: ProjectionHead | None = None) -> Path:
+    """Save ``model`` (and optionally its projection head) so that ``load_backbone(folder)`` rebuilds it."""
+    head_config = head_params = None
+    if head is not None:
+        head_params = {p: np.asarray(v) for p, v in flat_params(head).items()}
+        head_config = head_config_for(head_to_torch(head_params), "the projection head")
+    params = {p: np.asarray(v) for p, v in flat_params(model).items()}
+    return save_converted(Converted(model.config, params, head_config, head_params), folder)

@@ -1,0 +1,78 @@
+"""Command line: move ViT weights between PyTorch files and neco_jax folders.
+
+    python -m neco_jax.convert to-jax SRC --out FOLDER [--arch NAME]
+    python -m neco_jax.convert to-torch FOLDER --out FILE.pth|FILE.safetensors --layout dinov2|timm
+
+SRC is a .pth/.pt/.ckpt/.safetensors file, a URL, or a known pretrained name. A NeCo training
+checkpoint (student and teacher) becomes FOLDER/student and FOLDER/teacher. Mistakes in the input
+print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from neco_jax.errors import UserError
+
+
+def _describe(converted) -> str:
+    n = sum(v.size for v in converted.params.values())
+    head = f", projection head -> {converted.head_config.out_dim}" if converted.head_config else ""
+    cfg = converted.config.to_dict()
+    return (f"{n / 1e6:.1f}M parameters, dim {cfg['embed_dim']}, depth {cfg['depth']}, "
+            f"patch {cfg['patch_size']}, {cfg['num_register_tokens']} registers{head}")
+
+
+def to_jax(source: str, out: Path, arch: str | None) -> None:
+    from neco_jax import backbone_io
+    from neco_jax.convert import read_checkpoint
+
+    if Path(source).is_dir():
+        raise UserError(f"{source} is a folder; to-jax reads a weight file, a URL or a known pretrained name")
+    path, resolved_arch = backbone_io.locate(source, arch)
+    parts = read_checkpoint(path, resolved_arch)
+    for name, converted in parts.items():
+        folder = out if len(parts) == 1 else out / name
+        backbone_io.save_converted(converted, folder)
+        print(f"wrote {folder} ({name}: {_describe(converted)})")
+
+
+def to_torch(folder: Path, out: Path, layout: str) -> None:
+    from neco_jax import backbone_io
+    from neco_jax.convert import export_state_dict, keymap, torch_io
+
+    converted = backbone_io.load_converted(folder)
+    state_dict = export_state_dict(converted.params, layout)
+    torch_io.write_state_dict(state_dict, out)
+    dropped = keymap.dropped_paths(converted.params, layout)
+    note = f"; left out, no place in the {layout} layout: {', '.join(dropped)}" if dropped else ""
+    print(f"wrote {out} ({len(state_dict)} tensors, {layout} layout{note})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m neco_jax.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("to-jax", help="PyTorch file, URL or pretrained name -> neco_jax folder")
+    p.add_argument("source", help="weight file (.pth/.pt/.ckpt/.safetensors), URL, or pretrained name")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--arch", help="architecture name (neco_jax.models.get_arch); inferred when omitted")
+    p = sub.add_parser("to-torch", help="neco_jax folder -> PyTorch state dict")
+    p.add_argument("folder", type=Path, help="folder written by to-jax or neco_jax.save_backbone")
+    p.add_argument("--out", required=True, type=Path, help="output .pth, .pt or .safetensors file")
+    p.add_argument("--layout", required=True, choices=["dinov2", "timm"], help="key layout of the output")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "to-jax":
+            to_jax(args.source, args.out, args.arch)
+        else:
+            to_torch(args.folder, args.out, args.layout)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
