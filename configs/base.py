@@ -1,0 +1,151 @@
+"""Values shared by every NeCo recipe (neco_method.md section 4), each field documented where it is set.
+
+A recipe file calls `base.get_config()` and overrides the few fields of its row of the results table.
+Ablations of the original (`experiments/configs/ablations/*`) are named presets, reachable as the config
+argument of any recipe (`--config=configs/dinov2_s14.py:odd_even`) or field by field with overrides
+(`--config.loss.sort_net=odd_even`).
+"""
+
+import ml_collections
+
+# COCO train2017 has 118,287 images; with drop_last the original trains num_images // batch steps per epoch.
+COCO_TRAIN_IMAGES = 118_287
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The DINOv2 ViT-S/14 recipe (`models/small/neco_dinov2.yml`), which every other recipe edits."""
+    c = ml_collections.ConfigDict()
+    c.seed = 400  # the original's `--seed` default (seed_everything(400)).
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "vit_small_patch14_dinov2"  # neco_jax.models.get_arch name.
+    # Initial backbone weights for student and teacher: a known pretrained name, a local .pth/.pt/.ckpt/
+    # .safetensors file or a folder written by neco_jax.save_backbone, or "random" (tests, demo).
+    c.model.init = "dinov2_vits14"
+    c.model.num_register_tokens = 0  # 4 = DINOv2R; 0 with register weights = "XR" (registers dropped).
+    c.model.drop_path_rate = 0.1  # student only (linear per-block schedule); the teacher uses 0.
+    c.model.dtype = "float32"  # compute dtype of the backbone matmuls ("bfloat16" on GPUs); params stay fp32.
+    c.model.remat = False  # rematerialise each ViT block in the backward pass to fit larger batches.
+
+    c.head = ml_collections.ConfigDict()
+    c.head.hidden_dim = 2048  # projection_hidden_dim
+    c.head.out_dim = 256  # projection_feat_dim
+    c.head.num_layers = 3  # n_layers_projection_head
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "coco"  # training images (COCO: every file of data_dir/train2017).
+    c.data.data_dir = ""  # root folder of the training images; must be set on the command line.
+    c.data.size_crops = (518, 98)  # global / local crop side in pixels.
+    c.data.nmb_samples = (2, 4)  # number of global / local crops per image.
+    c.data.min_scale_crops = (0.25, 0.05)  # RandomResizedCrop min area fraction (global, local).
+    c.data.max_scale_crops = (1.0, 0.25)  # RandomResizedCrop max area fraction (global, local).
+    c.data.min_intersection_crops = 0.01  # min crop overlap as a fraction of the image area (x2 between globals).
+    c.data.jitter_strength = 1.0  # ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p=0.8.
+    c.data.blur_strength = 1.0  # Gaussian blur sigma range [0.1s, 2s] with p=0.5.
+    c.data.num_workers = 8  # decode/augment worker processes per host (the original used 20).
+    c.data.num_images = COCO_TRAIN_IMAGES  # size of the training set; sets the steps per epoch.
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.batch_size = 64  # global batch (the original: per GPU, on one GPU).
+    c.optim.num_epochs = 25  # max_epochs
+    c.optim.total_steps = 0  # 0: num_epochs * (num_images // batch_size); > 0 overrides (demo, tests).
+    c.optim.lr_backbone = 1e-5  # AdamW lr of the backbone groups, decayed by a cosine without warmup.
+    c.optim.lr_heads = 1e-4  # AdamW lr of the projection-head groups.
+    c.optim.final_lr = 0.0  # cosine floor of both learning rates (CosineAnnealingLR eta_min).
+    c.optim.weight_decay = 0.04  # weight decay at step 0 of the decayed groups ...
+    c.optim.weight_decay_end = 0.5  # ... rising along a cosine towards this value.
+    c.optim.exclude_norm_bias = True  # no decay on biases and 1-D params (norms, LayerScale gammas).
+    c.optim.grad_clip_norm = 0.0  # > 0: clip the global gradient norm of the trained params (the original's is inert).
+    # Blocks to train (others and the embeddings/final norm frozen): "" = all params; "-n" = last n blocks;
+    # "n" = blocks n onwards; "i,j,k" = those blocks. The head always trains.
+    c.optim.trainable_blocks = ""
+    c.optim.on_nonfinite = "error"  # "error": stop naming the step; "skip": drop the update and count it.
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.momentum = 0.9995  # momentum_teacher at step 0 ...
+    c.ema.momentum_end = 1.0  # ... rising along a cosine (never reached: the schedule stops one step short).
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.use_teacher = True  # False: the student (a second forward pass) is its own teacher.
+    c.loss.roi_align_kernel_size = 7  # 7x7 aligned grid: 49 reference patches and 49-element sorts.
+    c.loss.student_steepness = 100.0  # diffsort steepness of the student sorter.
+    c.loss.teacher_steepness = 100.0  # diffsort steepness of the teacher sorter.
+    c.loss.sort_net = "bitonic"  # "bitonic" or "odd_even".
+    c.loss.distribution = "cauchy"  # diffsort relaxation (DiffSortNet default).
+    c.loss.sim_dist = "cosine"  # "cosine" or "euclidean".
+    c.loss.loss_mask = "all"  # "all", or "fg"/"bg": patches inside/outside the teacher's attention mask.
+    c.loss.use_queue = True  # True: references from a FIFO queue of teacher vectors; False: the batch pool.
+    c.loss.queue_length = 8192  # per anchor crop (the original divides it by the number of GPUs: one here).
+    c.loss.crops_for_assign = (0, 1)  # global crops used as teacher anchors.
+
+    c.log_every_steps = 50  # metrics to metrics.jsonl and the console.
+    c.checkpoint_every_steps = 1000  # asynchronous orbax checkpoint period.
+    c.keep_checkpoints = 3  # keep the newest N checkpoints.
+    c.export_at_end = True  # write student and teacher backbones in PyTorch layout under workdir/export.
+    return c
+
+
+def dino_s16(c: ml_collections.ConfigDict, init: str) -> ml_collections.ConfigDict:
+    """The DINO-architecture recipes (`models/small/neco_{dino,timetuning,leopart}.yml`).
+
+    ViT-S/16 in the timm layout, 224/98-px crops, batch 45, 50 epochs, batch-pool references (no queue key).
+    """
+    c.model.arch = "vit_small_patch16_dino"
+    c.model.init = init
+    c.data.size_crops = (224, 98)
+    c.optim.batch_size = 45
+    c.optim.num_epochs = 50
+    c.loss.use_queue = False
+    return c
+
+
+# The original's ablations (experiments/configs/ablations/*) start from the 224-px setup with register
+# weights and no registers, batch 55, 50 epochs, lr_backbone 1e-6 and batch-pool references.
+_ABLATION_BASE = {
+    "data.size_crops": (224, 98),
+    "optim.batch_size": 55,
+    "optim.num_epochs": 50,
+    "optim.lr_backbone": 1e-6,
+    "loss.use_queue": False,
+    "model.num_register_tokens": 0,
+}
+_VOC = {"data.dataset": "voc", "data.num_images": 10_582}  # VOC trainaug
+ABLATIONS = {
+    **{
+        f"steepness_{s}_{t}": {"loss.student_steepness": float(s), "loss.teacher_steepness": float(t)}
+        for s, t in ((10, 100), (10, 1000), (100, 100), (100, 1000), (1000, 1000))
+    },
+    "odd_even": {"loss.sort_net": "odd_even"},
+    "fg": {"loss.sort_net": "odd_even", "loss.loss_mask": "fg", **_VOC},
+    "bg": {"loss.sort_net": "odd_even", "loss.loss_mask": "bg", **_VOC},
+    "no_teacher": {"loss.sort_net": "odd_even", "loss.use_teacher": False, **_VOC},
+    "voc": {"loss.sort_net": "odd_even", **_VOC},
+    "in100": {"loss.sort_net": "odd_even", "data.dataset": "imagenet100k", "data.num_images": 126_689},
+}
+
+
+def set_fields(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+    """Sets dotted fields ("optim.batch_size") on config; a name the config lacks is an error."""
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"config has no field {dotted!r}")
+        node[leaf] = value
+    return config
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Applies the config-file argument: "" for the recipe itself, or an ablation preset name.
+
+    An ablation keeps the recipe's backbone but switches to the original ablation setup
+    (_ABLATION_BASE) plus the preset's own fields.
+    """
+    if not arg:
+        return config
+    if arg not in ABLATIONS:
+        raise ValueError(f"unknown config argument {arg!r}; choose one of {sorted(ABLATIONS)}")
+    set_fields(config, _ABLATION_BASE)
+    return set_fields(config, ABLATIONS[arg])
