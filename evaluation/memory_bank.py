@@ -20,18 +20,18 @@ config field ``reproduce_std_typo`` switches the typo back on for comparisons wi
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance
 
 from evaluation.features import IMAGENET_STD, FeaturesFn, iterate_batches, nearest_indices
+from input_pipeline.views import adjust_hue, random_resized_crop_params
 from neco_jax.errors import UserError
 
 HBIRD_TYPO_STD = np.array([0.229, 0.224, 0.255], dtype=np.float32)
+CROP_SCALE = (0.5, 2.0)  # area fraction; above 1 cannot fit, so torchvision's fallback crop takes over
+CROP_RATIO = (3 / 4, 4 / 3)
 FRACTIONS = (1, 8, 64, 128)  # 1/n of the train set; n > 1 reads a released list file
 FRACTION_SEEDS = (42, 400, 783, 1293, 4019)
 
@@ -84,59 +84,20 @@ def subset_by_names(dataset, names: list[str]):
 # ----------------------------------------------------------------------------- augmentation
 
 
-def crop_params(
-    rng: np.random.Generator,
-    height: int,
-    width: int,
-    scale: tuple[float, float] = (0.5, 2.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random resized crop, as torchvision's ``RandomResizedCrop.get_params``.
-
-    Ten tries at an area fraction U(scale) and log-uniform aspect ratio; crops that do not fit are
-    rejected (so scale > 1 mostly ends in the fallback), then a centre crop clamped to ``ratio``.
-    """
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def _adjust_hue(image: Image.Image, factor: float) -> Image.Image:
-    # torchvision's PIL path: shift the 8-bit HSV hue channel with wrap-around.
-    h, s, v = image.convert("HSV").split()
-    shift = np.uint8(int(factor * 255) % 256)
-    hue = (np.asarray(h, dtype=np.uint8) + shift).astype(np.uint8)
-    return Image.merge("HSV", (Image.fromarray(hue, "L"), s, v)).convert("RGB")
-
-
 def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 0.1, p: float = 0.5) -> np.ndarray:
     """Brightness, contrast, saturation, hue jitter (each with probability ``p``, fixed order) on uint8 RGB.
 
     Uses the PIL operations torchvision's ``ColorJitter`` calls on PIL images, so the pixels match it.
     """
+    if strength == 0:
+        return image
     pil = Image.fromarray(image)
     enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
     for enhancer in enhancers:
         if rng.random() < p:
             pil = enhancer(pil).enhance(rng.uniform(1 - strength, 1 + strength))
     if rng.random() < p:
-        pil = _adjust_hue(pil, rng.uniform(-strength, strength))
+        pil = adjust_hue(pil, rng.uniform(-strength, strength))
     return np.asarray(pil)
 
 
@@ -161,15 +122,15 @@ def resize_weights(in_size: int, out_size: int, padded_size: int | None = None) 
 
 
 def train_view(
-    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, size: int
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, size: int, jitter: float = 0.1
 ) -> tuple[np.ndarray, np.ndarray]:
     """One augmented pair: image (size, size, 3) float32 on the 0..255 scale and mask (size, size) uint8.
 
     The reference resizes the already normalised image; resampling is linear with unit-sum weights,
     so resizing first and normalising afterwards (``features.normalize``) gives the same values.
     """
-    jittered = color_jitter(image, rng).astype(np.float32)
-    top, left, h, w = crop_params(rng, *image.shape[:2])
+    jittered = color_jitter(image, rng, jitter).astype(np.float32)
+    top, left, h, w = random_resized_crop_params(rng, image.shape[1], image.shape[0], CROP_SCALE, CROP_RATIO)
     crop = jittered[top : top + h, left : left + w]
     rows = resize_weights(h, size) @ crop.reshape(h, w * 3)  # (size, w*3)
     view = (rows.reshape(size, w, 3).transpose(0, 2, 1) @ resize_weights(w, size).T).transpose(0, 2, 1)
@@ -239,10 +200,6 @@ class MemoryBank:
     def __len__(self) -> int:
         return int(self.keys.shape[0])
 
-    def labels(self, indices: jax.Array) -> jax.Array:
-        """Soft labels (..., C) of memory rows ``indices`` as fractions of the patch."""
-        return jnp.take(jnp.asarray(self.label_counts), indices, axis=0).astype(jnp.float32) / self.patch_area
-
 
 def build_memory_bank(
     dataset,
@@ -254,13 +211,15 @@ def build_memory_bank(
     memory_size: int | None = 10_240_000,
     batch_size: int = 16,
     reproduce_std_typo: bool = False,
+    jitter: float = 0.1,
     seed: int = 0,
     num_threads: int = 8,
 ) -> MemoryBank:
     """Runs ``passes`` augmented passes over ``dataset`` and keeps the selected patches.
 
     ``dataset[i]`` gives (RGB uint8, labels uint8); ``features_fn`` maps normalised images
-    (B, input_size, input_size, 3) to patch tokens (B, h, w, D). Each image's randomness comes
+    (B, input_size, input_size, 3) to patch tokens (B, h, w, D). ``jitter`` is the colour-jitter
+    range (0.1 in the reference; 0 switches it off, e.g. for features that read colours). Each image's randomness comes
     from its own generator seeded by (seed, pass, index), so threads do not change the result.
     """
     if input_size % patch_size:
@@ -274,7 +233,7 @@ def build_memory_bank(
 
         def load(ds, i, p=p):
             rng = np.random.default_rng([seed, p, i])
-            return train_view(*ds[i], rng, size=input_size)
+            return train_view(*ds[i], rng, size=input_size, jitter=jitter)
 
         batches = iterate_batches(
             dataset, batch_size=batch_size, image_size=input_size, mask_size=input_size,
@@ -282,8 +241,9 @@ def build_memory_bank(
         )  # fmt: skip
         for batch in batches:
             images = restandardise(batch.images, reproduce_std_typo)
-            feats = np.asarray(_normalised(jnp.asarray(features_fn(images))))
+            feats = np.asarray(features_fn(images), dtype=np.float32)
             feats = feats.reshape(feats.shape[0], -1, feats.shape[-1])
+            feats /= np.linalg.norm(feats, axis=-1, keepdims=True)  # per patch (the v2.0 fix; v1 used dim=1)
             counts = patch_label_counts(batch.masks, patch_size, dataset.num_classes)
             if keys is None:  # preallocated: 10,240,000 keys must not be copied by a final concatenate
                 keys = np.empty((total, feats.shape[-1]), np.float32)
@@ -297,9 +257,3 @@ def build_memory_bank(
                 labels[filled : filled + len(c)] = c
                 filled += len(f)
     return MemoryBank(keys, labels, patch_size * patch_size)
-
-
-@jax.jit
-def _normalised(features: jax.Array) -> jax.Array:
-    features = features.astype(jnp.float32)
-    return features / jnp.linalg.norm(features, axis=-1, keepdims=True)

@@ -1,0 +1,160 @@
+"""Dense nearest-neighbour retrieval ("Hummingbird", in-context scene understanding), as open-hummingbird-eval.
+
+A memory bank of augmented train patches (``memory_bank``) is searched exactly (``knn``) for the
+30 nearest keys of every val patch; their soft labels are combined by a softmax over cosines at
+temperature 0.02 and upsampled bilinearly to the input size (``label_transfer``), and the
+argmax is scored with Hungarian-matched mIoU over the dataset (``metrics``).
+
+Val images: ``Resize((S, S))`` with antialias for the image (PIL bilinear) and torch-style nearest
+for the mask (the reference turns the mask into a tensor before resizing it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from evaluation import knn as knn_lib
+from evaluation import memory_bank as mb
+from evaluation.features import FeaturesFn, iterate_batches, nearest_resize, resize_image
+from evaluation.label_transfer import predict_segmentation
+from evaluation.metrics import confusion_matrix, miou_from_confusion
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalSettings:
+    """The protocol's knobs (defaults: open-hummingbird-eval 2.0 with the paper's memory size)."""
+
+    input_size: int = 504
+    k: int = 30
+    temperature: float = 0.02
+    passes: int = 2
+    memory_size: int | None = 10_240_000
+    batch_size: int = 16
+    reproduce_std_typo: bool = False
+    jitter: float = 0.1
+    search_dtype: str = "bfloat16"
+    topk_dtype: str = "float32"
+    memory_chunk: int = 65536
+    bin_size: int = 0
+    seed: int = 0
+    num_threads: int = 8
+    num_visualize: int = 0
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "size", "temperature", "patch_area"))
+def _segment(cosines, indices, label_counts, *, grid, size, temperature, patch_area):
+    labels = jnp.take(label_counts, indices, axis=0).astype(jnp.float32) / patch_area
+    return predict_segmentation(cosines, labels, grid=grid, size=size, temperature=temperature)
+
+
+def _load_val(dataset, i: int, size: int):
+    image, mask = dataset[i]
+    return resize_image(image, size), nearest_resize(mask, size)
+
+
+def evaluate_retrieval(
+    train_dataset,
+    val_dataset,
+    features_fn: FeaturesFn,
+    *,
+    patch_size: int,
+    settings: RetrievalSettings = RetrievalSettings(),
+) -> dict:
+    """Builds the memory from ``train_dataset``, labels ``val_dataset`` by retrieval, returns results.
+
+    ``features_fn`` maps ImageNet-normalised images (B, S, S, 3) to patch tokens (B, S/p, S/p, D).
+    Returns ``{"miou", "per_class_iou", "memory_patches", "examples"}``, where ``examples`` holds up
+    to ``num_visualize`` (image uint8, ground truth, prediction) triples for pictures.
+    """
+    s = settings
+    bank = mb.build_memory_bank(
+        train_dataset, features_fn, input_size=s.input_size, patch_size=patch_size, passes=s.passes,
+        memory_size=s.memory_size, batch_size=s.batch_size, reproduce_std_typo=s.reproduce_std_typo,
+        jitter=s.jitter, seed=s.seed, num_threads=s.num_threads,
+    )  # fmt: skip
+    store = knn_lib.shard_keys(
+        bank.keys, memory_chunk=s.memory_chunk, dtype=s.search_dtype, bin_size=s.bin_size, k=s.k
+    )
+    label_counts = jax.device_put(bank.label_counts, jax.sharding.NamedSharding(store.mesh, jax.sharding.PartitionSpec()))
+    num_classes, ignore = val_dataset.num_classes, val_dataset.ignore_index
+    conf = np.zeros((num_classes, num_classes), np.int64)
+    grid = s.input_size // patch_size
+    block = s.batch_size * grid * grid  # queries are padded to one shape so the search compiles once
+    examples = []
+    batches = iterate_batches(
+        val_dataset, batch_size=s.batch_size, image_size=s.input_size, mask_size=s.input_size,
+        load_fn=functools.partial(_load_val, size=s.input_size), num_threads=s.num_threads, desc="retrieval",
+    )  # fmt: skip
+    for batch in batches:
+        images = mb.restandardise(batch.images, s.reproduce_std_typo)
+        feats = np.asarray(features_fn(images), dtype=np.float32)
+        queries = feats.reshape(-1, feats.shape[-1])
+        n = queries.shape[0]
+        queries = np.concatenate([queries, np.zeros((block - n, queries.shape[1]), np.float32)])
+        _, indices = knn_lib.search_block(store, queries, k=s.k, topk_dtype=s.topk_dtype, bin_size=s.bin_size)
+        cosines = knn_lib.cosine_similarities(store, queries, indices)
+        pred = _segment(
+            cosines[:n], indices[:n], label_counts, grid=(grid, grid), size=(s.input_size, s.input_size),
+            temperature=s.temperature, patch_area=bank.patch_area,
+        )  # fmt: skip
+        pred = np.asarray(pred)
+        conf += confusion_matrix(pred, batch.masks, num_classes=num_classes, ignore_index=ignore)
+        for j in range(min(len(pred), s.num_visualize - len(examples))):
+            examples.append((resize_image(val_dataset.image(int(batch.indices[j])), s.input_size), batch.masks[j], pred[j]))
+    score, per_class = miou_from_confusion(conf, "hungarian")
+    return {"miou": score, "per_class_iou": per_class.tolist(), "memory_patches": len(bank), "examples": examples}
+
+
+def settings_from_config(config: ml_collections.ConfigDict) -> RetrievalSettings:
+    h = config.hummingbird
+    return RetrievalSettings(
+        input_size=config.image_size, k=h.k, temperature=h.temperature, passes=h.passes,
+        memory_size=h.memory_size or None, batch_size=config.batch_size, reproduce_std_typo=h.reproduce_std_typo,
+        jitter=h.jitter, search_dtype=h.search_dtype, topk_dtype=h.topk_dtype, memory_chunk=h.memory_chunk, bin_size=h.bin_size,
+        seed=h.seed, num_threads=config.num_threads, num_visualize=config.num_visualize,
+    )  # fmt: skip
+
+
+def train_split_for(config: ml_collections.ConfigDict):
+    """The memory's train images: the whole train split, or the released 1/n list of ``config.hummingbird``."""
+    from evaluation.runner import ConfigError, open_split
+
+    h = config.hummingbird
+    if h.fraction not in mb.FRACTIONS:
+        raise ConfigError(f"config.hummingbird.fraction={h.fraction}; use one of {mb.FRACTIONS} (1/n of the train set)")
+    train = open_split(config, config.train_split)
+    if h.fraction == 1:
+        return train
+    file_sets = h.file_sets_dir or str(Path(config.data_dir) / "file_sets")
+    names = mb.read_fraction_list(mb.fraction_list_path(file_sets, config.dataset, h.fraction, h.fraction_seed))
+    return mb.subset_by_names(train, names)
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """The protocol entry of ``python -m evaluation`` (see configs/eval/voc_hummingbird.py)."""
+    from evaluation.runner import make_extractor, open_split
+
+    extractor = make_extractor(config)
+    train = train_split_for(config)
+    val = open_split(config, config.val_split)
+    results = evaluate_retrieval(train, val, extractor, patch_size=extractor.patch_size, settings=settings_from_config(config))
+    examples = results.pop("examples")
+    if examples:
+        save_examples(examples, Path(config.workdir) / "retrieval", num_classes=val.num_classes)
+    h = config.hummingbird
+    results.update(fraction=f"1/{h.fraction}", nn_backend="exact (JAX)", std="0.255 (typo)" if h.reproduce_std_typo else "0.225")
+    return results
+
+
+def save_examples(examples, folder: Path, *, num_classes: int) -> None:
+    """PNGs of image | ground truth | retrieval prediction, one per example."""
+    from evaluation.visualize import save_segmentation_panels
+
+    save_segmentation_panels(examples, folder, num_classes=num_classes)
