@@ -147,13 +147,7 @@ def _read_folder(folder: Path, arch: str | ViTConfig | None) -> Converted:
 
 
 def _check_params(params: Mapping[str, np.ndarray], shapes: Mapping[str, tuple], what: str) -> None:
-    missing = sorted(p for p in shapes if p not in params)
-    unexpected = sorted(p for p in params if p not in shapes)
-    mismatched = sorted(f"{p} {tuple(params[p].shape)} vs {shapes[p]}"
-                        for p in shapes if p in params and tuple(params[p].shape) != shapes[p])
-    if missing or unexpected or mismatched:
-        raise keymap.KeyMismatchError(keymap.mismatch_message(
-            what, missing, unexpected, mismatched, "The folder was saved for another architecture."))
+    keymap.check_keys(params, shapes, what, "The folder was saved for another architecture.")
 
 
 def _fill(abstract_module, params: Mapping[str, np.ndarray]):
@@ -174,7 +168,7 @@ def build(config: ViTConfig, params: Mapping[str, np.ndarray]) -> VisionTransfor
 
     from neco_jax.models.vit import VisionTransformer
 
-    _check_params(params, param_shapes(config), "the parameters")
+    keymap.check_keys(params, param_shapes(config), "the parameters", "They were made for another architecture.")
     return _fill(nnx.eval_shape(lambda: VisionTransformer(config, rngs=nnx.Rngs(0))), params)
 
 

@@ -9,7 +9,6 @@ The CLI is ``python -m neco_jax.convert`` (see ``__main__.py``).
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +85,6 @@ def flat_params(module) -> dict[str, Any]:
     return {"/".join(str(p) for p in path): var.get_value() for path, var in flat}
 
 
-def _natural_key(path: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path)]
-
-
 def head_param_shapes(config: HeadConfig) -> dict[str, tuple[int, ...]]:
     """'/'-joined NNX parameter path -> shape of the ``ProjectionHead`` with this config."""
     from flax import nnx
@@ -110,7 +105,7 @@ def head_param_shapes(config: HeadConfig) -> dict[str, tuple[int, ...]]:
 
 def _head_torch_keys(jax_paths) -> dict[str, str]:
     """NNX head path -> key in NeCo's ``projection_head`` (an nn.Sequential of Linear/GELU, or one Linear)."""
-    kernels = sorted((p for p in jax_paths if p.endswith("kernel")), key=_natural_key)
+    kernels = sorted((p for p in jax_paths if p.endswith("kernel")), key=keymap.natural_key)
     if len(kernels) == 1:
         prefixes = {kernels[0][: -len("kernel")]: ""}
     else:
@@ -125,7 +120,7 @@ def _head_torch_keys(jax_paths) -> dict[str, str]:
 
 def head_config_for(state_dict: Mapping[str, np.ndarray], what: str) -> HeadConfig:
     """Read a projection head's widths and depth off its PyTorch weights."""
-    weights = sorted((k for k in state_dict if k.endswith("weight")), key=_natural_key)
+    weights = sorted((k for k in state_dict if k.endswith("weight")), key=keymap.natural_key)
     if not weights or any(state_dict[k].ndim != 2 for k in weights):
         raise UserError(f"{what}: projection_head keys {sorted(state_dict)} are not a stack of Linear layers")
     first, last = state_dict[weights[0]].shape, state_dict[weights[-1]].shape
@@ -138,7 +133,7 @@ def head_to_jax(state_dict: Mapping[str, np.ndarray], config: HeadConfig, what: 
     shapes = head_param_shapes(config)
     keys = _head_torch_keys(shapes)
     expected = {keys[p]: (s[::-1] if p.endswith("kernel") else s) for p, s in shapes.items()}
-    _strict_check(state_dict, expected, f"{what} (projection head)", "The head is not NeCo's D->hidden->out MLP.")
+    keymap.check_keys(state_dict, expected, f"{what} (projection head)", "The head is not NeCo's D->hidden->out MLP.")
     return {p: np.ascontiguousarray(state_dict[keys[p]].T if p.endswith("kernel") else state_dict[keys[p]])
             for p in shapes}
 
@@ -147,15 +142,6 @@ def head_to_torch(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """NNX head parameters -> NeCo ``projection_head`` keys (without the prefix)."""
     keys = _head_torch_keys(params)
     return {keys[p]: (np.asarray(v).T if p.endswith("kernel") else np.asarray(v)) for p, v in params.items()}
-
-
-def _strict_check(state_dict, expected: Mapping[str, tuple], what: str, hint: str) -> None:
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    mismatched = sorted(f"{k} {tuple(state_dict[k].shape)} vs {expected[k]}"
-                        for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k])
-    if missing or unexpected or mismatched:
-        raise keymap.KeyMismatchError(keymap.mismatch_message(what, missing, unexpected, mismatched, hint))
 
 
 def backbone_to_jax(

@@ -100,7 +100,7 @@ def family_arch_name(fields: Mapping[str, Any]) -> str:
     """The named architecture whose non-shape fields (interpolation rule, drop path) apply."""
     size = _SIZES.get(fields["embed_dim"], "small")
     if fields["layerscale"] or fields["patch_size"] == 14:
-        return f"vit_{size}_patch14_dinov2" + ("_reg4" if fields["num_register_tokens"] else "")
+        return f"vit_{size}_patch14" + ("_reg4" if fields["num_register_tokens"] else "") + "_dinov2"
     size = size if size in ("small", "base") else "small"
     patch = fields["patch_size"] if fields["patch_size"] in (8, 16) else 16
     return f"vit_{size}_patch{patch}_dino"

@@ -123,6 +123,11 @@ def detect_layout(state_dict: Mapping[str, np.ndarray]) -> Layout:
     return "dinov2"
 
 
+def natural_key(key: str) -> list:
+    """Sort key that puts blocks.2 before blocks.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
+
 def mismatch_message(
     what: str,
     missing: list[str],
@@ -133,12 +138,23 @@ def mismatch_message(
     """One message listing every category of disagreement (first keys of each)."""
 
     def _list(name: str, keys: list[str]) -> str:
+        keys = sorted(keys, key=natural_key)
         more = f" ... (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
         return f"{name} ({len(keys)}): {', '.join(keys[:_SHOWN])}{more}"
 
     parts = [_list(n, k) for n, k in (("missing", missing), ("unexpected", unexpected),
                                        ("shape mismatch", mismatched)) if k]
     return f"{what} does not fit the architecture: " + "; ".join(parts) + f". {hint}"
+
+
+def check_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple], what: str, hint: str) -> None:
+    """Raise one KeyMismatchError unless ``state`` has exactly the ``expected`` keys and shapes."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}"
+                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    if missing or unexpected or mismatched:
+        raise KeyMismatchError(mismatch_message(what, missing, unexpected, mismatched, hint))
 
 
 def to_jax(
@@ -155,16 +171,7 @@ def to_jax(
     wrongly shaped key raises one :class:`KeyMismatchError` that lists all of them.
     """
     _check_layout(layout)
-    expected = expected_torch_shapes(jax_shapes, layout)
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    mismatched = sorted(
-        f"{k} {tuple(state_dict[k].shape)} vs {expected[k]}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != expected[k]
-    )
-    if missing or unexpected or mismatched:
-        raise KeyMismatchError(mismatch_message(what, missing, unexpected, mismatched, hint))
+    check_keys(state_dict, expected_torch_shapes(jax_shapes, layout), what, hint)
 
     source = dict(state_dict)
     if _folds_class_position(jax_shapes, layout):
