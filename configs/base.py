@@ -8,10 +8,6 @@ argument of any recipe (`--config=configs/dinov2_s14.py:odd_even`) or field by f
 
 import ml_collections
 
-# COCO train2017 has 118,287 images; with drop_last the original trains num_images // batch steps per epoch.
-COCO_TRAIN_IMAGES = 118_287
-
-
 def get_config() -> ml_collections.ConfigDict:
     """The DINOv2 ViT-S/14 recipe (`models/small/neco_dinov2.yml`), which every other recipe edits."""
     c = ml_collections.ConfigDict()
@@ -33,8 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.head.num_layers = 3  # n_layers_projection_head
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "coco"  # training images (COCO: every file of data_dir/train2017).
-    c.data.data_dir = ""  # root folder of the training images; must be set on the command line.
+    # Training images: "coco" (every file of data_dir/train2017), "voc", "imagenet100k", ... (input_pipeline.sources).
+    c.data.dataset_name = "coco"
+    c.data.data_dir = ""  # root folder of the training images ("" = the bundled sample photos, demo only).
     c.data.size_crops = (518, 98)  # global / local crop side in pixels.
     c.data.nmb_samples = (2, 4)  # number of global / local crops per image.
     c.data.min_scale_crops = (0.25, 0.05)  # RandomResizedCrop min area fraction (global, local).
@@ -43,12 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.jitter_strength = 1.0  # ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p=0.8.
     c.data.blur_strength = 1.0  # Gaussian blur sigma range [0.1s, 2s] with p=0.5.
     c.data.num_workers = 8  # decode/augment worker processes per host (the original used 20).
-    c.data.num_images = COCO_TRAIN_IMAGES  # size of the training set; sets the steps per epoch.
 
     c.optim = ml_collections.ConfigDict()
     c.optim.batch_size = 64  # global batch (the original: per GPU, on one GPU).
     c.optim.num_epochs = 25  # max_epochs
-    c.optim.total_steps = 0  # 0: num_epochs * (num_images // batch_size); > 0 overrides (demo, tests).
+    # 0: num_epochs * (dataset size // batch_size), the original's drop_last epochs; > 0 overrides (demo, tests).
+    c.optim.total_steps = 0
     c.optim.lr_backbone = 1e-5  # AdamW lr of the backbone groups, decayed by a cosine without warmup.
     c.optim.lr_heads = 1e-4  # AdamW lr of the projection-head groups.
     c.optim.final_lr = 0.0  # cosine floor of both learning rates (CosineAnnealingLR eta_min).
@@ -109,7 +106,7 @@ _ABLATION_BASE = {
     "loss.use_queue": False,
     "model.num_register_tokens": 0,
 }
-_VOC = {"data.dataset": "voc", "data.num_images": 10_582}  # VOC trainaug
+_VOC = {"data.dataset_name": "voc"}  # VOC trainaug
 ABLATIONS = {
     **{
         f"steepness_{s}_{t}": {"loss.student_steepness": float(s), "loss.teacher_steepness": float(t)}
@@ -120,7 +117,7 @@ ABLATIONS = {
     "bg": {"loss.sort_net": "odd_even", "loss.loss_mask": "bg", **_VOC},
     "no_teacher": {"loss.sort_net": "odd_even", "loss.use_teacher": False, **_VOC},
     "voc": {"loss.sort_net": "odd_even", **_VOC},
-    "in100": {"loss.sort_net": "odd_even", "data.dataset": "imagenet100k", "data.num_images": 126_689},
+    "in100": {"loss.sort_net": "odd_even", "data.dataset_name": "imagenet100k"},
 }
 
 

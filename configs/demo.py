@@ -1,0 +1,33 @@
+"""CPU demo: a tiny random-init ViT post-trained with NeCo on the bundled sample photos.
+
+    python main.py --config=configs/demo.py --workdir=runs/demo
+
+A few dozen steps on 2 CPU cores in a few minutes; writes checkpoints, metrics.jsonl and the exported
+student/teacher backbones (PyTorch files under workdir/export). Everything else is the DINOv2 ViT-S/14
+recipe: the same loss, queue, schedules and EMA, only smaller.
+"""
+
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The demo; `arg` names an ablation preset of configs/base.py (or is empty)."""
+    c = base.get_config()
+    c.model.arch = "vit_tiny_test"  # patch 14, dim 64, 2 blocks, 2 heads
+    c.model.init = "random"
+    c.head.hidden_dim = 128
+    c.head.out_dim = 64
+    c.data.data_dir = ""  # the bundled sample photos
+    c.data.size_crops = (56, 28)  # 4x4 global and 2x2 local token grids
+    c.data.num_workers = 0
+    c.optim.batch_size = 4
+    c.optim.total_steps = 40
+    c.optim.lr_backbone = 5e-4
+    c.optim.lr_heads = 1e-3
+    c.loss.queue_length = 512
+    c.log_every_steps = 5
+    c.checkpoint_every_steps = 20
+    c.keep_checkpoints = 2
+    return base.apply_arg(c, arg)

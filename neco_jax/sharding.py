@@ -1,0 +1,61 @@
+"""Data parallelism with `jax.jit` over a 1-D device mesh: batch split on "data", everything else replicated.
+
+Several hosts: start one process per host with the same command and either let the cluster environment
+configure `jax.distributed` (SLURM, TPU pods, Kubernetes with the usual variables) or set
+`JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`. Each process then reads its
+own shard of every global batch (`input_pipeline.make_train_loader` picks rows by process index) and
+`global_batch` assembles the global array from the per-process pieces without any copy between hosts.
+"""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from neco_jax.errors import UserError
+
+DATA_AXIS = "data"
+
+
+class ShardingError(UserError):
+    """A batch that cannot be split over the devices."""
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize()` when launched as one of several processes; a no-op otherwise."""
+    launched = any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+    several = int(os.environ.get("JAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS",
+                                                                     os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))))
+    if launched and several > 1 and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over `devices` (default: every device of every process) with the axis "data"."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the devices, other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    n = mesh.devices.size
+    if global_batch_size % n or global_batch_size % jax.process_count():
+        raise ShardingError(
+            f"optim.batch_size={global_batch_size} is not divisible by the {n} devices "
+            f"({jax.process_count()} processes); choose a multiple of {n}"
+        )
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a batch -> global arrays sharded along "data" (one process: a plain put)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}

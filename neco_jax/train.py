@@ -1,0 +1,444 @@
+"""NeCo post-training: the big_vision-style loop around one jitted, data-parallel train step.
+
+Sections, in the order they run: config checks -> mesh -> input -> models & optimizer -> restore-or-init
+(a checkpoint in the workdir, else `config.model.init`: a pretrained name, a weight file/folder, or
+"random") -> the jitted step -> the loop (metrics, checkpoints, SIGTERM) -> export of both backbones.
+
+The step (`make_train_step`) is a pure function of (TrainState, global batch): the batch is sharded along
+the mesh's "data" axis, the state replicated and donated; every mean is over the global batch, so the
+result does not depend on the number of devices. Order inside a step, as in the original: forward passes
+and loss (which also pushes this step's teacher vectors into the queue) -> gradients -> EMA of the teacher
+towards the *pre-update* student (the original's one-step lag, see ema.py) -> AdamW update.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from neco_jax import checkpoint as ckpt_lib
+from neco_jax import ema, optim, sharding
+from neco_jax import metrics_writer as mw
+from neco_jax import train_state as ts
+from neco_jax.errors import UserError
+from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
+
+log = logging.getLogger(__name__)
+
+# The batch keys the step consumes (the loader's `index` and `skipped` stay on the host).
+DEVICE_KEYS = ("global_crops", "local_crops", "boxes_gc", "boxes_all")
+
+
+class TrainConfigError(UserError):
+    """A config value the trainer cannot use."""
+
+
+class NonFiniteError(UserError):
+    """The loss or the gradients became NaN/inf; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Reject values the run cannot use, naming the field and the fix, before anything is built."""
+    m, o, loss = config.model, config.optim, config.loss
+    if not m.init:
+        raise TrainConfigError("config.model.init is empty: name the initial weights, e.g. "
+                               "--config.model.init=/path/to/checkpoint.pth (or a pretrained name, or 'random')")
+    choices = {
+        "optim.on_nonfinite": (o.on_nonfinite, ("error", "skip")),
+        "loss.sort_net": (loss.sort_net, ("bitonic", "odd_even")),
+        "loss.sim_dist": (loss.sim_dist, ("cosine", "euclidean")),
+        "loss.loss_mask": (loss.loss_mask, ("all", "fg", "bg")),
+        "model.dtype": (m.dtype, ("float32", "bfloat16")),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise TrainConfigError(f"config.{name}={value!r} is not one of {allowed}")
+    positive = {"optim.batch_size": o.batch_size, "optim.num_epochs": o.num_epochs,
+                "log_every_steps": config.log_every_steps, "loss.queue_length": loss.queue_length,
+                "loss.roi_align_kernel_size": loss.roi_align_kernel_size}
+    for name, value in positive.items():
+        if value < 1:
+            raise TrainConfigError(f"config.{name}={value} must be >= 1")
+    for name in ("lr_backbone", "lr_heads", "final_lr", "weight_decay", "weight_decay_end", "total_steps"):
+        if o[name] < 0:
+            raise TrainConfigError(f"config.optim.{name}={o[name]} must be >= 0")
+    if not 0 <= config.ema.momentum <= 1 or not 0 <= config.ema.momentum_end <= 1:
+        raise TrainConfigError(f"config.ema.momentum={config.ema.momentum} and momentum_end="
+                               f"{config.ema.momentum_end} must lie in [0, 1]")
+    if loss.student_steepness <= 0 or loss.teacher_steepness <= 0:
+        raise TrainConfigError("config.loss.student_steepness and teacher_steepness must be > 0")
+    if tuple(loss.crops_for_assign) != tuple(range(config.data.nmb_samples[0])):
+        raise TrainConfigError(f"config.loss.crops_for_assign={tuple(loss.crops_for_assign)} must list every global "
+                               f"crop, 0..{config.data.nmb_samples[0] - 1}")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def vit_configs(config: ml_collections.ConfigDict, has_mask_token: bool | None = None):
+    """(student, teacher) ViTConfigs: the named arch with the recipe's registers, dtype and drop path."""
+    overrides = {"num_register_tokens": config.model.num_register_tokens, "dtype": config.model.dtype}
+    if has_mask_token is not None:
+        overrides["has_mask_token"] = has_mask_token
+    if config.model.remat:
+        overrides["remat"] = True  # a ViTConfig without this field rejects it by name
+    student = get_arch(config.model.arch, drop_path_rate=config.model.drop_path_rate, **overrides)
+    teacher = get_arch(config.model.arch, drop_path_rate=0.0, **overrides)
+    return student, teacher
+
+
+def _head(config, embed_dim: int, rngs: nnx.Rngs) -> ProjectionHead:
+    h = config.head
+    return ProjectionHead(embed_dim, hidden_dim=h.hidden_dim, out_dim=h.out_dim, num_layers=h.num_layers, rngs=rngs)
+
+
+def build_models(config, has_mask_token: bool | None = None) -> ts.Models:
+    """The static halves (graph definitions) of student/teacher backbones and the head, nothing allocated."""
+    s_cfg, t_cfg = vit_configs(config, has_mask_token)
+    defs = []
+    for cfg in (s_cfg, t_cfg):
+        defs.append(ts.split(nnx.eval_shape(lambda c=cfg: VisionTransformer(c, rngs=nnx.Rngs(0))))[0])
+    head_def = ts.split(nnx.eval_shape(lambda: _head(config, s_cfg.embed_dim, nnx.Rngs(0))))[0]
+    return ts.Models(student_backbone=defs[0], teacher_backbone=defs[1], head=head_def, patch_size=s_cfg.patch_size)
+
+
+def random_params(config, seed: int, has_mask_token: bool | None = None) -> tuple[dict, dict]:
+    """(student, teacher) params: one random backbone for both (as both load the same weights in the
+    original), and two independently initialised heads (the original never copies the head)."""
+    s_cfg, _ = vit_configs(config, has_mask_token)
+
+    def init(key):
+        kb, ks, kt = jax.random.split(key, 3)
+        backbone = ts.split(VisionTransformer(s_cfg, rngs=nnx.Rngs(kb)))[1]
+        s_head = ts.split(_head(config, s_cfg.embed_dim, nnx.Rngs(ks)))[1]
+        t_head = ts.split(_head(config, s_cfg.embed_dim, nnx.Rngs(kt)))[1]
+        return {"backbone": backbone, "head": s_head}, {"backbone": backbone, "head": t_head}
+
+    return jax.jit(init)(jax.random.PRNGKey(seed))
+
+
+def _flat(tree: dict) -> dict[str, Any]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat_like(template: dict, flat: dict[str, Any]) -> dict:
+    paths = [("/".join(str(getattr(k, "key", k)) for k in p)) for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
+    return jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(flat[p]) for p in paths])
+
+
+def initial_params(config) -> tuple[dict, dict, str]:
+    """(student, teacher, description) from `config.model.init`: "random", or weights for both backbones.
+
+    Weights go through `neco_jax.backbone_io.load_converted` (pretrained names are downloaded and cached)
+    and are placed into the recipe's architecture: parameters the recipe's model lacks (e.g. the
+    `register_tokens` of register weights in an XR recipe) are dropped, as the original's strict=False
+    load does, and named in the log; a parameter the weights lack is an error.
+    """
+    if config.model.init == "random":
+        student, teacher = random_params(config, config.seed)
+        return student, teacher, "random init (seed %d)" % config.seed
+    from neco_jax.backbone_io import load_converted
+
+    converted = load_converted(config.model.init, which="student")
+    loaded = dict(converted.params)
+    student, teacher = random_params(config, config.seed, has_mask_token="mask_token" in loaded)
+    wanted = _flat(student["backbone"])
+    missing = sorted(p for p in wanted if p not in loaded)
+    mismatched = sorted(f"{p} {loaded[p].shape} vs {wanted[p].shape}" for p in wanted
+                        if p in loaded and tuple(loaded[p].shape) != tuple(wanted[p].shape))
+    if missing or mismatched:
+        raise TrainConfigError(
+            f"{config.model.init} does not fit config.model.arch={config.model.arch!r} with "
+            f"{config.model.num_register_tokens} registers: missing {missing}, shape mismatch {mismatched}; "
+            "choose the recipe that matches these weights")
+    dropped = sorted(p for p in loaded if p not in wanted)
+    backbone = _unflat_like(student["backbone"], loaded)
+    desc = (f"{config.model.init}: {len(wanted)} of {len(loaded)} tensors loaded into both backbones"
+            + (f", dropped (not in this model): {', '.join(dropped)}" if dropped else "")
+            + "; heads random")
+    return {**student, "backbone": backbone}, {**teacher, "backbone": backbone}, desc
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _forward(backbone_def: ts.ModuleDef, head_def: ts.ModuleDef, params: dict, crops: jax.Array, *,
+             key: jax.Array | None, return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """Crops (B, C, H, W, 3) -> unit head vectors (B, C, h, w, out_dim) (+ CLS attention (B, C, heads, h*w)).
+
+    All crops of one resolution go through the backbone as one batch (image-major, so the data sharding
+    carries over without communication), as the original groups crops by resolution.
+    """
+    b, c, height, width, _ = crops.shape
+    backbone = backbone_def.merge(params["backbone"])
+    head = head_def.merge(params["head"])
+    out = backbone(crops.reshape(b * c, height, width, 3), deterministic=key is None, key=key,
+                   return_attention=return_attention)
+    p = backbone.config.patch_size
+    feats = head(out["x_norm_patchtokens"]).reshape(b, c, height // p, width // p, -1)
+    attn = out["attn_cls"].reshape(b, c, *out["attn_cls"].shape[1:]) if return_attention else None
+    return feats, attn
+
+
+def make_train_step(config, models: ts.Models, labels: Any, tx: optax.GradientTransformation, total_steps: int):
+    """The pure step `(state, batch) -> (state, metrics)`; jit it with `jit_train_step`."""
+    lcfg = config.loss
+    use_teacher = lcfg.use_teacher
+    need_attn = lcfg.loss_mask != "all"
+    rate_fn = ema.ema_rate_schedule(config.ema.momentum, config.ema.momentum_end, total_steps)
+    frozen = jax.tree.map(lambda lab: lab == optim.FROZEN, labels)
+
+    def loss_fn(student, teacher, queue, batch, key):
+        k_glob, k_loc, k_self, k_loss = jax.random.split(key, 4)
+        # Frozen params get no gradient, and XLA skips computing their weight gradients.
+        student = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, student, frozen)
+        s_glob, _ = _forward(models.student_backbone, models.head, student, batch["global_crops"], key=k_glob)
+        s_loc, _ = _forward(models.student_backbone, models.head, student, batch["local_crops"], key=k_loc)
+        if use_teacher:
+            t_glob, attn = _forward(models.teacher_backbone, models.head, teacher, batch["global_crops"], key=None,
+                                    return_attention=need_attn)
+            t_glob = jax.lax.stop_gradient(t_glob)
+        else:  # the original's no-teacher ablation: a second student pass (drop path on) is the target
+            t_glob, attn = _forward(models.student_backbone, models.head, student, batch["global_crops"],
+                                    key=k_self, return_attention=need_attn)
+        attn = None if attn is None else jax.lax.stop_gradient(attn)
+        return _neco_loss(lcfg, models.patch_size, s_glob, s_loc, t_glob, attn, batch, queue, k_loss)
+
+    def step(state: ts.TrainState, batch: dict) -> tuple[ts.TrainState, dict]:
+        key, rng = jax.random.split(state.rng)
+        (loss, (queue, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.student, state.teacher, state.queue, batch, key)
+        grad_norm = optim.trained_grad_norm(grads, labels)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.student)
+        student = optax.apply_updates(state.student, updates)
+        rate = rate_fn(state.step)
+        teacher = ema.ema_update(state.teacher, state.student, rate) if use_teacher else state.teacher
+        # A non-finite step changes nothing but the step counter and the RNG (both modes; "error" then stops).
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = ts.TrainState(
+            step=state.step + 1, student=keep(student, state.student), teacher=keep(teacher, state.teacher),
+            opt_state=keep(opt_state, state.opt_state), queue=keep(queue, state.queue), rng=rng,
+            skipped=state.skipped + (~finite).astype(jnp.int32))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "momentum": 1.0 - rate,
+                   "nonfinite_steps": new_state.skipped, **optim.hyperparams(config.optim, total_steps, state.step),
+                   **aux}
+        return new_state, metrics
+
+    return step
+
+
+def jit_train_step(step_fn, mesh) -> Any:
+    """jit over the mesh: state replicated and donated, batch sharded along "data", metrics replicated."""
+    repl = sharding.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_backbones(config, models: ts.Models, state: ts.TrainState, folder: str | os.PathLike) -> list[str]:
+    """Student and teacher as neco_jax folders (backbone + head) and as PyTorch state dicts.
+
+    The PyTorch files use the DINOv2 hub layout for patch-14 DINOv2 models and timm's for DINO models, so
+    `torch.hub.load('facebookresearch/dinov2', ...)` / `timm.create_model(...)` load them with strict=True;
+    without torch installed they are written as .safetensors.
+    """
+    from neco_jax import save_backbone
+    from neco_jax.convert import export_state_dict
+    from neco_jax.convert.torch_io import write_state_dict
+
+    try:
+        import torch  # noqa: F401
+
+        suffix = ".pth"
+    except ImportError:
+        suffix = ".safetensors"
+    layout = "timm" if config.model.arch.endswith("_dino") else "dinov2"
+    parts = {"student": (models.student_backbone, state.student)}
+    if config.loss.use_teacher:
+        parts["teacher"] = (models.teacher_backbone, state.teacher)
+    written = []
+    for name, (backbone_def, params) in parts.items():
+        params = jax.device_get(params)
+        backbone, head = backbone_def.merge(params["backbone"]), models.head.merge(params["head"])
+        written.append(str(save_backbone(backbone, os.path.join(folder, name), head=head)))
+        state_dict = export_state_dict(_flat(params["backbone"]), layout)
+        written.append(str(write_state_dict(state_dict, os.path.join(folder, f"{name}_{layout}{suffix}"))))
+    return written
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class _StopFlag:
+    """Set by SIGTERM (and SIGINT): the loop saves a checkpoint at the next step boundary and returns."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _device_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: batch[k] for k in DEVICE_KEYS}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                       devices=None, stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) training in `workdir`; returns the last logged metrics.
+
+    devices: the devices of the mesh (default all); stop_after: stop (with a checkpoint) once this many
+    steps are done, as a pre-empted job would (tests of exact resume).
+    """
+    workdir = os.fspath(workdir)
+    check_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    # ---- mesh
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.make_mesh(devices)
+    global_batch = config.optim.batch_size
+    sharding.check_batch_size(global_batch, mesh)
+    log.info("mesh: %d devices (%s), %d processes; global batch %d", mesh.devices.size,
+             mesh.devices.flat[0].platform, jax.process_count(), global_batch)
+
+    # ---- input
+    from input_pipeline import make_train_loader
+
+    loader = make_train_loader(config, batch_size=global_batch // jax.process_count(), seed=config.seed,
+                               worker_count=config.data.num_workers)
+    total_steps = config.optim.total_steps or config.optim.num_epochs * loader.steps_per_epoch
+    log.info("data: %d images, %d steps per epoch; training %d steps", loader.num_records,
+             loader.steps_per_epoch, total_steps)
+
+    # ---- restore or init
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is not None:  # resume: shapes from a random init, values from the checkpoint
+        student, teacher = random_params(config, config.seed)
+        init_desc = f"resumed from {checkpointer.directory}/{latest}"
+    else:
+        student, teacher, init_desc = initial_params(config)
+    has_mask = "mask_token" in student["backbone"]
+    models = build_models(config, has_mask_token=has_mask)
+    depth = len(student["backbone"]["blocks"])
+    labels = optim.param_labels(student, exclude_norm_bias=config.optim.exclude_norm_bias,
+                                trainable_blocks=optim.parse_trainable_blocks(config.optim.trainable_blocks, depth))
+    tx = optim.make_optimizer(config.optim, labels, total_steps)
+    from neco_jax import loss as loss_lib
+
+    queue = loss_lib.init_queue(config.loss, config.head.out_dim) if config.loss.use_queue else {}
+    if not config.loss.use_teacher:
+        teacher = {}
+    repl = sharding.replicated(mesh)
+    state = ts.create(student, teacher, tx.init(student), queue, config.seed)
+    state = jax.device_put(state, repl)
+    del student, teacher
+    if latest is not None:
+        state, data_state = checkpointer.restore(latest, ckpt_lib.abstract_like(state, repl))
+        loader.set_state(data_state)
+    log.info("init: %s", init_desc)
+    log.info("optimizer groups (tensors): %s", optim.group_counts(labels))
+    if jax.process_index() == 0:
+        mw.log_parameter_overview(jax.device_get(state.student), "student")
+
+    # ---- the jitted step
+    train_step = jit_train_step(make_train_step(config, models, labels, tx, total_steps), mesh)
+
+    # ---- loop
+    writer = mw.MetricsWriter(workdir)
+    start = int(jax.device_get(state.step))
+    end = total_steps if stop_after is None else min(total_steps, stop_after)
+    clock = mw.StepClock(total_steps, global_batch, start)
+    stop = _StopFlag()
+    stop.install()
+    pending, window, last = None, [], {}
+    skipped_images = 0
+
+    def settle(p) -> None:
+        """Fetch a finished step's metrics: the non-finite check, and the log line when due."""
+        nonlocal last
+        step_no, metrics, skipped = p
+        metrics = jax.device_get(metrics)
+        if not metrics["finite"]:
+            if config.optim.on_nonfinite == "error":
+                raise NonFiniteError(
+                    f"step {step_no}: the loss ({metrics['loss']}) or the gradient norm ({metrics['grad_norm']}) "
+                    f"is not finite; the update was not applied and the last good checkpoint in "
+                    f"{checkpointer.directory} is kept. Lower the learning rate, enable optim.grad_clip_norm, "
+                    "or set optim.on_nonfinite=skip")
+            log.warning("step %d: non-finite loss/gradients, update skipped (%d so far)", step_no,
+                        metrics["nonfinite_steps"])
+        window.append(float(metrics["loss"]))
+        if step_no % config.log_every_steps == 0 or step_no == end:
+            timing = clock.report(step_no)
+            row = {**{k: v for k, v in metrics.items() if k != "finite"}, "loss": float(np.mean(window)),
+                   "loss_last": float(metrics["loss"]), "skipped_images": skipped, **timing}
+            writer.write(step_no, row)
+            log.info(mw.progress_line(step_no, total_steps, row))
+            last = row
+            window.clear()
+
+    try:
+        for step_no in range(start + 1, end + 1):
+            batch = next(loader)
+            data_state = loader.get_state()
+            skipped_images += int(batch["skipped"].sum())
+            clock.data_ready()
+            state, metrics = train_step(state, sharding.global_batch(_device_part(batch), mesh))
+            if pending is not None:
+                settle(pending)
+            pending = (step_no, metrics, skipped_images)
+            due = step_no % config.checkpoint_every_steps == 0 or step_no == end or stop.signum is not None
+            if due:  # settle first: never checkpoint a step whose loss was not checked
+                settle(pending)
+                pending = None
+                checkpointer.save(step_no, state, data_state, force=True)
+            clock.step_done()
+            if stop.signum is not None:
+                log.warning("signal %d: checkpoint of step %d saved, stopping", stop.signum, step_no)
+                break
+        if pending is not None:
+            settle(pending)
+    finally:
+        stop.restore()
+        checkpointer.close()
+        writer.close()
+
+    done = int(jax.device_get(state.step))
+    if done >= total_steps and config.export_at_end:
+        files = export_backbones(config, models, state, os.path.join(workdir, "export"))
+        log.info("exported: %s", ", ".join(files))
+    return {**last, "step": done, "total_steps": total_steps, "state": state}

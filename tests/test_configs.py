@@ -1,0 +1,133 @@
+"""Recipe configs: the original's values (neco_method.md section 4), ablation presets, and config errors."""
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import base
+from neco_jax import train
+
+RECIPES = ["dinov2_s14", "dinov2r_s14", "dinov2r_xr_s14", "dinov2_b14", "dinov2r_b14", "dinov2r_xr_b14",
+           "dino_s16", "timet_s16", "leopart_s16", "demo"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(name, arg=None):
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def test_shared_values_are_the_originals():
+    c = _cfg("dinov2_s14")
+    assert c.seed == 400
+    assert (c.model.arch, c.model.init, c.model.num_register_tokens, c.model.drop_path_rate) == (
+        "vit_small_patch14_dinov2", "dinov2_vits14", 0, 0.1)
+    assert (c.head.hidden_dim, c.head.out_dim, c.head.num_layers) == (2048, 256, 3)
+    assert tuple(c.data.size_crops) == (518, 98) and tuple(c.data.nmb_samples) == (2, 4)
+    assert tuple(c.data.min_scale_crops) == (0.25, 0.05) and tuple(c.data.max_scale_crops) == (1.0, 0.25)
+    assert c.data.min_intersection_crops == 0.01 and c.data.dataset_name == "coco"
+    o = c.optim
+    assert (o.batch_size, o.num_epochs, o.lr_backbone, o.lr_heads, o.final_lr) == (64, 25, 1e-5, 1e-4, 0.0)
+    assert (o.weight_decay, o.weight_decay_end, o.exclude_norm_bias) == (0.04, 0.5, True)
+    assert (c.ema.momentum, c.ema.momentum_end) == (0.9995, 1.0)
+    l = c.loss  # noqa: E741
+    assert (l.student_steepness, l.teacher_steepness, l.sort_net, l.distribution, l.sim_dist) == (
+        100.0, 100.0, "bitonic", "cauchy", "cosine")
+    assert (l.roi_align_kernel_size, l.queue_length, l.use_queue, l.use_teacher, l.loss_mask) == (
+        7, 8192, True, True, "all")
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("dinov2r_s14", dict(init="dinov2_vits14_reg", regs=4, bs=64, lr=1e-5, arch="vit_small_patch14_dinov2")),
+    ("dinov2r_xr_s14", dict(init="dinov2_vits14_reg", regs=0, bs=64, lr=1e-5, arch="vit_small_patch14_dinov2")),
+    ("dinov2_b14", dict(init="dinov2_vitb14", regs=0, bs=16, lr=5e-6, arch="vit_base_patch14_dinov2")),
+    ("dinov2r_b14", dict(init="dinov2_vitb14_reg", regs=4, bs=16, lr=1e-6, arch="vit_base_patch14_dinov2")),
+    ("dinov2r_xr_b14", dict(init="dinov2_vitb14_reg", regs=0, bs=16, lr=1e-6, arch="vit_base_patch14_dinov2")),
+])
+def test_dinov2_recipes(name, expect):
+    c = _cfg(name)
+    assert (c.model.init, c.model.num_register_tokens, c.optim.batch_size, c.optim.lr_backbone, c.model.arch) == (
+        expect["init"], expect["regs"], expect["bs"], expect["lr"], expect["arch"])
+    assert c.loss.use_queue and tuple(c.data.size_crops) == (518, 98) and c.optim.num_epochs == 25
+
+
+@pytest.mark.parametrize("name,init", [("dino_s16", "dino_vits16"), ("timet_s16", ""), ("leopart_s16", "")])
+def test_dino_recipes(name, init):
+    c = _cfg(name)
+    assert c.model.arch == "vit_small_patch16_dino" and c.model.init == init
+    assert tuple(c.data.size_crops) == (224, 98) and c.optim.batch_size == 45 and c.optim.num_epochs == 50
+    assert not c.loss.use_queue and c.optim.lr_backbone == 1e-5
+
+
+def test_user_checkpoint_recipes_need_an_init():
+    with pytest.raises(train.TrainConfigError, match="--config.model.init="):
+        train.check_config(_cfg("timet_s16"))
+
+
+@pytest.mark.parametrize("arg,fields", [
+    ("steepness_10_1000", {"loss.student_steepness": 10.0, "loss.teacher_steepness": 1000.0,
+                           "loss.sort_net": "bitonic"}),
+    ("odd_even", {"loss.sort_net": "odd_even"}),
+    ("fg", {"loss.loss_mask": "fg", "data.dataset_name": "voc", "loss.sort_net": "odd_even"}),
+    ("bg", {"loss.loss_mask": "bg", "data.dataset_name": "voc"}),
+    ("no_teacher", {"loss.use_teacher": False, "data.dataset_name": "voc"}),
+    ("in100", {"data.dataset_name": "imagenet100k"}),
+])
+def test_ablation_presets(arg, fields):
+    c = _cfg("dinov2r_xr_s14", arg)
+    # the original's ablation setup: 224 px, batch 55, 50 epochs, lr 1e-6, no queue, registers dropped
+    assert tuple(c.data.size_crops) == (224, 98) and c.optim.batch_size == 55 and c.optim.num_epochs == 50
+    assert c.optim.lr_backbone == 1e-6 and not c.loss.use_queue and c.model.num_register_tokens == 0
+    for dotted, value in fields.items():
+        section, key = dotted.split(".")
+        assert c[section][key] == value, dotted
+    train.check_config(c)
+
+
+def test_unknown_ablation_is_named():
+    with pytest.raises(ValueError, match="unknown config argument 'odd-even'"):
+        _cfg("dinov2_s14", "odd-even")
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_passes_the_checks(name):
+    c = _cfg(name)
+    if not c.model.init:
+        c.model.init = "/path/given/by/the/user.pth"
+    train.check_config(c)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("optim.on_nonfinite", "ignore", "on_nonfinite"),
+    ("loss.sort_net", "bubble", "sort_net"),
+    ("optim.batch_size", 0, "batch_size"),
+    ("optim.lr_heads", -1.0, "lr_heads"),
+    ("ema.momentum", 1.5, "momentum"),
+    ("loss.crops_for_assign", (0,), "crops_for_assign"),
+])
+def test_bad_values_are_named(field, value, match):
+    c = _cfg("demo")
+    base.set_fields(c, {field: value})
+    with pytest.raises(train.TrainConfigError, match=match):
+        train.check_config(c)
+
+
+def test_set_fields_rejects_unknown_names():
+    with pytest.raises(KeyError, match="optim.batchsize"):
+        base.set_fields(_cfg("demo"), {"optim.batchsize": 3})
+
+
+def test_cli_rejects_unknown_field_by_name(tmp_path):
+    proc = subprocess.run([sys.executable, "main.py", "--config=configs/demo.py", f"--workdir={tmp_path}",
+                           "--config.optim.batchsize=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "batchsize" in proc.stderr
+
+
+def test_cli_user_error_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "main.py", "--config=configs/timet_s16.py", f"--workdir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: config.model.init is empty")
+    assert "Traceback" not in proc.stderr
