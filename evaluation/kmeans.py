@@ -96,12 +96,17 @@ def _split_empty(centroids: jax.Array, counts: jax.Array) -> jax.Array:
     return jax.lax.cond(jnp.any(counts == 0), split_all, lambda c: c, centroids)
 
 
-@functools.partial(jax.jit, static_argnames=("iters",))
-def _lloyd(xs, ws, centroids, iters: int):
+def _unit_rows(c: jax.Array) -> jax.Array:
+    return c / jnp.maximum(jnp.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+@functools.partial(jax.jit, static_argnames=("iters", "spherical"))
+def _lloyd(xs, ws, centroids, iters: int, spherical: bool = False):
     def step(_, centroids):
         sums, counts, _ = _assign_stats(xs, ws, centroids)
         new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centroids)
-        return _split_empty(new, counts)
+        new = _split_empty(new, counts)
+        return _unit_rows(new) if spherical else new  # faiss post_process_centroids
 
     centroids = jax.lax.fori_loop(0, iters, step, centroids)
     return centroids, _assign_stats(xs, ws, centroids)[2]
@@ -168,8 +173,14 @@ def kmeans(
     init: str = "random",
     max_points_per_centroid: int = 256,
     chunk: int = 65536,
+    spherical: bool = False,
 ) -> KMeansResult:
-    """k-means of (N, D) points; the best of `restarts` runs by training objective."""
+    """k-means of (N, D) points; the best of `restarts` runs by training objective.
+
+    `spherical` (faiss `spherical=True`) renormalises the centroids to unit length after the init and after every
+    update. With unit centroids the nearest centroid by L2 is the one of largest inner product, so assignments,
+    and the restart chosen by the L2 objective, are those of faiss's inner-product index.
+    """
     x = jnp.asarray(x, jnp.float32)
     n = x.shape[0]
     if k > n:
@@ -183,7 +194,9 @@ def kmeans(
     best = None
     for r in range(restarts):
         c0 = _init_centroids(jax.random.fold_in(key, r), train, k, init)
-        cents, obj = _lloyd(xs, ws, c0, iters)
+        if spherical:
+            c0 = _unit_rows(c0)
+        cents, obj = _lloyd(xs, ws, c0, iters, spherical)
         obj = float(obj)
         if best is None or obj < best[1]:
             best = (cents, obj)
