@@ -238,9 +238,17 @@ def test_cli_converts_training_checkpoint_and_exports(lightning_ckpt, tmp_path, 
         fresh.load_state_dict({k: torch.from_numpy(v) for k, v in loaded.items()}, strict=True)
         for key, value in vits["teacher"].state_dict().items():
             assert torch.equal(fresh.state_dict()[key], value), key
+    # timm has no place for DINOv2's mask_token: it is left out, said so, and timm loads the rest strictly.
+    assert cli.main(["to-torch", str(tmp_path / "jax/teacher"), "--out", str(tmp_path / "timm.pth"),
+                     "--layout", "timm"]) == 0
+    assert "left out, no place in the timm layout: mask_token" in capsys.readouterr().out
+    timm_model = _timm("vit_small_patch14_dinov2", depth=1, img_size=IMG)
+    timm_model.load_state_dict({k: torch.from_numpy(v) for k, v in torch_io.read_state_dict(
+        tmp_path / "timm.pth").items()}, strict=True)
+    x = _image((IMG, IMG))
+    assert relative_error(_torch_tokens(timm_model, x)[1], _torch_tokens(vits["teacher"], x)[1]) <= TOL
     # A folder of two ViTs: pick one.
     model = neco_jax.load_backbone(tmp_path / "jax", which="teacher")
-    x = _image((IMG, IMG))
     assert relative_error(_jax_tokens(model, x)[0], _torch_tokens(vits["teacher"], x)[0]) <= TOL
 
 
@@ -265,6 +273,14 @@ def test_safetensors_source_and_save_load_folder(tmp_path):
     x = _image((IMG, IMG))
     np.testing.assert_array_equal(_jax_tokens(again, x)[1], _jax_tokens(model, x)[1])
     assert relative_error(_jax_tokens(again, x)[1], _torch_tokens(reference, x)[1]) <= TOL
+
+
+def test_bfloat16_file_reads_exactly_as_float32(tmp_path):
+    state = {k: v.to(torch.bfloat16) for k, v in _dinov2(0, depth=1).state_dict().items()}
+    torch.save(state, tmp_path / "half.pth")
+    _, params = backbone_to_jax(torch_io.read_state_dict(tmp_path / "half.pth"))
+    assert params["cls_token"].dtype == np.float32
+    np.testing.assert_array_equal(params["cls_token"], state["cls_token"].float().numpy())
 
 
 # --- bad inputs: one clear error each ---------------------------------------------------------------------
