@@ -1,0 +1,161 @@
+"""Input-pipeline throughput: images/s and crops/s per worker count, for the 224/98 and 518/98 recipes, on the
+bundled photos and on larger synthetic JPEGs, plus a single-core stage profile used to extrapolate to big hosts.
+
+    python bench/input_pipeline.py            # full (several minutes on 2 cores)
+    python bench/input_pipeline.py --small    # CI smoke run
+Writes bench/results/input_pipeline[_small].json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from input_pipeline.decode import decode_rgb  # noqa: E402
+from input_pipeline.loader import make_train_loader  # noqa: E402
+from input_pipeline.sample_data import sample_source  # noqa: E402
+from input_pipeline.sources import folder_source  # noqa: E402
+from input_pipeline.views import (  # noqa: E402
+    ViewConfig,
+    color_augment,
+    crop_pair_boxes,
+    normalize,
+    resized_crop,
+    sample_crop_boxes,
+)
+
+RECIPES = {"224/98": (224, 98), "518/98": (518, 98)}
+
+
+def synthetic_jpegs(folder: str, n: int, width: int, height: int) -> str:
+    """Smooth random-colour photos-like JPEGs (quality 90), so decode cost resembles real photos."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        low = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((width, height), Image.BICUBIC)
+        noise = rng.normal(0, 8, (height, width, 3))
+        arr = np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(os.path.join(folder, f"synth_{i:04d}.jpg"), quality=90)
+    return folder
+
+
+STAGES = ("read", "decode", "geometry", "resize", "colour", "normalize")
+
+
+def stage_profile(source, cfg: ViewConfig, reps: int) -> dict:
+    """Single-thread CPU seconds per image for each stage: the per-core cost, robust to a busy machine
+    (wall-clock on a shared host overstates it; the wall total is kept for comparison)."""
+    totals = dict.fromkeys(STAGES, 0.0)
+    rng = np.random.default_rng(0)
+    count = 0
+    wall = time.perf_counter()
+    for _ in range(reps):
+        for i in range(len(source)):
+            marks = [time.process_time()]
+            data = source[i]
+            marks.append(time.process_time())
+            img = decode_rgb(data)
+            marks.append(time.process_time())
+            boxes = sample_crop_boxes(rng, img.width, img.height, cfg)
+            crop_pair_boxes(boxes, cfg)
+            marks.append(time.process_time())
+            crops = [resized_crop(img, b, cfg.size_crops[cfg.crop_group(k)]) for k, b in enumerate(boxes)]
+            marks.append(time.process_time())
+            crops = [color_augment(c, rng, cfg) for c in crops]
+            marks.append(time.process_time())
+            [normalize(c) for c in crops]
+            marks.append(time.process_time())
+            for k, a, b in zip(STAGES, marks, marks[1:]):
+                totals[k] += b - a
+            count += 1
+    per_image = {k: v / count for k, v in totals.items()}
+    per_image["total"] = sum(per_image.values())
+    per_image["host_only_total"] = per_image["total"] - per_image["colour"] - per_image["normalize"]
+    per_image["wall_total"] = (time.perf_counter() - wall) / count
+    return per_image
+
+
+def loader_rate(source, recipe, workers: int, threads: int, batch_size: int, batches: int) -> dict:
+    data = {"size_crops": list(recipe), "nmb_samples": [2, 4], "max_bad_fraction": 1.0}
+    loader = make_train_loader(data, batch_size=batch_size, seed=0, worker_count=workers,
+                               threads_per_worker=threads, process_index=0, process_count=1, source=source)
+    t0 = time.perf_counter()
+    next(loader)  # start-up (worker spawn, first batch) is reported apart from the steady rate
+    t1 = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    t2 = time.perf_counter()
+    images = batches * batch_size
+    return {"startup_s": t1 - t0, "images_per_s": images / (t2 - t1), "crops_per_s": 6 * images / (t2 - t1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="quick CI run: few images and batches")
+    parser.add_argument("--workers", default=None, help="comma-separated worker counts (default 0,1,2 / 0)")
+    parser.add_argument("--threads", type=int, default=1, help="reader threads per worker")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batches", type=int, default=None, help="timed batches per configuration")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    small = args.small
+    workers = [int(w) for w in (args.workers or ("0" if small else "0,1,2")).split(",")]
+    batch_size = args.batch_size or (4 if small else 8)
+    batches = args.batches or (2 if small else 6)
+    synth_size = (640, 480) if small else (1600, 1200)
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = args.out or os.path.join(here, "results", "input_pipeline_small.json" if small else "input_pipeline.json")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = {
+            "sample photos": sample_source(notice=False),
+            f"synthetic JPEG {synth_size[0]}x{synth_size[1]}": folder_source(
+                synthetic_jpegs(tmp, 8 if small else 16, *synth_size)
+            ),
+        }
+        results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                               "python": platform.python_version()},
+                   "settings": {"batch_size": batch_size, "batches": batches, "threads_per_worker": args.threads,
+                                "small": small},
+                   "stages": {}, "loader": []}
+        for sname, source in sources.items():  # profile first: no loader threads running yet
+            for rname, recipe in RECIPES.items():
+                results["stages"][f"{sname} | {rname}"] = stage_profile(source, ViewConfig(size_crops=recipe), 1)
+        for sname, source in sources.items():
+            for rname, recipe in RECIPES.items():
+                for w in workers:
+                    rate = loader_rate(source, recipe, w, args.threads, batch_size, batches)
+                    results["loader"].append({"source": sname, "recipe": rname, "workers": w, **rate})
+                    print(f"  {sname:28s} {rname:7s} workers={w}: {rate['images_per_s']:7.1f} img/s", flush=True)
+
+    print("\nSingle-core CPU ms per image: " + ", ".join(STAGES) + " | total -> img/s/core, x16 cores; "
+          "without colour+normalize (moved on device) -> x16 cores")
+    for key, p in results["stages"].items():
+        parts = " ".join(f"{1e3 * p[k]:6.1f}" for k in STAGES)
+        print(f"  {key:44s} {parts} | {1e3 * p['total']:6.1f} -> {1 / p['total']:5.1f}, {16 / p['total']:6.0f}"
+              f" | {1e3 * p['host_only_total']:6.1f} -> {16 / p['host_only_total']:6.0f}")
+    print(f"\nLoader throughput ({os.cpu_count()} CPUs here, batch {batch_size}, {args.threads} thread(s)/worker):")
+    print(f"  {'source':28s} {'recipe':7s} {'workers':>7s} {'img/s':>8s} {'crops/s':>8s} {'startup s':>9s}")
+    for r in results["loader"]:
+        print(f"  {r['source']:28s} {r['recipe']:7s} {r['workers']:7d} {r['images_per_s']:8.1f} "
+              f"{r['crops_per_s']:8.1f} {r['startup_s']:9.1f}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
