@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from input_pipeline.errors import UndecodableImageError
 
@@ -65,5 +65,7 @@ def decode_rgb(data: bytes | np.ndarray | Image.Image, *, exif_transpose: bool =
         return img
     except UndecodableImageError:
         raise
+    except UnidentifiedImageError as exc:
+        raise UndecodableImageError("not a recognised image format (corrupt or not an image)") from exc
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
         raise UndecodableImageError(f"{type(exc).__name__}: {exc}") from exc

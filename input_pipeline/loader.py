@@ -173,6 +173,11 @@ class TrainLoader:
                 )
         return batch
 
+    def close(self) -> None:
+        """Stop worker processes and prefetch threads now (otherwise they stop when the loader is collected)."""
+        if self._iterator is not None:
+            self._iterator.close()
+
     def get_state(self) -> dict:
         """Where the next batch comes from, plus the running counts; JSON-serialisable."""
         return {"grain": self._it().get_state(), "bad_files": self.bad_files, "files_read": self.files_read}
@@ -225,9 +230,9 @@ def make_train_loader(
     if worker_count is None:
         worker_count = int(_get(data_cfg, "num_workers", 0))
     max_bad_fraction = float(_get(data_cfg, "max_bad_fraction", 0.01))
-    if batch_size < 1 or worker_count < 0 or not 0 <= max_bad_fraction <= 1:
+    if batch_size < 1 or worker_count < 0 or seed < 0 or not 0 <= max_bad_fraction <= 1:
         raise DataConfigError(
-            f"batch_size={batch_size} must be >= 1, num_workers={worker_count} >= 0 and "
+            f"batch_size={batch_size} must be >= 1, num_workers={worker_count} >= 0, seed={seed} >= 0 and "
             f"max_bad_fraction={max_bad_fraction} in [0, 1]"
         )
     view_cfg = view_config_from(data_cfg)

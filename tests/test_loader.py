@@ -119,6 +119,10 @@ def test_worker_count_does_not_change_the_data(folder):
     resumed = _loader(folder, worker_count=2)
     resumed.set_state(json.loads(json.dumps(state)))
     _assert_same(_take(resumed, 2), serial[2:])
+    for ld in (loader, resumed):
+        ld.close()
+    with pytest.raises(ValueError):
+        next(loader)
 
 
 def test_corrupt_file_is_skipped_and_counted(tmp_path):
