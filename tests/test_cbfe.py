@@ -1,0 +1,178 @@
+"""CBFE + CD pieces against restatements of Leopart's code (torch / loops), and a tiny end-to-end run."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from skimage.measure import label as sk_label
+from torchvision.transforms import GaussianBlur
+
+from eval_fixtures import NUM_CLASSES, make_voc_dataset, oracle_features, pixel_classes
+from evaluation import cbfe, community, datasets
+from evaluation.kmeans import kmeans
+
+
+def reference_process_attentions(attn, keep=0.65, sigma=0.6):
+    """Leopart's process_attentions on head-averaged maps (N, S, S), in torch."""
+    n, s, _ = attn.shape
+    a = GaussianBlur(7, sigma=sigma)(torch.from_numpy(attn)[:, None]).reshape(n, 1, s * s)
+    val, idx = torch.sort(a)
+    val /= torch.sum(val, dim=-1, keepdim=True)
+    th = torch.cumsum(val, dim=-1) > (1 - keep)
+    th[:, 0] = torch.gather(th[:, 0], dim=1, index=torch.argsort(idx)[:, 0])
+    th = th.reshape(n, 1, s, s).float()
+    for j in range(n):
+        labelled = sk_label(th[j].numpy())
+        for k in range(1, labelled.max() + 1):
+            if (labelled == k).sum() <= 2:
+                th[j, 0][torch.from_numpy(labelled[0] == k)] = 0
+    return th[:, 0].numpy().astype(bool)
+
+
+def test_gaussian_blur_matches_torchvision():
+    maps = np.random.default_rng(0).random((3, 9, 9)).astype(np.float32)
+    ref = GaussianBlur(7, sigma=0.6)(torch.from_numpy(maps)[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(cbfe.gaussian_blur(maps, 7, 0.6), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_noisy_foreground_matches_the_reference():
+    rng = np.random.default_rng(1)
+    attn = rng.random((4, 3, 10, 10)).astype(np.float32) ** 4  # peaky maps: several small components
+    ours = cbfe.noisy_foreground(attn)
+    ref = reference_process_attentions(attn.mean(axis=1))
+    np.testing.assert_array_equal(ours, ref)
+    assert ours.any() and not ours.all()
+
+
+def reference_precisions(clusters, mask, k):
+    counts, sums = np.zeros(k), np.zeros(k)
+    for c_img, m_img in zip(clusters, mask):
+        for cid in np.unique(c_img):
+            sel = c_img == cid
+            counts[cid] += 1
+            sums[cid] += (sel & m_img).sum() / max(sel.sum(), 1e-8)
+    return sums / counts
+
+
+def test_cluster_precisions_match_the_reference_loop():
+    rng = np.random.default_rng(2)
+    clusters = rng.integers(0, 7, size=(5, 6, 6))
+    mask = rng.random((5, 6, 6)) < 0.4
+    np.testing.assert_allclose(cbfe.cluster_precisions(clusters, mask, 7), reference_precisions(clusters, mask, 7))
+
+
+def test_threshold_search_matches_the_reference_loop():
+    rng = np.random.default_rng(3)
+    k = 20
+    clusters = rng.integers(0, k, size=(6, 10, 10))
+    gt = np.where(rng.random((6, 10, 10)) < 0.5, 0, rng.integers(1, 21, size=(6, 10, 10)))
+    gt[0, :2] = 255  # void counts as foreground
+    precisions = rng.random(k)
+    threshold, cuts = cbfe.choose_threshold(clusters, gt, precisions)
+    # find_good_threshold + the rounding of cluster_based_fg_extraction, restated.
+    jacs = []
+    sorted_args, sorted_precs = np.argsort(precisions), np.sort(precisions)
+    for start in range(int(0.55 * k), int(0.75 * k)):
+        fg = np.isin(clusters, sorted_args[start:])
+        ious = [((g != 0) & f).sum() / ((g != 0) | f).sum() for g, f in zip(gt, fg)]
+        jacs.append((sorted_precs[start], start, float(np.mean(ious))))
+    best = sorted(jacs, key=lambda x: x[2])[-1]
+    assert threshold == min(np.arange(0, 1, 0.05), key=lambda x: abs(x - best[0]))
+    assert [c[0] for c in cuts] == [j[1] for j in jacs]
+    np.testing.assert_allclose([c[2] for c in cuts], [j[2] for j in jacs])
+    fg = cbfe.foreground_from_threshold(clusters, precisions, threshold)
+    start_idx = np.where(np.sort(precisions) >= threshold)[0][0]
+    np.testing.assert_array_equal(fg, np.isin(clusters, np.argsort(precisions)[start_idx:]))
+
+
+def _skimage_offset(angle, distance):
+    # skimage's graycomatrix rounds half away from zero: (row, col) offset of the pair's second pixel.
+    def r(v):
+        return int(math.copysign(math.floor(abs(v) + 0.5), v))
+
+    return r(math.sin(angle) * distance), r(math.cos(angle) * distance)
+
+
+def test_cooccurrence_matches_brute_force_pixel_pairs():
+    rng = np.random.default_rng(4)
+    maps = rng.integers(0, 5, size=(3, 7, 6))
+    maps[2] = 4  # a single-cluster image: no co-occurrence, does not count as an appearance
+    total, appearances = np.zeros((5, 5)), np.zeros(5)
+    for m in maps:
+        counts = np.zeros((5, 5))
+        for angle in community.ANGLES:
+            for d in (1, 2):
+                dr, dc = _skimage_offset(angle, d)
+                for r in range(m.shape[0]):
+                    for c in range(m.shape[1]):
+                        if 0 <= r + dr < m.shape[0] and 0 <= c + dc < m.shape[1]:
+                            counts[m[r, c], m[r + dr, c + dc]] += 1
+        np.fill_diagonal(counts, 0)
+        rows = counts.sum(1, keepdims=True)
+        total += np.divide(counts, rows, out=np.zeros_like(counts), where=rows != 0)
+        appearances += rows[:, 0] > 0
+    np.testing.assert_allclose(community.cooccurrence_matrix(maps, 5), total / appearances[:, None], rtol=1e-12)
+
+
+def test_edges_communities_and_merging():
+    adjacency = np.array(
+        [[0, 0.5, 0.4, 0.01], [0.3, 0, 0.6, 0.0], [0.5, 0.5, 0, 0.2], [0.02, 0.0, 0.3, 0]], dtype=np.float64
+    )
+    edges = community.graph_edges(adjacency, 0.05)
+    assert edges == [(0, 1, 0.3), (0, 2, 0.4), (1, 2, 0.5), (2, 3, 0.2)]
+    # Two 4-cliques joined by one weak edge: Infomap finds the two groups.
+    strong = [(a, b, 1.0) for group in ((0, 1, 2, 3), (4, 5, 6, 7)) for a in group for b in group if a < b]
+    modules = community.detect_communities(strong + [(3, 4, 0.05)], markov_time=1.0, seed=1, preferred_modules=2)
+    assert len({modules[i] for i in range(4)}) == 1 and len({modules[i] for i in range(4, 8)}) == 1
+    assert modules[0] != modules[4]
+    merged = community.merge_clusters(np.array([[0, 4, 8]]), modules)
+    np.testing.assert_array_equal(merged, [[modules[0], modules[4], 0]])  # node 8 is not in the graph
+
+
+def test_spherical_kmeans_reaches_a_spherical_lloyd_fixed_point():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(c, 0.3, size=(60, 5)) for c in rng.normal(size=(4, 5)) * 3]).astype(np.float32)
+    res = kmeans(x, 4, iters=50, restarts=2, seed=0, max_points_per_centroid=0, spherical=True)
+    np.testing.assert_allclose(np.linalg.norm(res.centroids, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(res.labels, np.argmax(x @ res.centroids.T, axis=1))
+    for j in range(4):
+        mean = x[res.labels == j].mean(0)
+        np.testing.assert_allclose(res.centroids[j], mean / np.linalg.norm(mean), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def oracle_with_attention(images, *, patch_size=14):
+    """Oracle features and a CLS attention that looks at the objects (their pixel share per patch)."""
+    feats = oracle_features(images, patch_size=patch_size)
+    b, hh, ww, _ = images.shape
+    h, w = hh // patch_size, ww // patch_size
+    fg = (pixel_classes(images) != 0).astype(np.float32)[:, : h * patch_size, : w * patch_size]
+    share = fg.reshape(b, h, patch_size, w, patch_size).mean(axis=(2, 4))
+    attn = np.stack([share + 0.01, 0.5 * share + 0.01], axis=1)
+    return feats, attn / attn.sum(axis=(2, 3), keepdims=True)
+
+
+@pytest.mark.slow
+def test_cbfe_and_community_detection_end_to_end(tmp_path):
+    root = make_voc_dataset(tmp_path / "voc", num_train=8, num_val=6)
+    train = datasets.open_dataset("voc", root, "train")
+    val = datasets.open_dataset("voc", root, "val")
+    settings = cbfe.CbfeSettings(
+        image_size=112, eval_size=28, batch_size=4, num_threads=2, pca_dim=8, k_fg=24, kmeans_iters=20,
+        kmeans_restarts=2, k_community=12, markov_time=1.0, weight_threshold=0.02, num_runs=2, cbfe_seeds=2,
+        num_visualize=2,
+    )  # fmt: skip
+    out = cbfe.evaluate_unsupervised(train, val, oracle_with_attention, settings=settings)
+    assert 0.0 <= out["miou"] <= 1.0 and 0.0 <= out["miou_cbfe"] <= 1.0
+    assert len(out["runs"]) == 2 and len(out["per_class_iou"]) == NUM_CLASSES
+    assert out["fg_iou_val"] > 0.5  # the attention points at the objects, so CBFE finds them
+    assert out["threshold"] in np.arange(0, 1, 0.05)
+    from evaluation.visualize import save_segmentation_panels
+
+    paths = save_segmentation_panels(out["examples"], tmp_path / "cbfe", num_classes=21)
+    assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths)
+    assert dataclasses.asdict(settings)["k_community"] == 12
