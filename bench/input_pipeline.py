@@ -9,7 +9,6 @@ Writes bench/results/input_pipeline[_small].json and prints a table.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

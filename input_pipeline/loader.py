@@ -211,7 +211,7 @@ def make_train_loader(
         dataset_name ("coco"; see input_pipeline.sources), tfds_split, tfds_image_key, size_crops,
         nmb_samples, min_scale_crops, max_scale_crops, min_intersection_crops, jitter_strength,
         blur_strength, jitter_prob, grayscale_prob, blur_prob, max_resample_tries, num_workers (0),
-        max_bad_fraction (0.01), exif_transpose (True).
+        max_bad_fraction (0.01), exif_transpose (True); num_workers may also sit at the top level.
       batch_size: examples per batch on THIS process (global batch / process_count).
       seed: drives the per-epoch shuffle and every example's crops and colours.
       num_epochs: stop after this many epochs; None = repeat forever.
@@ -227,8 +227,8 @@ def make_train_loader(
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    if worker_count is None:
-        worker_count = int(_get(data_cfg, "num_workers", 0))
+    if worker_count is None:  # the original keeps num_workers at the top level of its config
+        worker_count = int(_get(data_cfg, "num_workers", _get(config, "num_workers", 0)))
     max_bad_fraction = float(_get(data_cfg, "max_bad_fraction", 0.01))
     if batch_size < 1 or worker_count < 0 or seed < 0 or not 0 <= max_bad_fraction <= 1:
         raise DataConfigError(

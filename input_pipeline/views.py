@@ -222,8 +222,11 @@ def color_augment(img: Image.Image, rng, cfg: ViewConfig) -> Image.Image:
 
 def normalize(img: Image.Image) -> np.ndarray:
     """ToTensor + Normalize(ImageNet) in float32 with torchvision's operation order, as HWC."""
-    x = np.asarray(img, dtype=np.float32) / np.float32(255)
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+    x = np.array(img, dtype=np.float32)  # in-place from here: same float32 ops, fewer temporaries
+    x /= np.float32(255)
+    x -= IMAGENET_MEAN
+    x /= IMAGENET_STD
+    return x
 
 
 def make_views(img: Image.Image, rng, cfg: ViewConfig) -> dict[str, np.ndarray]:

@@ -1,7 +1,6 @@
 """The grain training loader: batch contract, per-epoch shuffle, sharding, determinism across runs and worker
 counts, exact resume from a saved iterator state, and bad-file handling."""
 
-import io
 import json
 import os
 
