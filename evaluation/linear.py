@@ -1,0 +1,330 @@
+"""Linear segmentation (NeCo `linear_finetune.py` + `eval_linear.py`, Leopart protocol).
+
+A 1x1 convolution (a (D, C) matrix and a bias) on frozen patch features that are bilinearly upsampled to
+100x100, trained with cross-entropy (ignore index) against masks nearest-downsampled to 100x100:
+SGD lr 0.01, momentum 0.9, weight decay 1e-4 (torch semantics: decay added to the gradient, bias included),
+25 epochs with lr x0.1 every 20, batch 128, paired RandomResizedCrop(448, scale (0.8, 1)) and horizontal flips.
+Final evaluation on the whole val split at 448x448, argmax, mIoU over all classes without matching.
+
+Upsampling then projecting equals projecting then upsampling (bilinear weights sum to one), so the head runs
+on the patch grid and the C-channel logits are upsampled: same numbers, D/C times less work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from PIL import Image
+from tqdm import tqdm
+
+from evaluation import metrics
+from evaluation.datasets import SegmentationDataset
+from evaluation.features import (
+    FeaturesFn,
+    extract_features,
+    iterate_batches,
+    nearest_resize,
+    resize_image,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSettings:
+    """The protocol's knobs; defaults are the reference's (configs/eval/base.py documents each)."""
+
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 25
+    lr_step_epochs: int = 20
+    lr_gamma: float = 0.1
+    batch_size: int = 128
+    drop_last: bool = True
+    shuffle: bool = False
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    hflip: float = 0.5
+    train_mask_size: int = 100
+    eval_mask_size: int = 448
+    cache_features: bool = False
+    seed: int = 400
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paired augmentation (torchvision RandomResizedCrop.get_params + PIL resizes, horizontal flip).
+
+
+def random_resized_crop_params(
+    rng: np.random.Generator, height: int, width: int, scale: Sequence[float], ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) as torchvision's `RandomResizedCrop.get_params`: 10 tries, then a centre crop."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augmented_example(dataset, i, *, crop, flip: bool, size: int, mask_size: int):
+    """Image and mask cropped to `crop` (top, left, h, w), resized to `size` (bilinear / nearest), optionally
+    mirrored; the mask then goes to `mask_size` with torch-style nearest."""
+    image, mask = dataset[i]
+    top, left, h, w = crop
+    box = (left, top, left + w, top + h)
+    image = np.asarray(Image.fromarray(image).crop(box).resize((size, size), Image.BILINEAR))
+    mask = np.asarray(Image.fromarray(mask).crop(box).resize((size, size), Image.NEAREST))
+    if flip:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    return np.ascontiguousarray(image), np.ascontiguousarray(nearest_resize(mask, mask_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The head and its training step.
+
+
+def init_head(key: jax.Array, dim: int, num_classes: int) -> dict:
+    """torch `Conv2d(dim, C, 1)` default init: weight and bias ~ U(-1/sqrt(dim), 1/sqrt(dim))."""
+    bound = 1.0 / math.sqrt(dim)
+    kw, kb = jax.random.split(key)
+    return {
+        "kernel": jax.random.uniform(kw, (dim, num_classes), jnp.float32, -bound, bound),
+        "bias": jax.random.uniform(kb, (num_classes,), jnp.float32, -bound, bound),
+    }
+
+
+def head_logits(params: dict, features: jax.Array, size: int) -> jax.Array:
+    """(B, h, w, D) -> (B, size, size, C): 1x1 head, then bilinear upsampling (align_corners=False)."""
+    logits = jnp.einsum("bhwd,dc->bhwc", features, params["kernel"], precision=jax.lax.Precision.HIGHEST)
+    logits = logits + params["bias"]
+    b, _, _, c = logits.shape
+    return jax.image.resize(logits, (b, size, size, c), method="bilinear", antialias=False)
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int) -> jax.Array:
+    """Mean cross-entropy over pixels whose label is not `ignore_index` (torch CrossEntropyLoss(ignore_index))."""
+    valid = labels != ignore_index
+    safe = jnp.where(valid, labels, 0).astype(jnp.int32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+    return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def make_optimizer(settings: LinearSettings, steps_per_epoch: int) -> optax.GradientTransformation:
+    """torch SGD(momentum, weight_decay) with StepLR stepped once per epoch."""
+    drops = {
+        e * steps_per_epoch: settings.lr_gamma
+        for e in range(settings.lr_step_epochs, settings.epochs, settings.lr_step_epochs)
+    }
+    schedule = optax.piecewise_constant_schedule(settings.lr, drops)
+    return optax.chain(
+        optax.add_decayed_weights(settings.weight_decay), optax.sgd(schedule, momentum=settings.momentum)
+    )
+
+
+def make_train_step(optimizer, *, mask_size: int, ignore_index: int):
+    @jax.jit
+    def step(params, opt_state, features, labels):
+        def loss_fn(p):
+            return masked_cross_entropy(head_logits(p, features, mask_size), labels, ignore_index)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def _predict(params, features, size: int):
+    return jnp.argmax(head_logits(params, features, size), axis=-1).astype(jnp.int32)
+
+
+def predict(params: dict, features: np.ndarray, size: int) -> np.ndarray:
+    """Class map (B, size, size) of the head on (B, h, w, D) features."""
+    return np.asarray(_predict(params, jnp.asarray(features), size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The protocol.
+
+
+def _epoch_order(rng: np.random.Generator, n: int, settings: LinearSettings) -> list[np.ndarray]:
+    order = rng.permutation(n) if settings.shuffle else np.arange(n)
+    stop = n - n % settings.batch_size if settings.drop_last else n
+    return [order[s : min(s + settings.batch_size, stop)] for s in range(0, stop, settings.batch_size)]
+
+
+def train_head(
+    train: SegmentationDataset,
+    features_fn: FeaturesFn,
+    *,
+    settings: LinearSettings,
+    image_size: int = 448,
+    num_threads: int = 8,
+) -> tuple[dict, list[float]]:
+    """Trained head parameters and the mean loss of every epoch."""
+    n = len(train)
+    if settings.drop_last and n < settings.batch_size:
+        raise ValueError(f"{n} training images are fewer than one batch of {settings.batch_size} with drop_last")
+    rng = np.random.default_rng(settings.seed)
+    params = None
+    cached = None
+    if settings.cache_features:
+        cached = extract_features(
+            features_fn, train, image_size=image_size, mask_size=settings.train_mask_size,
+            batch_size=settings.batch_size, num_threads=num_threads, desc="train features",
+        )  # fmt: skip
+    sizes = None if cached else [_image_hw(train, i) for i in range(n)]
+    steps_per_epoch = len(_epoch_order(np.random.default_rng(0), n, settings))
+    losses = []
+    for epoch in range(settings.epochs):
+        batches = _epoch_order(rng, n, settings)
+        crops = {}
+        if sizes is not None:
+            for i in range(n):
+                crop = random_resized_crop_params(rng, *sizes[i], settings.crop_scale)
+                crops[i] = (crop, rng.random() < settings.hflip)
+
+        def load(ds, i, crops=crops):
+            crop, flip = crops[i]
+            return augmented_example(ds, i, crop=crop, flip=flip, size=image_size, mask_size=settings.train_mask_size)
+
+        epoch_losses = []
+        source = _cached_batches(cached, batches) if cached else _augmented_batches(
+            train, batches, load, features_fn, image_size, settings, num_threads, epoch
+        )  # fmt: skip
+        for feats, labels in source:
+            if params is None:
+                params = init_head(jax.random.key(settings.seed), feats.shape[-1], train.num_classes)
+                optimizer = make_optimizer(settings, steps_per_epoch)
+                opt_state = optimizer.init(params)
+                step = make_train_step(optimizer, mask_size=settings.train_mask_size, ignore_index=train.ignore_index)
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(feats), jnp.asarray(labels))
+            epoch_losses.append(float(loss))
+        losses.append(float(np.mean(epoch_losses)))
+    return params, losses
+
+
+def _image_hw(dataset: SegmentationDataset, i: int) -> tuple[int, int]:
+    with Image.open(dataset.image_paths[i]) as im:
+        return im.height, im.width
+
+
+def _cached_batches(cached, batches):
+    feats, masks = cached
+    for b in batches:
+        yield feats[b], masks[b]
+
+
+def _augmented_batches(train, batches, load, features_fn, image_size, settings, num_threads, epoch):
+    flat = np.concatenate(batches) if batches else np.zeros((0,), np.int64)
+    it = iterate_batches(
+        train, batch_size=settings.batch_size, image_size=image_size, mask_size=settings.train_mask_size,
+        indices=flat, load_fn=load, num_threads=num_threads, desc=f"epoch {epoch + 1}/{settings.epochs}",
+    )  # fmt: skip
+    for batch in it:
+        yield features_fn(batch.images), batch.masks
+
+
+def evaluate_head(
+    params: dict,
+    val: SegmentationDataset,
+    features_fn: FeaturesFn,
+    *,
+    image_size: int = 448,
+    eval_mask_size: int = 448,
+    batch_size: int = 32,
+    num_threads: int = 8,
+    num_examples: int = 0,
+) -> dict:
+    """mIoU (no matching, all classes) of the head on the whole val split at `eval_mask_size`."""
+    conf = np.zeros((val.num_classes, val.num_classes), np.int64)
+    examples = []
+    for batch in iterate_batches(
+        val, batch_size=batch_size, image_size=image_size, mask_size=eval_mask_size, num_threads=num_threads,
+        desc="val",
+    ):  # fmt: skip
+        pred = predict(params, features_fn(batch.images), eval_mask_size)
+        conf += metrics.confusion_matrix(pred, batch.masks, num_classes=val.num_classes, ignore_index=val.ignore_index)
+        for j in range(min(len(pred), num_examples - len(examples))):
+            image = resize_image(val.image(int(batch.indices[j])), eval_mask_size)
+            examples.append((image, batch.masks[j], pred[j].astype(np.uint8)))
+    score, per_class = metrics.miou_from_confusion(conf, "none")
+    return {"miou": score, "per_class_iou": per_class.tolist(), "examples": examples}
+
+
+def evaluate(
+    train: SegmentationDataset,
+    val: SegmentationDataset,
+    features_fn: FeaturesFn,
+    *,
+    settings: LinearSettings,
+    image_size: int = 448,
+    batch_size: int = 32,
+    num_threads: int = 8,
+    num_examples: int = 0,
+) -> dict:
+    """Train the head on `train`, score it on `val`: {"miou", "per_class_iou", "epoch_losses", "examples"}."""
+    params, losses = train_head(train, features_fn, settings=settings, image_size=image_size, num_threads=num_threads)
+    out = evaluate_head(
+        params, val, features_fn, image_size=image_size, eval_mask_size=settings.eval_mask_size,
+        batch_size=batch_size, num_threads=num_threads, num_examples=num_examples,
+    )  # fmt: skip
+    return {**out, "epoch_losses": losses, "train_images": len(train), "val_images": len(val)}
+
+
+def settings_from_config(config: ml_collections.ConfigDict) -> LinearSettings:
+    lin = config.linear
+    fields = {f.name for f in dataclasses.fields(LinearSettings)}
+    values = {k: lin[k] for k in fields}
+    values["crop_scale"] = tuple(float(s) for s in lin.crop_scale)
+    return LinearSettings(**values)
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """The protocol entry of `python -m evaluation` (configs/eval/<dataset>_linear.py)."""
+    from pathlib import Path
+
+    from evaluation.runner import ConfigError, make_extractor, open_split
+    from evaluation.visualize import save_segmentation_panels
+
+    settings = settings_from_config(config)
+    lo, hi = settings.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"config.linear.crop_scale={settings.crop_scale}; need 0 < low <= high <= 1")
+    if settings.epochs < 1 or settings.batch_size < 1 or settings.lr_step_epochs < 1:
+        raise ConfigError("config.linear needs epochs, batch_size and lr_step_epochs >= 1")
+    train = open_split(config, config.train_split)
+    val = open_split(config, config.val_split)
+    if settings.drop_last and len(train) < settings.batch_size:
+        raise ConfigError(
+            f"{len(train)} training images are fewer than config.linear.batch_size={settings.batch_size} "
+            "with drop_last; lower the batch size or set config.linear.drop_last=False"
+        )
+    extractor = make_extractor(config)
+    results = evaluate(
+        train, val, extractor, settings=settings, image_size=config.image_size, batch_size=config.batch_size,
+        num_threads=config.num_threads, num_examples=config.num_visualize,
+    )  # fmt: skip
+    examples = results.pop("examples")
+    if examples:
+        save_segmentation_panels(examples, Path(config.workdir) / "predictions", num_classes=val.num_classes)
+    return results
