@@ -130,12 +130,19 @@ class TrainLoader:
       index        (B,) int64  dataset index of the image used
       skipped      (B,) int32  unreadable records skipped (and replaced by the next record) for this example
     Attributes: steps_per_epoch, num_records, bad_files and files_read (running totals, saved in the state).
+
+    Batch n is a pure function of (seed, n), so the state is just the number of batches delivered: it does not
+    depend on the worker count and a run may resume with different workers or threads.
     """
 
-    def __init__(self, dataset: grain.IterDataset, source, *, batch_size: int, steps_per_epoch: int,
-                 max_bad_fraction: float):
-        self._dataset = dataset
+    def __init__(self, batches: grain.MapDataset, source, *, batch_size: int, steps_per_epoch: int,
+                 max_bad_fraction: float, worker_count: int, threads_per_worker: int, prefetch_batches: int):
+        self._batches = batches
         self._iterator = None
+        self._next_batch = 0
+        self._read = grain.ReadOptions(num_threads=max(threads_per_worker, 1),
+                                       prefetch_buffer_size=max(prefetch_batches, 1))
+        self._worker_count = worker_count
         self.source = source
         self.num_records = len(source)
         self.batch_size = batch_size
@@ -147,7 +154,14 @@ class TrainLoader:
 
     def _it(self):
         if self._iterator is None:
-            self._iterator = iter(self._dataset)
+            ds = self._batches[self._next_batch:].to_iter_dataset(self._read)
+            if self._worker_count > 0:
+                from absl import flags
+
+                if not flags.FLAGS.is_parsed():
+                    flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+                ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
+            self._iterator = iter(ds)
         return self._iterator
 
     def __iter__(self):
@@ -155,6 +169,7 @@ class TrainLoader:
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self._it())
+        self._next_batch += 1
         skipped = batch["skipped"]
         n_bad = int(skipped.sum())
         self.files_read += len(skipped) + n_bad
@@ -180,11 +195,13 @@ class TrainLoader:
 
     def get_state(self) -> dict:
         """Where the next batch comes from, plus the running counts; JSON-serialisable."""
-        return {"grain": self._it().get_state(), "bad_files": self.bad_files, "files_read": self.files_read}
+        return {"next_batch": self._next_batch, "bad_files": self.bad_files, "files_read": self.files_read}
 
     def set_state(self, state: dict) -> None:
-        """Continue exactly after the batch at which `state` was taken."""
-        self._it().set_state(state["grain"])
+        """Continue exactly after the batch at which `state` was taken (workers restart from there)."""
+        self.close()
+        self._iterator = None
+        self._next_batch = int(state["next_batch"])
         self.bad_files = int(state["bad_files"])
         self.files_read = int(state["files_read"])
 
@@ -218,7 +235,7 @@ def make_train_loader(
       shuffle: False reads the records in order (each epoch the same), e.g. for debugging.
       worker_count: grain worker processes (overrides data.num_workers); 0 = in this process.
       threads_per_worker: reader threads in each worker (PIL and NumPy release the GIL for most work).
-      prefetch_batches: batches each worker prepares ahead.
+      prefetch_batches: batches prepared ahead (per worker).
       process_index / process_count: this host's shard; default jax.process_index() / jax.process_count().
       source: use this random-access source instead of the configured one (tests, custom data).
     """
@@ -249,14 +266,6 @@ def make_train_loader(
     ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(_MakeExample(source, order, view_cfg, seed, bool(_get(data_cfg, "exif_transpose", True))))
     ds = ds.batch(batch_size, drop_remainder=True)
-    it_ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=max(threads_per_worker, 1), prefetch_buffer_size=max(prefetch_batches, 1))
-    )
-    if worker_count > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=1))
-    return TrainLoader(it_ds, source, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
-                       max_bad_fraction=max_bad_fraction)
+    return TrainLoader(ds, source, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                       max_bad_fraction=max_bad_fraction, worker_count=worker_count,
+                       threads_per_worker=threads_per_worker, prefetch_batches=prefetch_batches)
