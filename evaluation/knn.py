@@ -39,10 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from evaluation.features import data_mesh
 from neco_jax.errors import UserError
-
-AXIS = "data"  # the axis name of features.data_mesh
+from neco_jax.sharding import DATA_AXIS as AXIS
+from neco_jax.sharding import make_mesh as data_mesh
 
 
 class KnnConfigError(UserError):
