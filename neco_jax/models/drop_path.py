@@ -19,13 +19,17 @@ BATCH_SUBSET_THRESHOLD = 0.1
 
 
 def drop_path_schedule(rate: float, depth: int) -> tuple[float, ...]:
-    """The per-block rates `[x.item() for x in torch.linspace(0, rate, depth)]` (float32 arithmetic)."""
+    """The per-block rates `[x.item() for x in torch.linspace(0, rate, depth)]` (float32 arithmetic).
+
+    torch fills the first half as start + step * i and the second half backwards as end - step * (depth-1-i),
+    each a fused multiply-add (one float32 rounding, emulated here in float64), so the last rate is exactly `rate`.
+    """
     if depth == 1:
-        return (float(np.float32(0.0)),)
+        return (0.0,)
     start, end = np.float32(0.0), np.float32(rate)
-    step = (end - start) / np.float32(depth - 1)
-    halfway = depth // 2  # torch fills the second half backwards from `end`, so the last rate is exactly `end`
-    rates = [start + step * np.float32(i) if i < halfway else end - step * np.float32(depth - 1 - i)
+    step = np.float64((end - start) / np.float32(depth - 1))
+    halfway = depth // 2
+    rates = [np.float64(start) + step * i if i < halfway else np.float64(end) - step * (depth - 1 - i)
              for i in range(depth)]
     return tuple(float(np.float32(r)) for r in rates)
 

@@ -1,0 +1,94 @@
+"""Stochastic depth: torch's float32 schedule, per-sample and batch-subset variants, deterministic mode."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from neco_jax.models import VisionTransformer, get_arch
+from neco_jax.models.drop_path import add_residual_on_subset, drop_path, drop_path_schedule
+from neco_jax.models.vit import Block
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.05, 0.1, 0.2, 0.3, 0.4])
+def test_schedule_is_torch_linspace_float32(rate):
+    for depth in range(1, 49):
+        assert drop_path_schedule(rate, depth) == tuple(x.item() for x in torch.linspace(0, rate, depth)), depth
+
+
+def test_neco_schedule_puts_only_the_last_block_above_0_1():
+    rates = drop_path_schedule(0.1, 12)
+    assert [r > 0.1 for r in rates] == [False] * 11 + [True]
+
+
+def test_per_sample_drop_path_mask_and_scale():
+    residual = jnp.ones((4000, 3, 2))
+    out = np.asarray(drop_path(residual, 0.25, jax.random.key(0)))
+    per_sample = out.reshape(4000, -1)
+    assert np.all(per_sample == per_sample[:, :1])  # one decision per sample
+    values = set(np.unique(per_sample).tolist())
+    assert values == {0.0, np.float32(1 / 0.75).item()}
+    assert np.mean(per_sample[:, 0] > 0) == pytest.approx(0.75, abs=0.03)
+
+
+def test_batch_subset_adds_scaled_residual_to_exactly_the_subset():
+    b, rate = 128, float(np.float32(0.1))  # NeCo's last block on 128 global crops: 115 samples, scale 128/115
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((b, 3, 2)), jnp.float32)
+    seen = []
+
+    def residual_fn(subset):
+        seen.append(subset.shape[0])
+        return 2.0 * subset + 1.0
+
+    out = np.asarray(add_residual_on_subset(x, residual_fn, rate, jax.random.key(1)))
+    assert seen == [115]
+    x = np.asarray(x)
+    with_res = np.isclose(out, x + (128 / 115) * (2 * x + 1), rtol=1e-6).all(axis=(1, 2))
+    unchanged = (out == x).all(axis=(1, 2))
+    assert with_res.sum() == 115 and unchanged.sum() == 13 and np.all(with_res ^ unchanged)
+
+
+@pytest.fixture(scope="module")
+def tiny_block():
+    return Block(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0))
+
+
+def _branch_combinations(block, x, scale):
+    """Outputs of a block for every (attention kept?, mlp kept?) combination, each kept branch scaled."""
+    combos = []
+    for keep_attn in (0.0, scale):
+        y = x + keep_attn * block._attn_residual(x, False)[0]
+        for keep_mlp in (0.0, scale):
+            combos.append(y + keep_mlp * block._mlp_residual(y))
+    return np.stack([np.asarray(c) for c in combos])
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.3])
+def test_block_applies_independent_branch_drops(tiny_block, rate):
+    """Per sample, the training output is one of the 4 (attn, mlp) keep/drop combinations, with the right scale:
+    1/(1-rate) per sample for rate <= 0.1; b/subset for the batch-subset variant (rate > 0.1)."""
+    b = 10
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((b, 5, 64)), jnp.float32)
+    out, _ = tiny_block(x, drop_rate=rate, key=jax.random.key(2))
+    scale = 1 / (1 - rate) if rate <= 0.1 else b / max(int(b * (1 - rate)), 1)
+    combos = _branch_combinations(tiny_block, x, scale)  # (4, b, n, d)
+    matches = np.isclose(combos, np.asarray(out)[None], rtol=1e-5, atol=1e-5).all(axis=(2, 3))  # (4, b)
+    assert np.all(matches.sum(axis=0) >= 1)
+
+
+def test_deterministic_mode_equals_no_drop_path():
+    cfg = get_arch("vit_tiny_test", drop_path_rate=0.3)
+    dropped = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    plain = VisionTransformer(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 56, 56, 3)), jnp.float32)
+    reference = plain(x)["x_prenorm"]
+    np.testing.assert_array_equal(dropped(x)["x_prenorm"], reference)
+    np.testing.assert_array_equal(dropped(x, key=jax.random.key(5))["x_prenorm"], reference)
+    trained = dropped(x, deterministic=False, key=jax.random.key(5))["x_prenorm"]
+    assert not np.allclose(trained, reference)
+    with pytest.raises(ValueError, match="key"):
+        dropped(x, deterministic=False)
