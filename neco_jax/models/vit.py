@@ -38,6 +38,7 @@ from neco_jax.models.pos_embed import interpolate_pos_embed
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _FFN_LAYERS = ("mlp", "swiglu")
+_FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
 
 
 class ModelConfigError(UserError):
@@ -81,8 +82,13 @@ class ViTConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            allowed = _FIELD_TYPES[field.type]
+            if not isinstance(value, allowed) or (field.type != "bool" and isinstance(value, bool)):
+                raise ModelConfigError(f"ViTConfig.{field.name} must be {field.type}, got {value!r}")
         for name in ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid"):
-            if int(getattr(self, name)) <= 0:
+            if getattr(self, name) <= 0:
                 raise ModelConfigError(f"ViTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.embed_dim % self.num_heads:
             raise ModelConfigError(
