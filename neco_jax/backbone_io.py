@@ -20,10 +20,11 @@ import numpy as np
 from neco_jax.convert import (
     Converted,
     HeadConfig,
+    abstract_module,
     flat_params,
     head_config_for,
-    head_param_shapes,
     head_to_torch,
+    join_path,
     keymap,
     param_shapes,
     read_checkpoint,
@@ -58,7 +59,7 @@ def load_head(source: str | os.PathLike, *, which: str = "student") -> Projectio
     converted = load_converted(source, which=which)
     if converted.head_config is None:
         raise UserError(f"{source} holds no projection head (only training checkpoints and NeCo files have one)")
-    return build_head(converted.head_config, converted.head_params)
+    return build(converted.head_config, converted.head_params)
 
 
 def load_converted(
@@ -142,7 +143,7 @@ def _read_folder(folder: Path, arch: str | ViTConfig | None) -> Converted:
     if (folder / HEAD_CONFIG_FILE).is_file():
         head_config = HeadConfig(**json.loads((folder / HEAD_CONFIG_FILE).read_text()))
         head_params = _read_safetensors(folder / HEAD_PARAMS_FILE)
-        _check_params(head_params, head_param_shapes(head_config), f"{folder / HEAD_PARAMS_FILE}")
+        _check_params(head_params, param_shapes(head_config), f"{folder / HEAD_PARAMS_FILE}")
     return Converted(config, params, head_config, head_params)
 
 
@@ -150,38 +151,19 @@ def _check_params(params: Mapping[str, np.ndarray], shapes: Mapping[str, tuple],
     keymap.check_keys(params, shapes, what, "The folder was saved for another architecture.")
 
 
-def _fill(abstract_module, params: Mapping[str, np.ndarray]):
-    """Replace every abstract ``nnx.Param`` of ``abstract_module`` by the array at its path."""
+def build(config: ViTConfig | HeadConfig, params: Mapping[str, np.ndarray]) -> VisionTransformer | ProjectionHead:
+    """The VisionTransformer (or ProjectionHead) for ``config`` holding exactly ``params``.
+
+    Nothing is randomly initialised: the module is traced abstractly and every parameter is filled.
+    """
     import jax.numpy as jnp
     from flax import nnx
 
-    state = nnx.state(abstract_module, nnx.Param)
-    flat = [(path, var.replace(jnp.asarray(params["/".join(str(p) for p in path)])))
-            for path, var in nnx.to_flat_state(state)]
-    nnx.update(abstract_module, nnx.from_flat_state(flat))
-    return abstract_module
-
-
-def build(config: ViTConfig, params: Mapping[str, np.ndarray]) -> VisionTransformer:
-    """A VisionTransformer holding exactly ``params`` (nothing is randomly initialised and kept)."""
-    from flax import nnx
-
-    from neco_jax.models.vit import VisionTransformer
-
     keymap.check_keys(params, param_shapes(config), "the parameters", "They were made for another architecture.")
-    return _fill(nnx.eval_shape(lambda: VisionTransformer(config, rngs=nnx.Rngs(0))), params)
-
-
-def build_head(config: HeadConfig, params: Mapping[str, np.ndarray]) -> ProjectionHead:
-    """A ProjectionHead holding exactly ``params``."""
-    from flax import nnx
-
-    from neco_jax.models.head import ProjectionHead
-
-    head = nnx.eval_shape(lambda: ProjectionHead(config.in_dim, hidden_dim=config.hidden_dim,
-                                                 out_dim=config.out_dim, num_layers=config.num_layers,
-                                                 rngs=nnx.Rngs(0)))
-    return _fill(head, params)
+    graphdef, abstract, rest = abstract_module(config)
+    filled = [(path, var.replace(jnp.asarray(params[join_path(path)])))
+              for path, var in nnx.to_flat_state(abstract)]
+    return nnx.merge(graphdef, nnx.from_flat_state(filled), rest)
 
 
 def _atomic_write(path: Path, write) -> None:

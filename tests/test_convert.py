@@ -14,6 +14,7 @@ from functools import partial
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import timm
 import torch
 from reference_models import randomize, relative_error
 
@@ -41,8 +42,6 @@ def _dinov2(seed=0, *, embed_dim=384, num_heads=6, depth=2, **kwargs):
 
 
 def _timm(name, seed=0, **kwargs):
-    import timm
-
     return randomize(timm.create_model(name, pretrained=False, num_classes=0, **kwargs), seed).eval()
 
 
@@ -170,12 +169,47 @@ def test_timm_reg4_round_trip_parity_and_dinov2_layout():
 
 @pytest.mark.parametrize(
     "name, depth, arch",
-    [("vit_small_patch16_224", 2, "vit_small_patch16_dino"), ("vit_base_patch8_224", 1, "vit_base_patch8_dino")],
+    [("vit_small_patch16_224", 2, "vit_small_patch16_dino"),
+     pytest.param("vit_base_patch8_224", 1, "vit_base_patch8_dino", marks=pytest.mark.slow)],
 )
 def test_timm_dino_family_round_trip_and_parity(name, depth, arch):
     config, _, errors = _check_case(_timm(name, depth=depth), _timm(name, 1, depth=depth), "timm", size=(224, 224))
     assert config.arch == arch and not config.layerscale and not config.has_mask_token
     print(name, "parity", errors)
+
+
+def _meta_dinov2(size):
+    from dinov2.models import vision_transformer as dinov2_vit
+
+    build = {"small": dinov2_vit.vit_small, "base": dinov2_vit.vit_base, "large": dinov2_vit.vit_large,
+             "giant": partial(dinov2_vit.vit_giant2, ffn_layer="swiglufused")}[size]
+    return build(patch_size=14, img_size=518, init_values=1.0, block_chunks=0, drop_path_uniform=True)
+
+
+FULL_SIZE = [(partial(_meta_dinov2, s), f"vit_{s}_patch14_dinov2", "dinov2") for s in ("small", "base", "large", "giant")]
+FULL_SIZE += [(partial(timm.create_model, f"vit_{s}_patch14_reg4_dinov2", num_classes=0), f"vit_{s}_patch14_reg4_dinov2",
+               "timm") for s in ("small", "base", "large", "giant")]
+FULL_SIZE += [(partial(timm.create_model, n, num_classes=0), a, "timm") for n, a in (
+    ("vit_small_patch16_224", "vit_small_patch16_dino"), ("vit_small_patch8_224", "vit_small_patch8_dino"),
+    ("vit_base_patch16_224", "vit_base_patch16_dino"), ("vit_base_patch8_224", "vit_base_patch8_dino"))]
+
+
+FULL_SIZE = [pytest.param(*case, id=f"{case[1]}-{case[2]}", marks=[pytest.mark.slow] if "giant" in case[1] else [])
+             for case in FULL_SIZE]
+
+
+@pytest.mark.parametrize("build, arch, layout", FULL_SIZE)
+def test_full_size_layouts_match_the_reference_models(build, arch, layout):
+    """Every named architecture at full size: the inferred config and the exported key/shape set agree with the
+    reference model's state dict (built on the meta device, so nothing is allocated)."""
+    from neco_jax.convert import config_for, keymap, param_shapes
+
+    with torch.device("meta"):
+        reference = build()
+    shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    config = config_for(reference.state_dict())
+    assert config == get_arch(arch, has_mask_token=layout == "dinov2")
+    assert keymap.expected_torch_shapes(param_shapes(config), layout) == shapes
 
 
 # --- NeCo checkpoints ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ The CLI is ``python -m neco_jax.convert`` (see ``__main__.py``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,40 +68,46 @@ def config_for(state_dict: Mapping[str, np.ndarray], arch: str | ViTConfig | Non
     return resolve_arch(arch, has_mask_token=has_mask)
 
 
-def param_shapes(config: ViTConfig) -> dict[str, tuple[int, ...]]:
-    """'/'-joined NNX parameter path -> shape of ``VisionTransformer(config)``, without allocating it."""
-    from flax import nnx
+@functools.lru_cache(maxsize=8)
+def abstract_module(config: ViTConfig | HeadConfig):
+    """``nnx.split(module, nnx.Param, ...)`` of the (unallocated) ViT or head for ``config``.
 
-    from neco_jax.models.vit import VisionTransformer
-
-    model = nnx.eval_shape(lambda: VisionTransformer(config, rngs=nnx.Rngs(0)))
-    return {path: tuple(v.shape) for path, v in flat_params(model).items()}
-
-
-def flat_params(module) -> dict[str, Any]:
-    """'/'-joined path -> value of every ``nnx.Param`` of a module (arrays or shape structs)."""
-    from flax import nnx
-
-    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
-    return {"/".join(str(p) for p in path): var.get_value() for path, var in flat}
-
-
-def head_param_shapes(config: HeadConfig) -> dict[str, tuple[int, ...]]:
-    """'/'-joined NNX parameter path -> shape of the ``ProjectionHead`` with this config."""
+    Tracing a model's construction is the slow part of loading (seconds for ViT-g), so it is done
+    once per config; callers fill the abstract parameters and ``nnx.merge``.
+    """
     from flax import nnx
 
     from neco_jax.models.head import ProjectionHead
+    from neco_jax.models.vit import VisionTransformer
 
-    head = nnx.eval_shape(
-        lambda: ProjectionHead(
-            config.in_dim,
-            hidden_dim=config.hidden_dim,
-            out_dim=config.out_dim,
-            num_layers=config.num_layers,
-            rngs=nnx.Rngs(0),
-        )
-    )
-    return {path: tuple(v.shape) for path, v in flat_params(head).items()}
+    if isinstance(config, HeadConfig):
+        def factory():
+            return ProjectionHead(config.in_dim, hidden_dim=config.hidden_dim, out_dim=config.out_dim,
+                                  num_layers=config.num_layers, rngs=nnx.Rngs(0))
+    else:
+        def factory():
+            return VisionTransformer(config, rngs=nnx.Rngs(0))
+    return nnx.split(nnx.eval_shape(factory), nnx.Param, ...)
+
+
+def param_shapes(config: ViTConfig | HeadConfig) -> dict[str, tuple[int, ...]]:
+    """'/'-joined NNX parameter path -> shape, for the ViT (or head) with this config."""
+    from flax import nnx
+
+    _, params, _ = abstract_module(config)
+    return {join_path(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(params)}
+
+
+def join_path(path) -> str:
+    """An NNX state path as the '/'-joined string used for saved parameters."""
+    return "/".join(str(p) for p in path)
+
+
+def flat_params(module) -> dict[str, Any]:
+    """'/'-joined path -> value of every ``nnx.Param`` of a module."""
+    from flax import nnx
+
+    return {join_path(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
 def _head_torch_keys(jax_paths) -> dict[str, str]:
@@ -130,7 +137,7 @@ def head_config_for(state_dict: Mapping[str, np.ndarray], what: str) -> HeadConf
 
 def head_to_jax(state_dict: Mapping[str, np.ndarray], config: HeadConfig, what: str) -> dict[str, np.ndarray]:
     """NeCo ``projection_head.*`` weights (prefix removed) -> NNX head parameters, strictly."""
-    shapes = head_param_shapes(config)
+    shapes = param_shapes(config)
     keys = _head_torch_keys(shapes)
     expected = {keys[p]: (s[::-1] if p.endswith("kernel") else s) for p, s in shapes.items()}
     keymap.check_keys(state_dict, expected, f"{what} (projection head)", "The head is not NeCo's D->hidden->out MLP.")
