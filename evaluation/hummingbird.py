@@ -42,7 +42,7 @@ class RetrievalSettings:
     search_dtype: str = "bfloat16"
     topk_dtype: str = "float32"
     memory_chunk: int = 65536
-    bin_size: int = 0
+    bin_size: int = 128
     seed: int = 0
     num_threads: int = 8
     num_visualize: int = 0

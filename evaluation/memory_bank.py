@@ -129,9 +129,9 @@ def train_view(
     The reference resizes the already normalised image; resampling is linear with unit-sum weights,
     so resizing first and normalising afterwards (``features.normalize``) gives the same values.
     """
-    jittered = color_jitter(image, rng, jitter).astype(np.float32)
+    jittered = color_jitter(image, rng, jitter)  # whole image: contrast uses its mean grey level
     top, left, h, w = random_resized_crop_params(rng, image.shape[1], image.shape[0], CROP_SCALE, CROP_RATIO)
-    crop = jittered[top : top + h, left : left + w]
+    crop = jittered[top : top + h, left : left + w].astype(np.float32)
     rows = resize_weights(h, size) @ crop.reshape(h, w * 3)  # (size, w*3)
     view = (rows.reshape(size, w, 3).transpose(0, 2, 1) @ resize_weights(w, size).T).transpose(0, 2, 1)
     mask_rows = top + nearest_indices(h, size)
@@ -243,7 +243,7 @@ def build_memory_bank(
             images = restandardise(batch.images, reproduce_std_typo)
             feats = np.asarray(features_fn(images), dtype=np.float32)
             feats = feats.reshape(feats.shape[0], -1, feats.shape[-1])
-            feats /= np.linalg.norm(feats, axis=-1, keepdims=True)  # per patch (the v2.0 fix; v1 used dim=1)
+            feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True)  # per patch (v2.0 fix; v1 used dim=1)
             counts = patch_label_counts(batch.masks, patch_size, dataset.num_classes)
             if keys is None:  # preallocated: 10,240,000 keys must not be copied by a final concatenate
                 keys = np.empty((total, feats.shape[-1]), np.float32)

@@ -176,3 +176,30 @@ def test_cbfe_and_community_detection_end_to_end(tmp_path):
     paths = save_segmentation_panels(out["examples"], tmp_path / "cbfe", num_classes=21)
     assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths)
     assert dataclasses.asdict(settings)["k_community"] == 12
+
+
+@pytest.mark.slow
+def test_cbfe_job_through_the_runner(tmp_path):
+    import json
+
+    from flax import nnx
+
+    from configs.eval import voc_cbfe
+    from evaluation.runner import run_job
+    from neco_jax import save_backbone
+    from neco_jax.models import VisionTransformer, get_arch
+
+    root = make_voc_dataset(tmp_path / "voc", num_train=8, num_val=6)
+    backbone = tmp_path / "vit_tiny"
+    save_backbone(VisionTransformer(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0)), backbone)
+    config = voc_cbfe.get_config()
+    config.update_from_flattened_dict({
+        "checkpoint": str(backbone), "data_dir": str(root), "workdir": str(tmp_path / "out"), "image_size": 112,
+        "mask_size": 28, "batch_size": 4, "num_threads": 2, "num_visualize": 1, "cbfe.pca_dim": 8, "cbfe.k_fg": 24,
+        "cbfe.kmeans_iters": 10, "cbfe.kmeans_restarts": 1, "cbfe.k_community": 12, "cbfe.weight_threshold": 0.02,
+        "cbfe.num_runs": 2, "cbfe.evaluate_cbfe": False,
+    })  # fmt: skip
+    run_job(config)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert 0.0 <= saved["miou"] <= 1.0 and len(saved["runs"]) == 2
+    assert (tmp_path / "out" / "cbfe" / "example_000.png").stat().st_size > 0

@@ -190,3 +190,36 @@ def test_retrieval_is_near_chance_for_noise(voc):
     settings = hb.RetrievalSettings(**SMALL, memory_size=None)
     out = hb.evaluate_retrieval(train, val, functools.partial(noise_features, patch_size=4), patch_size=4, settings=settings)
     assert 0.0 <= out["miou"] < 0.15
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    from flax import nnx
+
+    from neco_jax import save_backbone
+    from neco_jax.models import VisionTransformer, get_arch
+
+    folder = tmp_path_factory.mktemp("backbone") / "vit_tiny"
+    save_backbone(VisionTransformer(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0)), folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_job_writes_results_and_pictures(voc, tiny_backbone, tmp_path):
+    import json
+
+    from configs.eval import voc_hummingbird
+    from evaluation.runner import run_job
+
+    root, _, _ = voc
+    config = voc_hummingbird.get_config()
+    config.update_from_flattened_dict({
+        "checkpoint": tiny_backbone, "data_dir": str(root), "workdir": str(tmp_path / "out"), "image_size": 56,
+        "batch_size": 4, "num_threads": 2, "num_visualize": 2, "hummingbird.memory_chunk": 1024,
+        "hummingbird.memory_size": 8 * 2 * 8,
+    })  # fmt: skip
+    results = run_job(config)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert 0.0 <= saved["miou"] <= 1.0 and saved["miou"] == results["miou"]
+    assert saved["memory_patches"] == 8 * 2 * 8 and saved["std"] == "0.225"
+    assert sorted(p.name for p in (tmp_path / "out" / "retrieval").iterdir()) == ["example_000.png", "example_001.png"]

@@ -41,10 +41,11 @@ def hummingbird_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     # ("float32" or "bfloat16"); neighbour weights always use fp32 cosines.
     h.search_dtype = "bfloat16"
     h.topk_dtype = "float32"
-    # Keys scored per step on each device (bounds device memory), and the exact bin-max prefilter
-    # (0 = plain top-k over every score; b > 0 ranks bins of b keys first, see evaluation/knn.py).
+    # Keys scored per step on each device (bounds device memory), and the bin-max prefilter, which is exact
+    # (b > 0 ranks bins of b keys by their best score and selects only inside the best k bins; 0 = plain top-k
+    # over every score; see evaluation/knn.py and bench/retrieval.py for the speed of each).
     h.memory_chunk = 65536
-    h.bin_size = 0
+    h.bin_size = 128
     # Seed of the augmentation and of the patch selection.
     h.seed = 0
     return c
