@@ -186,9 +186,10 @@ def _meta_dinov2(size):
     return build(patch_size=14, img_size=518, init_values=1.0, block_chunks=0, drop_path_uniform=True)
 
 
-FULL_SIZE = [(partial(_meta_dinov2, s), f"vit_{s}_patch14_dinov2", "dinov2") for s in ("small", "base", "large", "giant")]
-FULL_SIZE += [(partial(timm.create_model, f"vit_{s}_patch14_reg4_dinov2", num_classes=0), f"vit_{s}_patch14_reg4_dinov2",
-               "timm") for s in ("small", "base", "large", "giant")]
+SIZES = ("small", "base", "large", "giant")
+FULL_SIZE = [(partial(_meta_dinov2, s), f"vit_{s}_patch14_dinov2", "dinov2") for s in SIZES]
+FULL_SIZE += [(partial(timm.create_model, f"vit_{s}_patch14_reg4_dinov2", num_classes=0),
+               f"vit_{s}_patch14_reg4_dinov2", "timm") for s in SIZES]
 FULL_SIZE += [(partial(timm.create_model, n, num_classes=0), a, "timm") for n, a in (
     ("vit_small_patch16_224", "vit_small_patch16_dino"), ("vit_small_patch8_224", "vit_small_patch8_dino"),
     ("vit_base_patch16_224", "vit_base_patch16_dino"), ("vit_base_patch8_224", "vit_base_patch8_dino"))]

@@ -46,7 +46,8 @@ def test_every_neco_release_has_student_and_teacher():
 
 def test_hub_urls_follow_the_upstream_naming():
     table = pretrained.PRETRAINED
-    assert table["dinov2_vits14"].url == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
+    assert table["dinov2_vits14"].url == (
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth")
     assert table["dinov2_vitg14_reg"].url == (
         "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth")
     assert table["dino_vitb8"].url == (

@@ -23,6 +23,7 @@ from neco_jax.errors import UserError
 if TYPE_CHECKING:
     from neco_jax.models.vit import ViTConfig
 
+
 @dataclass(frozen=True)
 class HeadConfig:
     """Shape of a NeCo projection head (D -> hidden -> ... -> out), read from its weights."""
@@ -131,6 +132,7 @@ def head_config_for(state_dict: Mapping[str, np.ndarray], what: str) -> HeadConf
     if not weights or any(state_dict[k].ndim != 2 for k in weights):
         raise UserError(f"{what}: projection_head keys {sorted(state_dict)} are not a stack of Linear layers")
     first, last = state_dict[weights[0]].shape, state_dict[weights[-1]].shape
+    # A one-layer head has no hidden width; the field then keeps ProjectionHead's default.
     return HeadConfig(in_dim=first[1], hidden_dim=first[0] if len(weights) > 1 else 2048,
                       out_dim=last[0], num_layers=len(weights))
 
