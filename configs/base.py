@@ -18,6 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Initial backbone weights for student and teacher: a known pretrained name, a local .pth/.pt/.ckpt/
     # .safetensors file or a folder written by neco_jax.save_backbone, or "random" (tests, demo).
     c.model.init = "dinov2_vits14"
+    # ViTConfig fields replaced on top of the named arch, e.g. {"depth": 1} for smoke tests with random init.
+    c.model.arch_overrides = ml_collections.ConfigDict()
     c.model.num_register_tokens = 0  # 4 = DINOv2R; 0 with register weights = "XR" (registers dropped).
     c.model.drop_path_rate = 0.1  # student only (linear per-block schedule); the teacher uses 0.
     c.model.dtype = "float32"  # compute dtype of the backbone matmuls ("bfloat16" on GPUs); params stay fp32.

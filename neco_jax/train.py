@@ -90,7 +90,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def vit_configs(config: ml_collections.ConfigDict, has_mask_token: bool | None = None):
     """(student, teacher) ViTConfigs: the named arch with the recipe's registers, dtype and drop path."""
-    overrides = {"num_register_tokens": config.model.num_register_tokens, "dtype": config.model.dtype}
+    overrides = {**config.model.arch_overrides.to_dict(), "num_register_tokens": config.model.num_register_tokens,
+                 "dtype": config.model.dtype}
     if has_mask_token is not None:
         overrides["has_mask_token"] = has_mask_token
     if config.model.remat:
@@ -194,12 +195,11 @@ def _forward(backbone_def: ts.ModuleDef, head_def: ts.ModuleDef, params: dict, c
     return feats, attn
 
 
-def make_train_step(config, models: ts.Models, labels: Any, tx: optax.GradientTransformation, total_steps: int):
-    """The pure step `(state, batch) -> (state, metrics)`; jit it with `jit_train_step`."""
+def make_loss_fn(config, models: ts.Models, labels: Any):
+    """`loss_fn(student, teacher, queue, batch, key) -> (loss, (new_queue, aux))`, differentiable in `student`."""
     lcfg = config.loss
     use_teacher = lcfg.use_teacher
     need_attn = lcfg.loss_mask != "all"
-    rate_fn = ema.ema_rate_schedule(config.ema.momentum, config.ema.momentum_end, total_steps)
     frozen = jax.tree.map(lambda lab: lab == optim.FROZEN, labels)
 
     def loss_fn(student, teacher, queue, batch, key):
@@ -217,6 +217,15 @@ def make_train_step(config, models: ts.Models, labels: Any, tx: optax.GradientTr
                                     key=k_self, return_attention=need_attn)
         attn = None if attn is None else jax.lax.stop_gradient(attn)
         return _neco_loss(lcfg, models.patch_size, s_glob, s_loc, t_glob, attn, batch, queue, k_loss)
+
+    return loss_fn
+
+
+def make_train_step(config, models: ts.Models, labels: Any, tx: optax.GradientTransformation, total_steps: int):
+    """The pure step `(state, batch) -> (state, metrics)`; jit it with `jit_train_step`."""
+    use_teacher = config.loss.use_teacher
+    rate_fn = ema.ema_rate_schedule(config.ema.momentum, config.ema.momentum_end, total_steps)
+    loss_fn = make_loss_fn(config, models, labels)
 
     def step(state: ts.TrainState, batch: dict) -> tuple[ts.TrainState, dict]:
         key, rng = jax.random.split(state.rng)
@@ -434,6 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             settle(pending)
     finally:
         stop.restore()
+        loader.close()
         checkpointer.close()
         writer.close()
 

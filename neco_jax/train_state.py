@@ -42,7 +42,7 @@ def split(module: nnx.Module) -> tuple[ModuleDef, dict]:
         raise ValueError(f"{type(module).__name__} holds non-parameter state {rest}; the train state cannot carry it")
     abstract = tuple((path, var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype)))
                      for path, var in nnx.to_flat_state(params))
-    return ModuleDef(graphdef, abstract), params.to_pure_dict()
+    return ModuleDef(graphdef, abstract), nnx.to_pure_dict(params)
 
 
 @dataclasses.dataclass(frozen=True)
