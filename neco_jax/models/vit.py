@@ -228,7 +228,8 @@ class VisionTransformer(nnx.Module):
         """Forward pass.
 
         x: (B, H, W, 3) float, ImageNet-normalised; H, W need not be multiples of the patch (the border is dropped).
-        deterministic=False turns on stochastic depth (drawn from `key`).
+        deterministic=False turns on stochastic depth (drawn from `key`); return_attention is then unavailable
+        if the last block's rate is above 0.1 (DINOv2's batch-subset variant runs attention on a subset).
         Returns `x_norm_clstoken` (B, D), `x_norm_regtokens` (B, R, D), `x_norm_patchtokens` (B, N, D) in
         row-major patch order, `x_prenorm` (B, 1+R+N, D); with return_attention also `attn_cls` (B, heads, N),
         the last block's softmax attention from CLS to the patches; with n_last_blocks=n also `blocks`, the
