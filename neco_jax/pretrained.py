@@ -144,6 +144,8 @@ def download(url: str, target: Path, *, label: str, timeout_s: float = 60.0) -> 
                     while chunk := response.read(1 << 20):
                         out.write(chunk)
                         bar.update(len(chunk))
+                if total is not None and bar.n != total:
+                    raise OSError(f"connection closed after {bar.n} of {total} bytes")
         os.replace(tmp, target)
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", None) or err

@@ -287,6 +287,25 @@ def test_cli_converts_training_checkpoint_and_exports(lightning_ckpt, tmp_path, 
     assert relative_error(_jax_tokens(model, x)[0], _torch_tokens(vits["teacher"], x)[0]) <= TOL
 
 
+class _OpensAFile:
+    """Pickles as a call to open(path, "w"): what a hostile checkpoint could make torch.load run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_foreign_objects_in_a_checkpoint_are_never_executed(tmp_path):
+    marker = tmp_path / "should_not_exist"
+    state = dict(_dinov2(0, depth=1).state_dict())
+    torch.save({"state_dict": state, "hyper_parameters": _OpensAFile(marker)}, tmp_path / "odd.ckpt")
+    loaded = torch_io.read_state_dict(tmp_path / "odd.ckpt")
+    assert not marker.exists()
+    assert loaded.keys() == state.keys()
+
+
 def test_plain_file_with_projection_head(tmp_path):
     vit, head = _dinov2(0, depth=1), _torch_head(384, 3)
     state = dict(vit.state_dict()) | {f"projection_head.{k}": v for k, v in head.state_dict().items()}
