@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
 from evaluation.datasets import SegmentationDataset
+from neco_jax import sharding
 from neco_jax.errors import UserError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -158,7 +158,7 @@ def load_model(source: str, *, arch: str | None = None, which: str = "teacher"):
         return load_from_workdir(path, which)
     from neco_jax import load_backbone  # the conversion package; imported late so datasets/metrics work without it
 
-    return load_backbone(source, arch=arch or None)
+    return load_backbone(source, arch=arch or None, which=which)  # `which` picks the model of NeCo checkpoints
 
 
 def with_compute_dtype(model, dtype: str):
@@ -171,11 +171,6 @@ def with_compute_dtype(model, dtype: str):
     abstract = nnx.eval_shape(lambda: type(model)(new_config, rngs=nnx.Rngs(0)))
     nnx.update(abstract, nnx.state(model))
     return abstract
-
-
-def data_mesh() -> jax.sharding.Mesh:
-    """A 1-D mesh over every device, axis `data`."""
-    return jax.make_mesh((jax.device_count(),), ("data",))
 
 
 class FeatureExtractor:
@@ -191,10 +186,10 @@ class FeatureExtractor:
         model = with_compute_dtype(model, dtype)
         self.patch_size = int(model.config.patch_size)
         self.embed_dim = int(model.config.embed_dim)
-        self.mesh = data_mesh()
+        self.mesh = sharding.make_mesh()
         self._n = self.mesh.devices.size
-        replicated = NamedSharding(self.mesh, P())
-        self._data = NamedSharding(self.mesh, P("data"))
+        replicated = sharding.replicated(self.mesh)
+        self._data = sharding.batch_sharding(self.mesh)
         graphdef, state = nnx.split(model)
         self._state = jax.device_put(state, replicated)
         p = self.patch_size

@@ -127,9 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     repo = Path(__file__).resolve().parents[1]
     if str(repo) not in sys.path:  # config files import `configs.eval.base`
         sys.path.insert(0, str(repo))
-    flag_values = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file("config", None, "evaluation job config file", flag_values=flag_values)
     argv = sys.argv if argv is None else argv
+    flag_values = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "evaluation job config file", flag_values=flag_values, sys_argv=argv
+    )
     try:
         try:
             flag_values(argv)
