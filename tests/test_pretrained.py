@@ -5,6 +5,9 @@ No network: downloads use file:// URLs, and the offline case points at a port th
 
 from __future__ import annotations
 
+import http.server
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -143,6 +146,30 @@ def test_manually_placed_file_is_used(tiny_release, cache, monkeypatch):
     cache.mkdir(parents=True)
     (cache / "tiny_release.pth").write_bytes(source.read_bytes())
     assert neco_jax.load_backbone("tiny_release").config.depth == 1
+
+
+def test_connection_cut_mid_file_leaves_nothing_in_the_cache(cache, monkeypatch):
+    class Truncating(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 10)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Truncating)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/w.pth"
+    try:
+        with pytest.raises(pretrained.DownloadError, match="after 10 of 1000 bytes"):
+            pretrained.fetch(url)
+    finally:
+        thread.join(timeout=10)
+        server.server_close()
+    assert not any(p.is_file() for p in cache.rglob("*"))
 
 
 def test_unknown_pretrained_name_lists_known_names():
