@@ -20,6 +20,7 @@ config field ``reproduce_std_typo`` switches the typo back on for comparisons wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -101,21 +102,21 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 
     return np.asarray(pil)
 
 
-def resize_weights(in_size: int, out_size: int, padded_size: int | None = None) -> np.ndarray:
-    """(out_size, padded_size) matrix of bilinear antialiased resampling weights, rows summing to 1.
+@functools.lru_cache(maxsize=4096)  # crop sizes repeat across a pass; callers never modify the result
+def resize_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) matrix of bilinear antialiased resampling weights, rows summing to 1.
 
     The triangle filter widened by the downscale factor, clipped to the input and renormalised:
     the weights of torch's ``interpolate(mode="bilinear", antialias=True, align_corners=False)``
-    (and PIL's bilinear resize). Columns beyond ``in_size`` (padding) get zero weight.
+    (and PIL's bilinear resize).
     """
-    padded_size = in_size if padded_size is None else padded_size
     f32 = np.float32  # float32 throughout, as torch computes these weights; float64 differs by ~2e-5
     scale = f32(in_size) / f32(out_size)
     support = max(scale, f32(1.0))
     centres = scale * (np.arange(out_size, dtype=f32) + f32(0.5))
     lo = np.maximum((centres - support + f32(0.5)).astype(np.int64), 0)
     hi = np.minimum((centres + support + f32(0.5)).astype(np.int64), in_size)
-    cols = np.arange(padded_size)
+    cols = np.arange(in_size)
     weights = np.maximum(f32(0.0), f32(1.0) - np.abs((cols[None, :].astype(f32) - centres[:, None] + f32(0.5)) / support))
     weights = weights * ((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]))
     return weights / weights.sum(axis=1, keepdims=True)
@@ -132,8 +133,9 @@ def train_view(
     jittered = color_jitter(image, rng, jitter)  # whole image: contrast uses its mean grey level
     top, left, h, w = random_resized_crop_params(rng, image.shape[1], image.shape[0], CROP_SCALE, CROP_RATIO)
     crop = jittered[top : top + h, left : left + w].astype(np.float32)
-    rows = resize_weights(h, size) @ crop.reshape(h, w * 3)  # (size, w*3)
-    view = (rows.reshape(size, w, 3).transpose(0, 2, 1) @ resize_weights(w, size).T).transpose(0, 2, 1)
+    rows = (resize_weights(h, size) @ crop.reshape(h, w * 3)).reshape(size, w, 3)  # resample rows
+    cols = resize_weights(w, size) @ rows.transpose(1, 0, 2).reshape(w, size * 3)  # then columns, one matmul
+    view = cols.reshape(size, size, 3).transpose(1, 0, 2)
     mask_rows = top + nearest_indices(h, size)
     mask_cols = left + nearest_indices(w, size)
     return np.ascontiguousarray(view), mask[mask_rows[:, None], mask_cols[None, :]]
