@@ -1,0 +1,82 @@
+"""Feature-extraction throughput: images/s of the backbone forward (final-norm patch tokens) for DINOv2
+ViT-S/14 and ViT-B/14 at 448 and 518 px, fp32 and bf16 compute, random weights and random images.
+
+    python bench/forward.py              # accelerator sizes
+    python bench/forward.py --small      # CPU / CI: the tiny test arch at 56 px
+Prints a table and writes bench/results/forward[_small].json (folder: $BENCH_RESULTS_DIR if set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+from bench.flops import vit_forward_macs  # noqa: E402
+from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
+
+FULL = {"archs": ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2"), "sizes": (448, 518), "batch": 64,
+        "warmup": 3, "iters": 20}
+SMALL = {"archs": ("vit_tiny_test",), "sizes": (56,), "batch": 2, "warmup": 1, "iters": 3}
+DTYPES = ("float32", "bfloat16")
+COLUMNS = (("arch", "arch"), ("size", "px"), ("dtype", "dtype"), ("batch", "batch"), ("images_per_s", "img/s"),
+           ("median_ms", "ms/batch"), ("tflops_per_s", "TFLOP/s"), ("mfu", "MFU"), ("compile_s", "compile s"))
+
+
+def bench_case(arch: str, size: int, dtype: str, batch: int, warmup: int, iters: int, peak: float | None) -> dict:
+    cfg = get_arch(arch, dtype=dtype)
+    model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)["x_norm_patchtokens"])
+    # Two different random batches, alternated, so no call reuses the previous one's inputs.
+    keys = jax.random.split(jax.random.key(size), 2)
+    inputs = [jax.random.normal(k, (batch, size, size, 3), jnp.float32) for k in keys]
+    start = time.perf_counter()
+    jax.block_until_ready(forward(params, inputs[0]))
+    compile_s = time.perf_counter() - start
+    cycle = itertools.cycle(inputs)
+    timing = common.time_calls(lambda: forward(params, next(cycle)), warmup=warmup, iters=iters)
+    flops = 2.0 * vit_forward_macs(cfg, size) * batch
+    per_s = flops / timing["median_s"]
+    return {"arch": arch, "size": size, "dtype": dtype, "batch": batch, "compile_s": compile_s,
+            "images_per_s": batch / timing["median_s"], "median_ms": 1e3 * timing["median_s"],
+            "gflops_per_image": flops / batch / 1e9, "tflops_per_s": per_s / 1e12,
+            "mfu": None if peak is None else per_s / peak, **timing}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="CPU/CI run: tiny arch, small images, few calls")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None, help="timed calls per case")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/forward[_small].json)")
+    args = parser.parse_args()
+    plan = SMALL if args.small else FULL
+    batch, iters = args.batch or plan["batch"], args.iters or plan["iters"]
+    device = common.device_summary()
+    peak = None if device["bf16_peak_tflops"] is None else device["bf16_peak_tflops"] * 1e12
+    print(f"device: {device['device_kind']} ({device['platform']}), bf16 peak "
+          f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}", flush=True)
+    rows = []
+    for arch, size, dtype in itertools.product(plan["archs"], plan["sizes"], DTYPES):
+        row = bench_case(arch, size, dtype, batch, plan["warmup"], iters, peak)
+        rows.append(row)
+        print(f"  {arch} {size}px {dtype}: {row['images_per_s']:.1f} img/s", flush=True)
+    out = common.write_json(args.out or common.default_out("forward", args.small),
+                            {"bench": "forward", "small": args.small, "device": device, "rows": rows})
+    print("\nFeature extraction (forward, final-norm patch tokens), MFU vs the bf16 peak:")
+    print(common.format_table(rows, COLUMNS))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
