@@ -90,7 +90,9 @@ def bench_memory_bank(num_images: int, *, arch: str, input_size: int, batch_size
     model = VisionTransformer(get_arch(arch), rngs=nnx.Rngs(0))
     extractor = FeatureExtractor(model, dtype="bfloat16" if jax.default_backend() != "cpu" else "float32")
     data = SyntheticSegmentation(num_images)
-    kwargs = dict(input_size=input_size, patch_size=extractor.patch_size, memory_size=memory_size, batch_size=batch_size)
+    kwargs = dict(
+        input_size=input_size, patch_size=extractor.patch_size, memory_size=memory_size, batch_size=batch_size
+    )
     mb.build_memory_bank(data.__class__(batch_size), extractor, passes=1, **kwargs)  # compile
     start = time.perf_counter()
     bank = mb.build_memory_bank(data, extractor, passes=2, **kwargs)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from evaluation import knn as knn_lib
 from evaluation import memory_bank as mb
@@ -70,10 +72,11 @@ def evaluate_retrieval(
     """Builds the memory from ``train_dataset``, labels ``val_dataset`` by retrieval, returns results.
 
     ``features_fn`` maps ImageNet-normalised images (B, S, S, 3) to patch tokens (B, S/p, S/p, D).
-    Returns ``{"miou", "per_class_iou", "memory_patches", "examples"}``, where ``examples`` holds up
-    to ``num_visualize`` (image uint8, ground truth, prediction) triples for pictures.
+    Returns ``{"miou", "per_class_iou", "memory_patches", "memory_build_s", "examples"}``, where
+    ``examples`` holds up to ``num_visualize`` (image uint8, ground truth, prediction) triples.
     """
     s = settings
+    start = time.perf_counter()
     bank = mb.build_memory_bank(
         train_dataset, features_fn, input_size=s.input_size, patch_size=patch_size, passes=s.passes,
         memory_size=s.memory_size, batch_size=s.batch_size, reproduce_std_typo=s.reproduce_std_typo,
@@ -82,7 +85,8 @@ def evaluate_retrieval(
     store = knn_lib.shard_keys(
         bank.keys, memory_chunk=s.memory_chunk, dtype=s.search_dtype, bin_size=s.bin_size, k=s.k
     )
-    label_counts = jax.device_put(bank.label_counts, jax.sharding.NamedSharding(store.mesh, jax.sharding.PartitionSpec()))
+    label_counts = jax.device_put(bank.label_counts, NamedSharding(store.mesh, PartitionSpec()))
+    build_seconds = time.perf_counter() - start
     num_classes, ignore = val_dataset.num_classes, val_dataset.ignore_index
     conf = np.zeros((num_classes, num_classes), np.int64)
     grid = s.input_size // patch_size
@@ -107,9 +111,13 @@ def evaluate_retrieval(
         pred = np.asarray(pred)
         conf += confusion_matrix(pred, batch.masks, num_classes=num_classes, ignore_index=ignore)
         for j in range(min(len(pred), s.num_visualize - len(examples))):
-            examples.append((resize_image(val_dataset.image(int(batch.indices[j])), s.input_size), batch.masks[j], pred[j]))
+            image = resize_image(val_dataset.image(int(batch.indices[j])), s.input_size)
+            examples.append((image, batch.masks[j], pred[j]))
     score, per_class = miou_from_confusion(conf, "hungarian")
-    return {"miou": score, "per_class_iou": per_class.tolist(), "memory_patches": len(bank), "examples": examples}
+    return {
+        "miou": score, "per_class_iou": per_class.tolist(), "memory_patches": len(bank),
+        "memory_build_s": round(build_seconds, 1), "examples": examples,
+    }  # fmt: skip
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> RetrievalSettings:
@@ -117,8 +125,8 @@ def settings_from_config(config: ml_collections.ConfigDict) -> RetrievalSettings
     return RetrievalSettings(
         input_size=config.image_size, k=h.k, temperature=h.temperature, passes=h.passes,
         memory_size=h.memory_size or None, batch_size=config.batch_size, reproduce_std_typo=h.reproduce_std_typo,
-        jitter=h.jitter, search_dtype=h.search_dtype, topk_dtype=h.topk_dtype, memory_chunk=h.memory_chunk, bin_size=h.bin_size,
-        seed=h.seed, num_threads=config.num_threads, num_visualize=config.num_visualize,
+        jitter=h.jitter, search_dtype=h.search_dtype, topk_dtype=h.topk_dtype, memory_chunk=h.memory_chunk,
+        bin_size=h.bin_size, seed=h.seed, num_threads=config.num_threads, num_visualize=config.num_visualize,
     )  # fmt: skip
 
 
@@ -140,21 +148,17 @@ def train_split_for(config: ml_collections.ConfigDict):
 def run(config: ml_collections.ConfigDict) -> dict:
     """The protocol entry of ``python -m evaluation`` (see configs/eval/voc_hummingbird.py)."""
     from evaluation.runner import make_extractor, open_split
+    from evaluation.visualize import save_segmentation_panels
 
     extractor = make_extractor(config)
     train = train_split_for(config)
     val = open_split(config, config.val_split)
-    results = evaluate_retrieval(train, val, extractor, patch_size=extractor.patch_size, settings=settings_from_config(config))
+    settings = settings_from_config(config)
+    results = evaluate_retrieval(train, val, extractor, patch_size=extractor.patch_size, settings=settings)
     examples = results.pop("examples")
-    if examples:
-        save_examples(examples, Path(config.workdir) / "retrieval", num_classes=val.num_classes)
+    if examples:  # image | ground truth | retrieval prediction
+        save_segmentation_panels(examples, Path(config.workdir) / "retrieval", num_classes=val.num_classes)
     h = config.hummingbird
-    results.update(fraction=f"1/{h.fraction}", nn_backend="exact (JAX)", std="0.255 (typo)" if h.reproduce_std_typo else "0.225")
+    std = "0.255 (reference typo)" if h.reproduce_std_typo else "0.225"
+    results.update(fraction=f"1/{h.fraction}", nn_backend="exact k-NN (JAX)", std=std)
     return results
-
-
-def save_examples(examples, folder: Path, *, num_classes: int) -> None:
-    """PNGs of image | ground truth | retrieval prediction, one per example."""
-    from evaluation.visualize import save_segmentation_panels
-
-    save_segmentation_panels(examples, folder, num_classes=num_classes)

@@ -1,8 +1,8 @@
 """Label transfer for dense NN retrieval: neighbours' soft labels, weighted by a softmax over cosines.
 
 This is the Hummingbird "cross attention" readout: with query and neighbour keys both
-L2-normalised (``knn.cosine_similarities``), the weights are ``softmax(cos(q, k_j) / temperature)`` over the k neighbours
-(temperature 0.02 in open-hummingbird-eval), and the prediction is the weighted mean of the
+L2-normalised (``knn.cosine_similarities``), the weights are ``softmax(cos(q, k_j) / temperature)``
+over the k neighbours (temperature 0.02 in open-hummingbird-eval), and the prediction is the weighted mean of the
 neighbours' C-dim label distributions. The patch-level prediction is upsampled bilinearly to the
 network input size (align_corners=False, no antialias, as ``F.interpolate(mode="bilinear")``)
 before the argmax.

@@ -117,7 +117,8 @@ def resize_weights(in_size: int, out_size: int) -> np.ndarray:
     lo = np.maximum((centres - support + f32(0.5)).astype(np.int64), 0)
     hi = np.minimum((centres + support + f32(0.5)).astype(np.int64), in_size)
     cols = np.arange(in_size)
-    weights = np.maximum(f32(0.0), f32(1.0) - np.abs((cols[None, :].astype(f32) - centres[:, None] + f32(0.5)) / support))
+    distance = np.abs((cols[None, :].astype(f32) - centres[:, None] + f32(0.5)) / support)
+    weights = np.maximum(f32(0.0), f32(1.0) - distance)
     weights = weights * ((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]))
     return weights / weights.sum(axis=1, keepdims=True)
 

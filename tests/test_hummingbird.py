@@ -164,9 +164,10 @@ def test_small_fraction_falls_back_to_the_unbounded_memory(voc):
     two = train.subset([0, 1])
     fn = functools.partial(noise_features, patch_size=4)
     # 2 images x 2 passes; 10,240,000 // 4 is far above the 196 patches of a 56 px view: keep them all.
-    bank = mb.build_memory_bank(two, fn, input_size=56, patch_size=4, memory_size=10_240_000, batch_size=4, num_threads=2)
+    common = dict(input_size=56, patch_size=4, batch_size=4, num_threads=2)
+    bank = mb.build_memory_bank(two, fn, memory_size=10_240_000, **common)
     assert len(bank) == 2 * 2 * 196
-    bounded = mb.build_memory_bank(two, fn, input_size=56, patch_size=4, memory_size=200, batch_size=4, num_threads=2)
+    bounded = mb.build_memory_bank(two, fn, memory_size=200, **common)
     assert len(bounded) == 4 * 50
     np.testing.assert_allclose(np.linalg.norm(bank.keys, axis=1), 1.0, rtol=1e-5)
     assert (bank.label_counts.sum(axis=1) == 16).all()  # every pixel (void included, as class 0) counted
@@ -178,7 +179,8 @@ def test_retrieval_is_near_perfect_for_separable_features(voc):
     # The oracle reads classes from colours, so colour jitter (which can move a colour to another class's)
     # is switched off here; it is checked against torchvision above.
     settings = hb.RetrievalSettings(**SMALL, memory_size=8 * 2 * 100, jitter=0.0, num_visualize=2)
-    out = hb.evaluate_retrieval(train, val, functools.partial(oracle_features, patch_size=4), patch_size=4, settings=settings)
+    oracle = functools.partial(oracle_features, patch_size=4)
+    out = hb.evaluate_retrieval(train, val, oracle, patch_size=4, settings=settings)
     assert out["miou"] > 0.9
     assert out["memory_patches"] == 8 * 2 * 100
     image, gt, pred = out["examples"][0]
@@ -188,7 +190,8 @@ def test_retrieval_is_near_perfect_for_separable_features(voc):
 def test_retrieval_is_near_chance_for_noise(voc):
     _, train, val = voc
     settings = hb.RetrievalSettings(**SMALL, memory_size=None)
-    out = hb.evaluate_retrieval(train, val, functools.partial(noise_features, patch_size=4), patch_size=4, settings=settings)
+    noise = functools.partial(noise_features, patch_size=4)
+    out = hb.evaluate_retrieval(train, val, noise, patch_size=4, settings=settings)
     assert 0.0 <= out["miou"] < 0.15
 
 
