@@ -54,6 +54,8 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> datasets_lib.Se
     if config.dataset.startswith("coco"):
         kwargs = {"seed": config.coco_seed, "fraction": config.coco_train_fraction}
     ds = datasets_lib.open_dataset(config.dataset, config.data_dir, split, **kwargs)
+    if config.num_classes != ds.num_classes:
+        raise ConfigError(f"config.num_classes={config.num_classes} but {config.dataset} has {ds.num_classes} classes")
     if config.num_images:
         ds = ds.subset(range(min(config.num_images, len(ds))))
     return ds

@@ -56,6 +56,7 @@ def test_linear_noise_features_score_near_chance(splits):
     assert out["miou"] < 0.1
 
 
+@pytest.mark.slow
 def test_overcluster_oracle_features_score_near_100(splits):
     settings = overcluster.OverclusterSettings(ks=(21, 60), seeds=(0, 1), iters=30, init="kmeans++", pca_dim=12)
     out = overcluster.evaluate(splits[1], ORACLE, settings=settings, image_size=224, mask_size=100, batch_size=6)
@@ -154,6 +155,7 @@ def tiny_model():
     return VisionTransformer(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_feature_extractor_equals_the_model_sharded(tiny_model):
     assert jax.device_count() == 4  # conftest simulates 4 devices: the batch of 3 is padded and sharded
     images = np.random.default_rng(0).normal(size=(3, 56, 56, 3)).astype(np.float32)
@@ -229,6 +231,7 @@ def test_cli_linear_writes_results(voc_dir, saved_backbone, tmp_path):
         (["--config.typo=1"], "bad command line"),
         (["--config.checkpoint=/no/such/file.pth"], "/no/such/file.pth"),
         (["--config.dtype=float16"], "config.dtype"),
+        (["--config.num_classes=20"], "config.num_classes=20"),
     ],
 )
 def test_cli_user_errors_are_one_line(voc_dir, saved_backbone, tmp_path, capsys, extra, message):
@@ -244,3 +247,26 @@ def test_cli_process_exits_2_without_traceback(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: config.data_dir is not set; pass --config.data_dir=..."]
+
+
+@pytest.mark.parametrize("dataset", ["voc", "coco_things", "coco_stuff", "ade20k", "cityscapes"])
+@pytest.mark.parametrize("protocol", ["linear", "overcluster"])
+def test_every_job_config_loads_and_is_locked(dataset, protocol):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cfg", REPO / f"configs/eval/{dataset}_{protocol}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO))
+    config = module.get_config()
+    assert (config.dataset, config.protocol) == (dataset, protocol)
+    assert config.num_classes == {"voc": 21, "coco_things": 12, "coco_stuff": 15, "ade20k": 151, "cityscapes": 19}[dataset]
+    with pytest.raises(AttributeError):
+        config.typo = 1
+    if protocol == "overcluster":
+        assert tuple(config.overcluster.ks) == (config.num_classes, 300, 500)
+    else:
+        assert (config.linear.lr, config.linear.epochs, config.linear.batch_size) == (0.01, 25, 128)
