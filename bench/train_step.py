@@ -1,0 +1,265 @@
+"""NeCo training-step speed on one chip: step time, images/s, model FLOPs, MFU and peak memory, plus the share
+of the sorting + ROI-align loss part, for the recipes' shapes with synthetic batches (no input pipeline).
+
+    python bench/train_step.py                       # accelerator cases, most important first
+    python bench/train_step.py --small               # CPU / CI: the demo recipe's tiny ViT at 56/28 px
+    python bench/train_step.py --cases s14_518_b64_bf16 --isolate --budget-s 360
+Cases: dinov2_s14 at 518/98 and 224/98 (batch 64), dinov2_b14 at 518/98 (batch 16); fp32 and bf16 compute;
+with and without rematerialisation. The step is the trainer's own (`neco_jax.train.make_train_step`, jitted
+by `jit_train_step` with the state donated) on random-init weights. `--isolate` runs each case in a child
+process, so the allocator's peak is per case and an out-of-memory case cannot take the others down.
+Prints a table and writes bench/results/train_step[_small].json (folder: $BENCH_RESULTS_DIR if set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+from bench.flops import matmul_flops, neco_step_flops  # noqa: E402
+from configs import base  # noqa: E402
+from neco_jax import optim, sharding  # noqa: E402
+from neco_jax import train as train_lib  # noqa: E402
+from neco_jax import train_state as ts  # noqa: E402
+
+COCO_TRAIN_IMAGES = 118_287  # the original's 25-epoch COCO run: 25 * (118287 // 64) = 46,200 steps
+EPOCHS = 25
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    recipe: str  # configs/<recipe>.py
+    size_crops: tuple[int, int]
+    batch: int
+    dtype: str
+    remat: bool
+
+    @property
+    def name(self) -> str:
+        short = {"float32": "fp32", "bfloat16": "bf16"}[self.dtype]
+        recipe = self.recipe.replace("dinov2_", "")
+        return f"{recipe}_{self.size_crops[0]}_b{self.batch}_{short}" + ("_remat" if self.remat else "")
+
+
+def _cases(specs) -> dict[str, Case]:
+    cases = [Case(r, s, b, d, m) for r, s, b, d, m in specs]
+    return {c.name: c for c in cases}
+
+
+S518, S224 = (518, 98), (224, 98)
+# Most important first: gpu_check.sh runs them in this order under a time budget.
+FULL = _cases([
+    ("dinov2_s14", S518, 64, "bfloat16", False), ("dinov2_s14", S518, 64, "bfloat16", True),
+    ("dinov2_s14", S518, 64, "float32", False), ("dinov2_s14", S224, 64, "bfloat16", False),
+    ("dinov2_b14", S518, 16, "bfloat16", False), ("dinov2_s14", S224, 64, "float32", False),
+    ("dinov2_b14", S518, 16, "float32", False), ("dinov2_s14", S518, 64, "float32", True),
+    ("dinov2_b14", S518, 16, "bfloat16", True), ("dinov2_s14", S224, 64, "bfloat16", True),
+    ("dinov2_s14", S224, 64, "float32", True), ("dinov2_b14", S518, 16, "float32", True),
+])  # fmt: skip
+SMALL = _cases([("demo", (56, 28), 2, "float32", False), ("demo", (56, 28), 2, "bfloat16", False),
+                ("demo", (56, 28), 2, "float32", True)])
+COLUMNS = (("case", "case"), ("status", "status"), ("step_ms", "step ms"), ("images_per_s", "img/s"),
+           ("model_gflop_per_step", "GFLOP/step"), ("mfu", "MFU"), ("loss_part_ms", "sort+roi ms"),
+           ("loss_share", "sort+roi share"), ("peak_memory_gib", "peak GiB"), ("compiled_memory_gib", "XLA GiB"),
+           ("coco_25ep_hours", "COCO 25ep h"), ("compile_s", "compile s"))
+
+
+def case_config(case: Case):
+    """The recipe's ConfigDict with random init and the case's shapes, dtype and remat."""
+    config = importlib.import_module(f"configs.{case.recipe}").get_config()
+    return base.set_fields(config, {"model.init": "random", "data.size_crops": case.size_crops,
+                                    "optim.batch_size": case.batch, "model.dtype": case.dtype,
+                                    "model.remat": case.remat, "optim.total_steps": 1000})
+
+
+def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A batch with the input pipeline's keys, shapes and value ranges: normalised-image-like crops and
+    overlap boxes inside each crop's frame (a crop's overlap with itself is the whole crop)."""
+    b = config.optim.batch_size
+    (n_g, n_l), (s_g, s_l) = config.data.nmb_samples, config.data.size_crops
+    views = n_g + n_l
+    sizes = np.array([s_g] * n_g + [s_l] * n_l, np.float32)
+
+    def boxes(frame: np.ndarray) -> np.ndarray:  # frame (..., ) side lengths -> (..., 4) x1, y1, x2, y2
+        side = frame[..., None] * rng.uniform(0.3, 1.0, frame.shape + (2,))
+        corner = (frame[..., None] - side) * rng.uniform(0.0, 1.0, frame.shape + (2,))
+        return np.concatenate([corner, corner + side], axis=-1).astype(np.float32)
+
+    boxes_gc = boxes(np.broadcast_to(sizes[:n_g, None], (b, n_g, views)).copy())
+    boxes_all = boxes(np.broadcast_to(sizes[:, None], (b, views, n_g)).copy())
+    for g in range(n_g):  # a global crop overlaps itself entirely
+        boxes_gc[:, g, g] = boxes_all[:, g, g] = [0, 0, s_g, s_g]
+    return {
+        "global_crops": rng.standard_normal((b, n_g, s_g, s_g, 3), np.float32),
+        "local_crops": rng.standard_normal((b, n_l, s_l, s_l, 3), np.float32),
+        "boxes_gc": boxes_gc,
+        "boxes_all": boxes_all,
+    }
+
+
+def build_step(config, mesh):
+    """The trainer's state and jitted step, built as `train_and_evaluate` builds them (random init)."""
+    from neco_jax import loss as loss_lib
+
+    total_steps = config.optim.total_steps
+    student, teacher = train_lib.random_params(config, config.seed)
+    models = train_lib.build_models(config)
+    depth = len(student["backbone"]["blocks"])
+    labels = optim.param_labels(student, exclude_norm_bias=config.optim.exclude_norm_bias,
+                                trainable_blocks=optim.parse_trainable_blocks(config.optim.trainable_blocks, depth))
+    tx = optim.make_optimizer(config.optim, labels, total_steps)
+    queue = loss_lib.init_queue(config.loss, config.head.out_dim) if config.loss.use_queue else {}
+    state = ts.create(student, teacher, tx.init(student), queue, config.seed)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    step_fn = train_lib.make_train_step(config, models, labels, tx, total_steps)
+    return state, step_fn, train_lib.jit_train_step(step_fn, mesh), models
+
+
+def time_loss_part(config, models, queue, batch, warmup: int, iters: int) -> dict:
+    """The step's loss on head features of the step's shapes, forward and backward: ROI-align of both sides,
+    the similarities to the references, both sorting networks and the cross-entropy (the part that is not
+    backbone or head)."""
+    b = config.optim.batch_size
+    (n_g, n_l), (s_g, s_l) = config.data.nmb_samples, config.data.size_crops
+    p, dim = models.patch_size, config.head.out_dim
+    keys = jax.random.split(jax.random.key(1), 4)
+
+    def unit(key, shape):
+        x = jax.random.normal(key, shape, jnp.float32)
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+    s_glob = unit(keys[0], (b, n_g, s_g // p, s_g // p, dim))
+    s_loc = unit(keys[1], (b, n_l, s_l // p, s_l // p, dim))
+    t_glob = unit(keys[2], (b, n_g, s_g // p, s_g // p, dim))
+
+    def loss(sg, sl, tg, queue, batch, key):
+        return train_lib._neco_loss(config.loss, p, sg, sl, tg, None, batch, queue, key)[0]
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    timing = common.time_calls(lambda: grad(s_glob, s_loc, t_glob, queue, batch, keys[3]),
+                               warmup=warmup, iters=iters)
+    return {"loss_part_ms": 1e3 * timing["median_s"], "loss_part_timing": timing}
+
+
+def run_case(case: Case, warmup: int, iters: int, peak: float | None) -> dict:
+    config = case_config(case)
+    row = {"case": case.name, **dataclasses.asdict(case), "status": "ok"}
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    state, step_fn, step, models = build_step(config, mesh)
+    batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
+    row["matmul_tflop_traced"] = matmul_flops(step_fn, state, batch) / 1e12  # incl. sorting, remat recompute
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    row["compile_s"] = time.perf_counter() - start
+    mem = common.compiled_memory_bytes(compiled)
+    row["compiled_memory_gib"] = None if mem is None else mem / 2**30
+    holder = {"state": state}
+
+    def call():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        holder["metrics"] = metrics
+        return holder["state"], metrics
+
+    timing = common.time_calls(call, warmup=warmup, iters=iters)
+    metrics = jax.device_get(holder["metrics"])
+    step_s = timing["median_s"]
+    flops = neco_step_flops(config)
+    steps_25ep = EPOCHS * (COCO_TRAIN_IMAGES // case.batch)
+    row.update(
+        step_ms=1e3 * step_s, images_per_s=case.batch / step_s, model_gflop_per_step=flops / 1e9,
+        achieved_tflops=flops / step_s / 1e12, mfu=None if peak is None else flops / step_s / peak,
+        coco_25ep_steps=steps_25ep, coco_25ep_hours=steps_25ep * step_s / 3600, step_timing=timing,
+        loss=float(metrics["loss"]), finite=bool(metrics["finite"]),
+    )
+    try:
+        row.update(time_loss_part(config, models, holder["state"].queue, batch, warmup, iters))
+        row["loss_share"] = row["loss_part_ms"] / row["step_ms"]
+    except AttributeError as err:  # the trainer's loss entry point is not there (yet)
+        row["loss_part_error"] = repr(err)
+    mem = common.peak_memory_bytes()
+    row["peak_memory_gib"] = None if mem is None else mem / 2**30
+    return row
+
+
+def run_isolated(name: str, args, remaining_s: float) -> list[dict]:
+    """One case in a child process (a per-case allocator peak; an OOM or crash stays in the child)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "case.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--cases", name, "--out", out]
+        cmd += ["--small"] if args.small else []
+        cmd += ["--iters", str(args.iters)] if args.iters else []
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(remaining_s, 60))
+        except subprocess.TimeoutExpired:
+            return [{"case": name, "status": f"timeout after {max(remaining_s, 60):.0f} s"}]
+        sys.stdout.write(proc.stdout)
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return [{"case": name, "status": f"child exit {proc.returncode}", "error": " | ".join(tail)}]
+        with open(out) as f:
+            return json.load(f)["rows"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="CPU/CI run: the demo recipe's tiny shapes")
+    parser.add_argument("--cases", default="all", help=f"comma-separated case names, or 'all' ({', '.join(FULL)})")
+    parser.add_argument("--iters", type=int, default=None, help="timed steps per case")
+    parser.add_argument("--isolate", action="store_true", help="each case in its own child process")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/train_step[_small].json)")
+    args = parser.parse_args()
+    plan = SMALL if args.small else FULL
+    names = list(plan) if args.cases == "all" else args.cases.split(",")
+    unknown = [n for n in names if n not in plan]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; known: {', '.join(plan)}")
+    warmup, iters = (1, args.iters or 2) if args.small else (3, args.iters or 10)
+    device = common.device_summary()
+    peak = None if device["bf16_peak_tflops"] is None else device["bf16_peak_tflops"] * 1e12
+    print(f"device: {device['device_kind']} ({device['platform']}), bf16 peak "
+          f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}", flush=True)
+    start, rows = time.perf_counter(), []
+    for name in names:
+        elapsed = time.perf_counter() - start
+        if args.budget_s is not None and elapsed > args.budget_s:
+            rows.append({"case": name, "status": f"skipped: time budget {args.budget_s:.0f} s spent"})
+            continue
+        if args.isolate:
+            remaining = float("inf") if args.budget_s is None else args.budget_s - elapsed + 120
+            rows.extend(run_isolated(name, args, remaining))
+        else:
+            try:
+                rows.append(run_case(plan[name], warmup, iters, peak))
+            except Exception as err:  # noqa: BLE001 - an OOM or unsupported option is a result, not a crash
+                traceback.print_exc()
+                rows.append({"case": name, "status": f"error: {type(err).__name__}",
+                             "error": str(err).splitlines()[0][:300] if str(err) else ""})
+        r = rows[-1]
+        print(f"  {name}: {r['status']}" + (f", {r['step_ms']:.1f} ms/step, {r['images_per_s']:.1f} img/s"
+                                            if r["status"] == "ok" else f" {r.get('error', '')}"), flush=True)
+    out = common.write_json(args.out or common.default_out("train_step", args.small),
+                            {"bench": "train_step", "small": args.small, "device": device, "rows": rows})
+    print("\nNeCo train step (synthetic batches, one chip); MFU = model FLOPs (bench/flops.py) / step time / "
+          "bf16 peak; COCO 25ep h = 25 * (118287 // batch) steps at this step time:")
+    print(common.format_table(rows, COLUMNS))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
