@@ -34,6 +34,7 @@ import numpy as np
 from skimage.measure import label as connected_components
 
 from evaluation import community
+from evaluation.datasets import VOC_CLASSES
 from evaluation.features import iterate_batches, nearest_indices, nearest_resize
 from evaluation.kmeans import kmeans
 from evaluation.metrics import confusion_matrix, match_clusters, miou
@@ -249,7 +250,7 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
     ])  # fmt: skip
 
     results = {
-        "threshold": threshold,
+        "threshold": round(threshold, 2),  # a multiple of 0.05 (np.arange's value, e.g. 0.9500000000000001)
         "fg_iou_train": foreground_jaccard(train_gt, foreground[:n_train]),
         "fg_iou_val": foreground_jaccard(val_gt, foreground[n_train:]),
         "cuts": [{"start": a, "precision": b, "fg_iou": c} for a, b, c in cuts],
@@ -326,4 +327,4 @@ def run(config: ml_collections.ConfigDict) -> dict:
             examples, Path(config.workdir) / "cbfe", num_classes=21,
             titles=["image", "ground truth", "CBFE + CD (matched)", "overlay"],
         )  # fmt: skip
-    return results
+    return {**results, "class_names": list(VOC_CLASSES)}

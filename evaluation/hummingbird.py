@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from evaluation import knn as knn_lib
 from evaluation import memory_bank as mb
+from evaluation.datasets import VOC_CLASSES
 from evaluation.features import FeaturesFn, iterate_batches, nearest_resize, resize_image
 from evaluation.label_transfer import predict_segmentation
 from evaluation.metrics import confusion_matrix, miou_from_confusion
@@ -161,4 +162,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
     h = config.hummingbird
     std = "0.255 (reference typo)" if h.reproduce_std_typo else "0.225"
     results.update(fraction=f"1/{h.fraction}", nn_backend="exact k-NN (JAX)", std=std)
+    if config.dataset == "voc":
+        results["class_names"] = list(VOC_CLASSES)
     return results
