@@ -78,7 +78,8 @@ def bench_overcluster(s: dict) -> dict:
     n, g, d = s["voc_images"], s["grid"], s["dim"]
     feats = rng.normal(size=(n, g, g, d)).astype(np.float32)
     masks = rng.integers(0, 21, size=(n, 100, 100)).astype(np.uint8)
-    settings = OverclusterSettings(ks=s["voc_ks"], seeds=tuple(range(s["seeds"])), iters=s["iters"], restarts=s["restarts"])
+    seeds = tuple(range(s["seeds"]))
+    settings = OverclusterSettings(ks=s["voc_ks"], seeds=seeds, iters=s["iters"], restarts=s["restarts"])
     start = time.perf_counter()
     cluster_features(feats, masks, num_classes=21, ignore_index=255, settings=settings)
     elapsed = time.perf_counter() - start
@@ -99,7 +100,8 @@ def main() -> None:
     rows.append(bench_kmeans(s, s["kmeans_ks"][-1], 0))
     rows.append(bench_overcluster(s))
     for r in rows:
-        figures = "  ".join(f"{k}={v:,.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "what")
+        shown = (f"{k}={v:,.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "what")
+        figures = "  ".join(shown)
         print(f"{r['what']:<70} {figures}")
     out = REPO / "bench" / "results" / f"evaluation_{platform}{'_small' if args.small else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,11 @@ CITYSCAPES_LABEL_TO_TRAIN = {
     23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }  # fmt: skip
 
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+
 DATASET_NAMES = ("voc", "coco_things", "coco_stuff", "ade20k", "cityscapes")
 
 
@@ -59,6 +64,7 @@ class SegmentationDataset:
     num_classes: int
     ignore_index: int
     label_map: np.ndarray | None = None  # (256,) uint8 raw mask value -> label; None keeps values as they are
+    class_names: tuple[str, ...] = ()  # label -> name where the dataset defines them (empty: unknown)
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -124,13 +130,13 @@ def _check_files(paths, what: str) -> None:
             raise DatasetError(f"{what} {p} is missing; fix the file list or restore the file")
 
 
-def _make(name, split, images, masks, num_classes, ignore_index, label_map=None) -> SegmentationDataset:
+def _make(name, split, images, masks, num_classes, ignore_index, label_map=None, class_names=()) -> SegmentationDataset:
     images, masks = tuple(images), tuple(masks)
     _check_files(images, "image")
     _check_files(masks, "mask")
     if not images:
         raise DatasetError(f"{name} split {split!r} has no images; check --config.data_dir")
-    return SegmentationDataset(name, split, images, masks, num_classes, ignore_index, label_map)
+    return SegmentationDataset(name, split, images, masks, num_classes, ignore_index, label_map, tuple(class_names))
 
 
 def voc(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
@@ -144,7 +150,8 @@ def voc(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
         raise DatasetError(f"VOC list {list_file} does not exist; expected one of sets/{{trainaug,train,val}}.txt")
     names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
     return _make(
-        "voc", split, [image_dir / f"{n}.jpg" for n in names], [seg_dir / f"{n}.png" for n in names], 21, 255
+        "voc", split, [image_dir / f"{n}.jpg" for n in names], [seg_dir / f"{n}.png" for n in names], 21, 255,
+        class_names=VOC_CLASSES,
     )
 
 
@@ -204,12 +211,14 @@ def coco(
         raise DatasetError(f"COCO split must be 'train' or 'val', got {split!r}")
     if kind == "things":
         seg_dir = root / "annotations" / f"{split}2017"
-        table = coco_things_label_map(_coco_categories(root / "annotations/panoptic_annotations/panoptic_val2017.json"))
-        num_classes = 12
+        cats = _coco_categories(root / "annotations/panoptic_annotations/panoptic_val2017.json")
+        table, num_classes = coco_things_label_map(cats), 12
+        names = sorted({c["supercategory"] for c in cats if c["isthing"] == 1})
     elif kind == "stuff":
         seg_dir = root / "annotations/stuff_annotations" / f"stuff_{split}2017_pixelmaps"
-        table = coco_stuff_label_map(_coco_categories(root / "annotations/stuff_annotations/stuff_val2017.json"))
-        num_classes = 15
+        cats = _coco_categories(root / "annotations/stuff_annotations/stuff_val2017.json")
+        table, num_classes = coco_stuff_label_map(cats), 15
+        names = sorted({c["supercategory"] for c in cats} - {"other"})
     else:
         raise ValueError(f"kind must be 'things' or 'stuff', got {kind!r}")
     _require_dir(seg_dir, f"COCO-{kind} masks")
@@ -217,7 +226,9 @@ def coco(
     files = train if split == "train" else sorted(val)  # train keeps the drawn order, as the reference loader
     image_dir = root / "images" / f"{split}2017"
     masks = [seg_dir / (Path(f).stem + ".png") for f in files]
-    return _make(f"coco_{kind}", split, [image_dir / f for f in files], masks, num_classes, 255, table)
+    if len(names) != num_classes:
+        raise DatasetError(f"COCO-{kind} categories give {len(names)} supercategories, expected {num_classes}")
+    return _make(f"coco_{kind}", split, [image_dir / f for f in files], masks, num_classes, 255, table, names)
 
 
 def ade20k(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
@@ -228,7 +239,8 @@ def ade20k(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
     image_dir = _require_dir(root / "images" / split, f"ADE20k images/{split}")
     ann_dir = _require_dir(root / "annotations" / split, f"ADE20k annotations/{split}")
     names = sorted(p.stem for p in image_dir.iterdir() if p.suffix.lower() == ".jpg")
-    return _make("ade20k", split, [image_dir / f"{n}.jpg" for n in names], [ann_dir / f"{n}.png" for n in names], 151, 0)
+    images, masks = [image_dir / f"{n}.jpg" for n in names], [ann_dir / f"{n}.png" for n in names]
+    return _make("ade20k", split, images, masks, 151, 0)
 
 
 def cityscapes_label_map() -> np.ndarray:
@@ -245,7 +257,7 @@ def cityscapes(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
     mask_root = _require_dir(root / "gtFine" / split, f"Cityscapes gtFine/{split}")
     images = sorted(image_root.glob("*/*_leftImg8bit.png"))
     masks = [mask_root / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds") for p in images]
-    return _make("cityscapes", split, images, masks, 19, 255, cityscapes_label_map())
+    return _make("cityscapes", split, images, masks, 19, 255, cityscapes_label_map(), CITYSCAPES_CLASSES)
 
 
 def open_dataset(name: str, data_dir: str | os.PathLike, split: str, **kwargs) -> SegmentationDataset:

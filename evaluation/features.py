@@ -164,10 +164,9 @@ def load_model(source: str, *, arch: str | None = None, which: str = "teacher"):
 def with_compute_dtype(model, dtype: str):
     """The same weights in a model whose config computes in `dtype` (parameters stay fp32; the model keeps
     LayerNorm/softmax in fp32 itself)."""
-    config = getattr(model, "config", None)
-    if config is None or config.dtype == dtype:
+    if model.config.dtype == dtype:
         return model
-    new_config = dataclasses.replace(config, dtype=dtype)
+    new_config = dataclasses.replace(model.config, dtype=dtype)
     abstract = nnx.eval_shape(lambda: type(model)(new_config, rngs=nnx.Rngs(0)))
     nnx.update(abstract, nnx.state(model))
     return abstract

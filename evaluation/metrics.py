@@ -24,7 +24,12 @@ _EPS = 1e-8
 
 
 def confusion_matrix(
-    pred: np.ndarray, target: np.ndarray, *, num_classes: int, num_pred: int | None = None, ignore_index: int | None = 255
+    pred: np.ndarray,
+    target: np.ndarray,
+    *,
+    num_classes: int,
+    num_pred: int | None = None,
+    ignore_index: int | None = 255,
 ) -> np.ndarray:
     """Counts (num_classes, num_pred) int64: entry [c, k] = pixels of class c predicted as k, ignored pixels dropped."""
     pred = np.asarray(pred).reshape(-1).astype(np.int64)

@@ -171,7 +171,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
         mask_size=config.mask_size, batch_size=config.batch_size, drop_remainder=oc.drop_remainder,
         num_threads=config.num_threads,
     )  # fmt: skip
-    save_pictures(results, val, Path(config.workdir) / "clusters", image_size=config.image_size, count=config.num_visualize)
+    folder = Path(config.workdir) / "clusters"
+    save_pictures(results, val, folder, image_size=config.image_size, count=config.num_visualize)
     for key in ("features", "masks", "cluster_maps"):
         results.pop(key)
     return results

@@ -98,7 +98,8 @@ def _make_coco(root, n_train=20, n_val=3):
         (root / f"annotations/stuff_annotations/stuff_{split}2017_pixelmaps").mkdir(parents=True)
         for i in range(n):
             name = f"{i:012d}"
-            Image.fromarray(rng.integers(0, 255, (16, 20, 3), dtype=np.uint8)).save(root / f"images/{split}2017/{name}.jpg")
+            image = rng.integers(0, 255, (16, 20, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / f"images/{split}2017/{name}.jpg")
             things = rng.choice([0, 1, 5, 13, 24, 92, 100, 255], size=(16, 20)).astype(np.uint8)
             Image.fromarray(things, mode="L").save(root / f"annotations/{split}2017/{name}.png")
             stuff = rng.choice([0, 92, 95, 120, 182, 183], size=(16, 20)).astype(np.uint8)
@@ -109,7 +110,8 @@ def _make_coco(root, n_train=20, n_val=3):
     (root / "annotations/panoptic_annotations/panoptic_val2017.json").write_text(
         json.dumps({"categories": _panoptic_categories()})
     )
-    (root / "annotations/stuff_annotations/stuff_val2017.json").write_text(json.dumps({"categories": _stuff_categories()}))
+    stuff_json = root / "annotations/stuff_annotations/stuff_val2017.json"
+    stuff_json.write_text(json.dumps({"categories": _stuff_categories()}))
     return root
 
 
@@ -146,6 +148,7 @@ def coco_dir(tmp_path_factory):
 def test_coco_supercategory_mapping_equals_reference(coco_dir, kind):
     ds = datasets.open_dataset(f"coco_{kind}", coco_dir, "val")
     assert ds.num_classes == (12 if kind == "things" else 15) and ds.ignore_index == 255
+    assert list(ds.class_names) == sorted(_THING_SUPERCATS if kind == "things" else _STUFF_SUPERCATS)
     cats = _panoptic_categories() if kind == "things" else _stuff_categories()
     ref_fn = _reference_things if kind == "things" else _reference_stuff
     for i in range(len(ds)):
@@ -182,7 +185,8 @@ def test_ade20k_layout_and_ignore_zero(tmp_path):
         (root / "annotations" / split).mkdir(parents=True)
         for i in range(2):
             name = f"ADE_{split}_{i:08d}"
-            Image.fromarray(rng.integers(0, 255, (12, 15, 3), dtype=np.uint8)).save(root / "images" / split / f"{name}.jpg")
+            image = rng.integers(0, 255, (12, 15, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / "images" / split / f"{name}.jpg")
             ann = rng.integers(0, 151, (12, 15)).astype(np.uint8)
             Image.fromarray(ann, mode="L").save(root / "annotations" / split / f"{name}.png")
     ds = datasets.open_dataset("ade20k", tmp_path, "validation")  # the parent folder works too
