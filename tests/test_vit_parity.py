@@ -134,6 +134,7 @@ def _check_timm(ref, model, hw, registers):
     assert max(errors.values()) <= TOL, errors
 
 
+@pytest.mark.slow
 def test_registers_match_timm_at_518(timm_reg4):
     _check_timm(*timm_reg4, (518, 518), registers=4)
 
@@ -207,6 +208,7 @@ def test_dino_base8_matches_timm_at_224():
     _check_timm(ref, _pair("vit_base_patch8_dino", ref, "timm"), (224, 224), registers=0)
 
 
+@pytest.mark.slow
 def test_swiglu_matches_official():
     """ViT-g's feed-forward (SwiGLUFFNFused, DINOv2's hidden-width rule) on a tiny DINOv2 model."""
     from dinov2.models.vision_transformer import DinoVisionTransformer
@@ -224,7 +226,7 @@ def _meta_state(build):
         return build().state_dict()
 
 
-@pytest.mark.parametrize("size", ["small", "base", "large", "giant"])
+@pytest.mark.parametrize("size", ["small", "base", "large", pytest.param("giant", marks=pytest.mark.slow)])
 def test_parameter_shapes_match_references(size):
     """Every DINOv2 hub size (official code) and its timm register variant map one-to-one onto our tree."""
     from dinov2.models import vision_transformer as dinov2_vit
