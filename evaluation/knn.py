@@ -80,24 +80,29 @@ def shard_keys(
     up to a multiple of ``bin_size``; with bins, a chunk must hold at least ``k`` bins.
     """
     mesh = data_mesh() if mesh is None else mesh
-    num_keys, _ = keys.shape
+    num_keys = keys.shape[0]
+    ndev = mesh.devices.size
+    chunk, per_device = key_layout(num_keys, ndev, memory_chunk=memory_chunk, bin_size=bin_size, k=k)
+    padded = np.zeros((ndev * per_device, keys.shape[1]), dtype=jnp.dtype(dtype))
+    padded[:num_keys] = np.asarray(keys).astype(jnp.dtype(dtype))
+    array = jax.device_put(padded, NamedSharding(mesh, P(AXIS, None)))
+    return ShardedKeys(array=array, num_valid=int(num_keys), chunk=int(chunk), mesh=mesh)
+
+
+def key_layout(num_keys: int, num_devices: int, *, memory_chunk: int, bin_size: int, k: int) -> tuple[int, int]:
+    """(keys per chunk, padded keys per device) of ``shard_keys``."""
     if num_keys < k:
         raise KnnConfigError(f"the memory holds {num_keys} keys but k={k}; use a larger memory or a smaller k")
     if memory_chunk <= 0 or bin_size < 0:
         raise KnnConfigError(f"memory_chunk must be > 0 and bin_size >= 0, got {memory_chunk} and {bin_size}")
-    ndev = mesh.devices.size
-    per_device = -(-num_keys // ndev)
+    per_device = -(-num_keys // num_devices)
     chunk = min(memory_chunk, per_device)
     if bin_size:
         chunk = max(chunk, k * bin_size)
         chunk = -(-chunk // bin_size) * bin_size
     elif chunk < k:
         chunk = k
-    per_device = -(-per_device // chunk) * chunk
-    padded = np.zeros((ndev * per_device, keys.shape[1]), dtype=jnp.dtype(dtype))
-    padded[:num_keys] = np.asarray(keys).astype(jnp.dtype(dtype))
-    array = jax.device_put(padded, NamedSharding(mesh, P(AXIS, None)))
-    return ShardedKeys(array=array, num_valid=int(num_keys), chunk=int(chunk), mesh=mesh)
+    return chunk, -(-per_device // chunk) * chunk
 
 
 def _merge(scores_a, idx_a, scores_b, idx_b, k):

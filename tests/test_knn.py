@@ -119,3 +119,20 @@ def test_k_larger_than_the_memory_is_a_user_error(data):
     queries, keys = data
     with pytest.raises(knn_lib.KnnConfigError, match="k=30"):
         knn_lib.knn(queries, keys[:20], k=30)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bin_size", [0, 128])
+def test_knn_on_the_accelerator_matches_brute_force_with_ties(bin_size):
+    # The tie rule relies on lax.top_k putting the lower index first, which the accelerator's top-k must honour.
+    rng = np.random.default_rng(6)
+    queries = rng.integers(-2, 3, size=(257, 32)).astype(np.float32)
+    keys = rng.integers(-2, 3, size=(200_003, 32)).astype(np.float32)
+    keys[100_000:100_500] = keys[:500]
+    scores, idx = knn_lib.knn(
+        queries, keys, k=30, query_chunk=128, memory_chunk=16384, dtype="bfloat16", topk_dtype="float32",
+        bin_size=bin_size,
+    )  # fmt: skip
+    ref_scores, ref_idx = brute_force(queries, keys, 30)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(scores, ref_scores)
