@@ -102,7 +102,7 @@ def evaluate_retrieval(
         feats = np.asarray(features_fn(images), dtype=np.float32)
         queries = feats.reshape(-1, feats.shape[-1])
         n = queries.shape[0]
-        queries = np.concatenate([queries, np.zeros((block - n, queries.shape[1]), np.float32)])
+        queries = jnp.asarray(np.concatenate([queries, np.zeros((block - n, queries.shape[1]), np.float32)]))
         _, indices = knn_lib.search_block(store, queries, k=s.k, topk_dtype=s.topk_dtype, bin_size=s.bin_size)
         cosines = knn_lib.cosine_similarities(store, queries, indices)
         pred = _segment(

@@ -34,7 +34,6 @@ HBIRD_TYPO_STD = np.array([0.229, 0.224, 0.255], dtype=np.float32)
 CROP_SCALE = (0.5, 2.0)  # area fraction; above 1 cannot fit, so torchvision's fallback crop takes over
 CROP_RATIO = (3 / 4, 4 / 3)
 FRACTIONS = (1, 8, 64, 128)  # 1/n of the train set; n > 1 reads a released list file
-FRACTION_SEEDS = (42, 400, 783, 1293, 4019)
 
 
 class MemoryBankError(UserError):
