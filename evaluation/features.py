@@ -136,17 +136,49 @@ def iterate_batches(
 
 
 def load_from_workdir(workdir: str | Path, which: str = "teacher"):
-    """The student or teacher backbone of a training workdir (orbax checkpoints under workdir/checkpoints).
+    """The student or teacher backbone of a training workdir (`python main.py --workdir=...`).
 
-    Not available yet: the training loop that writes these checkpoints has not landed. Export the backbone with
-    `neco_jax.save_backbone` and pass that folder instead.
+    Its `export/<which>` folder when training finished and exported, else the latest orbax checkpoint under
+    `checkpoints/`, rebuilt with the architecture of the run's `config.json`.
     """
     if which not in ("student", "teacher"):
         raise CheckpointError(f"checkpoint_model must be 'student' or 'teacher', got {which!r}")
-    raise CheckpointError(
-        f"{workdir} is a training workdir; reading training checkpoints is not supported yet. "
-        "Export the backbone with neco_jax.save_backbone(model, folder) and pass that folder as --config.checkpoint"
-    )
+    workdir = Path(workdir)
+    exported = workdir / "export" / which
+    if exported.is_dir():
+        from neco_jax import load_backbone
+
+        return load_backbone(exported)
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing; {workdir} is not a complete training workdir")
+    import json
+
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from neco_jax import train
+
+    manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(), item_names=("state", "data"))
+    step = manager.latest_step()
+    if step is None:
+        raise CheckpointError(f"{workdir}/checkpoints holds no finished checkpoint yet")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    params = restored.state[which]
+    if not params:
+        raise CheckpointError(f"{workdir} trained without a teacher (loss.use_teacher=False); use checkpoint_model=student")
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    backbone = _int_keys(jax.device_get(params["backbone"]))
+    models = train.build_models(config, has_mask_token="mask_token" in backbone)
+    return models.teacher_backbone.merge(backbone)  # the teacher's graph: no drop path
+
+
+def _int_keys(tree):
+    """Orbax stores the integer keys of NNX lists (block indices) as strings; turn them back."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
 
 
 def load_model(source: str, *, arch: str | None = None, which: str = "teacher"):

@@ -240,10 +240,33 @@ def test_cli_user_errors_are_one_line(voc_dir, saved_backbone, tmp_path, capsys,
     assert rc == 2 and message in err and err.startswith("error: ") and "Traceback" not in err
 
 
-def test_training_workdir_hook_says_what_to_do(tmp_path):
-    (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(features.CheckpointError, match="save_backbone"):
-        features.load_model(str(tmp_path), which="teacher")
+@pytest.mark.slow
+def test_training_workdir_student_and_teacher(tmp_path):
+    """A checkpoint written by the training loop's Checkpointer is read back as either backbone."""
+    from neco_jax import checkpoint as ckpt_lib
+    from neco_jax import train
+    from neco_jax import train_state as ts
+
+    sys.path.insert(0, str(REPO))
+    try:
+        from configs import demo
+    finally:
+        sys.path.remove(str(REPO))
+    config = demo.get_config()
+    student, teacher = train.random_params(config, 0)
+    teacher = jax.tree.map(lambda x: x * 0.5, teacher)  # make the two distinguishable
+    checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=1)
+    checkpointer.save(3, ts.create(student, teacher, {}, {}, 0), {"epoch": 0}, force=True)
+    checkpointer.close()
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    images = np.random.default_rng(0).normal(size=(2, 56, 56, 3)).astype(np.float32)
+    for which, params in (("student", student), ("teacher", teacher)):
+        model = features.load_model(str(tmp_path), which=which)
+        expected = train.build_models(config).teacher_backbone.merge(params["backbone"])
+        np.testing.assert_array_equal(
+            np.asarray(model(jnp.asarray(images))["x_norm_patchtokens"]),
+            np.asarray(expected(jnp.asarray(images))["x_norm_patchtokens"]),
+        )
     with pytest.raises(features.CheckpointError, match="student"):
         features.load_model(str(tmp_path), which="ema")
 
