@@ -262,3 +262,37 @@ def test_bfloat16_compute_stays_close_and_fp32_outputs(dinov2_small):
     cos /= np.linalg.norm(out16["x_norm_patchtokens"], axis=-1) * np.linalg.norm(out32["x_norm_patchtokens"], axis=-1)
     assert cos.min() > 0.99
     assert relative_error(out16["x_norm_patchtokens"], out32["x_norm_patchtokens"]) > 1e-4  # really bf16
+
+
+def test_gradients_match_official():
+    """Parameter gradients of a loss on patch and CLS tokens; the 75x45 input (not a multiple of the patch)
+    exercises border dropping and the pos-embed resampling."""
+    from dinov2.models.vision_transformer import DinoVisionTransformer
+
+    ref = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=1.0,
+                                block_chunks=0)
+    ref = randomize(ref, seed=9).eval()
+    model = _pair("vit_tiny_test", ref, "dinov2", embed_dim=48)
+    x = _image((75, 45), seed=10, batch=2)
+    rng = np.random.default_rng(11)
+    w_patch = rng.standard_normal((2, 15, 48)).astype(np.float32)
+    w_cls = rng.standard_normal((2, 48)).astype(np.float32)
+
+    out = ref.forward_features(_nchw(x))
+    loss = (out["x_norm_patchtokens"] * torch.from_numpy(w_patch)).sum() + (
+        out["x_norm_clstoken"] * torch.from_numpy(w_cls)).sum()
+    loss.backward()
+    expected = torch_params({name: p.grad if p.grad is not None else torch.zeros_like(p)
+                             for name, p in ref.named_parameters()}, layout="dinov2")
+
+    def jax_loss(m):
+        o = m(x)
+        return jax.numpy.sum(o["x_norm_patchtokens"] * w_patch) + jax.numpy.sum(o["x_norm_clstoken"] * w_cls)
+
+    grads = nnx.grad(jax_loss)(model)
+    ours = {tuple(str(p) for p in path): np.asarray(v[...]) for path, v in nnx.to_flat_state(grads)}
+    assert set(ours) == set(expected)
+    errors = {"/".join(k): relative_error(ours[k], expected[k]) for k in expected if np.abs(expected[k]).max() > 0}
+    print(f"worst gradient error: {max(errors.values()):.2e}")
+    assert max(errors.values()) <= 1e-4, errors
+    np.testing.assert_array_equal(ours[("mask_token",)], 0.0)
