@@ -25,11 +25,12 @@ from bench.flops import vit_forward_macs  # noqa: E402
 from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
 
 FULL = {"archs": ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2"), "sizes": (448, 518), "batch": 64,
-        "warmup": 3, "iters": 20}
+        "warmup": 2, "iters": 10}
 SMALL = {"archs": ("vit_tiny_test",), "sizes": (56,), "batch": 2, "warmup": 1, "iters": 3}
-DTYPES = ("float32", "bfloat16")
-COLUMNS = (("arch", "arch"), ("size", "px"), ("dtype", "dtype"), ("batch", "batch"), ("images_per_s", "img/s"),
-           ("median_ms", "ms/batch"), ("tflops_per_s", "TFLOP/s"), ("mfu", "MFU"), ("compile_s", "compile s"))
+DTYPES = ("bfloat16", "float32")
+COLUMNS = (("arch", "arch"), ("size", "px"), ("dtype", "dtype"), ("status", "status"), ("batch", "batch"),
+           ("images_per_s", "img/s"), ("median_ms", "ms/batch"), ("tflops_per_s", "TFLOP/s"), ("mfu", "MFU"),
+           ("compile_s", "compile s"))
 
 
 def bench_case(arch: str, size: int, dtype: str, batch: int, warmup: int, iters: int, peak: float | None) -> dict:
@@ -47,7 +48,7 @@ def bench_case(arch: str, size: int, dtype: str, batch: int, warmup: int, iters:
     timing = common.time_calls(lambda: forward(params, next(cycle)), warmup=warmup, iters=iters)
     flops = 2.0 * vit_forward_macs(cfg, size) * batch
     per_s = flops / timing["median_s"]
-    return {"arch": arch, "size": size, "dtype": dtype, "batch": batch, "compile_s": compile_s,
+    return {"arch": arch, "size": size, "dtype": dtype, "status": "ok", "batch": batch, "compile_s": compile_s,
             "images_per_s": batch / timing["median_s"], "median_ms": 1e3 * timing["median_s"],
             "gflops_per_image": flops / batch / 1e9, "tflops_per_s": per_s / 1e12,
             "mfu": None if peak is None else per_s / peak, **timing}
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="CPU/CI run: tiny arch, small images, few calls")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None, help="timed calls per case")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/forward[_small].json)")
     args = parser.parse_args()
     plan = SMALL if args.small else FULL
@@ -66,8 +68,12 @@ def main() -> None:
     peak = None if device["bf16_peak_tflops"] is None else device["bf16_peak_tflops"] * 1e12
     print(f"device: {device['device_kind']} ({device['platform']}), bf16 peak "
           f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}", flush=True)
-    rows = []
+    rows, start = [], time.perf_counter()
     for arch, size, dtype in itertools.product(plan["archs"], plan["sizes"], DTYPES):
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            rows.append({"arch": arch, "size": size, "dtype": dtype, "status": "skipped: time budget spent"})
+            print(f"  {arch} {size}px {dtype}: skipped (time budget)", flush=True)
+            continue
         row = bench_case(arch, size, dtype, batch, plan["warmup"], iters, peak)
         rows.append(row)
         print(f"  {arch} {size}px {dtype}: {row['images_per_s']:.1f} img/s", flush=True)

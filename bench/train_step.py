@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +76,8 @@ SMALL = _cases([("demo", (56, 28), 2, "float32", False), ("demo", (56, 28), 2, "
                 ("demo", (56, 28), 2, "float32", True)])
 COLUMNS = (("case", "case"), ("status", "status"), ("step_ms", "step ms"), ("images_per_s", "img/s"),
            ("model_gflop_per_step", "GFLOP/step"), ("mfu", "MFU"), ("loss_part_ms", "sort+roi ms"),
-           ("loss_share", "sort+roi share"), ("peak_memory_gib", "peak GiB"), ("compiled_memory_gib", "XLA GiB"),
-           ("coco_25ep_hours", "COCO 25ep h"), ("compile_s", "compile s"))
+           ("loss_share", "sort+roi share"), ("forward_share", "fwd share"), ("peak_memory_gib", "peak GiB"),
+           ("compiled_memory_gib", "XLA GiB"), ("coco_25ep_hours", "COCO 25ep h"), ("compile_s", "compile s"))
 
 
 def case_config(case: Case):
@@ -112,7 +113,15 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def build_step(config, mesh):
+class Built(NamedTuple):
+    state: ts.TrainState
+    step_fn: Any  # the pure step, (state, batch) -> (state, metrics)
+    step: Any  # the same, jitted over the mesh with the state donated
+    models: ts.Models
+    labels: Any  # optimizer group of every parameter
+
+
+def build_step(config, mesh) -> Built:
     """The trainer's state and jitted step, built as `train_and_evaluate` builds them (random init)."""
     from neco_jax import loss as loss_lib
 
@@ -127,7 +136,7 @@ def build_step(config, mesh):
     state = ts.create(student, teacher, tx.init(student), queue, config.seed)
     state = jax.device_put(state, sharding.replicated(mesh))
     step_fn = train_lib.make_train_step(config, models, labels, tx, total_steps)
-    return state, step_fn, train_lib.jit_train_step(step_fn, mesh), models
+    return Built(state, step_fn, train_lib.jit_train_step(step_fn, mesh), models, labels)
 
 
 def time_loss_part(config, models, queue, batch, warmup: int, iters: int) -> dict:
@@ -156,11 +165,22 @@ def time_loss_part(config, models, queue, batch, warmup: int, iters: int) -> dic
     return {"loss_part_ms": 1e3 * timing["median_s"], "loss_part_timing": timing}
 
 
-def run_case(case: Case, warmup: int, iters: int, peak: float | None) -> dict:
+def time_forward_part(config, built: Built, state, batch, warmup: int, iters: int) -> dict:
+    """The step's forward alone (student and teacher backbones, heads, loss; no gradients, no update): with the
+    step time and the loss part, a coarse profile of where the step's time goes."""
+    loss_fn = jax.jit(train_lib.make_loss_fn(config, built.models, built.labels))
+    key = jax.random.key(2)
+    timing = common.time_calls(lambda: loss_fn(state.student, state.teacher, state.queue, batch, key)[0],
+                               warmup=warmup, iters=iters)
+    return {"forward_ms": 1e3 * timing["median_s"], "forward_timing": timing}
+
+
+def run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: bool = False) -> dict:
     config = case_config(case)
     row = {"case": case.name, **dataclasses.asdict(case), "status": "ok"}
     mesh = sharding.make_mesh(jax.devices()[:1])
-    state, step_fn, step, models = build_step(config, mesh)
+    built = build_step(config, mesh)
+    state, step_fn, step, models = built.state, built.step_fn, built.step, built.models
     batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
     row["matmul_tflop_traced"] = matmul_flops(step_fn, state, batch) / 1e12  # incl. sorting, remat recompute
     start = time.perf_counter()
@@ -191,6 +211,9 @@ def run_case(case: Case, warmup: int, iters: int, peak: float | None) -> dict:
         row["loss_share"] = row["loss_part_ms"] / row["step_ms"]
     except AttributeError as err:  # the trainer's loss entry point is not there (yet)
         row["loss_part_error"] = repr(err)
+    if profile:
+        row.update(time_forward_part(config, built, holder["state"], batch, warmup, iters))
+        row["forward_share"] = row["forward_ms"] / row["step_ms"]
     mem = common.peak_memory_bytes()
     row["peak_memory_gib"] = None if mem is None else mem / 2**30
     return row
@@ -203,6 +226,7 @@ def run_isolated(name: str, args, remaining_s: float) -> list[dict]:
         cmd = [sys.executable, os.path.abspath(__file__), "--cases", name, "--out", out]
         cmd += ["--small"] if args.small else []
         cmd += ["--iters", str(args.iters)] if args.iters else []
+        cmd += ["--profile", args.profile] if args.profile else []
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(remaining_s, 60))
         except subprocess.TimeoutExpired:
@@ -221,6 +245,7 @@ def main() -> None:
     parser.add_argument("--cases", default="all", help=f"comma-separated case names, or 'all' ({', '.join(FULL)})")
     parser.add_argument("--iters", type=int, default=None, help="timed steps per case")
     parser.add_argument("--isolate", action="store_true", help="each case in its own child process")
+    parser.add_argument("--profile", default="", help="comma-separated cases whose forward alone is timed too")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/train_step[_small].json)")
     args = parser.parse_args()
@@ -245,7 +270,7 @@ def main() -> None:
             rows.extend(run_isolated(name, args, remaining))
         else:
             try:
-                rows.append(run_case(plan[name], warmup, iters, peak))
+                rows.append(run_case(plan[name], warmup, iters, peak, name in args.profile.split(",")))
             except Exception as err:  # noqa: BLE001 - an OOM or unsupported option is a result, not a crash
                 traceback.print_exc()
                 rows.append({"case": name, "status": f"error: {type(err).__name__}",
