@@ -21,6 +21,7 @@ from evaluation.datasets import SegmentationDataset
 from evaluation.features import FeaturesFn, extract_features, nearest_resize, resize_image
 from evaluation.kmeans import kmeans
 from evaluation.pca import standardize_and_project
+from neco_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,11 @@ def cluster_features(
     "miou_k<K>": each K's mean, "cluster_maps": {K: (N, h, w) cluster ids of the first seed}}.
     """
     n, h, w, d = features.shape
+    if max(settings.ks) > n * h * w:
+        raise UserError(
+            f"K={max(settings.ks)} clusters need at least that many patches, but {n} images give {n * h * w}; "
+            "lower config.overcluster.ks or evaluate more images"
+        )
     if settings.pca_dim > d:
         raise ValueError(f"pca_dim={settings.pca_dim} exceeds the feature dimension {d}")
     reduced = standardize_and_project(
