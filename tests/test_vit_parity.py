@@ -265,15 +265,14 @@ def test_bfloat16_compute_stays_close_and_fp32_outputs(dinov2_small):
 
 
 def test_gradients_match_official():
-    """Parameter gradients of a loss on patch and CLS tokens; the 75x45 input (not a multiple of the patch)
-    exercises border dropping and the pos-embed resampling."""
+    """Parameter gradients of a loss on patch and CLS tokens, through the pos-embed resampling (70x42 input)."""
     from dinov2.models.vision_transformer import DinoVisionTransformer
 
     ref = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=1.0,
                                 block_chunks=0)
     ref = randomize(ref, seed=9).eval()
     model = _pair("vit_tiny_test", ref, "dinov2", embed_dim=48)
-    x = _image((75, 45), seed=10, batch=2)
+    x = _image((70, 42), seed=10, batch=2)
     rng = np.random.default_rng(11)
     w_patch = rng.standard_normal((2, 15, 48)).astype(np.float32)
     w_cls = rng.standard_normal((2, 48)).astype(np.float32)
@@ -296,3 +295,11 @@ def test_gradients_match_official():
     print(f"worst gradient error: {max(errors.values()):.2e}")
     assert max(errors.values()) <= 1e-4, errors
     np.testing.assert_array_equal(ours[("mask_token",)], 0.0)
+
+
+def test_border_pixels_beyond_the_patch_grid_are_dropped():
+    """As the stride-p patch convolution of NeCo's DINO ViT (98 px crops at patch 16): 75x45 acts as 70x42."""
+    model = VisionTransformer(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0))
+    x = _image((75, 45), seed=12)
+    full, cropped = _jax_forward(model, x), _jax_forward(model, x[:, :70, :42])
+    np.testing.assert_array_equal(full["x_prenorm"], cropped["x_prenorm"])
