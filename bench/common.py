@@ -7,6 +7,7 @@ the median of many calls is reported with its spread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bench.flops import bf16_peak_flops
@@ -40,6 +42,29 @@ def device_summary() -> dict[str, Any]:
         "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str):
+    """Bench-only experiment: while active, `jax.nn.dot_product_attention` calls with 16-bit inputs and no
+    implementation named use `name` ("cudnn": cuDNN flash attention; JAX's default is the XLA path, which
+    materialises the N x N scores). It sizes the gain of that choice before the model makes it itself
+    (neco_jax/models/layers.py); "default" changes nothing. Functions must be traced inside the block."""
+    if name == "default":
+        yield
+        return
+    original = jax.nn.dot_product_attention
+
+    def patched(query, key, value, *args, implementation=None, **kwargs):
+        if implementation is None and jnp.dtype(query.dtype) in (jnp.bfloat16, jnp.float16):
+            implementation = name
+        return original(query, key, value, *args, implementation=implementation, **kwargs)
+
+    jax.nn.dot_product_attention = patched
+    try:
+        yield
+    finally:
+        jax.nn.dot_product_attention = original
 
 
 def time_calls(call: Callable[[], Any], *, warmup: int, iters: int) -> dict[str, float]:

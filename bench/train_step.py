@@ -49,25 +49,28 @@ class Case:
     batch: int
     dtype: str
     remat: bool
+    attention: str = "default"  # or "cudnn": see bench.common.attention_implementation
 
     @property
     def name(self) -> str:
         short = {"float32": "fp32", "bfloat16": "bf16"}[self.dtype]
         recipe = self.recipe.replace("dinov2_", "")
-        return f"{recipe}_{self.size_crops[0]}_b{self.batch}_{short}" + ("_remat" if self.remat else "")
+        return (f"{recipe}_{self.size_crops[0]}_b{self.batch}_{short}" + ("_remat" if self.remat else "")
+                + ("" if self.attention == "default" else f"_{self.attention}"))
 
 
 def _cases(specs) -> dict[str, Case]:
-    cases = [Case(r, s, b, d, m) for r, s, b, d, m in specs]
+    cases = [Case(*spec) for spec in specs]
     return {c.name: c for c in cases}
 
 
 S518, S224 = (518, 98), (224, 98)
 # Most important first: gpu_check.sh runs them in this order under a time budget.
 FULL = _cases([
-    ("dinov2_s14", S518, 64, "bfloat16", False), ("dinov2_s14", S518, 64, "bfloat16", True),
-    ("dinov2_s14", S518, 64, "float32", False), ("dinov2_s14", S224, 64, "bfloat16", False),
-    ("dinov2_b14", S518, 16, "bfloat16", False), ("dinov2_s14", S224, 64, "float32", False),
+    ("dinov2_s14", S518, 64, "bfloat16", False), ("dinov2_s14", S518, 64, "bfloat16", False, "cudnn"),
+    ("dinov2_s14", S518, 64, "bfloat16", True), ("dinov2_b14", S518, 16, "bfloat16", False),
+    ("dinov2_s14", S224, 64, "bfloat16", False), ("dinov2_s14", S518, 64, "float32", False),
+    ("dinov2_s14", S224, 64, "float32", False),
     ("dinov2_b14", S518, 16, "float32", False), ("dinov2_s14", S518, 64, "float32", True),
     ("dinov2_b14", S518, 16, "bfloat16", True), ("dinov2_s14", S224, 64, "bfloat16", True),
     ("dinov2_s14", S224, 64, "float32", True), ("dinov2_b14", S518, 16, "float32", True),
@@ -176,6 +179,11 @@ def time_forward_part(config, built: Built, state, batch, warmup: int, iters: in
 
 
 def run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: bool = False) -> dict:
+    with common.attention_implementation(case.attention):
+        return _run_case(case, warmup, iters, peak, profile)
+
+
+def _run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: bool) -> dict:
     config = case_config(case)
     row = {"case": case.name, **dataclasses.asdict(case), "status": "ok"}
     mesh = sharding.make_mesh(jax.devices()[:1])

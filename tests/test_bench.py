@@ -1,0 +1,178 @@
+"""The benchmark scripts: the FLOP formula against jax_notes E.1's table and against the matmuls of the model's
+own traced code, and each bench run with --small in a subprocess, checking the JSON it writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bench import common, flops
+from bench.train_step import SMALL, Case, case_config, synthetic_batch
+from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# jax_notes E.1: forward GMACs as printed there (the ViT-g row is timm's model card, 1784.2, which the
+# formula gives as ~1783 since it leaves out LayerNorm and the like).
+TABLE_GMACS = [
+    ("vit_small_patch16_dino", 224, "4.60"),
+    ("vit_small_patch14_dinov2", 224, "6.12"),
+    ("vit_small_patch14_dinov2", 98, "1.10"),
+    ("vit_small_patch14_dinov2", 518, "46.7"),
+    ("vit_base_patch16_dino", 224, "17.56"),
+    ("vit_base_patch14_dinov2", 224, "23.16"),
+    ("vit_base_patch14_dinov2", 98, "4.31"),
+    ("vit_base_patch14_dinov2", 518, "151.6"),
+    ("vit_giant_patch14_dinov2", 518, "1783"),
+]
+
+
+@pytest.mark.parametrize("arch,size,printed", TABLE_GMACS)
+def test_forward_macs_reproduce_the_table(arch, size, printed):
+    half_unit = 0.5 * 10.0 ** -len(printed.partition(".")[2])  # within rounding of the printed digits
+    assert abs(flops.vit_forward_macs(get_arch(arch), size) / 1e9 - float(printed)) <= half_unit
+
+
+def test_giant_matches_timm_model_card():
+    assert flops.vit_forward_macs(get_arch("vit_giant_patch14_dinov2"), 518) / 1e9 == pytest.approx(1784.2, rel=1e-3)
+
+
+def test_neco_step_flops_reproduce_the_notes():
+    head = {"hidden_dim": 2048, "out_dim": 256, "num_layers": 3}
+    assert flops.head_macs_per_token(384, 2048, 256, 3) / 1e6 == pytest.approx(5.5, abs=0.05)
+    # 224 config with 4 registers, heads on all tokens: ~158 (ViT-S) and ~523 (ViT-B) GFLOPs per image.
+    for arch, printed in (("vit_small_patch14_dinov2", 158), ("vit_base_patch14_dinov2", 523)):
+        cfg = get_arch(arch, num_register_tokens=4)
+        per_image = flops.neco_image_flops(cfg, head, (224, 98), (2, 4), head_on_all_tokens=True)
+        assert abs(per_image / 1e9 - printed) <= 0.5
+    # The released ViT-S recipe (518/98, batch 64): about 58 TFLOP per step.
+    config = case_config(Case("dinov2_s14", (518, 98), 64, "bfloat16", False))
+    assert abs(flops.neco_step_flops(config) / 1e12 - 58) <= 0.5
+
+
+def _traced_forward_macs(cfg, size: int) -> float:
+    """MACs per image from the model's own jaxpr (batch 2 minus batch 1: the batch-free position-table
+    resampling cancels)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(0))))
+
+    def fwd(state, x):
+        return nnx.merge(graphdef, state)(x)["x_norm_patchtokens"]
+
+    counts = [flops.matmul_flops(fwd, state, jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)) for b in (1, 2)]
+    return (counts[1] - counts[0]) / 2
+
+
+@pytest.mark.parametrize("arch,overrides,size", [
+    ("vit_small_patch14_dinov2", {"depth": 2, "num_register_tokens": 4}, 224),
+    ("vit_small_patch14_dinov2", {"depth": 1, "ffn_layer": "swiglu"}, 70),
+    ("vit_small_patch16_dino", {"depth": 1}, 64),
+])
+def test_formula_counts_the_models_matmuls(arch, overrides, size):
+    cfg = get_arch(arch, **overrides)
+    assert _traced_forward_macs(cfg, size) == pytest.approx(flops.vit_forward_macs(cfg, size), rel=1e-12)
+
+
+def test_head_formula_counts_the_heads_matmuls():
+    head = nnx.eval_shape(lambda: ProjectionHead(64, hidden_dim=128, out_dim=32, num_layers=3, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(head)
+    traced = flops.matmul_flops(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                                jax.ShapeDtypeStruct((10, 64), jnp.float32)) / 2
+    assert traced == 10 * flops.head_macs_per_token(64, 128, 32, 3)
+
+
+def test_matmul_counter_multiplies_scan_bodies():
+    def f(x, w):
+        return jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=5)[0]
+
+    assert flops.matmul_flops(f, jnp.ones((3, 4)), jnp.ones((4, 4))) == 5 * 2 * 3 * 4 * 4
+
+
+@pytest.mark.parametrize("kind,tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 NVL", None), ("cpu", None), ("TPU v5 lite", None),
+])
+def test_bf16_peak_by_device_kind(kind, tflops):
+    peak = flops.bf16_peak_flops(kind)
+    assert (peak is None) if tflops is None else peak == tflops * 1e12
+
+
+def test_attention_experiment_routes_16_bit_calls_and_restores():
+    original = jax.nn.dot_product_attention
+    seen = []
+
+    def spy(query, key, value, *args, implementation=None, **kwargs):
+        seen.append(implementation)
+        return original(query, key, value, *args, implementation=implementation, **kwargs)
+
+    q, k, v = (jax.random.normal(key, (1, 5, 2, 8), jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 3))
+    q32, k32, v32 = (a.astype(jnp.float32) for a in (q, k, v))
+    jax.nn.dot_product_attention = spy
+    try:
+        with common.attention_implementation("xla"):  # "cudnn" on a GPU; "xla" runs anywhere
+            jax.nn.dot_product_attention(q, k, v)
+            jax.nn.dot_product_attention(q32, k32, v32)
+        assert jax.nn.dot_product_attention is spy
+        with common.attention_implementation("default"):
+            jax.nn.dot_product_attention(q, k, v)
+    finally:
+        jax.nn.dot_product_attention = original
+    assert seen == ["xla", None, None]
+
+
+def test_synthetic_batch_follows_the_pipeline_contract():
+    config = case_config(SMALL["demo_56_b2_fp32"])
+    batch = synthetic_batch(config, np.random.default_rng(0))
+    b, (s_g, s_l) = config.optim.batch_size, config.data.size_crops
+    assert batch["global_crops"].shape == (b, 2, s_g, s_g, 3) and batch["local_crops"].shape == (b, 4, s_l, s_l, 3)
+    assert batch["boxes_gc"].shape == (b, 2, 6, 4) and batch["boxes_all"].shape == (b, 6, 2, 4)
+    frames = {"boxes_gc": np.full((1, 2, 6), s_g), "boxes_all": np.array([s_g] * 2 + [s_l] * 4)[None, :, None]}
+    for key, frame in frames.items():
+        x1, y1, x2, y2 = np.moveaxis(batch[key], -1, 0)
+        assert np.all((0 <= x1) & (x1 < x2) & (x2 <= frame) & (0 <= y1) & (y1 < y2) & (y2 <= frame))
+    for g in range(2):
+        np.testing.assert_array_equal(batch["boxes_gc"][:, g, g], [[0, 0, s_g, s_g]] * b)
+
+
+def _run(script: str, tmp_path, *args: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--small", "--out", str(out), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["small"] is True and data["device"]["platform"] == jax.devices()[0].platform
+    return data
+
+
+@pytest.mark.slow
+def test_forward_bench_small(tmp_path):
+    rows = _run("forward", tmp_path)["rows"]
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    for r in rows:
+        assert r["status"] == "ok" and r["images_per_s"] > 0 and r["median_s"] > 0 and r["tflops_per_s"] > 0
+        assert r["gflops_per_image"] == pytest.approx(2 * flops.vit_forward_macs(get_arch(r["arch"]), r["size"]) / 1e9)
+
+
+@pytest.mark.slow
+def test_train_step_bench_small(tmp_path):
+    name = "demo_56_b2_fp32"
+    (row,) = _run("train_step", tmp_path, "--cases", name, "--isolate", "--profile", name)["rows"]
+    assert row["case"] == name and row["status"] == "ok" and row["finite"]
+    assert row["step_ms"] > 0 and row["images_per_s"] > 0 and row["loss_part_ms"] > 0 and row["forward_ms"] > 0
+    assert 0 < row["loss_share"] and 0 < row["forward_share"]
+    expected = flops.neco_step_flops(case_config(SMALL[name]))
+    assert row["model_gflop_per_step"] == pytest.approx(expected / 1e9)
+    assert row["matmul_tflop_traced"] * 1e12 > expected  # the backward's matmuls and the sorting come on top
+    assert row["compiled_memory_gib"] > 0
+
+
+def test_train_step_bench_time_budget(tmp_path):
+    rows = _run("train_step", tmp_path, "--cases", "demo_56_b2_fp32,demo_56_b2_bf16", "--budget-s", "0")["rows"]
+    assert [r["status"].split(":")[0] for r in rows] == ["skipped", "skipped"]
