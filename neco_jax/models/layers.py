@@ -73,24 +73,23 @@ class Attention(nnx.Module):
         self.proj = linear(dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
-        """(B, N, D) -> ((B, N, D), softmax attention (B, heads, N, N) in fp32 if requested, else None).
+        """(B, N, D) -> ((B, N, D), the first token's softmax attention (B, heads, N) in fp32, or None).
 
-        The fast path is `jax.nn.dot_product_attention` (fused kernels on GPU; fp32 softmax). When the
-        attention map is requested the softmax is computed explicitly, in fp32.
+        The output always goes through `jax.nn.dot_product_attention` (fused kernels on GPU; fp32 softmax).
+        The requested attention row of the first (CLS) token is an explicit fp32 softmax of q_cls k^T / sqrt(d),
+        which avoids materialising the full (B, heads, N, N) map.
         """
         b, n, d = x.shape
         head_dim = d // self.num_heads
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         scale = head_dim**-0.5
+        attn_cls = None
         if return_attention:
-            logits = jnp.einsum("bqhc,bkhc->bhqk", q * scale, k, preferred_element_type=jnp.float32)
-            attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            out = jnp.einsum("bhqk,bkhc->bqhc", attn.astype(v.dtype), v)
-        else:
-            attn = None
-            out = jax.nn.dot_product_attention(q, k, v, scale=scale)
-        return self.proj(out.reshape(b, n, d)), attn
+            logits = jnp.einsum("bhc,bkhc->bhk", q[:, 0] * scale, k, preferred_element_type=jnp.float32)
+            attn_cls = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+        return self.proj(out.reshape(b, n, d)), attn_cls
 
 
 class Mlp(nnx.Module):

@@ -156,7 +156,7 @@ class Block(nnx.Module):
         key: jax.Array | None = None,
         return_attention: bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """x (B, N, D) fp32 -> (x, attention or None). `drop_rate` > 0 (training only) needs `key`."""
+        """x (B, N, D) fp32 -> (x, CLS attention row (B, heads, N) or None). drop_rate > 0 needs `key`."""
         if drop_rate > BATCH_SUBSET_THRESHOLD:
             if return_attention:
                 raise ValueError("return_attention is not available in a block trained with batch-subset drop path")
@@ -260,7 +260,7 @@ class VisionTransformer(nnx.Module):
             "x_prenorm": tokens,
         }
         if return_attention:
-            result["attn_cls"] = attn[:, :, 0, first_patch:]
+            result["attn_cls"] = attn[:, :, first_patch:]
         if n_last_blocks:
             result["blocks"] = tuple(self.norm(out) for out in outputs)
         return result
