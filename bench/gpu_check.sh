@@ -69,16 +69,16 @@ print(f"  {2 * n**3 * 20 / (time.perf_counter() - t) / 1e12:.0f} TFLOP/s bf16 on
 PYEOF
 
 stage "GPU tests (tests/test_gpu.py, -m gpu)"
-timeout 240 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$RESULTS/tests.txt"
+timeout 200 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$RESULTS/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
 stage "train step bench ($(left) s left)"
-budget=$(( $(left) - 190 )); (( budget < 30 )) && budget=30
-timeout $(( $(left) - 70 > 60 ? $(left) - 70 : 60 )) "$PY" bench/train_step.py --isolate --budget-s "$budget" \
+budget=$(( $(left) - 170 )); (( budget < 30 )) && budget=30
+timeout $(( $(left) - 80 > 90 ? $(left) - 80 : 90 )) "$PY" bench/train_step.py --isolate --budget-s "$budget" \
   --profile s14_518_b64_bf16 $BENCH_ARGS 2>&1 | tee "$RESULTS/train_step.txt"
 
 stage "forward bench ($(left) s left)"
-budget=$(( $(left) - 60 )); (( budget < 10 )) && budget=10
+budget=$(( $(left) - 45 )); (( budget < 10 )) && budget=10
 timeout $(( $(left) > 40 ? $(left) : 40 )) "$PY" bench/forward.py --budget-s "$budget" $BENCH_ARGS 2>&1 | tee "$RESULTS/forward.txt"
 
 stage "summary"
