@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from evaluation import metrics
-from evaluation.datasets import SegmentationDataset
+from evaluation.datasets import DatasetError, SegmentationDataset
 from evaluation.features import (
     FeaturesFn,
     extract_features,
@@ -225,12 +225,16 @@ def train_head(
             params, opt_state, loss = step(params, opt_state, jnp.asarray(feats), jnp.asarray(labels))
             epoch_losses.append(float(loss))
         losses.append(float(np.mean(epoch_losses)))
+        tqdm.write(f"epoch {epoch + 1}/{settings.epochs}: loss {losses[-1]:.4f}")
     return params, losses
 
 
 def _image_hw(dataset: SegmentationDataset, i: int) -> tuple[int, int]:
-    with Image.open(dataset.image_paths[i]) as im:
-        return im.height, im.width
+    try:
+        with Image.open(dataset.image_paths[i]) as im:
+            return im.height, im.width
+    except OSError as e:
+        raise DatasetError(f"cannot read image {dataset.image_paths[i]} ({e}); replace or remove the file") from e
 
 
 def _cached_batches(cached, batches):
