@@ -18,14 +18,15 @@ DATASETS = {
 
 def get_eval_config(dataset: str, protocol: str, **protocol_overrides) -> ml_collections.ConfigDict:
     """The locked config of `protocol` on `dataset`; `protocol_overrides` change protocol fields' defaults."""
-    c = _common_fields(dataset, protocol)
+    c = common_fields(dataset, protocol)
     {"linear": linear_fields, "overcluster": overcluster_fields}[protocol](c)
     getattr(c, protocol).update(protocol_overrides)
     c.lock()
     return c
 
 
-def _common_fields(dataset: str, protocol: str) -> ml_collections.ConfigDict:
+def common_fields(dataset: str, protocol: str) -> ml_collections.ConfigDict:
+    """Fields every evaluation job has (unlocked, so a protocol file can add its own section)."""
     train_split, val_split, num_classes, _ = DATASETS[dataset]
     c = ml_collections.ConfigDict()
     # Which evaluation: the module evaluation.<protocol> runs it.

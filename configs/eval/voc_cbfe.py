@@ -49,7 +49,7 @@ def cbfe_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def get_config():
-    c = base._common_fields("voc", "cbfe")
+    c = base.common_fields("voc", "cbfe")
     cbfe_fields(c)
     c.lock()
     return c

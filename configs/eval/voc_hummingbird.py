@@ -52,7 +52,7 @@ def hummingbird_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def hummingbird_config(dataset: str) -> ml_collections.ConfigDict:
-    c = base._common_fields(dataset, "hummingbird")
+    c = base.common_fields(dataset, "hummingbird")
     hummingbird_fields(c)
     c.lock()
     return c
