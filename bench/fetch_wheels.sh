@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fill bench/wheels/ with the packages the GPU image lacks (it has jax, flax, optax, orbax, etils, absl,
-# protobuf, ... but not grain, clu, ml_collections, tensorflow-datasets, array-record), for CPython 3.12 on
+# Fill bench/wheels/ with the packages the GPU image lacks (it has jax, orbax, etils, absl, protobuf, ... but
+# not grain, clu, ml_collections, tensorflow-datasets, array-record) and the CPU venv's flax/optax, for CPython 3.12 on
 # manylinux x86_64, so bench/gpu_check.sh can install them there with no network. Run here, where pip works:
 #     bash bench/fetch_wheels.sh            # then: run(carry=["bench/wheels"], command="bash bench/gpu_check.sh")
 # Versions are those of the CPU venv (.venv), so both machines run the same code. The folder is git-ignored.
@@ -17,6 +17,8 @@ binary=(
   immutabledict==4.3.1 simple-parsing==0.1.9 docstring-parser==0.18.0
   tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2
   portpicker==1.6.0 googleapis-common-protos==1.76.0
+  # The image has flax and optax of its own (version unknown); these are the ones the code is tested with.
+  flax==0.12.8 optax==0.2.8
 )
 # Pure-Python packages published only as source: built into a wheel here (any platform).
 source_only=(promise==2.3)

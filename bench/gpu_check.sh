@@ -31,15 +31,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 git log --oneline -1 2>/dev/null || true
 
 stage "install carried wheels and the repo (--no-deps, no index) into $SITE"
-missing=$("$PY" -c "import grain, ml_collections, clu, tensorflow_datasets" 2>&1 | tail -1)
-if [ -n "$missing" ]; then
-  echo "  ($missing)"
+if "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
   if ! ls bench/wheels/*.whl >/dev/null 2>&1; then
     echo "error: no wheels in bench/wheels; run 'bash bench/fetch_wheels.sh' on the CPU machine and carry bench/wheels"
     exit 2
   fi
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
     bench/wheels/*.whl || { echo "error: installing the carried wheels failed"; exit 2; }
+else
+  echo "  the carried wheels are for CPython 3.12; $("$PY" -V) uses its own packages (a dry run)"
 fi
 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$SITE" . \
   || echo "warning: installing the repo failed; the checkout on PYTHONPATH is used instead"
@@ -79,7 +79,8 @@ timeout $(( $(left) - 80 > 90 ? $(left) - 80 : 90 )) "$PY" bench/train_step.py -
 
 stage "forward bench ($(left) s left)"
 budget=$(( $(left) - 45 )); (( budget < 10 )) && budget=10
-timeout $(( $(left) > 40 ? $(left) : 40 )) "$PY" bench/forward.py --budget-s "$budget" $BENCH_ARGS 2>&1 | tee "$RESULTS/forward.txt"
+timeout $(( $(left) > 40 ? $(left) : 40 )) "$PY" bench/forward.py --budget-s "$budget" $BENCH_ARGS 2>&1 \
+  | tee "$RESULTS/forward.txt"
 
 stage "summary"
 echo "tests: exit $tests_rc; $(tail -1 "$RESULTS/tests.txt")"

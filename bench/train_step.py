@@ -237,8 +237,8 @@ def run_isolated(name: str, args, remaining_s: float) -> list[dict]:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(remaining_s, 60))
         except subprocess.TimeoutExpired:
             return [{"case": name, "status": f"timeout after {max(remaining_s, 60):.0f} s"}]
-        sys.stdout.write(proc.stdout)
         if proc.returncode != 0 or not os.path.exists(out):
+            sys.stdout.write(proc.stdout[-3000:] + proc.stderr[-3000:])
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             return [{"case": name, "status": f"child exit {proc.returncode}", "error": " | ".join(tail)}]
         with open(out) as f:
