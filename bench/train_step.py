@@ -225,18 +225,20 @@ def _run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: 
     return row
 
 
-def run_isolated(name: str, args, remaining_s: float) -> list[dict]:
-    """One case in a child process (a per-case allocator peak; an OOM or crash stays in the child)."""
+def run_isolated(name: str, args, remaining_s: float | None) -> list[dict]:
+    """One case in a child process (a per-case allocator peak; an OOM or crash stays in the child), killed
+    after `remaining_s` (at least a minute; None: no limit)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "case.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--cases", name, "--out", out]
         cmd += ["--small"] if args.small else []
         cmd += ["--iters", str(args.iters)] if args.iters else []
         cmd += ["--profile", args.profile] if args.profile else []
+        limit = None if remaining_s is None else max(remaining_s, 60.0)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(remaining_s, 60))
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired:
-            return [{"case": name, "status": f"timeout after {max(remaining_s, 60):.0f} s"}]
+            return [{"case": name, "status": f"timeout after {limit:.0f} s"}]
         if proc.returncode != 0 or not os.path.exists(out):
             sys.stdout.write(proc.stdout[-3000:] + proc.stderr[-3000:])
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -273,7 +275,7 @@ def main() -> None:
             rows.append({"case": name, "status": f"skipped: time budget {args.budget_s:.0f} s spent"})
             continue
         if args.isolate:
-            remaining = float("inf") if args.budget_s is None else args.budget_s - elapsed + 120
+            remaining = None if args.budget_s is None else args.budget_s - elapsed + 120
             rows.extend(run_isolated(name, args, remaining))
         else:
             try:

@@ -169,7 +169,9 @@ def test_train_step_bench_small(tmp_path):
     assert 0 < row["loss_share"] and 0 < row["forward_share"]
     expected = flops.neco_step_flops(case_config(SMALL[name]))
     assert row["model_gflop_per_step"] == pytest.approx(expected / 1e9)
-    assert row["matmul_tflop_traced"] * 1e12 > expected  # the backward's matmuls and the sorting come on top
+    # What XLA is given differs from the model count by the batch-subset drop path (fewer student rows), the
+    # image gradient that is never formed and the loss's own matmuls: the same magnitude, not the same number.
+    assert 0.5 < row["matmul_tflop_traced"] * 1e12 / expected < 2
     assert row["compiled_memory_gib"] > 0
 
 
