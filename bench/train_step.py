@@ -149,7 +149,7 @@ def time_loss_part(config, models, queue, batch, warmup: int, iters: int) -> dic
     b = config.optim.batch_size
     (n_g, n_l), (s_g, s_l) = config.data.nmb_samples, config.data.size_crops
     p, dim = models.patch_size, config.head.out_dim
-    keys = jax.random.split(jax.random.key(1), 4)
+    keys = jax.random.split(jax.random.PRNGKey(1), 4)
 
     def unit(key, shape):
         x = jax.random.normal(key, shape, jnp.float32)
@@ -172,7 +172,7 @@ def time_forward_part(config, built: Built, state, batch, warmup: int, iters: in
     """The step's forward alone (student and teacher backbones, heads, loss; no gradients, no update): with the
     step time and the loss part, a coarse profile of where the step's time goes."""
     loss_fn = jax.jit(train_lib.make_loss_fn(config, built.models, built.labels))
-    key = jax.random.key(2)
+    key = jax.random.PRNGKey(2)  # a raw key, as the state.rng the step splits
     timing = common.time_calls(lambda: loss_fn(state.student, state.teacher, state.queue, batch, key)[0],
                                warmup=warmup, iters=iters)
     return {"forward_ms": 1e3 * timing["median_s"], "forward_timing": timing}
