@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from evaluation import metrics
+from input_pipeline.views import random_resized_crop_params
 from evaluation.datasets import DatasetError, SegmentationDataset
 from evaluation.features import (
     FeaturesFn,
@@ -65,28 +66,7 @@ class LinearSettings:
 # ----------------------------------------------------------------------------------------------------------------
 # Paired augmentation (torchvision RandomResizedCrop.get_params + PIL resizes, horizontal flip).
 
-
-def random_resized_crop_params(
-    rng: np.random.Generator, height: int, width: int, scale: Sequence[float], ratio=(3 / 4, 4 / 3)
-) -> tuple[int, int, int, int]:
-    """(top, left, h, w) as torchvision's `RandomResizedCrop.get_params`: 10 tries, then a centre crop."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 
 
 def augmented_example(dataset, i, *, crop, flip: bool, size: int, mask_size: int):
@@ -205,7 +185,8 @@ def train_head(
         crops = {}
         if sizes is not None:
             for i in range(n):
-                crop = random_resized_crop_params(rng, *sizes[i], settings.crop_scale)
+                height, width = sizes[i]
+                crop = random_resized_crop_params(rng, width, height, settings.crop_scale, CROP_RATIO)
                 crops[i] = (crop, rng.random() < settings.hflip)
 
         def load(ds, i, crops=crops):
