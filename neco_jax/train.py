@@ -28,6 +28,7 @@ from flax import nnx
 
 from neco_jax import checkpoint as ckpt_lib
 from neco_jax import ema, optim, sharding
+from neco_jax import queue as queue_lib
 from neco_jax import metrics_writer as mw
 from neco_jax import train_state as ts
 from neco_jax.errors import UserError
@@ -195,6 +196,24 @@ def _forward(backbone_def: ts.ModuleDef, head_def: ts.ModuleDef, params: dict, c
     return feats, attn
 
 
+def _neco_loss(lcfg, patch_size: int, s_glob, s_loc, t_glob, attn, batch, queue, key):
+    """`neco_jax.loss.neco_loss` with the config's options -> (loss, (queue, aux)); `queue` is {} without one."""
+    from neco_jax import loss as loss_lib
+
+    fg = None
+    if lcfg.loss_mask != "all":
+        from neco_jax.fg_mask import attention_fg_mask
+
+        fg = attention_fg_mask(attn, t_glob.shape[2:4])
+    loss, aux, new_queue = loss_lib.neco_loss(
+        s_glob, s_loc, t_glob, batch["boxes_gc"], batch["boxes_all"], queue or None, key,
+        patch_size=patch_size, student_steepness=lcfg.student_steepness, teacher_steepness=lcfg.teacher_steepness,
+        network=lcfg.sort_net, distribution=lcfg.distribution, similarity=lcfg.sim_dist,
+        output_size=lcfg.roi_align_kernel_size, loss_mask=lcfg.loss_mask, fg_mask=fg,
+        original_counter=lcfg.queue_original_counter, detach_teacher=lcfg.use_teacher)
+    return loss, (queue if new_queue is None else new_queue, aux)
+
+
 def make_loss_fn(config, models: ts.Models, labels: Any):
     """`loss_fn(student, teacher, queue, batch, key) -> (loss, (new_queue, aux))`, differentiable in `student`."""
     lcfg = config.loss
@@ -256,6 +275,19 @@ def jit_train_step(step_fn, mesh) -> Any:
     repl = sharding.replicated(mesh)
     return jax.jit(step_fn, in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=(repl, repl),
                    donate_argnums=(0,))
+
+
+def build_training(config, total_steps: int, student: dict, teacher: dict):
+    """(models, optimizer labels, optimizer, initial TrainState) around initial student/teacher params."""
+    models = build_models(config, has_mask_token="mask_token" in student["backbone"])
+    depth = len(student["backbone"]["blocks"])
+    labels = optim.param_labels(student, exclude_norm_bias=config.optim.exclude_norm_bias,
+                                trainable_blocks=optim.parse_trainable_blocks(config.optim.trainable_blocks, depth))
+    tx = optim.make_optimizer(config.optim, labels, total_steps)
+    lcfg = config.loss
+    queue = queue_lib.init(len(lcfg.crops_for_assign), lcfg.queue_length, config.head.out_dim) if lcfg.use_queue else {}
+    state = ts.create(student, teacher if lcfg.use_teacher else {}, tx.init(student), queue, config.seed)
+    return models, labels, tx, state
 
 
 # --------------------------------------------------------------------------- export
@@ -360,19 +392,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         init_desc = f"resumed from {checkpointer.directory}/{latest}"
     else:
         student, teacher, init_desc = initial_params(config)
-    has_mask = "mask_token" in student["backbone"]
-    models = build_models(config, has_mask_token=has_mask)
-    depth = len(student["backbone"]["blocks"])
-    labels = optim.param_labels(student, exclude_norm_bias=config.optim.exclude_norm_bias,
-                                trainable_blocks=optim.parse_trainable_blocks(config.optim.trainable_blocks, depth))
-    tx = optim.make_optimizer(config.optim, labels, total_steps)
-    from neco_jax import loss as loss_lib
-
-    queue = loss_lib.init_queue(config.loss, config.head.out_dim) if config.loss.use_queue else {}
-    if not config.loss.use_teacher:
-        teacher = {}
+    models, labels, tx, state = build_training(config, total_steps, student, teacher)
     repl = sharding.replicated(mesh)
-    state = ts.create(student, teacher, tx.init(student), queue, config.seed)
     state = jax.device_put(state, repl)
     del student, teacher
     if latest is not None:
