@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
 from bench.flops import matmul_flops, neco_step_flops  # noqa: E402
 from configs import base  # noqa: E402
-from neco_jax import optim, sharding  # noqa: E402
+from neco_jax import sharding  # noqa: E402
 from neco_jax import train as train_lib  # noqa: E402
 from neco_jax import train_state as ts  # noqa: E402
 
@@ -125,18 +125,10 @@ class Built(NamedTuple):
 
 
 def build_step(config, mesh) -> Built:
-    """The trainer's state and jitted step, built as `train_and_evaluate` builds them (random init)."""
-    from neco_jax import loss as loss_lib
-
+    """The trainer's state and jitted step on random-init weights, built by the trainer's own builders."""
     total_steps = config.optim.total_steps
     student, teacher = train_lib.random_params(config, config.seed)
-    models = train_lib.build_models(config)
-    depth = len(student["backbone"]["blocks"])
-    labels = optim.param_labels(student, exclude_norm_bias=config.optim.exclude_norm_bias,
-                                trainable_blocks=optim.parse_trainable_blocks(config.optim.trainable_blocks, depth))
-    tx = optim.make_optimizer(config.optim, labels, total_steps)
-    queue = loss_lib.init_queue(config.loss, config.head.out_dim) if config.loss.use_queue else {}
-    state = ts.create(student, teacher, tx.init(student), queue, config.seed)
+    models, labels, tx, state = train_lib.build_training(config, total_steps, student, teacher)
     state = jax.device_put(state, sharding.replicated(mesh))
     step_fn = train_lib.make_train_step(config, models, labels, tx, total_steps)
     return Built(state, step_fn, train_lib.jit_train_step(step_fn, mesh), models, labels)
