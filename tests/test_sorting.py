@@ -1,0 +1,122 @@
+"""Sorting networks vs diffsort 0.2.0 (the package NeCo pins): networks, P, values and gradients."""
+
+import numpy as np
+import pytest
+import torch
+import jax
+import jax.numpy as jnp
+from diffsort import DiffSortNet
+from diffsort.networks import bitonic_network, odd_even_network
+
+from neco_jax import sorting
+
+SIZES = (2, 5, 16, 49, 64)
+NETWORKS = ("bitonic", "odd_even")
+ROWS = 4
+
+
+def _inputs(n, seed):
+    """Well-separated values (gaps >= 0.5 / n) in random order: keeps fp32 conditioning comparable across libraries."""
+    rng = np.random.default_rng(seed)
+    x = np.stack([rng.permutation(n) for _ in range(ROWS)]).astype(np.float64) / n
+    x += rng.uniform(0, 0.5 / n, x.shape)
+    weights = rng.normal(size=(ROWS, n, n))
+    return x, weights
+
+
+def _diffsort(x, weights, network, steepness, distribution, dtype):
+    """diffsort's P, values and the gradients of sum(w * P) and sum(values**2) with respect to x."""
+    xt = torch.tensor(x, dtype=dtype, requires_grad=True)
+    sorter = DiffSortNet(network, x.shape[1], steepness=steepness, distribution=distribution)
+    sorter.sorting_network = [[m.to(dtype) for m in layer] for layer in sorter.sorting_network]
+    values, perm = sorter(xt)
+    (gp,) = torch.autograd.grad((perm * torch.tensor(weights, dtype=dtype)).sum(), xt, retain_graph=True)
+    (gv,) = torch.autograd.grad((values**2).sum(), xt)
+    return [t.detach().numpy() for t in (perm, values, gp, gv)]
+
+
+def _ours(x, weights, network, steepness, distribution):
+    def outputs(x):
+        values, perm = sorting.sort(x, network=network, steepness=steepness, distribution=distribution)
+        return perm, values
+
+    perm, values = jax.jit(outputs)(x)
+    gp = jax.grad(lambda x: jnp.sum(outputs(x)[0] * weights))(x)
+    gv = jax.grad(lambda x: jnp.sum(outputs(x)[1] ** 2))(x)
+    return [np.asarray(t) for t in (perm, values, gp, gv)]
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("n", range(1, 70))
+def test_networks_equal_diffsort_matrices(n):
+    for network, reference in (("bitonic", bitonic_network), ("odd_even", odd_even_network)):
+        if n == 1 and network == "bitonic":
+            continue  # diffsort's bitonic builder has no layers for n = 1 either (log2(1) = 0 blocks)
+        ours, theirs = sorting.network_matrices(network, n), reference(n)
+        assert len(ours) == len(theirs)
+        for layer_ours, layer_theirs in zip(ours, theirs):
+            for a, b in zip(layer_ours, layer_theirs):
+                assert a.shape == b.shape and np.array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("network", NETWORKS)
+@pytest.mark.parametrize("n", SIZES)
+def test_sort_equals_diffsort(n, network):
+    """Every relaxation: P and values within 1e-5, gradients within 1e-4 of diffsort (float64, relative to the
+    largest entry). Where diffsort's own float32 run is further than that from its float64 result (deep
+    odd-even networks amplify rounding), ours may be at most twice as far as diffsort-float32 is."""
+    x, weights = _inputs(n, seed=n)
+    x32, w32 = x.astype(np.float32), weights.astype(np.float32)
+    x64, w64 = x32.astype(np.float64), w32.astype(np.float64)
+    for distribution in sorting.DISTRIBUTIONS:
+        steepness = 2.0 * n  # swaps of neighbours with gap ~1/n are decided but still soft
+        ref = _diffsort(x64, w64, network, steepness, distribution, torch.float64)
+        theirs32 = _diffsort(x64, w64, network, steepness, distribution, torch.float32)
+        ours = _ours(x32, w32, network, steepness, distribution)
+        for name, o, t32, r, tol in zip(("P", "values", "grad P", "grad values"), ours, theirs32, ref,
+                                        (1e-5, 1e-5, 1e-4, 1e-4)):
+            bound = max(tol, 2 * _rel(t32, r))
+            assert _rel(o, r) <= bound, (distribution, name, _rel(o, r), _rel(t32, r))
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_gather_is_diffsort_in_float64(network):
+    """The algorithm itself, without float32 rounding: the executors equal diffsort to ~1e-12 in float64."""
+    x, _ = _inputs(49, seed=7)
+    x = np.random.default_rng(0).normal(size=x.shape) * 0.3
+    for distribution in sorting.DISTRIBUTIONS:
+        ref_p, ref_v = _diffsort(x, np.zeros((ROWS, 49, 49)), network, 100.0, distribution, torch.float64)[:2]
+        with jax.experimental.enable_x64():
+            for run in (sorting._execute_gather, sorting._execute_dense):
+                values, perm = run(jnp.asarray(x, jnp.float64), network, 100.0, distribution, 0.25)
+                assert _rel(np.asarray(perm), ref_p) < 1e-12, (distribution, run.__name__)
+                assert _rel(np.asarray(values), ref_v) < 1e-12
+
+
+@pytest.mark.parametrize("network", NETWORKS)
+def test_hard_limit_sorts_and_p_is_doubly_stochastic(network):
+    x = np.random.default_rng(1).normal(size=(50, 49)).astype(np.float32)
+    values, perm = jax.jit(lambda x: sorting.sort(x, network=network, steepness=1e6))(x)
+    np.testing.assert_allclose(np.asarray(values), np.sort(x, axis=-1), rtol=0, atol=1e-6)
+    _, soft = sorting.sort(x, network=network, steepness=10.0)
+    np.testing.assert_allclose(np.asarray(soft).sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(soft).sum(-2), 1.0, atol=1e-5)
+
+
+def test_float32_batching_and_vmap():
+    x = np.random.default_rng(2).normal(size=(2, 3, 16)).astype(np.float16)
+    values, perm = sorting.sort(x)
+    assert values.dtype == jnp.float32 and perm.shape == (2, 3, 16, 16)
+    v2, p2 = jax.vmap(lambda r: sorting.sort(r))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(p2), np.asarray(perm), atol=1e-7)
+
+
+def test_unknown_names_raise_user_errors():
+    with pytest.raises(sorting.SortingConfigError, match="network"):
+        sorting.sort(np.zeros((1, 4)), network="merge")
+    with pytest.raises(sorting.SortingConfigError, match="relaxation"):
+        sorting.sort(np.zeros((1, 4)), distribution="softmax")
