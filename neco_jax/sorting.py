@@ -187,6 +187,7 @@ def _execute_gather(x: jax.Array, network: str, steepness, distribution: str, ar
     the comparator's (a, b) inputs; floating-point + and * commute, so this is diffsort's arithmetic.
     The layers run as a ``lax.scan`` over the stacked tables: unrolled, XLA fuses the chain of cheap
     elementwise layers into quadratically large kernels (25-50 s to compile a 49-layer forward on CPU).
+    Each layer is rematerialised in the backward pass, so only P per layer is kept (half the memory).
     """
     rows, n = x.shape
     tables = gather_tables(network, n)
@@ -205,7 +206,7 @@ def _execute_gather(x: jax.Array, network: str, steepness, distribution: str, ar
         return (x, pt), None
 
     if len(tables.partner):
-        (x, pt), _ = jax.lax.scan(layer, (x, pt), tuple(jnp.asarray(t) for t in tables))
+        (x, pt), _ = jax.lax.scan(jax.checkpoint(layer), (x, pt), tuple(jnp.asarray(t) for t in tables))
     return x, jnp.swapaxes(pt, -1, -2)
 
 

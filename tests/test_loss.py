@@ -171,3 +171,31 @@ def test_euclidean_matches_cdist():
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     z = np.asarray(loss_lib.similarity_matrix(q, np.zeros_like(r), "cosine"))
     assert (z == 0).all()
+
+
+def test_fg_masked_loss_equals_reference(data):
+    """loss_mask='fg' in batch-pool mode: masked queries, pool filtered to masked-in vectors."""
+    rng = np.random.default_rng(4)
+    fg = (rng.uniform(size=(B, G, HG, HG)) < 0.8).astype(np.float32)
+    key = jax.random.PRNGKey(11)
+    out, _, _ = loss_lib.neco_loss(
+        data["sg"], data["sl"], data["tg"], data["gc"], data["all"], None, key, patch_size=PATCH,
+        output_size=K, loss_mask="fg", fg_mask=fg,
+    )
+    _, pair_key = jax.random.split(key)
+
+    def query_mask(g, v):
+        boxes = torch.tensor(data["gc"][:, g, v], dtype=torch.float64)[:, None] / PATCH
+        m = tv_roi_align(torch.tensor(fg[:, g, None], dtype=torch.float64), list(boxes), K, aligned=True)
+        return (m.reshape(B, K * K) >= loss_lib.MASK_ONE).double()
+
+    def refs_fn(g, v, t_q):
+        valid = query_mask(g, v).reshape(-1) > 0
+        pool = t_q.reshape(B * K * K, C)[valid]
+        tiled = pool.repeat(round(B * K * K / max(len(pool), 1)) + 1, 1)[: B * K * K]
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(pair_key, g * V + v), B * K * K))
+        return tiled[torch.tensor(perm)].reshape(B, K * K, C)
+
+    ref = _torch_loss(data, refs_fn, 100.0, 100.0, "bitonic", masks=query_mask)
+    ref = float(ref)
+    assert 0 < ref and abs(float(out) - ref) <= 1e-5 * abs(ref), (float(out), ref)
