@@ -4,8 +4,8 @@
 #      and this repo itself, all with --no-deps into a private folder;
 #   2. the tests marked for the GPU (tests/test_gpu.py: fp32 parity with the CPU, bf16 sanity);
 #   3. bench/train_step.py (each case in its own process, most important first, under a time budget);
-#   4. bench/forward.py.
-# Leaves gpu_check.log, tests.txt, train_step.{txt,json} and forward.{txt,json} in $OUT (the device tool's
+#   4. bench/forward.py; then bench/sorting.py if time is left.
+# Leaves gpu_check.log, tests.txt, train_step.{txt,json}, forward.{txt,json} (sorting.txt) in $OUT (the device tool's
 # folder) or else bench/results/gpu/, and ends with the summary. From the session that has a GPU:
 #   run(command="bash bench/gpu_check.sh", carry=["bench/wheels"], timeout_s=560)
 # GPU_CHECK_BUDGET_S (default 470) is the whole script's time; PYTHON picks the interpreter (default python3);
@@ -82,9 +82,15 @@ budget=$(( $(left) - 45 )); (( budget < 10 )) && budget=10
 timeout $(( $(left) > 40 ? $(left) : 40 )) "$PY" bench/forward.py --budget-s "$budget" $BENCH_ARGS 2>&1 \
   | tee "$RESULTS/forward.txt"
 
+if (( $(left) >= 40 )); then  # extra, if time is left: the sort executors alone at NeCo's 31,360 x 49 rows
+  stage "sorting bench ($(left) s left)"
+  timeout $(( $(left) - 5 )) "$PY" bench/sorting.py 2>&1 | tee "$RESULTS/sorting.txt"
+fi
+
 stage "summary"
 echo "tests: exit $tests_rc; $(tail -1 "$RESULTS/tests.txt")"
 sed -n '/^NeCo train step/,/^wrote/p' "$RESULTS/train_step.txt"
 sed -n '/^Feature extraction/,/^wrote/p' "$RESULTS/forward.txt"
+[ -f "$RESULTS/sorting.txt" ] && sed -n '/^sort (/,$p' "$RESULTS/sorting.txt"
 ls -l "$RESULTS"
 exit "$tests_rc"
