@@ -89,7 +89,7 @@ fi
 
 stage "summary"
 echo "tests: exit $tests_rc; $(tail -1 "$RESULTS/tests.txt")"
-sed -n '/^NeCo train step/,/^wrote/p' "$RESULTS/train_step.txt"
+sed -n '/^device:/,/^wrote/p' "$RESULTS/train_step.txt"
 sed -n '/^Feature extraction/,/^wrote/p' "$RESULTS/forward.txt"
 [ -f "$RESULTS/sorting.txt" ] && sed -n '/^sort (/,$p' "$RESULTS/sorting.txt"
 ls -l "$RESULTS"

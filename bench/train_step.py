@@ -220,9 +220,9 @@ def _run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: 
     return row
 
 
-def run_isolated(name: str, args, remaining_s: float | None) -> list[dict]:
+def run_isolated(name: str, args, remaining_s: float | None) -> tuple[list[dict], dict | None]:
     """One case in a child process (a per-case allocator peak; an OOM or crash stays in the child), killed
-    after `remaining_s` (at least a minute; None: no limit)."""
+    after `remaining_s` (at least a minute; None: no limit). Returns its rows and its device summary."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "case.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--cases", name, "--out", out]
@@ -233,13 +233,14 @@ def run_isolated(name: str, args, remaining_s: float | None) -> list[dict]:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired:
-            return [{"case": name, "status": f"timeout after {limit:.0f} s"}]
+            return [{"case": name, "status": f"timeout after {limit:.0f} s"}], None
         if proc.returncode != 0 or not os.path.exists(out):
             sys.stdout.write(proc.stdout[-3000:] + proc.stderr[-3000:])
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            return [{"case": name, "status": f"child exit {proc.returncode}", "error": " | ".join(tail)}]
+            return [{"case": name, "status": f"child exit {proc.returncode}", "error": " | ".join(tail)}], None
         with open(out) as f:
-            return json.load(f)["rows"]
+            result = json.load(f)
+        return result["rows"], result["device"]
 
 
 def main() -> None:
@@ -259,10 +260,14 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown case(s) {unknown}; known: {', '.join(plan)}")
     warmup, iters = (1, args.iters or 2) if args.small else (3, args.iters or 10)
-    device = common.device_summary()
-    peak = None if device["bf16_peak_tflops"] is None else device["bf16_peak_tflops"] * 1e12
-    print(f"device: {device['device_kind']} ({device['platform']}), bf16 peak "
-          f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}", flush=True)
+    # With --isolate this process never touches the accelerator: JAX would take most of its memory away from
+    # the children. The device summary then comes from them.
+    device, peak = None, None
+    if not args.isolate:
+        device = common.device_summary()
+        peak = None if device["bf16_peak_tflops"] is None else device["bf16_peak_tflops"] * 1e12
+        print(f"device: {device['device_kind']} ({device['platform']}), bf16 peak "
+              f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}", flush=True)
     start, rows = time.perf_counter(), []
     for name in names:
         elapsed = time.perf_counter() - start
@@ -271,7 +276,9 @@ def main() -> None:
             continue
         if args.isolate:
             remaining = None if args.budget_s is None else args.budget_s - elapsed + 120
-            rows.extend(run_isolated(name, args, remaining))
+            case_rows, case_device = run_isolated(name, args, remaining)
+            rows.extend(case_rows)
+            device = device or case_device
         else:
             try:
                 rows.append(run_case(plan[name], warmup, iters, peak, name in args.profile.split(",")))
@@ -284,6 +291,9 @@ def main() -> None:
                                             if r["status"] == "ok" else f" {r.get('error', '')}"), flush=True)
     out = common.write_json(args.out or common.default_out("train_step", args.small),
                             {"bench": "train_step", "small": args.small, "device": device, "rows": rows})
+    if device:
+        print(f"\ndevice: {device['device_kind']} ({device['platform']}), bf16 peak "
+              f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}")
     print("\nNeCo train step (synthetic batches, one chip); MFU = model FLOPs (bench/flops.py) / step time / "
           "bf16 peak; COCO 25ep h = 25 * (118287 // batch) steps at this step time:")
     print(common.format_table(rows, COLUMNS))
