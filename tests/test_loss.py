@@ -85,6 +85,7 @@ def _torch_loss(d, refs_fn, steep_s, steep_t, net, masks=None):
     return total / G
 
 
+@pytest.mark.slow
 def test_loss_equals_reference_with_given_references(data):
     """Batch-pool path with the references drawn identically on both sides (same permutation)."""
     key = jax.random.PRNGKey(3)
@@ -124,6 +125,7 @@ def test_loss_equals_reference_queue_mode(data):
     assert abs(float(out) - ref) <= 1e-5 * abs(ref), (float(out), ref)
 
 
+@pytest.mark.slow
 def test_gradients_reach_only_student(data):
     def f(sg, sl, tg):
         return loss_lib.neco_loss(sg, sl, tg, data["gc"], data["all"], None, jax.random.PRNGKey(0),
