@@ -73,7 +73,7 @@ timeout 200 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1
 tests_rc=${PIPESTATUS[0]}
 
 stage "train step bench ($(left) s left)"
-budget=$(( $(left) - 170 )); (( budget < 30 )) && budget=30
+budget=$(( $(left) - 130 )); (( budget < 30 )) && budget=30
 timeout $(( $(left) - 80 > 90 ? $(left) - 80 : 90 )) "$PY" bench/train_step.py --isolate --budget-s "$budget" \
   --profile s14_518_b64_bf16 $BENCH_ARGS 2>&1 | tee "$RESULTS/train_step.txt"
 

@@ -80,7 +80,8 @@ SMALL = _cases([("demo", (56, 28), 2, "float32", False), ("demo", (56, 28), 2, "
 COLUMNS = (("case", "case"), ("status", "status"), ("step_ms", "step ms"), ("images_per_s", "img/s"),
            ("model_gflop_per_step", "GFLOP/step"), ("mfu", "MFU"), ("loss_part_ms", "sort+roi ms"),
            ("loss_share", "sort+roi share"), ("forward_share", "fwd share"), ("peak_memory_gib", "peak GiB"),
-           ("compiled_memory_gib", "XLA GiB"), ("coco_25ep_hours", "COCO 25ep h"), ("compile_s", "compile s"))
+           ("compiled_memory_gib", "XLA GiB"), ("coco_25ep_hours", "COCO 25ep h"), ("finite", "finite"),
+           ("compile_s", "compile s"))
 
 
 def case_config(case: Case):
