@@ -61,17 +61,20 @@ def attention_fg_mask(
     blur_sigma: float = 0.6,
     min_component: int = 3,
 ) -> jax.Array:
-    """Binary foreground mask (B, h, w) float32 from CLS attention.
+    """Binary foreground mask (..., h, w) float32 from CLS attention.
 
     Args:
-      attn_cls: (B, heads, h*w) CLS->patch attention of the last block (the model's ``attn_cls``).
+      attn_cls: (..., heads, h*w) CLS->patch attention of the last block (the model's ``attn_cls``), e.g.
+        (B, heads, N) or (B, G, heads, N) for the G global crops of a batch.
       grid: (h, w) patch grid.
       threshold: fraction of the (blurred) attention mass kept as foreground (0.6 in NeCo's training).
       blur_size, blur_sigma: torchvision GaussianBlur kernel size and sigma.
       min_component: components smaller than this many patches are removed (the original drops <= 2).
     """
     height, width = grid
-    attn = jnp.mean(jnp.asarray(attn_cls, jnp.float32), axis=1).reshape(-1, height, width)
+    attn_cls = jnp.asarray(attn_cls, jnp.float32)
+    lead = attn_cls.shape[:-2]
+    attn = jnp.mean(attn_cls, axis=-2).reshape(-1, height, width)
     attn = _blur(attn, blur_size, blur_sigma).reshape(attn.shape[0], -1)
     order = jnp.argsort(attn, axis=1)
     values = jnp.take_along_axis(attn, order, axis=1)
@@ -80,4 +83,4 @@ def attention_fg_mask(
     keep = jnp.zeros_like(keep_sorted).at[jnp.arange(attn.shape[0])[:, None], order].set(keep_sorted)
     keep = keep.reshape(-1, height, width)
     keep = keep & (_component_sizes(keep) >= min_component)
-    return keep.astype(jnp.float32)
+    return keep.astype(jnp.float32).reshape(*lead, height, width)

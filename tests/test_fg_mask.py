@@ -37,6 +37,8 @@ def test_mask_equals_original_recipe():
     assert ours.shape == ref.shape
     assert (ours == ref).mean() == 1.0
     assert 0 < ref.mean() < 1  # a non-trivial mask
+    grouped = np.asarray(attention_fg_mask(attn.reshape(3, 2, 3, side * side), (side, side)))
+    np.testing.assert_array_equal(grouped.reshape(6, side, side), ref)  # (B, G, heads, N) as the trainer passes
     # Small components are removed: isolated peaks produce no foreground.
     spiky = np.full((1, 1, side * side), 1e-4, np.float32)
     spiky[0, 0, [0, 40]] = 1.0
