@@ -148,7 +148,8 @@ def _check_inputs(student_global, student_local, teacher_global, boxes_gc, boxes
     if boxes_gc.shape != (batch, num_global, num_views, 4) or boxes_all.shape != (batch, num_views, num_global, 4):
         raise LossConfigError(
             f"boxes_gc {boxes_gc.shape} / boxes_all {boxes_all.shape} must be ({batch}, {num_global}, {num_views}, 4)"
-            f" / ({batch}, {num_views}, {num_global}, 4) for {num_global} global and {num_views - num_global} local crops"
+            f" / ({batch}, {num_views}, {num_global}, 4) for {num_global} global and {num_views - num_global}"
+            " local crops"
         )
     if loss_mask not in LOSS_MASKS:
         raise LossConfigError(f"unknown loss_mask {loss_mask!r}; use one of {LOSS_MASKS}")

@@ -9,8 +9,8 @@ sorting is ascending and ``x_sorted = x @ P``.
 
 The default executor reads each layer as static gather tables (for every wire: the wire it meets in
 that layer and which of the two swap weights it keeps), which is O(n^2) work per layer per row instead
-of diffsort's dense n x n matmuls; the layers run as a scan over the stacked tables. ``executor="dense"`` runs diffsort's matrix form for comparison and
-benchmarks. Everything runs in float32 whatever the input dtype, since a product of tens of relaxed
+of diffsort's dense n x n matmuls; the layers run as a scan over the stacked tables.
+``executor="dense"`` runs diffsort's matrix form for comparison and benchmarks. Everything runs in float32 whatever the input dtype, since a product of tens of relaxed
 swaps underflows in bfloat16.
 """
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 import jax
-import jax.numpy as jnp
 import pytest
 
 from neco_jax import queue as queue_lib
