@@ -1,0 +1,272 @@
+"""The train step and loop: exact resume, 1 vs 4 devices, learning on the bundled photos, every recipe's step,
+optimizer groups of the real model, weight loading, non-finite handling, and the README's demo command."""
+
+import importlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base, demo
+from neco_jax import optim, sharding
+from neco_jax import train as train_lib
+from neco_jax import train_state as ts
+from neco_jax.metrics_writer import read_metrics
+from neco_jax.models import VisionTransformer, get_arch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny(**fields):
+    """The demo recipe, made smaller for tests: 4 images of 56/28 px, a 2-block 64-dim ViT."""
+    c = demo.get_config()
+    c.checkpoint_every_steps = 1000
+    c.log_every_steps = 1
+    c.export_at_end = False
+    return base.set_fields(c, fields)
+
+
+def _flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _max_diff(a, b):
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    return max(float(np.max(np.abs(fa[k].astype(np.float64) - fb[k]))) if fa[k].size else 0.0 for k in fa)
+
+
+# --------------------------------------------------------------------------- groups and weights
+
+
+def test_optimizer_groups_of_the_real_model():
+    c = _tiny()
+    student, _ = train_lib.random_params(c, 0)
+    labels = {jax.tree_util.keystr(p): v
+              for p, v in jax.tree_util.tree_flatten_with_path(optim.param_labels(student))[0]}
+    expected = {}
+    for key, value in _flat(student).items():
+        head = key.startswith("['head']")
+        if key == "['backbone']['mask_token']":
+            expected[key] = optim.FROZEN
+            continue
+        no_decay = key.endswith("['bias']") or value.ndim == 1
+        expected[key] = f"{'head' if head else 'backbone'}_{'no_decay' if no_decay else 'decay'}"
+    assert labels == expected
+    # the original's groups by name: 1-D norms/gammas and biases never decay; embeddings and kernels do
+    decayed = {k for k, v in labels.items() if v == "backbone_decay"}
+    assert "['backbone']['pos_embed']" in decayed and "['backbone']['cls_token']" in decayed
+    assert "['backbone']['blocks'][1]['ls2']['gamma']" in {k for k, v in labels.items() if v == "backbone_no_decay"}
+    assert {k for k, v in labels.items() if v.startswith("head")} == {k for k in labels if k.startswith("['head']")}
+
+
+def test_init_from_saved_folder_drops_registers_and_keeps_values(tmp_path):
+    """XR recipe semantics: register weights into a 0-register model; registers dropped, all else loaded."""
+    src = VisionTransformer(get_arch("vit_tiny_test", num_register_tokens=4), rngs=nnx.Rngs(3))
+    from neco_jax import save_backbone
+
+    save_backbone(src, tmp_path / "w")
+    c = _tiny(**{"model.init": str(tmp_path / "w")})
+    student, teacher, desc = train_lib.initial_params(c)
+    assert "dropped (not in this model): register_tokens" in desc
+    want = ts.split(src)[1]
+    want.pop("register_tokens")
+    assert _max_diff(student["backbone"], want) == 0.0 and _max_diff(teacher["backbone"], want) == 0.0
+    # the heads are two independent random inits, as in the original
+    assert _max_diff(student["head"], teacher["head"]) > 1e-3
+
+
+def test_init_that_does_not_fit_is_named(tmp_path):
+    from neco_jax import save_backbone
+
+    save_backbone(VisionTransformer(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0)), tmp_path / "w")
+    c = _tiny(**{"model.init": str(tmp_path / "w"), "model.num_register_tokens": 4})
+    with pytest.raises(train_lib.TrainConfigError, match="missing \\['register_tokens'\\]"):
+        train_lib.initial_params(c)
+
+
+# --------------------------------------------------------------------------- the step on a mesh
+
+
+def _setup(config, seed=0):
+    """(models, labels, tx, state) for `config` with random weights, on the host, as the trainer builds them."""
+    student, teacher = train_lib.random_params(config, seed)
+    return train_lib.build_training(config, config.optim.total_steps, student, teacher)
+
+
+def _batches(config, n):
+    from input_pipeline import make_train_loader
+
+    loader = make_train_loader(config, batch_size=config.optim.batch_size, seed=config.seed, worker_count=0)
+    out = [{k: b[k] for k in train_lib.DEVICE_KEYS} for b in (next(loader) for _ in range(n))]
+    loader.close()
+    return out
+
+
+def _run_steps(config, devices, batches):
+    models, labels, tx, state = _setup(config)
+    mesh = sharding.make_mesh(devices)
+    step = train_lib.jit_train_step(train_lib.make_train_step(config, models, labels, tx,
+                                                              config.optim.total_steps), mesh)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    losses = []
+    for b in batches:
+        state, metrics = step(state, sharding.global_batch(b, mesh))
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state), losses
+
+
+@pytest.mark.slow
+def test_one_device_and_four_devices_agree():
+    """The same global batch on a mesh of 1 and of 4 CPU devices: same losses and parameters after 2 steps."""
+    assert len(jax.devices()) >= 4, "conftest provides 4 CPU devices"
+    # The recipe's learning rates: Adam's first steps move every weight by ~lr whatever its gradient, so an
+    # entry whose gradient is ~1e-8 turns float32 reduction-order noise into differences of order lr.
+    c = _tiny(**{"optim.lr_backbone": 1e-5, "optim.lr_heads": 1e-4})
+    batches = _batches(c, 2)
+    s1, l1 = _run_steps(c, jax.devices()[:1], batches)
+    s4, l4 = _run_steps(c, jax.devices()[:4], batches)
+    np.testing.assert_allclose(l4, l1, rtol=1e-5)
+    err = max(_max_diff(s4.student, s1.student), _max_diff(s4.teacher, s1.teacher), _max_diff(s4.queue, s1.queue))
+    print(f"1 vs 4 devices: losses {l1} vs {l4}, max |param diff| {err:.3g}")
+    assert err <= 1e-5
+    assert _max_diff(s1.student, _setup(c)[3].student) > 1e-5  # the two steps did change the parameters
+    # Adam's first moments are linear in the gradients: they agree to float32 reduction noise.
+    m1, m4 = _flat(s1.opt_state), _flat(s4.opt_state)
+    for k in m1:
+        assert np.abs(m1[k] - m4[k]).max() <= 1e-4 * (np.abs(m1[k]).max() + 1e-30), k
+
+
+def test_nonfinite_step_changes_nothing_but_the_counters():
+    c = _tiny(**{"optim.total_steps": 2})
+    models, labels, tx, state = _setup(c)
+    step = jax.jit(train_lib.make_train_step(c, models, labels, tx, 2))
+    batch = _batches(c, 1)[0]
+    bad = {**batch, "global_crops": np.full_like(batch["global_crops"], np.nan)}
+    new, metrics = step(state, bad)
+    assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
+    for part in ("student", "teacher", "opt_state", "queue"):
+        assert _max_diff(getattr(new, part), getattr(state, part)) == 0.0, part
+    assert not np.array_equal(new.rng, state.rng)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss_last"] for r in read_metrics(workdir)}
+
+
+@pytest.mark.slow
+def test_exact_resume(tmp_path):
+    """4 steps straight vs 2 steps, stop (checkpoint), resume for 2: same params, teacher, queue, optimizer,
+    RNG and data order."""
+    c = _tiny(**{"optim.total_steps": 4})
+    straight = train_lib.train_and_evaluate(c, tmp_path / "a")["state"]
+    first = train_lib.train_and_evaluate(c, tmp_path / "b", stop_after=2)
+    assert first["step"] == 2
+    resumed = train_lib.train_and_evaluate(c, tmp_path / "b")["state"]
+    err = max(_max_diff(jax.device_get(getattr(straight, p)), jax.device_get(getattr(resumed, p)))
+              for p in ("student", "teacher", "opt_state", "queue", "rng", "step"))
+    print(f"resume: max |diff| over params/teacher/optimizer/queue/rng = {err:.3g}")
+    assert err <= 1e-6
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for s in (3, 4):  # the resumed steps saw the same batches and references
+        assert abs(a[s] - b[s]) <= 1e-6 * abs(a[s]), s
+
+
+@pytest.mark.slow
+def test_it_learns_on_the_bundled_photos(tmp_path):
+    """A few dozen steps lower the NeCo loss on a fixed batch (same references and drop-path draws) by a
+    clear margin compared with the untrained model on the same batch."""
+    c = _tiny(**{"optim.total_steps": 30, "loss.use_queue": False, "log_every_steps": 10})
+    models, labels, _, state0 = _setup(c)
+    loss_fn = jax.jit(train_lib.make_loss_fn(c, models, labels))
+    batch = _batches(c, 1)[0]
+    key = jax.random.PRNGKey(123)
+    before = float(loss_fn(state0.student, state0.teacher, {}, batch, key)[0])
+    final = jax.device_get(train_lib.train_and_evaluate(c, tmp_path)["state"])
+    after = float(loss_fn(final.student, final.teacher, {}, batch, key)[0])
+    print(f"loss on a fixed batch: step 0 {before:.4f} -> step 30 {after:.4f}")
+    assert after < before - 0.05 * abs(before)
+
+
+RECIPE_RUNS = [(n, "") for n in ("dinov2_s14", "dinov2r_s14", "dinov2r_xr_s14", "dinov2_b14", "dinov2r_b14",
+                                 "dinov2r_xr_b14", "dino_s16", "timet_s16", "leopart_s16")]
+RECIPE_RUNS += [("dinov2r_xr_s14", a) for a in ("odd_even", "fg", "no_teacher", "steepness_10_1000")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,arg", RECIPE_RUNS)
+def test_every_recipe_runs_one_step(name, arg, tmp_path):
+    """Each recipe with random weights at reduced shapes: 1 block, dim 32, small crops, batch 4, one step."""
+    c = importlib.import_module(f"configs.{name}").get_config(arg)
+    patch = get_arch(c.model.arch).patch_size
+    with c.unlocked():
+        c.model.arch_overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    base.set_fields(c, {
+        "model.init": "random", "head.hidden_dim": 32, "head.out_dim": 16, "data.data_dir": "",
+        "data.size_crops": (4 * patch, 2 * patch), "data.num_workers": 0, "optim.batch_size": 4,
+        "optim.total_steps": 1, "loss.queue_length": 256, "export_at_end": False})
+    out = train_lib.train_and_evaluate(c, tmp_path)
+    assert out["step"] == 1 and np.isfinite(out["loss"])
+    state = jax.device_get(out["state"])
+    assert ("register_tokens" in state.student["backbone"]) == (c.model.num_register_tokens > 0)
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+
+
+@pytest.mark.slow
+def test_nonfinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    c = _tiny(**{"optim.total_steps": 4, "optim.lr_backbone": 1e30, "optim.lr_heads": 1e30,
+                 "checkpoint_every_steps": 1})
+    with pytest.raises(train_lib.NonFiniteError, match=r"^step (\d+): the loss") as info:
+        train_lib.train_and_evaluate(c, tmp_path)
+    bad = int(info.value.args[0].split(":")[0].split()[1])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == bad - 1
+
+
+@pytest.mark.slow
+def test_demo_command_end_to_end_with_sigterm_and_resume(tmp_path):
+    """The README's main command as a user runs it: SIGTERM mid-run saves and exits cleanly; the same
+    command then resumes from that checkpoint and finishes, writing metrics, checkpoints and exports."""
+    workdir = tmp_path / "demo"
+    cmd = [sys.executable, "main.py", "--config=configs/demo.py", f"--workdir={workdir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (workdir / "metrics.jsonl").is_file() and read_metrics(workdir):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert stopped and stopped[-1] < 40 and "signal 15" in err, err[-2000:]
+    assert not (workdir / "export").exists()
+
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+    rows = read_metrics(workdir)
+    assert rows[-1]["step"] == 40 and all(np.isfinite(r["loss"]) for r in rows)
+    assert {"images_per_s", "data_wait_s", "compute_s", "lr_backbone", "lr_heads", "weight_decay", "momentum",
+            "grad_norm", "skipped_images", "eta_s"} <= rows[-1].keys()
+    assert max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == 40
+    import torch
+
+    for part in ("student", "teacher"):
+        sd = torch.load(workdir / "export" / f"{part}_dinov2.pth")
+        assert sd["pos_embed"].shape == (1, 17, 64) and "blocks.1.mlp.fc2.weight" in sd
+        assert (workdir / "export" / part / "config.json").is_file()
+    assert json.loads((workdir / "config.json").read_text())["model"]["arch"] == "vit_tiny_test"
+    assert "ETA" in done.stderr
