@@ -1,4 +1,6 @@
-"""NeCo recipe: DINOv2 with 4 registers, ViT-S/14 (`models/small/neco_dinov2r.yml`): register weights, registers kept."""
+"""NeCo recipe: DINOv2 with 4 registers, ViT-S/14 (`models/small/neco_dinov2r.yml`).
+
+Register weights, registers kept."""
 
 import ml_collections
 

@@ -1,4 +1,6 @@
-"""NeCo recipe: DINOv2R-XR ViT-B/14 (`models/base/neco_dinov2r_xr.yml`): register weights, 0 registers, batch 16, lr_backbone 1e-6."""
+"""NeCo recipe: DINOv2R-XR ViT-B/14 (`models/base/neco_dinov2r_xr.yml`).
+
+Register weights, 0 registers, batch 16, lr_backbone 1e-6."""
 
 import ml_collections
 

@@ -1,4 +1,6 @@
-"""NeCo recipe: DINOv2R-XR ViT-S/14 (`models/small/neco_dinov2r_xr.yml`): register weights, registers dropped (0 tokens).
+"""NeCo recipe: DINOv2R-XR ViT-S/14 (`models/small/neco_dinov2r_xr.yml`).
+
+Register weights, registers dropped (0 tokens).
 
 The original's ablations use this backbone: `--config=configs/dinov2r_xr_s14.py:odd_even` etc."""
 

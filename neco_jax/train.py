@@ -138,8 +138,7 @@ def _flat(tree: dict) -> dict[str, Any]:
 
 
 def _unflat_like(template: dict, flat: dict[str, Any]) -> dict:
-    paths = [("/".join(str(getattr(k, "key", k)) for k in p)) for p, _ in jax.tree_util.tree_flatten_with_path(template)[0]]
-    return jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(flat[p]) for p in paths])
+    return jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(flat[p]) for p in _flat(template)])
 
 
 def initial_params(config) -> tuple[dict, dict, str]:

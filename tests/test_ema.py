@@ -21,7 +21,8 @@ def test_rate_schedule_matches_the_original_momentum():
     # The complement is what enters the update; compare it relative to itself, not to ~1.
     np.testing.assert_allclose(rate, 1.0 - m_ref, rtol=2e-6, atol=1e-12)
     assert rate[0] == np.float32(0.0005)
-    assert np.all(np.diff(rate) <= 0) and rate[-1] < rate[len(rate) // 2] < rate[0] and rate[-1] > 0  # momentum rises but never reaches 1.0
+    assert np.all(np.diff(rate) <= 0) and rate[-1] > 0  # momentum rises but never reaches 1.0
+    assert rate[-1] < rate[len(rate) // 2] < rate[0]  # momentum rises but never reaches 1.0
 
 
 def test_update_matches_float64_formula():
