@@ -133,7 +133,7 @@ def make_optimizer(optim_cfg, labels: Any, total_steps: int) -> optax.GradientTr
 def trained_grad_norm(grads: Any, labels: Any) -> jax.Array:
     """Global L2 norm of the gradients of the trained (non-frozen) params, as the clipping sees it."""
     leaves = [g for g, lab in zip(jax.tree.leaves(grads), jax.tree.leaves(labels)) if lab != FROZEN]
-    return optax.global_norm(leaves)
+    return optax.tree.norm(leaves)
 
 
 def hyperparams(optim_cfg, total_steps: int, step) -> dict[str, jax.Array]:
