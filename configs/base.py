@@ -75,9 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.loss_mask = "all"  # "all", or "fg"/"bg": patches inside/outside the teacher's attention mask.
     c.loss.use_queue = True  # True: references from a FIFO queue of teacher vectors; False: the batch pool.
     c.loss.queue_length = 8192  # per anchor crop (the original divides it by the number of GPUs: one here).
-    # The original's shared fill counter, bumped once per anchor crop (twice per step): early steps draw
-    # never-written zero slots as references (neco_method.md 1.2). False counts each queue's real entries.
-    c.loss.queue_original_counter = True
+    # False: sample references from each queue's filled part only. True: the original's shared fill counter,
+    # bumped once per anchor crop (twice per step), so early steps also draw never-written zero slots
+    # (neco_method.md 1.2); for side-by-side comparisons with the original's first ~12 steps.
+    c.loss.queue_original_counter = False
     c.loss.crops_for_assign = (0, 1)  # global crops used as teacher anchors.
 
     c.log_every_steps = 50  # metrics to metrics.jsonl and the console.
