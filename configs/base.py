@@ -42,6 +42,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.jitter_strength = 1.0  # ColorJitter(0.8s, 0.8s, 0.8s, 0.2s) with p=0.8.
     c.data.blur_strength = 1.0  # Gaussian blur sigma range [0.1s, 2s] with p=0.5.
     c.data.num_workers = 8  # decode/augment worker processes per host (the original used 20).
+    c.data.jitter_prob = 0.8  # probability of the colour jitter.
+    c.data.grayscale_prob = 0.2  # probability of grayscale.
+    c.data.blur_prob = 0.5  # probability of the Gaussian blur.
+    c.data.max_resample_tries = 100  # overlap-rule redraws before the overlapping-by-construction fallback.
+    c.data.exif_transpose = True  # apply EXIF orientation (False: the original, which ignores it).
+    c.data.max_bad_fraction = 0.01  # stop when more than this share of the files read is unreadable.
+    c.data.tfds_split = "train"  # for dataset_name "tfds:NAME": the split ...
+    c.data.tfds_image_key = "image"  # ... and the image feature to read.
 
     c.optim = ml_collections.ConfigDict()
     c.optim.batch_size = 64  # global batch (the original: per GPU, on one GPU).
