@@ -62,6 +62,8 @@ class ViTConfig:
     drop_path_rate: stochastic depth rate of the last block (linear schedule from 0).
     dtype: compute dtype of matmuls, "float32" or "bfloat16"; parameters, LayerNorm, softmax and the
         residual stream stay float32.
+    remat: recompute each block's activations in the backward pass instead of storing them (same
+        numbers, less memory, about one extra forward of compute), to fit larger training batches.
     """
 
     arch: str = "custom"
@@ -80,6 +82,7 @@ class ViTConfig:
     has_mask_token: bool = True
     drop_path_rate: float = 0.0
     dtype: str = "float32"
+    remat: bool = False
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -175,6 +178,16 @@ class Block(nnx.Module):
         return x, attn
 
 
+def _block_fn(drop_rate: float, return_attention: bool):
+    """One block as a positional function of (module, tokens, key), the form `nnx.remat` wraps; the static
+    settings are closed over."""
+
+    def run(block: Block, tokens: jax.Array, key: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        return block(tokens, drop_rate=drop_rate, key=key, return_attention=return_attention)
+
+    return run
+
+
 class VisionTransformer(nnx.Module):
     """DINOv2-style ViT. Call on NHWC ImageNet-normalised images; returns DINOv2's `forward_features` dict."""
 
@@ -248,7 +261,10 @@ class VisionTransformer(nnx.Module):
             rate = self.drop_rates[i] if training else 0.0
             block_key = jax.random.fold_in(key, i) if rate > 0 else None
             last = i == depth - 1
-            tokens, attn = block(tokens, drop_rate=rate, key=block_key, return_attention=return_attention and last)
+            run = _block_fn(rate, return_attention and last)
+            if cfg.remat:
+                run = nnx.remat(run)
+            tokens, attn = run(block, tokens, block_key)
             if i >= depth - n_last_blocks:
                 outputs.append(tokens)
         normed = self.norm(tokens)
