@@ -153,7 +153,7 @@ def time_loss_part(config, models, queue, batch, warmup: int, iters: int) -> dic
     t_glob = unit(keys[2], (b, n_g, s_g // p, s_g // p, dim))
 
     def loss(sg, sl, tg, queue, batch, key):
-        return train_lib._neco_loss(config.loss, p, sg, sl, tg, None, batch, queue, key)[0]
+        return train_lib.neco_step_loss(config.loss, p, sg, sl, tg, None, batch, queue, key)[0]
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     timing = common.time_calls(lambda: grad(s_glob, s_loc, t_glob, queue, batch, keys[3]),

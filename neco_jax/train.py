@@ -195,7 +195,7 @@ def _forward(backbone_def: ts.ModuleDef, head_def: ts.ModuleDef, params: dict, c
     return feats, attn
 
 
-def _neco_loss(lcfg, patch_size: int, s_glob, s_loc, t_glob, attn, batch, queue, key):
+def neco_step_loss(lcfg, patch_size: int, s_glob, s_loc, t_glob, attn, batch, queue, key):
     """`neco_jax.loss.neco_loss` with the config's options -> (loss, (queue, aux)); `queue` is {} without one."""
     from neco_jax import loss as loss_lib
 
@@ -234,7 +234,7 @@ def make_loss_fn(config, models: ts.Models, labels: Any):
             t_glob, attn = _forward(models.student_backbone, models.head, student, batch["global_crops"],
                                     key=k_self, return_attention=need_attn)
         attn = None if attn is None else jax.lax.stop_gradient(attn)
-        return _neco_loss(lcfg, models.patch_size, s_glob, s_loc, t_glob, attn, batch, queue, k_loss)
+        return neco_step_loss(lcfg, models.patch_size, s_glob, s_loc, t_glob, attn, batch, queue, k_loss)
 
     return loss_fn
 

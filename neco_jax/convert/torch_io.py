@@ -172,6 +172,9 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the export the usual permissions
     try:
         if suffix == SAFETENSORS_SUFFIX:
             from safetensors.numpy import save_file
@@ -179,7 +182,7 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
             save_file(arrays, tmp)
         else:
             torch = _import_torch()
-            torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, tmp)
+            torch.save({k: torch.from_numpy(np.require(v, requirements="W")) for k, v in arrays.items()}, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
