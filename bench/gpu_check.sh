@@ -4,7 +4,8 @@
 #      and this repo itself, all with --no-deps into a private folder;
 #   2. the tests marked for the GPU (tests/test_gpu.py: fp32 parity with the CPU, bf16 sanity);
 #   3. bench/train_step.py (each case in its own process, most important first, under a time budget);
-#   4. bench/forward.py; then bench/sorting.py if time is left.
+#   4. bench/forward.py; then bench/sorting.py if time is left
+#      (or, with GPU_CHECK_EVAL=1, bench/evaluation.py and bench/retrieval.py instead of 3 and 4).
 # Leaves gpu_check.log, tests.txt, train_step.{txt,json}, forward.{txt,json} (sorting.txt) in $OUT (the device tool's
 # folder) or else bench/results/gpu/, and ends with the summary. From the session that has a GPU:
 #   run(command="bash bench/gpu_check.sh", carry=["bench/wheels"], timeout_s=560)
@@ -69,9 +70,16 @@ print(f"  {2 * n**3 * 20 / (time.perf_counter() - t) / 1e12:.0f} TFLOP/s bf16 on
 PYEOF
 
 stage "GPU tests (tests/test_gpu.py, -m gpu)"
-timeout 200 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$RESULTS/tests.txt"
+timeout 200 "$PY" -m pytest -q -m gpu tests/test_gpu.py tests/test_knn.py -p no:cacheprovider 2>&1 | tee "$RESULTS/tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
+if [ "${GPU_CHECK_EVAL:-0}" = 1 ]; then
+  stage "evaluation benches ($(left) s left)"
+  timeout $(( $(left) / 2 )) "$PY" bench/evaluation.py $BENCH_ARGS 2>&1 | tee "$RESULTS/evaluation.txt"
+  timeout $(( $(left) - 10 )) "$PY" bench/retrieval.py $BENCH_ARGS 2>&1 | tee "$RESULTS/retrieval.txt"
+  ls -l "$RESULTS"
+  exit "$tests_rc"
+fi
 stage "train step bench ($(left) s left)"
 budget=$(( $(left) - 130 )); (( budget < 30 )) && budget=30
 timeout $(( $(left) - 80 > 90 ? $(left) - 80 : 90 )) "$PY" bench/train_step.py --isolate --budget-s "$budget" \
@@ -87,6 +95,8 @@ if (( $(left) >= 40 )); then  # extra, if time is left: the sort executors alone
   timeout $(( $(left) - 5 )) "$PY" bench/sorting.py 2>&1 | tee "$RESULTS/sorting.txt"
 fi
 
+# GPU_CHECK_EVAL=1: the evaluation benches (overclustering k-means, retrieval k-NN and memory bank) take the
+# place of the train-step and forward benches, for a second device session (each takes minutes at full size).
 stage "summary"
 echo "tests: exit $tests_rc; $(tail -1 "$RESULTS/tests.txt")"
 sed -n '/^device:/,/^wrote/p' "$RESULTS/train_step.txt"
