@@ -1,5 +1,5 @@
 """Training metrics without TensorFlow: JSON lines in the workdir, a console progress line, and TensorBoard
-event files when TensorFlow (the `tensorboard` extra) is importable.
+event files (workdir/tensorboard) when tensorboardX (the `tensorboard` extra) is importable.
 
 Only process 0 writes. `StepClock` splits each step's wall time into waiting for data and the rest
 (dispatch + device compute, measured when the step's results are fetched), which is what tells an
@@ -47,12 +47,9 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:
-            with self._tb.as_default(step=int(step)):
-                import tensorflow as tf
-
-                for k, v in row.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        tf.summary.scalar(k, v)
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, global_step=int(step))
             self._tb.flush()
 
     def close(self) -> None:
@@ -68,11 +65,12 @@ def _scalar(v: Any) -> Any:
 
 
 def _tensorboard_writer(logdir: str):
+    """tensorboardX's event-file writer (pure Python + protobuf), or None without the `tensorboard` extra."""
     try:
-        import tensorflow as tf
+        from tensorboardX import SummaryWriter
     except ImportError:
         return None
-    return tf.summary.create_file_writer(logdir)
+    return SummaryWriter(logdir)
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
