@@ -13,15 +13,23 @@ Leopart's ``fully_unsup_seg.py`` as NeCo runs it (reference/evaluation_protocols
    the same threshold is applied to val with val's own precisions;
 4. foreground clustering: PCA features nearest-upsampled to 100x100, k-means (K = k_community) on
    foreground pixels only, background as label K;
-5. CD (``community``): co-occurrence graph over train + val maps, Infomap runs; val maps merged by
-   module and scored by Hungarian mIoU over 21 classes at 100x100 (void ignored), mean and std
+5. CD (``community``, ``cd_search``): co-occurrence graph over train + val maps, Infomap runs; val maps
+   merged by module and scored by Hungarian mIoU over 21 classes at 100x100 (void ignored), mean and std
    over runs. The "CBFE only" score (K=20 foreground clusters, 5 seeds) is reported as well.
+   (k_community, markov_time, weight_threshold) are searched as NeCo does (Optuna TPE, seed 1000, 300
+   trials on train, ``cd_search``), taken from Leopart's published values, or given.
+
+Switches that reproduce the original where the default differs: ``attention_dir`` reads the original's
+precomputed ``attn_train.pt`` / ``attn_val.pt`` masks instead of the evaluated model's attention;
+``compute_upper_bound`` scores the fine clusters matched many-to-one; the config's ``registers=False``
+builds the model without register tokens (``features.without_registers``).
 
 Differences from the reference, where it cannot be followed: the attention is the true softmax
 attention (NeCo's xformers path returned ``x @ v^T``); a cluster absent from a split gets precision
 0 there (the reference asserts); an image with neither ground-truth nor predicted foreground has
-IoU 1 (the reference divides 0 by 0); Infomap seeds are shifted by one (see ``community``). The
-Optuna search for (k_community, markov_time, weight_threshold) is not included: give them in the config.
+IoU 1 (the reference divides 0 by 0); Infomap seeds are shifted by one (see ``community``); with
+fixed values, a val merging into more than 21 segments is scored (Hungarian over all segments) where
+the reference stops at an assertion.
 """
 
 from __future__ import annotations
@@ -31,9 +39,10 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 from skimage.measure import label as connected_components
 
-from evaluation import community
+from evaluation import cd_search
 from evaluation.datasets import VOC_CLASSES
 from evaluation.features import iterate_batches, nearest_indices, nearest_resize
 from evaluation.kmeans import kmeans
@@ -48,7 +57,7 @@ class CbfeError(UserError):
 
 @dataclasses.dataclass(frozen=True)
 class CbfeSettings:
-    """Defaults: Leopart/NeCo's values; (k_community, markov_time, weight_threshold) from the NeCo paper."""
+    """Defaults: NeCo's ``fully_unsup_seg.py`` values (configs/eval/voc_cbfe.py documents each field)."""
 
     image_size: int = 448
     eval_size: int = 100
@@ -66,9 +75,18 @@ class CbfeSettings:
     max_points_per_centroid: int = 256
     seed: int = 0
     cut_range: tuple[float, float] = (0.55, 0.75)
-    k_community: int = 189
-    markov_time: float = 1.2
-    weight_threshold: float = 0.07
+    # CD hyper-parameters: all three given, a Leopart preset, or (all zero, no preset) found by the search.
+    k_community: int = 0
+    markov_time: float = 0.0
+    weight_threshold: float = 0.0
+    cd_preset: str = ""
+    search_trials: int = cd_search.SEARCH_TRIALS
+    search_seed: int = cd_search.SEARCH_SEED
+    search_weight_threshold: tuple[float, float, float] = cd_search.SEARCH_SPACE["weight_threshold"]
+    search_markov_time: tuple[float, float, float] = cd_search.SEARCH_SPACE["markov_time"]
+    search_k: tuple[int, int, int] = cd_search.SEARCH_SPACE["k_community"]
+    attention_dir: str = ""
+    compute_upper_bound: bool = False
     num_runs: int = 10
     num_objects: int = 20
     evaluate_cbfe: bool = True
@@ -202,25 +220,101 @@ def cluster_foreground(
 # ----------------------------------------------------------------------------- the protocol
 
 
+def read_attention_file(path: Path, count: int) -> np.ndarray:
+    """Binary (N, s, s) noisy foreground masks of the reference's ``attn_<split>.pt`` (a torch tensor (N, 1, s, s)
+    of 0/1 floats, as ``experiments/utils.py::process_and_store_attentions`` writes it)."""
+    if not path.is_file():
+        raise CbfeError(f"attention file {path} does not exist; put attn_train.pt and attn_val.pt in that folder")
+    try:
+        import torch
+    except ImportError as e:
+        raise CbfeError(f"reading {path} needs torch; install the torch extra (pip install -e .[torch])") from e
+    try:
+        masks = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        raise CbfeError(f"cannot read {path} as a torch tensor ({type(e).__name__}: {e})") from e
+    masks = np.asarray(masks.float().numpy()) if hasattr(masks, "numpy") else None
+    if masks is None or masks.ndim not in (3, 4) or (masks.ndim == 4 and masks.shape[1] != 1):
+        raise CbfeError(f"{path} must hold one tensor of shape (N, 1, s, s) or (N, s, s)")
+    masks = masks.reshape(masks.shape[0], *masks.shape[-2:])
+    if len(masks) != count:
+        raise CbfeError(f"{path} holds {len(masks)} masks but the split has {count} images; use the split's own file")
+    return masks > 0.5
+
+
 def _extract(dataset, features_fn, s: CbfeSettings, desc: str):
-    feats, attn, masks, images = [], [], [], []
+    feats, attn, masks = [], [], []
     for batch in iterate_batches(
         dataset, batch_size=s.batch_size, image_size=s.image_size, mask_size=s.eval_size,
         num_threads=s.num_threads, desc=desc,
     ):  # fmt: skip
-        f, a = features_fn(batch.images)
+        out = features_fn(batch.images)
+        f, a = out if isinstance(out, tuple) else (out, None)
         feats.append(np.asarray(f, np.float32))
-        attn.append(np.asarray(a, np.float32))
+        if a is not None:
+            attn.append(np.asarray(a, np.float32))
         masks.append(batch.masks)
-    return np.concatenate(feats), np.concatenate(attn), np.concatenate(masks)
+    return np.concatenate(feats), (np.concatenate(attn) if attn else None), np.concatenate(masks)
+
+
+def noisy_masks(s: CbfeSettings, train_attn, val_attn, n_train: int, n_val: int) -> tuple[np.ndarray, str]:
+    """Noisy foreground masks of train + val at the evaluation size, and where they came from."""
+    if s.attention_dir:
+        folder = Path(s.attention_dir)
+        counts = {"train": n_train, "val": n_val}
+        parts = [read_attention_file(folder / f"attn_{split}.pt", n) for split, n in counts.items()]
+        return np.concatenate([nearest_resize(p, s.eval_size) for p in parts]), f"files in {folder}"
+    if train_attn is None:
+        raise CbfeError("the feature function returned no attention; give attention files with cbfe.attention_dir")
+    noisy = noisy_foreground(
+        np.concatenate([train_attn, val_attn]), keep=s.attention_keep, blur_size=s.blur_size,
+        blur_sigma=s.blur_sigma, min_component=s.min_component,
+    )  # fmt: skip
+    return nearest_resize(noisy, s.eval_size), "the evaluated model's CLS attention"
+
+
+def cd_parameters(s: CbfeSettings) -> tuple[tuple[int, float, float] | None, str]:
+    """(k_community, markov_time, weight_threshold) and their source; None when they are to be searched."""
+    given = (s.k_community, s.markov_time, s.weight_threshold)
+    if s.cd_preset:
+        if s.cd_preset not in cd_search.LEOPART_VALUES:
+            raise CbfeError(f"cd_preset={s.cd_preset!r}; use one of {', '.join(cd_search.LEOPART_VALUES)} or ''")
+        if any(given):
+            raise CbfeError("give either cd_preset or k_community/markov_time/weight_threshold, not both")
+        return cd_search.LEOPART_VALUES[s.cd_preset], f"Leopart README ({s.cd_preset})"
+    if all(given):
+        if not 1 <= s.k_community <= 255:
+            raise CbfeError(f"k_community={s.k_community}: the co-occurrence graph supports 1 to 255 clusters")
+        return given, "given"
+    if any(given):
+        raise CbfeError(
+            "set all three of k_community, markov_time and weight_threshold (or none of them, to search them)"
+        )
+    return None, "found by search"
+
+
+def _search_space(s: CbfeSettings) -> dict:
+    space = {
+        "weight_threshold": tuple(float(v) for v in s.search_weight_threshold),
+        "markov_time": tuple(float(v) for v in s.search_markov_time),
+        "k_community": tuple(int(v) for v in s.search_k),
+    }
+    for name, (low, high, step) in space.items():
+        if not 0 < low <= high or step <= 0:
+            raise CbfeError(f"search range of {name} is {(low, high, step)}; need 0 < low <= high and step > 0")
+    if space["k_community"][1] > 255:
+        raise CbfeError(f"search_k goes up to {space['k_community'][1]}; the co-occurrence graph supports 255")
+    return space
 
 
 def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: CbfeSettings = CbfeSettings()) -> dict:
     """CBFE + CD on VOC ``train`` / ``val``; ``features_fn(images)`` -> (patch tokens (B, h, w, D),
-    CLS attention (B, heads, h, w)). Returns the scores and up to ``num_visualize`` val examples."""
+    CLS attention (B, heads, h, w)) or the tokens alone when ``attention_dir`` supplies the masks.
+    Returns the scores, the CD hyper-parameters with their source (and the search's trials when searched),
+    and up to ``num_visualize`` val examples."""
     s = settings
-    if s.k_community + 1 > 256:
-        raise CbfeError(f"k_community={s.k_community}: the co-occurrence graph supports at most 255 clusters")
+    fixed, source = cd_parameters(s)
+    space = _search_space(s) if fixed is None else None
     train_feats, train_attn, train_gt = _extract(train_dataset, features_fn, s, "CBFE train features")
     val_feats, val_attn, val_gt = _extract(val_dataset, features_fn, s, "CBFE val features")
     n_train = len(train_feats)
@@ -230,11 +324,7 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
         standardize_and_project(all_feats.reshape(-1, d), s.pca_dim, max_points_per_dim=s.pca_max_points_per_dim)
     ).reshape(n, h, w, -1)
 
-    noisy = noisy_foreground(
-        np.concatenate([train_attn, val_attn]), keep=s.attention_keep, blur_size=s.blur_size,
-        blur_sigma=s.blur_sigma, min_component=s.min_component,
-    )  # fmt: skip
-    noisy = nearest_resize(noisy, s.eval_size)
+    noisy, noisy_source = noisy_masks(s, train_attn, val_attn, n_train, len(val_feats))
     coarse = kmeans(
         pca.reshape(-1, pca.shape[-1]), s.k_fg, iters=s.kmeans_iters, restarts=s.kmeans_restarts, seed=s.seed,
         max_points_per_centroid=s.max_points_per_centroid, spherical=True,
@@ -253,6 +343,7 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
         "threshold": round(threshold, 2),  # a multiple of 0.05 (np.arange's value, e.g. 0.9500000000000001)
         "fg_iou_train": foreground_jaccard(train_gt, foreground[:n_train]),
         "fg_iou_val": foreground_jaccard(val_gt, foreground[n_train:]),
+        "noisy_masks": noisy_source,
         "cuts": [{"start": a, "precision": b, "fg_iou": c} for a, b, c in cuts],
     }
     if s.evaluate_cbfe:
@@ -262,25 +353,48 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
             scores.append(miou(maps[n_train:], val_gt, num_classes=21, ignore_index=255, matching="hungarian")[0])
         results["miou_cbfe"] = float(np.mean(scores))
 
-    fine = cluster_foreground(pca, foreground, s.k_community, seed=s.seed, settings=s)
-    adjacency = community.cooccurrence_matrix(fine, s.k_community + 1)
-    edges = community.graph_edges(adjacency, s.weight_threshold)
-    runs, best = [], None
-    for r in range(s.num_runs):
-        modules = community.detect_communities(
-            edges, markov_time=s.markov_time, seed=r + 1, preferred_modules=s.num_objects
-        )
-        merged = community.merge_clusters(fine[n_train:], modules)
-        score, per_class = miou(merged, val_gt, num_classes=21, ignore_index=255, matching="hungarian")
-        runs.append({"run": r, "miou": score, "segments": int(len(np.unique(merged)))})
-        if best is None or score > best[0]:
-            best = (score, merged, per_class)
+    def inputs_for(k: int) -> cd_search.CommunityInputs:
+        maps = cluster_foreground(pca, foreground, k, seed=s.seed, settings=s)
+        return cd_search.community_inputs(maps, n_train, train_gt, val_gt, k)
+
+    if fixed is None:
+        ks = cd_search.grid(*space["k_community"])
+        cache = {k: inputs_for(k) for k in tqdm(ks, desc="CD inputs per k", unit="k")}  # trial-independent work
+
+        def objective(k, markov_time, weight_threshold):
+            return cd_search.train_objective(
+                cache[k], markov_time=markov_time, weight_threshold=weight_threshold, num_runs=s.num_runs,
+                preferred_modules=s.num_objects,
+            )  # fmt: skip
+
+        found = cd_search.search(objective, trials=s.search_trials, seed=s.search_seed, space=space)
+        results["search"] = found
+        best = found["best"]
+        k, markov_time, weight_threshold = best["k_community"], best["markov_time"], best["weight_threshold"]
+        inputs = cache[k]
+    else:
+        k, markov_time, weight_threshold = fixed
+        inputs = inputs_for(k)
+    results["cd_params"] = {
+        "k_community": k, "markov_time": markov_time, "weight_threshold": weight_threshold, "source": source,
+    }  # fmt: skip
+    if s.compute_upper_bound:
+        results["miou_upper_bound"] = cd_search.upper_bound(inputs)
+
+    edges, lookups = cd_search.run_communities(
+        inputs, markov_time=markov_time, weight_threshold=weight_threshold, num_runs=s.num_runs,
+        preferred_modules=s.num_objects,
+    )  # fmt: skip
+    scored = cd_search.val_scores(inputs, lookups)
+    runs = [{"run": r, "miou": score, "segments": segments} for r, (score, _, segments) in enumerate(scored)]
+    best = int(np.argmax([row["miou"] for row in runs]))
     scores = [row["miou"] for row in runs]
     results.update(
-        miou=float(np.mean(scores)), miou_std=float(np.std(scores)), per_class_iou=best[2].tolist(),
+        miou=float(np.mean(scores)), miou_std=float(np.std(scores)), per_class_iou=scored[best][1].tolist(),
         runs=runs, edges=len(edges),
     )  # fmt: skip
-    results["examples"] = _examples(val_dataset, val_gt, best[1], s)
+    merged = lookups[best][inputs.maps[n_train:]]
+    results["examples"] = _examples(val_dataset, val_gt, merged, s)
     return results
 
 
@@ -291,7 +405,7 @@ def _examples(dataset, gt: np.ndarray, segments: np.ndarray, s: CbfeSettings) ->
     from evaluation.features import resize_image
     from evaluation.visualize import label_colors
 
-    conf = confusion_matrix(segments, gt, num_classes=21, num_pred=int(segments.max()) + 1, ignore_index=255)
+    conf = confusion_matrix(segments, gt, num_classes=21, num_pred=max(21, int(segments.max()) + 1), ignore_index=255)
     as_classes = match_clusters(conf, "hungarian")[segments]
     examples = []
     for i in range(min(s.num_visualize, len(gt))):
@@ -303,7 +417,10 @@ def _examples(dataset, gt: np.ndarray, segments: np.ndarray, s: CbfeSettings) ->
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> CbfeSettings:
-    values = {**config.cbfe.to_dict(), "cut_range": tuple(config.cbfe.cut_range)}
+    values = config.cbfe.to_dict()
+    values.pop("registers")  # a model-building switch, used by `run`
+    for name in ("cut_range", "search_k", "search_markov_time", "search_weight_threshold"):
+        values[name] = tuple(values[name])
     return CbfeSettings(
         image_size=config.image_size, eval_size=config.mask_size, batch_size=config.batch_size,
         num_threads=config.num_threads, num_visualize=config.num_visualize, **values,
@@ -317,14 +434,21 @@ def run(config: ml_collections.ConfigDict) -> dict:
 
     if config.dataset != "voc":
         raise ConfigError(f"CBFE + CD is defined on Pascal VOC only, not {config.dataset!r}")
-    extractor = make_extractor(config)
+    settings = settings_from_config(config)
+    cd_parameters(settings)  # a bad combination fails before any feature is computed
+    extractor = make_extractor(config, registers=config.cbfe.registers)
     train = open_split(config, config.train_split)
     val = open_split(config, config.val_split)
-    results = evaluate_unsupervised(train, val, extractor.with_attention, settings=settings_from_config(config))
+    features_fn = extractor if settings.attention_dir else extractor.with_attention
+    results = evaluate_unsupervised(train, val, features_fn, settings=settings)
     examples = results.pop("examples")
+    folder = Path(config.workdir) / "cbfe"
     if examples:
         save_segmentation_panels(
-            examples, Path(config.workdir) / "cbfe", num_classes=21,
-            titles=["image", "ground truth", "CBFE + CD (matched)", "overlay"],
+            examples, folder, num_classes=21, titles=["image", "ground truth", "CBFE + CD (matched)", "overlay"],
         )  # fmt: skip
+    if "search" in results:
+        from evaluation.plots import save_search_history
+
+        save_search_history(results["search"], folder / "search_history.png")
     return {**results, "class_names": list(VOC_CLASSES)}

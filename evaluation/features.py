@@ -204,6 +204,23 @@ def with_compute_dtype(model, dtype: str):
     return abstract
 
 
+def without_registers(model):
+    """The same weights in a model built without register tokens, as NeCo's
+    ``experiments/fully_unsup_seg/fully_unsup_seg.py`` builds its ViT (``model_func(patch_size=...)``: no
+    registers, position-table resampling with offset 0.1 and no antialias; the register weights are dropped by
+    its ``load_state_dict(strict=False)``). A model without registers is returned as it is."""
+    if not model.config.num_register_tokens:
+        return model
+    new_config = dataclasses.replace(
+        model.config, num_register_tokens=0, interpolate_offset=0.1, interpolate_antialias=False
+    )
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: type(model)(new_config, rngs=nnx.Rngs(0))))
+    weights = nnx.to_pure_dict(nnx.state(model))
+    weights.pop("register_tokens")
+    nnx.replace_by_pure_dict(state, weights)
+    return nnx.merge(graphdef, state)
+
+
 class FeatureExtractor:
     """Jitted, data-parallel final-norm patch tokens of a frozen backbone.
 

@@ -77,8 +77,12 @@ def _iou(conf: np.ndarray) -> np.ndarray:
 
 def miou_from_confusion(conf: np.ndarray, matching: Matching = "none") -> tuple[float, np.ndarray]:
     """(mIoU, per-class IoU) of a (classes x clusters) confusion matrix after mapping clusters to classes."""
+    return miou_from_mapping(conf, match_clusters(conf, matching))
+
+
+def miou_from_mapping(conf: np.ndarray, mapping: np.ndarray) -> tuple[float, np.ndarray]:
+    """(mIoU, per-class IoU) of a (classes x clusters) confusion matrix once cluster k is read as class mapping[k]."""
     num_classes = conf.shape[0]
-    mapping = match_clusters(conf, matching)
     merged = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(merged.T, mapping, conf.T)  # merged[:, mapping[k]] += conf[:, k]
     per_class = np.diag(_iou(merged))

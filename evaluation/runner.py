@@ -61,9 +61,12 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> datasets_lib.Se
     return ds
 
 
-def make_extractor(config: ml_collections.ConfigDict) -> features_lib.FeatureExtractor:
-    """The frozen backbone of `config.checkpoint`, jitted and sharded over all devices."""
+def make_extractor(config: ml_collections.ConfigDict, *, registers: bool = True) -> features_lib.FeatureExtractor:
+    """The frozen backbone of `config.checkpoint`, jitted and sharded over all devices; `registers=False` builds
+    it without register tokens, as the reference's CBFE script does."""
     model = features_lib.load_model(config.checkpoint, arch=config.arch, which=config.checkpoint_model)
+    if not registers:
+        model = features_lib.without_registers(model)
     return features_lib.FeatureExtractor(model, dtype=config.dtype)
 
 

@@ -178,3 +178,9 @@ def test_train_step_bench_small(tmp_path):
 def test_train_step_bench_time_budget(tmp_path):
     rows = _run("train_step", tmp_path, "--cases", "demo_56_b2_fp32,demo_56_b2_bf16", "--budget-s", "0")["rows"]
     assert [r["status"].split(":")[0] for r in rows] == ["skipped", "skipped"]
+
+
+def test_cd_search_bench_small(tmp_path):
+    rows = _run("cd_search", tmp_path)["rows"]
+    assert [r["k"] for r in rows] == [29, 49] and all(r["prepare_s"] > 0 for r in rows)
+    assert all(r["trials"] == 4 for r in rows) and any(r["completed"] for r in rows)

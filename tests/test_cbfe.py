@@ -10,7 +10,8 @@ from skimage.measure import label as sk_label
 from torchvision.transforms import GaussianBlur
 
 from eval_fixtures import NUM_CLASSES, make_voc_dataset, oracle_features, pixel_classes
-from evaluation import cbfe, community, datasets
+from evaluation import cbfe, cd_search, community, datasets
+from evaluation.features import nearest_resize
 from evaluation.kmeans import kmeans
 
 
@@ -116,6 +117,23 @@ def test_cooccurrence_matches_brute_force_pixel_pairs():
     np.testing.assert_allclose(community.cooccurrence_matrix(maps, 5), total / appearances[:, None], rtol=1e-12)
 
 
+def test_cooccurrence_matches_skimage_graycomatrix():
+    from skimage.feature import graycomatrix
+
+    rng = np.random.default_rng(14)
+    maps = np.repeat(np.repeat(rng.integers(0, 40, size=(5, 6, 7)), 3, axis=1), 2, axis=2)  # blocky, as upsampled maps
+    total, appearances = np.zeros((40, 40)), np.zeros(40)
+    for m in maps:
+        counts = graycomatrix(m.astype(np.uint8), [1, 2], list(community.ANGLES), levels=40).sum(axis=(2, 3))
+        counts = counts.astype(np.float64)
+        np.fill_diagonal(counts, 0)
+        rows = counts.sum(1, keepdims=True)
+        total += np.divide(counts, rows, out=np.zeros_like(counts), where=rows != 0)
+        appearances += rows[:, 0] > 0
+    expected = np.divide(total, appearances[:, None], out=np.zeros_like(total), where=appearances[:, None] != 0)
+    np.testing.assert_allclose(community.cooccurrence_matrix(maps, 40, chunk=2), expected, rtol=1e-12)
+
+
 def test_edges_communities_and_merging():
     adjacency = np.array(
         [[0, 0.5, 0.4, 0.01], [0.3, 0, 0.6, 0.0], [0.5, 0.5, 0, 0.2], [0.02, 0.0, 0.3, 0]], dtype=np.float64
@@ -196,10 +214,194 @@ def test_cbfe_job_through_the_runner(tmp_path):
     config.update_from_flattened_dict({
         "checkpoint": str(backbone), "data_dir": str(root), "workdir": str(tmp_path / "out"), "image_size": 112,
         "mask_size": 28, "batch_size": 4, "num_threads": 2, "num_visualize": 1, "cbfe.pca_dim": 8, "cbfe.k_fg": 24,
-        "cbfe.kmeans_iters": 10, "cbfe.kmeans_restarts": 1, "cbfe.k_community": 12, "cbfe.weight_threshold": 0.02,
-        "cbfe.num_runs": 2, "cbfe.evaluate_cbfe": False,
+        "cbfe.kmeans_iters": 10, "cbfe.kmeans_restarts": 1, "cbfe.num_runs": 2, "cbfe.evaluate_cbfe": False,
+        "cbfe.search_trials": 6, "cbfe.search_k": (8, 12, 4), "cbfe.compute_upper_bound": True,
     })  # fmt: skip
     run_job(config)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert 0.0 <= saved["miou"] <= 1.0 and len(saved["runs"]) == 2
     assert (tmp_path / "out" / "cbfe" / "example_000.png").stat().st_size > 0
+    search = saved["search"]
+    assert len(search["trials"]) == 6 and {r["k_community"] for r in search["trials"]} <= {8, 12}
+    done = [r for r in search["trials"] if r["state"] == "COMPLETE"]
+    assert search["best_value"] == max(r["value"] for r in done)
+    assert saved["cd_params"]["source"] == "found by search"
+    assert {k: saved["cd_params"][k] for k in search["best"]} == search["best"]
+    assert 0.0 < saved["miou_upper_bound"] <= 1.0
+    assert search["median_trial_seconds"] < 1.0
+    assert (tmp_path / "out" / "cbfe" / "search_history.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- CD hyper-parameters and switches
+
+
+def reference_predsmiou(gt, pred, num_classes=21):
+    """NeCo's ``PredsmIoU(C, C).compute(many_to_one=False)`` restated on flat pixels: its asserts, the per-pair
+    IoU score matrix, Hungarian matching, unmatched ids read as 0, plain mean IoU."""
+    from scipy.optimize import linear_sum_assignment
+
+    assert len(np.unique(pred)) <= num_classes and np.max(pred) <= num_classes
+    score = np.zeros((num_classes, num_classes))
+    for c1 in range(num_classes):
+        for c2 in range(num_classes):
+            tp = np.sum((gt == c1) & (pred == c2))
+            score[c1, c2] = tp / max(np.sum(gt == c1) + np.sum(pred == c2) - tp, 1e-8)
+    rows, cols = linear_sum_assignment(1 - score)
+    reordered = np.zeros(len(pred))
+    for t, p in zip(rows, cols):
+        reordered[pred == p] = t
+    ious = []
+    for c in range(num_classes):
+        tp = np.sum((gt == c) & (reordered == c))
+        ious.append(tp / max(np.sum(gt == c) + np.sum(reordered == c) - tp, 1e-8))
+    return float(np.mean(ious))
+
+
+def _random_cd_inputs(rng, k=30, n_train=6, n_val=5, size=12):
+    maps = rng.integers(0, k + 1, size=(n_train + n_val, size, size))
+    gt = rng.integers(0, 21, size=maps.shape).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.1] = 255
+    return cd_search.community_inputs(maps, n_train, gt[:n_train], gt[n_train:], k), maps, gt
+
+
+def test_trials_in_confusion_space_equal_the_reference_on_pixels():
+    rng = np.random.default_rng(20)
+    inputs, maps, gt = _random_cd_inputs(rng)
+    np.testing.assert_allclose(inputs.adjacency, community.cooccurrence_matrix(maps, 31))
+    assert inputs.complete and inputs.maps.dtype == np.uint8
+    train_maps, train_gt = maps[:6], gt[:6]
+    for lookup in (rng.integers(1, 19, size=31), np.r_[np.zeros(5, int), rng.integers(1, 22, size=26)]):
+        merged = lookup[train_maps]
+        keep = train_gt != 255
+        if len(np.unique(merged[keep])) > 21 or merged[keep].max() > 21:
+            with pytest.raises(cd_search.InvalidTrial):
+                cd_search.reference_cd_miou(cd_search.merged_confusion(inputs.confusion["train"], lookup))
+            continue
+        ours = cd_search.reference_cd_miou(cd_search.merged_confusion(inputs.confusion["train"], lookup))[0]
+        assert ours == pytest.approx(reference_predsmiou(train_gt[keep], merged[keep]), abs=1e-12)
+    too_many = np.arange(31)  # 30 distinct merged ids: the reference's assert fails, the trial is dropped
+    with pytest.raises(cd_search.InvalidTrial):
+        cd_search.reference_cd_miou(cd_search.merged_confusion(inputs.confusion["train"], too_many))
+    # Upper bound: every fine cluster to the class it is most precise for (PredsmIoU(k+1, 21), many-to-one).
+    val_maps, val_gt = maps[6:], gt[6:]
+    keep = val_gt != 255
+    conf = np.zeros((21, 31))
+    np.add.at(conf, (val_gt[keep].astype(int), val_maps[keep]), 1)
+    to_class = np.argmax(conf / np.maximum(conf.sum(0), 1e-8), axis=0)
+    pred = to_class[val_maps[keep]]
+    expected = np.mean([
+        np.sum((val_gt[keep] == c) & (pred == c)) / max(np.sum((val_gt[keep] == c) | (pred == c)), 1e-8)
+        for c in range(21)
+    ])  # fmt: skip
+    assert cd_search.upper_bound(inputs) == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_cluster_missing_from_a_split_drops_the_trial():
+    rng = np.random.default_rng(21)
+    inputs, _, _ = _random_cd_inputs(rng)
+    maps = inputs.maps.copy()
+    maps[6:][maps[6:] == 3] = 4  # cluster 3 never occurs in val: the reference asserts before the graph
+    gt = rng.integers(0, 21, size=maps.shape)
+    partial = cd_search.community_inputs(maps, 6, gt[:6], gt[6:], 30)
+    assert not partial.complete
+    with pytest.raises(cd_search.InvalidTrial, match="missing"):
+        cd_search.train_objective(partial, markov_time=1.0, weight_threshold=0.05, num_runs=1, preferred_modules=20)
+
+
+def _planted(k, markov_time, weight_threshold):
+    if k == 249:
+        raise cd_search.InvalidTrial("dropped, as the reference's assertions drop trials")
+    return -(((k - 149) / 180) ** 2) - ((markov_time - 1.2) / 1.9) ** 2 - ((weight_threshold - 0.04) / 0.09) ** 2
+
+
+def test_search_finds_the_planted_optimum_and_is_reproducible():
+    first = cd_search.search(_planted, trials=100, progress=False)
+    assert first["best"] == {"weight_threshold": 0.04, "markov_time": 1.2, "k_community": 149}
+    assert first["best_value"] == pytest.approx(0.0, abs=1e-12)
+    rows = first["trials"]
+    assert len(rows) == 100 and first["completed"] == sum(r["state"] == "COMPLETE" for r in rows)
+    dropped = [r for r in rows if r["k_community"] == 249]
+    assert dropped and all(r["state"] == "FAIL" and r["value"] is None for r in dropped)
+    for r in rows:  # every value on NeCo's grid
+        assert r["k_community"] in range(69, 250, 10)
+        assert r["markov_time"] in cd_search.grid(0.1, 2.0, 0.1)
+        assert r["weight_threshold"] in cd_search.grid(0.01, 0.1, 0.01)
+    again = cd_search.search(_planted, trials=100, progress=False)
+    params = [(r["k_community"], r["markov_time"], r["weight_threshold"]) for r in rows]
+    assert params == [(r["k_community"], r["markov_time"], r["weight_threshold"]) for r in again["trials"]]
+    other = cd_search.search(_planted, trials=20, seed=7, progress=False)
+    assert params[:20] != [(r["k_community"], r["markov_time"], r["weight_threshold"]) for r in other["trials"]]
+
+
+def test_search_history_png(tmp_path):
+    from PIL import Image
+
+    from evaluation.plots import save_search_history
+
+    found = cd_search.search(_planted, trials=12, progress=False)
+    path = save_search_history(found, tmp_path / "history.png")
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    assert im.size == (720, 400)
+    assert (np.abs(pixels.astype(int) - (31, 119, 180)).sum(-1) == 0).sum() >= 12  # a dot per completed trial
+
+
+def test_cd_parameters_sources():
+    assert cbfe.cd_parameters(cbfe.CbfeSettings()) == (None, "found by search")
+    assert cbfe.cd_parameters(cbfe.CbfeSettings(cd_preset="leopart_vitb8")) == (
+        (109, 0.4, 0.07), "Leopart README (leopart_vitb8)"
+    )
+    given = cbfe.CbfeSettings(k_community=149, markov_time=2.0, weight_threshold=0.09)
+    assert cbfe.cd_parameters(given) == ((149, 2.0, 0.09), "given")
+    for bad, message in [
+        (dict(k_community=149), "all three"),
+        (dict(cd_preset="leopart_vits16", k_community=149), "not both"),
+        (dict(cd_preset="vit_huge"), "leopart_vits16"),
+        (dict(k_community=300, markov_time=1.0, weight_threshold=0.1), "255"),
+    ]:
+        with pytest.raises(cbfe.CbfeError, match=message):
+            cbfe.cd_parameters(cbfe.CbfeSettings(**bad))
+
+
+def test_attention_files_replace_the_models_attention(tmp_path):
+    rng = np.random.default_rng(22)
+    files = {"train": rng.random((3, 1, 7, 7)) < 0.4, "val": rng.random((2, 1, 7, 7)) < 0.4}
+    for split, masks in files.items():
+        torch.save(torch.from_numpy(masks.astype(np.float32)), tmp_path / f"attn_{split}.pt")
+    model_attn = rng.random((5, 2, 4, 4)).astype(np.float32)  # what the evaluated model would give
+    s = cbfe.CbfeSettings(eval_size=14, attention_dir=str(tmp_path))
+    noisy, source = cbfe.noisy_masks(s, model_attn[:3], model_attn[3:], 3, 2)
+    expected = np.concatenate([files["train"][:, 0], files["val"][:, 0]])
+    np.testing.assert_array_equal(noisy, nearest_resize(expected, 14))
+    assert source == f"files in {tmp_path}"
+    own, own_source = cbfe.noisy_masks(cbfe.CbfeSettings(eval_size=14), model_attn[:3], model_attn[3:], 3, 2)
+    np.testing.assert_array_equal(own, nearest_resize(cbfe.noisy_foreground(model_attn), 14))
+    assert own_source == "the evaluated model's CLS attention"
+    with pytest.raises(cbfe.CbfeError, match="holds 3 masks but the split has 4"):
+        cbfe.noisy_masks(s, None, None, 4, 2)
+    with pytest.raises(cbfe.CbfeError, match="attn_train.pt does not exist"):
+        cbfe.noisy_masks(cbfe.CbfeSettings(attention_dir=str(tmp_path / "none")), None, None, 3, 2)
+
+
+def test_cbfe_model_without_registers():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from evaluation.features import without_registers
+    from neco_jax.models import VisionTransformer, get_arch
+
+    config = get_arch("vit_tiny_test", num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
+    model = VisionTransformer(config, rngs=nnx.Rngs(3))
+    stripped = without_registers(model)
+    assert stripped.config.num_register_tokens == 0 and not hasattr(stripped, "register_tokens")
+    assert (stripped.config.interpolate_offset, stripped.config.interpolate_antialias) == (0.1, False)
+    before, after = nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(stripped))
+    assert set(before) - set(after) == {"register_tokens"}
+    np.testing.assert_array_equal(after["cls_token"], before["cls_token"])
+    fc2 = [state["blocks"][1]["mlp"]["fc2"]["kernel"] for state in (after, before)]
+    np.testing.assert_array_equal(*fc2)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 70, 70, 3)), jnp.float32)
+    with_regs = np.asarray(model(images)["x_norm_patchtokens"])
+    without = np.asarray(stripped(images)["x_norm_patchtokens"])
+    assert with_regs.shape == without.shape and not np.allclose(with_regs, without, atol=1e-4)
+    assert without_registers(stripped) is stripped

@@ -1,0 +1,220 @@
+"""Community-detection (CD) hyper-parameters of CBFE + CD: trials scored cheaply, and the Optuna search that picks them.
+
+NeCo's ``experiments/fully_unsup_seg/fully_unsup_seg.py`` (``find_hyperparams``) finds (k_community,
+markov_time, weight_threshold) per model with Optuna's TPE sampler (seed 1000, 300 trials), maximising the
+mean CD mIoU on the VOC *train* split over the Infomap runs; trials that trip one of the reference's
+assertions (a fine cluster missing from a split, more than 21 merged segments) are dropped. Leopart's
+README instead publishes fixed values per backbone (``LEOPART_VALUES``).
+
+What does not depend on a trial is computed once per k (``community_inputs``): the foreground k-means maps,
+the co-occurrence graph's weights and each split's (classes x clusters) confusion matrix. A trial is then
+only edge thresholding, Infomap runs on at most 250 nodes and merging confusion-matrix columns by module
+(the same counts as relabelling every pixel, without touching a pixel).
+
+Differences from the reference: trials run one after another (the reference used ``n_jobs=5`` threads,
+whose completion order, and so TPE's history, is not reproducible); Infomap seeds are shifted by one
+(see ``community``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import numpy as np
+
+from evaluation import community
+from evaluation.metrics import confusion_matrix, match_clusters, miou_from_confusion, miou_from_mapping
+from neco_jax.errors import UserError
+
+# Search space in the order the reference suggests the parameters (TPE's draws depend on it):
+# name -> (low, high, step). NeCo widened Leopart's k range [99, 249] to [69, 249].
+SEARCH_SPACE = {
+    "weight_threshold": (0.01, 0.1, 0.01),
+    "markov_time": (0.1, 2.0, 0.1),
+    "k_community": (69, 249, 10),
+}
+SEARCH_SEED = 1000
+SEARCH_TRIALS = 300
+
+# Leopart README (MkuuWaUjinga/leopart, "Fully unsupervised semantic segmentation"): (k, Markov time, threshold).
+LEOPART_VALUES = {
+    "leopart_vits16": (149, 2.0, 0.09),
+    "leopart_vitb8": (109, 0.4, 0.07),
+}
+
+
+class InvalidTrial(Exception):
+    """A trial the reference drops: one of its assertions (caught by ``study.optimize(catch=...)``) fails."""
+
+
+class SearchError(UserError):
+    """The hyper-parameter search cannot produce a result."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CommunityInputs:
+    """Everything a CD trial at one k needs: cluster maps, graph weights, and per-split confusion matrices."""
+
+    k: int
+    maps: np.ndarray  # (N, E, E) uint8: train maps then val maps; labels 0..k-1 foreground, k background
+    n_train: int
+    adjacency: np.ndarray  # (k + 1, k + 1) averaged co-occurrence weights over train + val
+    confusion: dict  # split -> (num_classes, k + 1) int64, void pixels dropped
+    complete: bool  # every label occurs in both splits (the reference asserts it before building the graph)
+
+
+def community_inputs(
+    maps: np.ndarray, n_train: int, gt_train: np.ndarray, gt_val: np.ndarray, k: int, *, num_classes: int = 21,
+    ignore_index: int = 255,
+) -> CommunityInputs:  # fmt: skip
+    """The trial-independent work at one k, from the (N, E, E) foreground-cluster maps of train then val."""
+    labels = k + 1
+    present = [np.bincount(part.ravel(), minlength=labels)[:labels] > 0 for part in (maps[:n_train], maps[n_train:])]
+    confusion = {
+        split: confusion_matrix(part, gt, num_classes=num_classes, num_pred=labels, ignore_index=ignore_index)
+        for split, part, gt in (("train", maps[:n_train], gt_train), ("val", maps[n_train:], gt_val))
+    }
+    return CommunityInputs(
+        k=k, maps=maps.astype(np.uint8), n_train=n_train, adjacency=community.cooccurrence_matrix(maps, labels),
+        confusion=confusion, complete=bool(present[0].all() and present[1].all()),
+    )  # fmt: skip
+
+
+def merged_confusion(conf: np.ndarray, lookup: np.ndarray) -> np.ndarray:
+    """(classes, segments) counts after relabelling cluster k as segment lookup[k] (at least `classes` columns)."""
+    merged = np.zeros((conf.shape[0], max(int(lookup.max(initial=0)) + 1, conf.shape[0])), np.int64)
+    np.add.at(merged.T, lookup, conf.T)
+    return merged
+
+
+def reference_cd_miou(conf: np.ndarray) -> tuple[float, np.ndarray]:
+    """``PredsmIoU(C, C).compute(many_to_one=False)`` on merged segments, given their (C, segments) counts.
+
+    Its assertions (at most C distinct segment ids among the scored pixels, none above C) raise ``InvalidTrial``;
+    Hungarian matching covers ids 0..C-1 only, so the pixels of a segment with id C, like unmatched ones, read 0.
+    """
+    num_classes = conf.shape[0]
+    ids = np.flatnonzero(conf.sum(axis=0))
+    if len(ids) > num_classes or (len(ids) and ids.max() > num_classes):
+        raise InvalidTrial(f"{len(ids)} segments with ids up to {ids.max()} for {num_classes} classes")
+    conf = conf[:, : num_classes + 1]
+    if conf.shape[1] <= num_classes:
+        conf = np.pad(conf, ((0, 0), (0, num_classes + 1 - conf.shape[1])))
+    mapping = np.append(match_clusters(conf[:, :num_classes], "hungarian"), 0)
+    return miou_from_mapping(conf, mapping)
+
+
+def run_communities(
+    inputs: CommunityInputs, *, markov_time: float, weight_threshold: float, num_runs: int, preferred_modules: int
+) -> tuple[list[tuple[int, int, float]], list[np.ndarray]]:
+    """The graph's edges and, for each Infomap run r (seed r + 1), the merge lookup of the k + 1 labels."""
+    edges = community.graph_edges(inputs.adjacency, weight_threshold)
+    lookups = []
+    for r in range(num_runs):
+        modules = community.detect_communities(
+            edges, markov_time=markov_time, seed=r + 1, preferred_modules=preferred_modules
+        )
+        lookups.append(community.merge_lookup(modules, inputs.k + 1))
+    return edges, lookups
+
+
+def train_objective(
+    inputs: CommunityInputs, *, markov_time: float, weight_threshold: float, num_runs: int, preferred_modules: int
+) -> float:
+    """The search's objective: mean reference CD mIoU on train over the runs; ``InvalidTrial`` where the
+    reference asserts (a label missing from a split, too many segments in any run)."""
+    if not inputs.complete:
+        raise InvalidTrial(f"k_community={inputs.k}: a foreground cluster is missing from the train or val maps")
+    _, lookups = run_communities(
+        inputs, markov_time=markov_time, weight_threshold=weight_threshold, num_runs=num_runs,
+        preferred_modules=preferred_modules,
+    )  # fmt: skip
+    return float(np.mean([reference_cd_miou(merged_confusion(inputs.confusion["train"], lu))[0] for lu in lookups]))
+
+
+def val_scores(inputs: CommunityInputs, lookups: list[np.ndarray]) -> list[tuple[float, np.ndarray, int]]:
+    """(mIoU, per-class IoU, segments) of each run on val: Hungarian over all merged ids (unmatched -> class 0).
+
+    Unlike the search objective this never drops a run: the reference would stop with an assertion instead."""
+    present = np.bincount(inputs.maps[inputs.n_train :].ravel(), minlength=inputs.k + 1) > 0
+    out = []
+    for lookup in lookups:
+        score, per_class = miou_from_confusion(merged_confusion(inputs.confusion["val"], lookup), "hungarian")
+        out.append((score, per_class, int(len(np.unique(lookup[present])))))
+    return out
+
+
+def upper_bound(inputs: CommunityInputs) -> float:
+    """The reference's ``compute_upper_bound``: the val foreground clusters (k + 1 labels) matched many-to-one
+    to the class each is most precise for, an ideal merging (by precision, so not a strict bound on mIoU)."""
+    return miou_from_confusion(inputs.confusion["val"], "precision")[0]
+
+
+def grid(low: float, high: float, step: float) -> list:
+    """The values Optuna's stepped suggestion can return: low, low + step, ... up to high."""
+    count = int(np.floor((high - low) / step + 1e-9)) + 1
+    if isinstance(low, int) and isinstance(step, int):
+        return [low + i * step for i in range(count)]
+    return [round(low + i * step, 10) for i in range(count)]
+
+
+def search(
+    objective: Callable[[int, float, float], float],
+    *,
+    trials: int = SEARCH_TRIALS,
+    seed: int = SEARCH_SEED,
+    space: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Maximise ``objective(k_community, markov_time, weight_threshold)`` with Optuna TPE (the reference's
+    sampler, seed and suggestion order); trials raising ``InvalidTrial`` are dropped as the reference's
+    ``catch=(AssertionError,)`` does. Returns the best values and one row per trial."""
+    import optuna
+
+    space = dict(SEARCH_SPACE if space is None else space)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    seconds = {}
+
+    def wrapped(trial):
+        values = {}
+        for name, (low, high, step) in space.items():  # the reference's order: threshold, Markov time, k
+            if name == "k_community":
+                values[name] = trial.suggest_int(name, int(low), int(high), step=int(step))
+            else:
+                values[name] = trial.suggest_float(name, float(low), float(high), step=float(step))
+        start = time.perf_counter()
+        try:
+            return objective(values["k_community"], values["markov_time"], values["weight_threshold"])
+        finally:
+            seconds[trial.number] = time.perf_counter() - start
+
+    study.optimize(wrapped, n_trials=trials, catch=(InvalidTrial,), show_progress_bar=progress)
+    rows = []
+    for t in study.trials:
+        row = {"trial": t.number, **{n: _tidy(t.params.get(n)) for n in space}}
+        row.update(value=t.value, state=t.state.name, seconds=round(seconds.get(t.number, 0.0), 4))
+        rows.append(row)
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    if not done:
+        raise SearchError(
+            f"all {trials} community-detection trials were dropped (a fine cluster missing from a split, or more "
+            "segments than classes); widen the search ranges or fix the values with --config.cbfe.k_community=..."
+        )
+    best = study.best_trial
+    return {
+        "best": {n: _tidy(best.params[n]) for n in space},
+        "best_value": float(best.value),
+        "best_trial": best.number,
+        "trials": rows,
+        "completed": len(done),
+        "sampler": f"optuna {optuna.__version__} TPESampler(seed={seed})",
+        "space": {n: list(v) for n, v in space.items()},
+        "median_trial_seconds": float(np.median([r["seconds"] for r in done])),
+    }
+
+
+def _tidy(value):
+    return round(value, 10) if isinstance(value, float) else value
