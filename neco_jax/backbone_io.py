@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from neco_jax.convert import (
     Converted,
     HeadConfig,
     abstract_module,
+    arch_record,
     flat_params,
     head_config_for,
     head_to_torch,
@@ -29,8 +29,10 @@ from neco_jax.convert import (
     param_shapes,
     read_checkpoint,
     resolve_arch,
+    torch_io,
 )
 from neco_jax.errors import UserError
+from neco_jax.files import atomic_write
 
 if TYPE_CHECKING:
     from neco_jax.models.head import ProjectionHead
@@ -119,30 +121,40 @@ def _pick_folder(folder: Path, which: str) -> Path:
     )
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def _read_params(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise UserError(f"{path} is missing; save the backbone again")
+    return torch_io.read_safetensors(path, "Save the backbone again.")[0]
 
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"{path} is missing or damaged ({err}); save the backbone again") from err
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path} is not readable JSON ({err}); save the backbone again") from err
+    if not isinstance(values, dict):
+        raise UserError(f"{path} holds a JSON {type(values).__name__}, not an object; save the backbone again")
+    return values
 
 
 def _read_folder(folder: Path, arch: str | ViTConfig | None) -> Converted:
     from neco_jax.models.vit import ViTConfig
 
+    values = _read_json(folder / CONFIG_FILE)
     try:
-        saved = ViTConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-    except (ValueError, TypeError, KeyError) as err:
+        saved = ViTConfig.from_dict(values)
+    except (TypeError, UserError) as err:
         raise UserError(f"{folder / CONFIG_FILE} is not a ViTConfig ({err}); save the backbone again") from err
+    params = _read_params(folder / PARAMS_FILE)
+    if arch is None:
+        arch_record.check_fits(saved, keymap.to_torch(params, "dinov2"), str(folder / CONFIG_FILE),
+                               f"It does not describe {PARAMS_FILE}: save the backbone again, or pass arch=.")
     config = resolve_arch(arch) if arch is not None else saved
-    params = _read_safetensors(folder / PARAMS_FILE)
     _check_params(params, param_shapes(config), f"{folder / PARAMS_FILE}")
     head_config = head_params = None
     if (folder / HEAD_CONFIG_FILE).is_file():
-        head_config = HeadConfig(**json.loads((folder / HEAD_CONFIG_FILE).read_text()))
-        head_params = _read_safetensors(folder / HEAD_PARAMS_FILE)
+        head_config = HeadConfig.from_dict(_read_json(folder / HEAD_CONFIG_FILE), str(folder / HEAD_CONFIG_FILE))
+        head_params = _read_params(folder / HEAD_PARAMS_FILE)
         _check_params(head_params, param_shapes(head_config), f"{folder / HEAD_PARAMS_FILE}")
     return Converted(config, params, head_config, head_params)
 
@@ -166,26 +178,15 @@ def build(config: ViTConfig | HeadConfig, params: Mapping[str, np.ndarray]) -> V
     return nnx.merge(graphdef, nnx.from_flat_state(filled), rest)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def _write_arrays(path: Path, arrays: Mapping[str, Any]) -> None:
     from safetensors.numpy import save_file
 
     contiguous = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
-    _atomic_write(path, lambda tmp: save_file(contiguous, tmp))
+    atomic_write(path, lambda tmp: save_file(contiguous, tmp))
 
 
 def save_converted(converted: Converted, folder: str | os.PathLike) -> Path:

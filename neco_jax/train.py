@@ -300,8 +300,7 @@ def export_backbones(config, models: ts.Models, state: ts.TrainState, folder: st
     without torch installed they are written as .safetensors.
     """
     from neco_jax import save_backbone
-    from neco_jax.convert import export_state_dict
-    from neco_jax.convert.torch_io import write_state_dict
+    from neco_jax.convert import export_file
 
     try:
         import torch  # noqa: F401
@@ -318,8 +317,8 @@ def export_backbones(config, models: ts.Models, state: ts.TrainState, folder: st
         params = jax.device_get(params)
         backbone, head = backbone_def.merge(params["backbone"]), models.head.merge(params["head"])
         written.append(str(save_backbone(backbone, os.path.join(folder, name), head=head)))
-        state_dict = export_state_dict(_flat(params["backbone"]), layout)
-        written.append(str(write_state_dict(state_dict, os.path.join(folder, f"{name}_{layout}{suffix}"))))
+        path = os.path.join(folder, f"{name}_{layout}{suffix}")
+        written.append(str(export_file(backbone.config, _flat(params["backbone"]), layout, path)))
     return written
 
 

@@ -21,7 +21,7 @@ from reference_models import randomize, relative_error
 import neco_jax
 from neco_jax.backbone_io import load_converted, load_head
 from neco_jax.convert import __main__ as cli
-from neco_jax.convert import backbone_to_jax, export_state_dict, torch_io
+from neco_jax.convert import backbone_to_jax, export_state_dict, infer, torch_io
 from neco_jax.errors import UserError
 from neco_jax.models import get_arch
 
@@ -108,9 +108,11 @@ def test_dinov2_base_round_trip_and_parity():
 
 def test_dinov2_swiglu_to_dinov2_and_timm_layouts():
     # ViT-g's feed-forward at a small width: dinov2 (mlp.w12 / mlp.w3) and timm (packed mlp.fc1 / mlp.fc2).
+    # Width 128 is no DINOv2 size, so the head count (which no shape shows) is named; the rest is inferred.
     reference = _dinov2(0, embed_dim=128, num_heads=2, depth=1, ffn_layer="swiglufused")
+    arch = get_arch("vit_giant_patch14_dinov2", **infer.shape_fields(_numpy_sd(reference)), num_heads=2)
     config, params, errors = _check_case(reference, _dinov2(1, embed_dim=128, num_heads=2, depth=1,
-                                                            ffn_layer="swiglufused"), "dinov2")
+                                                            ffn_layer="swiglufused"), "dinov2", arch=arch)
     assert config.ffn_layer == "swiglu" and params["blocks/0/mlp/w12/kernel"].shape == (128, 688)
     print("dinov2 SwiGLU parity", errors)
     from timm.layers import GluMlp
@@ -127,7 +129,7 @@ def test_dinov2_swiglu_to_dinov2_and_timm_layouts():
     cls, patch = _torch_tokens(timm_giant, x)
     assert relative_error(cls, ref_cls) <= TOL and relative_error(patch, ref_patch) <= TOL
     # ... and timm's layout comes back to the same parameters.
-    _, from_timm = backbone_to_jax(timm_sd)
+    _, from_timm = backbone_to_jax(timm_sd, arch)
     assert from_timm.keys() == set(params) - {"mask_token"}
     assert all(np.array_equal(from_timm[p], params[p]) for p in from_timm)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from neco_jax.convert import infer, keymap, torch_io
+from neco_jax.convert import arch_record, infer, keymap, torch_io
 from neco_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -35,6 +35,19 @@ class HeadConfig:
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], what: str) -> HeadConfig:
+        """The head config saved as ``values`` (read from ``what``); wrong or missing fields are refused."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown, missing = sorted(set(values) - set(known)), [k for k in known if k not in values]
+        bad = [k for k in known if k in values and (type(values[k]) is not int or values[k] <= 0)]
+        if unknown or missing or bad:
+            problems = [f"{name} field(s) {keys}" for name, keys in
+                        (("unknown", unknown), ("missing", missing), ("non-positive or non-integer", bad)) if keys]
+            raise UserError(f"{what} is not a projection head config: {'; '.join(problems)} (fields: {known}); "
+                            "save the backbone again")
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -56,17 +69,27 @@ def resolve_arch(arch: str | ViTConfig, **overrides: Any) -> ViTConfig:
     return dataclasses.replace(arch, **overrides) if overrides else arch
 
 
-def config_for(state_dict: Mapping[str, np.ndarray], arch: str | ViTConfig | None = None) -> ViTConfig:
-    """The architecture of a backbone state dict: ``arch`` if given, else inferred from the shapes.
+def config_for(
+    state_dict: Mapping[str, np.ndarray],
+    arch: str | ViTConfig | None = None,
+    recorded: ViTConfig | None = None,
+    what: str = "the state dict",
+) -> ViTConfig:
+    """The architecture of a backbone state dict: ``arch`` if given, else the one ``recorded`` in its
+    file (checked against the shapes), else inferred from the shapes (DINO/DINOv2 widths only).
 
     ``has_mask_token`` always follows the file: DINOv2 hub files carry ``mask_token`` (kept, so an
     export is complete), timm files have none; it takes no part in the forward pass.
     """
     has_mask = "mask_token" in state_dict
-    if arch is None:
-        fields = infer.infer_fields(state_dict)
-        return resolve_arch(infer.family_arch_name(fields), **fields)
-    return resolve_arch(arch, has_mask_token=has_mask)
+    if arch is not None:
+        return resolve_arch(arch, has_mask_token=has_mask)
+    if recorded is not None:
+        arch_record.check_fits(recorded, state_dict, f"{what}: the architecture recorded in the file",
+                               "Name the right architecture with --arch / arch=.")
+        return resolve_arch(recorded, has_mask_token=has_mask)
+    fields = infer.infer_fields(state_dict)
+    return resolve_arch(infer.family_arch_name(fields), **fields)
 
 
 @functools.lru_cache(maxsize=8)
@@ -154,11 +177,18 @@ def head_to_torch(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def backbone_to_jax(
-    state_dict: Mapping[str, np.ndarray], arch: str | ViTConfig | None = None, *, what: str = "the state dict"
+    state_dict: Mapping[str, np.ndarray],
+    arch: str | ViTConfig | None = None,
+    *,
+    what: str = "the state dict",
+    recorded: ViTConfig | None = None,
 ) -> tuple[ViTConfig, dict[str, np.ndarray]]:
-    """A backbone state dict (DINOv2 or timm layout) -> (config, float32 NNX parameters)."""
+    """A backbone state dict (DINOv2 or timm layout) -> (config, float32 NNX parameters).
+
+    ``recorded``: the architecture written into the file (``arch_record``), used when ``arch`` is None.
+    """
     state_dict = keymap.normalize_keys(state_dict)
-    config = config_for(state_dict, arch)
+    config = config_for(state_dict, arch, recorded, what)
     hint = ("Name the right architecture with --arch / arch=, or drop it to infer one from the shapes."
             if arch is not None else "Name the architecture with --arch / arch=.")
     params = keymap.to_jax(state_dict, param_shapes(config), keymap.detect_layout(state_dict), what=what, hint=hint)
@@ -170,7 +200,8 @@ def read_checkpoint(
 ) -> dict[str, Converted]:
     """Every ViT in a weight file, converted: ``{"backbone": ...}`` for a plain state dict,
     ``{"student": ..., "teacher": ...}`` for a NeCo Lightning checkpoint; heads attached."""
-    state_dict = torch_io.read_state_dict(path)
+    state_dict, metadata = torch_io.read_weights(path)
+    recorded = arch_record.recorded_config(metadata, str(path))
     backbones, heads, leftover = torch_io.split_parts(state_dict)
     if leftover:
         raise keymap.KeyMismatchError(keymap.mismatch_message(
@@ -178,7 +209,7 @@ def read_checkpoint(
     out = {}
     for name, sd in backbones.items():
         what = str(path) if name == "backbone" else f"{path} [{name}]"
-        config, params = backbone_to_jax(sd, arch, what=what)
+        config, params = backbone_to_jax(sd, arch, what=what, recorded=recorded)
         head_config = head_params = None
         if name in heads:
             head_config = head_config_for(heads[name], what)
@@ -193,3 +224,8 @@ def read_checkpoint(
 def export_state_dict(params: Mapping[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
     """NNX backbone parameters -> PyTorch state dict in the ``dinov2`` or ``timm`` layout."""
     return keymap.to_torch({p: np.asarray(v) for p, v in params.items()}, layout)
+
+
+def export_file(config: ViTConfig, params: Mapping[str, np.ndarray], layout: str, path: str | Path) -> Path:
+    """Write a backbone as a PyTorch file in ``layout``, with its architecture recorded (``arch_record``)."""
+    return torch_io.write_state_dict(export_state_dict(params, layout), path, arch_record.metadata_for(config))

@@ -4,8 +4,9 @@
     python -m neco_jax.convert to-torch FOLDER --out FILE.pth|FILE.safetensors --layout dinov2|timm
 
 SRC is a .pth/.pt/.ckpt/.safetensors file, a URL, or a known pretrained name. A NeCo training
-checkpoint (student and teacher) becomes FOLDER/student and FOLDER/teacher. Mistakes in the input
-print one line on stderr and exit with status 2.
+checkpoint (student and teacher) becomes FOLDER/student and FOLDER/teacher. Every output records
+the architecture (FOLDER/config.json; the ViTConfig inside an exported file), and no output
+overwrites an existing file. Mistakes in the input print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def to_jax(source: str, out: Path, arch: str | None) -> None:
 
     if Path(source).is_dir():
         raise UserError(f"{source} is a folder; to-jax reads a weight file, a URL or a known pretrained name")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file; to-jax writes a folder: choose another name")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} is a folder that is not empty; to-jax writes only into a new or empty folder, "
+                        "so nothing there is overwritten: choose another name or remove it")
     path, resolved_arch = backbone_io.locate(source, arch)
     parts = read_checkpoint(path, resolved_arch)
     for name, converted in parts.items():
@@ -41,14 +47,17 @@ def to_jax(source: str, out: Path, arch: str | None) -> None:
 
 def to_torch(folder: Path, out: Path, layout: str) -> None:
     from neco_jax import backbone_io
-    from neco_jax.convert import export_state_dict, keymap, torch_io
+    from neco_jax.convert import export_file, keymap
 
+    if out.exists():
+        raise UserError(f"--out {out} already exists; to-torch never overwrites a file: choose another name or "
+                        "remove it first")
     converted = backbone_io.load_converted(folder)
-    state_dict = export_state_dict(converted.params, layout)
-    torch_io.write_state_dict(state_dict, out)
+    export_file(converted.config, converted.params, layout, out)
     dropped = keymap.dropped_paths(converted.params, layout)
     note = f"; left out, no place in the {layout} layout: {', '.join(dropped)}" if dropped else ""
-    print(f"wrote {out} ({len(state_dict)} tensors, {layout} layout{note})")
+    print(f"wrote {out} ({len(converted.params) - len(dropped)} tensors, {layout} layout, "
+          f"architecture recorded in the file{note})")
 
 
 def main(argv: list[str] | None = None) -> int:

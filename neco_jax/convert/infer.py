@@ -1,10 +1,11 @@
 """The ViT architecture of a PyTorch state dict, read from its key names and shapes.
 
 Everything that shapes parameters is read off the tensors (width, depth, patch size, registers,
-layer scale, position grid, feed-forward kind and width). Two things are not in the shapes and
-follow convention: the number of heads (DINO and DINOv2 use 64-wide heads at every size) and the
-non-parameter fields (position interpolation rule, drop path), taken from the family's named
-architecture. Anything else must be named with ``arch``.
+layer scale, position grid, feed-forward kind and width). Two things are not in the shapes: the
+number of heads, known only for the widths of the DINO and DINOv2 sizes (``archs.FAMILY_HEADS``),
+and the non-parameter fields (position interpolation rule, drop path), taken from the family's
+named architecture. A file of any other width must record its architecture (every neco_jax export
+does, see ``arch_record.py``) or be read with ``arch``: a guessed head count gives wrong outputs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import numpy as np
 
 from neco_jax.errors import UserError
 
-HEAD_DIM = 64
 _SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -42,7 +42,22 @@ def _square_side(n: int) -> int | None:
 
 
 def infer_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """ViTConfig field values implied by the tensors (keys in DINOv2 or timm layout)."""
+    """ViTConfig field values implied by the tensors (keys in DINOv2 or timm layout), heads included."""
+    from neco_jax.models.archs import FAMILY_HEADS
+
+    fields = shape_fields(state_dict)
+    dim = fields["embed_dim"]
+    if dim not in FAMILY_HEADS:
+        raise ArchInferenceError(
+            f"the weights record no architecture and their width {dim} is none of the DINO/DINOv2 sizes "
+            f"({', '.join(map(str, sorted(FAMILY_HEADS)))}), so their number of heads is unknown; "
+            "name the architecture with --arch / arch= (a name, or a ViTConfig with num_heads)"
+        )
+    return {**fields, "num_heads": FAMILY_HEADS[dim]}
+
+
+def shape_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The ViTConfig fields that the tensors' shapes fix (all but the heads and the non-parameter fields)."""
     dim = _shape(state_dict, "cls_token")[-1]
     proj = _shape(state_dict, "patch_embed.proj.weight")
     if len(proj) != 4 or proj[2] != proj[3] or proj[1] != 3:
@@ -50,11 +65,6 @@ def infer_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     blocks = {int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k))}
     if not blocks:
         raise ArchInferenceError("cannot infer the architecture: the state dict has no 'blocks.N.' keys")
-    if dim % HEAD_DIM:
-        raise ArchInferenceError(
-            f"cannot infer the number of heads for width {dim} (not a multiple of {HEAD_DIM}); "
-            "name the architecture with --arch / arch="
-        )
 
     registers = 0
     for key in ("register_tokens", "reg_token"):
@@ -73,7 +83,6 @@ def infer_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
         patch_size=proj[2],
         embed_dim=dim,
         depth=max(blocks) + 1,
-        num_heads=dim // HEAD_DIM,
         ffn_layer="swiglu" if swiglu else "mlp",
         num_register_tokens=registers,
         layerscale="blocks.0.ls1.gamma" in state_dict,

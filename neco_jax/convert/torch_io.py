@@ -10,9 +10,9 @@ neither Lightning nor the original repository needs to be installed.
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
-import tempfile
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,9 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from neco_jax.errors import UserError
+from neco_jax.files import atomic_write
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
+# Pseudo module name under which a .pth state dict's ``_metadata`` carries neco_jax's metadata:
+# load_state_dict looks up ``_metadata`` by module prefix only, so a strict load ignores it.
+METADATA_MODULE = "neco_jax"
 HEAD_PREFIX = "projection_head."
 # Prefixes of the two ViTs in a NeCo Lightning checkpoint, and what they are called here.
 NECO_PREFIXES = {"model.": "student", "teacher.": "teacher"}
@@ -68,7 +72,7 @@ def _tolerant_pickle_module():
         def find_class(self, module, name):
             if f"{module}.{name}" in allowed:
                 return super().find_class(module, name)
-            return type(name, (Placeholder,), {})
+            return type(name, (Placeholder,), {"pickled_name": f"{module}.{name}"})
 
     module = types.ModuleType("neco_jax_tolerant_pickle")
     module.Unpickler = Unpickler
@@ -83,25 +87,45 @@ def _torch_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):
+            if "Weights only load failed" in str(err):  # torch's weights-only unpickler refused an object
+                raise _code_error(path, _refusal_detail(str(err))) from err
             raise
     return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle_module())
 
 
+def _refusal_detail(message: str) -> str:
+    """The line of torch's weights-only refusal that names what it refused (a global, an opcode)."""
+    lines = [ln.strip() for ln in message.splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+    return lines[0].removeprefix("WeightsUnpickler error: ") if lines else "an object torch refuses"
+
+
+def _code_error(path: Path, what: str) -> CheckpointReadError:
+    return CheckpointReadError(
+        f"{path} holds pickled objects other than tensors ({what}); loading them would run code from the file, "
+        "so it is not read. If you trust its source, load it with torch.load(weights_only=False) and save "
+        "model.state_dict() (tensors only) instead"
+    )
+
+
 def _to_numpy(name: str, value, path: Path) -> np.ndarray:
     torch = _import_torch()
+    if hasattr(value, "pickled_name"):
+        raise _code_error(path, f"entry {name!r} is a pickled {value.pickled_name}")
     if not isinstance(value, torch.Tensor):
         raise CheckpointReadError(
             f"{path}: entry {name!r} of the state dict is a {type(value).__name__}, not a tensor; "
             "pass a file whose state dict holds only tensors"
         )
     value = value.detach().cpu()
-    if value.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
-        value = value.float()
+    if value.dtype not in (torch.float16, torch.float32, torch.float64) and value.is_floating_point():
+        value = value.float()  # NumPy has no bfloat16 or float8; float32 holds them exactly
     return value.numpy()
 
 
 def _find_state_dict(obj, path: Path) -> Mapping:
     """The tensor mapping inside a loaded file: the file itself, or Lightning's ``state_dict``."""
+    if hasattr(obj, "pickled_name"):
+        raise _code_error(path, f"a pickled {obj.pickled_name}, not a state dict")
     if not isinstance(obj, Mapping):
         raise CheckpointReadError(
             f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead"
@@ -113,14 +137,35 @@ def _find_state_dict(obj, path: Path) -> Mapping:
     return obj
 
 
+def _refuse_non_float(path: Path, bad: Mapping[str, str]) -> None:
+    """Weights are floating point; anything else would be cast to float32 silently, so it is refused by key."""
+    bad = [f"{k!r} ({d})" for k, d in bad.items()]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" ... (+{len(bad) - 8} more)" if len(bad) > 8 else "")
+        raise CheckpointReadError(
+            f"{path} holds tensors that are not floating point: {shown}; a ViT's weights are floating point and "
+            "these would change if cast to float32. Remove them from the file (save only the model's weights)"
+        )
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of a weight file, by name, as NumPy arrays (bfloat16 widened to float32)."""
+    return read_weights(path)[0]
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors of a weight file (see :func:`read_state_dict`) and the metadata written with them.
+
+    Metadata is the string map of a ``.safetensors`` header, or of a ``.pth`` state dict's
+    ``_metadata[METADATA_MODULE]`` (see :func:`write_state_dict`); empty when the file has none.
+    Tensors that are not floating point (integer, bool, complex) are refused by key.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointReadError(f"weight file {path} does not exist (or is not a file)")
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
-        return _read_safetensors(path)
+        return read_safetensors(path, "Download it again or check the path.")
     if suffix not in PICKLE_SUFFIXES:
         raise CheckpointReadError(
             f"{path}: unknown weight file type {suffix!r}; expected one of "
@@ -137,57 +182,63 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"{reason}. Download it again or check the path."
         ) from err
     state = _find_state_dict(loaded, path)
-    return {str(k): _to_numpy(str(k), v, path) for k, v in state.items()}
+    torch = _import_torch()
+    _refuse_non_float(path, {str(k): str(v.dtype).removeprefix("torch.") for k, v in state.items()
+                             if isinstance(v, torch.Tensor) and (v.is_complex() or not v.is_floating_point())})
+    metadata = (getattr(state, "_metadata", None) or {}).get(METADATA_MODULE)
+    metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {}
+    return {str(k): _to_numpy(str(k), v, path) for k, v in state.items()}, metadata
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def read_safetensors(path: Path, fix: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors (bfloat16 and float8 widened to float32) and header metadata of a ``.safetensors`` file.
+
+    ``fix`` ends the message for a damaged file. Reading needs no torch and no JAX: ml_dtypes gives
+    NumPy the bfloat16 and float8 types that safetensors' NumPy reader asks for.
+    """
+    import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 with NumPy)
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="np") as f:
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            _refuse_non_float(path, {k: d for k, d in dtypes.items() if not (d.startswith("F") or d == "BF16")})
+            arrays = {k: f.get_tensor(k) for k in dtypes}
+            metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        if "bf16" in str(err).lower() or "bfloat16" in str(err).lower():
-            return _read_safetensors_with_torch(path)
         raise CheckpointReadError(
-            f"{path} is not a readable safetensors file (truncated or another format?): {err}. "
-            "Download it again or check the path."
+            f"{path} is not a readable safetensors file (truncated or another format?): {err}. {fix}"
         ) from err
+    widen = {k for k, d in dtypes.items() if d not in ("F64", "F32", "F16")}
+    return {k: v.astype(np.float32) if k in widen else v for k, v in arrays.items()}, metadata
 
 
-def _read_safetensors_with_torch(path: Path) -> dict[str, np.ndarray]:
-    _import_torch()
-    from safetensors.torch import load_file
+def write_state_dict(
+    state_dict: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``state_dict`` as .pth/.pt (torch.save) or .safetensors, atomically.
 
-    return {k: _to_numpy(k, v, path) for k, v in load_file(str(path)).items()}
-
-
-def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike) -> Path:
-    """Write ``state_dict`` as .pth/.pt (torch.save) or .safetensors, atomically."""
+    ``metadata`` (strings) goes into the safetensors header, or into the .pth state dict's
+    ``_metadata[METADATA_MODULE]``, where ``load_state_dict(strict=True)`` does not see it;
+    :func:`read_weights` returns it.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".pth", ".pt", SAFETENSORS_SUFFIX):
         raise UserError(f"output {path}: choose a .pth, .pt or .safetensors file name")
     arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+    metadata = dict(metadata or {})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the export the usual permissions
-    try:
-        if suffix == SAFETENSORS_SUFFIX:
-            from safetensors.numpy import save_file
+    if suffix == SAFETENSORS_SUFFIX:
+        from safetensors.numpy import save_file
 
-            save_file(arrays, tmp)
-        else:
-            torch = _import_torch()
-            torch.save({k: torch.from_numpy(np.require(v, requirements="W")) for k, v in arrays.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        return atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata or None))
+    torch = _import_torch()
+    tensors = collections.OrderedDict(
+        (k, torch.from_numpy(np.require(v, requirements="W"))) for k, v in arrays.items())
+    if metadata:
+        tensors._metadata = collections.OrderedDict({METADATA_MODULE: metadata})
+    return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
 def split_parts(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, dict], dict[str, dict], list[str]]:

@@ -15,6 +15,9 @@ _DINO_SIZES = {
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
+# Width -> heads in the DINO and DINOv2 families (64-wide heads at every size): the only widths whose head
+# count a state dict without a recorded architecture may be read with.
+FAMILY_HEADS: dict[int, int] = {d["embed_dim"]: d["num_heads"] for d in (*_DINOV2_SIZES.values(), *_DINO_SIZES.values())}
 
 
 def _build() -> dict[str, ViTConfig]:
