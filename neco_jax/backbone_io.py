@@ -73,11 +73,16 @@ def load_converted(
     """Config and NumPy parameters of one ViT, from any source ``load_backbone`` accepts.
 
     ``source``: a known pretrained name (``neco_jax.pretrained.PRETRAINED``), an http(s)/file URL,
-    a .pth/.pt/.ckpt/.safetensors file, or a folder written by :func:`save_backbone`.
+    a .pth/.pt/.ckpt/.safetensors file, a folder written by :func:`save_backbone`, or a Hugging Face
+    transformers DINOv2 folder (``neco_jax.convert.hf``).
     ``arch``: an architecture name or ViTConfig; inferred from the weights when omitted.
     ``which``: ``student`` or ``teacher``, for NeCo training checkpoints that hold both.
     """
+    from neco_jax.convert import hf
+
     path = Path(os.fspath(source))
+    if hf.is_hf_folder(path):
+        return hf.read_folder(path, arch)
     if path.is_dir():
         return _read_folder(_pick_folder(path, which), arch)
     path, arch = locate(source, arch)

@@ -14,6 +14,7 @@ import torch
 from flax import nnx
 
 _TOKENS = ("cls_token", "pos_embed", "mask_token", "register_tokens")
+_TOKEN_LEAVES = (*_TOKENS, "reg_token", "position_embeddings")  # + timm's and transformers' names
 
 
 def dinov2_reference(size: str, seed: int = 0) -> torch.nn.Module:
@@ -41,9 +42,9 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     for name, param in model.named_parameters():
         noise = torch.randn(param.shape, generator=gen)
         leaf = name.rsplit(".", 1)[-1]
-        if leaf == "gamma":
+        if leaf in ("gamma", "lambda1"):
             param.copy_(1.0 + 0.3 * noise)
-        elif name in _TOKENS or leaf in ("reg_token",):
+        elif leaf in _TOKEN_LEAVES:
             param.copy_(noise)
         elif "norm" in name and leaf == "weight":
             param.copy_(1.0 + 0.2 * noise)

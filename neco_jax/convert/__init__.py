@@ -2,7 +2,8 @@
 
 Into JAX: DINOv2 hub and timm state dicts, NeCo's released files and its Lightning training
 checkpoints (student, teacher and both projection heads), as .pth/.pt/.ckpt/.safetensors.
-Out of JAX: the DINOv2 hub layout or timm's, as .pth or .safetensors.
+Out of JAX: the DINOv2 hub layout or timm's, as .pth or .safetensors. Hugging Face transformers
+folders go both ways (``hf.py``).
 The CLI is ``python -m neco_jax.convert`` (see ``__main__.py``).
 """
 

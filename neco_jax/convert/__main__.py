@@ -2,8 +2,10 @@
 
     python -m neco_jax.convert to-jax SRC --out FOLDER [--arch NAME]
     python -m neco_jax.convert to-torch FOLDER --out FILE.pth|FILE.safetensors --layout dinov2|timm
+    python -m neco_jax.convert to-torch FOLDER --out HF_FOLDER --layout hf
 
-SRC is a .pth/.pt/.ckpt/.safetensors file, a URL, or a known pretrained name. A NeCo training
+SRC is a .pth/.pt/.ckpt/.safetensors file, a URL, a known pretrained name, or a Hugging Face
+transformers DINOv2 folder (``--layout hf`` writes one: config.json + model.safetensors). A NeCo training
 checkpoint (student and teacher) becomes FOLDER/student and FOLDER/teacher. Every output records
 the architecture (FOLDER/config.json; the ViTConfig inside an exported file), and no output
 overwrites an existing file. Mistakes in the input print one line on stderr and exit with status 2.
@@ -28,17 +30,21 @@ def _describe(converted) -> str:
 
 def to_jax(source: str, out: Path, arch: str | None) -> None:
     from neco_jax import backbone_io
-    from neco_jax.convert import read_checkpoint
+    from neco_jax.convert import hf, read_checkpoint
 
-    if Path(source).is_dir():
-        raise UserError(f"{source} is a folder; to-jax reads a weight file, a URL or a known pretrained name")
+    if Path(source).is_dir() and not hf.is_hf_folder(source):
+        raise UserError(f"{source} is a folder but no transformers DINOv2 folder; to-jax reads a weight file, a URL, "
+                        "a known pretrained name or a folder with a transformers config.json")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file; to-jax writes a folder: choose another name")
     if out.is_dir() and any(out.iterdir()):
         raise UserError(f"--out {out} is a folder that is not empty; to-jax writes only into a new or empty folder, "
                         "so nothing there is overwritten: choose another name or remove it")
-    path, resolved_arch = backbone_io.locate(source, arch)
-    parts = read_checkpoint(path, resolved_arch)
+    if Path(source).is_dir():
+        parts = {"backbone": hf.read_folder(source, arch)}
+    else:
+        path, resolved_arch = backbone_io.locate(source, arch)
+        parts = read_checkpoint(path, resolved_arch)
     for name, converted in parts.items():
         folder = out if len(parts) == 1 else out / name
         backbone_io.save_converted(converted, folder)
@@ -47,12 +53,16 @@ def to_jax(source: str, out: Path, arch: str | None) -> None:
 
 def to_torch(folder: Path, out: Path, layout: str) -> None:
     from neco_jax import backbone_io
-    from neco_jax.convert import export_file, keymap
+    from neco_jax.convert import export_file, hf, keymap
 
     if out.exists():
         raise UserError(f"--out {out} already exists; to-torch never overwrites a file: choose another name or "
                         "remove it first")
     converted = backbone_io.load_converted(folder)
+    if layout == hf.LAYOUT:
+        notes = hf.write_folder(converted, out)
+        print(f"wrote {out} (transformers {hf.CONFIG_FILE} + {hf.WEIGHTS_FILE}{''.join('; ' + n for n in notes)})")
+        return
     export_file(converted.config, converted.params, layout, out)
     dropped = keymap.dropped_paths(converted.params, layout)
     note = f"; left out, no place in the {layout} layout: {', '.join(dropped)}" if dropped else ""
@@ -64,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neco_jax.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("to-jax", help="PyTorch file, URL or pretrained name -> neco_jax folder")
-    p.add_argument("source", help="weight file (.pth/.pt/.ckpt/.safetensors), URL, or pretrained name")
+    p.add_argument("source", help="weight file (.pth/.pt/.ckpt/.safetensors), URL, pretrained name, or "
+                   "transformers folder")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--arch", help="architecture name (neco_jax.models.get_arch); inferred when omitted")
     p = sub.add_parser("to-torch", help="neco_jax folder -> PyTorch state dict")
     p.add_argument("folder", type=Path, help="folder written by to-jax or neco_jax.save_backbone")
-    p.add_argument("--out", required=True, type=Path, help="output .pth, .pt or .safetensors file")
-    p.add_argument("--layout", required=True, choices=["dinov2", "timm"], help="key layout of the output")
+    p.add_argument("--out", required=True, type=Path, help="output .pth, .pt or .safetensors file (folder for hf)")
+    p.add_argument("--layout", required=True, choices=["dinov2", "timm", "hf"],
+                   help="key layout of the output (hf: a Hugging Face transformers folder)")
     args = parser.parse_args(argv)
     try:
         if args.command == "to-jax":
