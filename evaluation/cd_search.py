@@ -174,7 +174,7 @@ def search(
     import optuna
 
     space = dict(SEARCH_SPACE if space is None else space)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # dropped trials are in the table, not logged one by one
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     seconds = {}
 

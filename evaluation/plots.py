@@ -96,7 +96,7 @@ def save_bar_chart(groups: Sequence[str], series: dict[str, Sequence[float | Non
         x, _ = ax.xy(g + 0.1, 0)
         ax.draw.text((x, ax.box[3] + 6), label, fill=(0, 0, 0))
     for s, name in enumerate(names):
-        y = ax.box[3] + 26 + 12 * s
+        y = ax.box[3] + 34 + 12 * s
         ax.draw.rectangle((ax.box[0], y, ax.box[0] + 10, y + 8), fill=colours[s % len(colours)])
         ax.draw.text((ax.box[0] + 16, y - 2), name, fill=(0, 0, 0))
     return ax.save(path)
