@@ -6,9 +6,11 @@ SGD lr 0.01, momentum 0.9, weight decay 1e-4 (torch semantics: decay added to th
 25 epochs with lr x0.1 every 20, batch 128, paired RandomResizedCrop(448, scale (0.8, 1)) and horizontal flips.
 Final evaluation on the whole val split at 448x448, argmax, mIoU over all classes without matching.
 
-The head scored is the one after the last epoch. The reference instead keeps the top-3 heads by a val mIoU
-measured during training (at 100x100, on 1,408 VOC val images) and evaluates the best, i.e. it selects on
-the evaluation set; with the x0.1 step at epoch 20 the last head is normally the best one anyway.
+By default the head scored is the one after the last epoch. The reference instead keeps the top-3 heads by a
+val mIoU measured after every epoch (at 100x100; for VOC on 1,408 images, as its val loader drops the last
+partial batch) and evaluates the best, i.e. it selects on the evaluation set; ``select_best`` does the same
+(the earliest of equal scores, rounded to 6 decimals as the reference logs them). With the x0.1 step at
+epoch 20 the last head is normally the best one anyway.
 `cache_features` trades the augmentation for speed: the backbone then runs once on un-augmented images.
 
 Upsampling then projecting equals projecting then upsampling (bilinear weights sum to one), so the head runs
@@ -20,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +63,9 @@ class LinearSettings:
     eval_mask_size: int = 448
     cache_features: bool = False
     seed: int = 400
+    select_best: bool = False
+    select_mask_size: int = 100
+    select_drop_last: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,8 +169,10 @@ def train_head(
     settings: LinearSettings,
     image_size: int = 448,
     num_threads: int = 8,
-) -> tuple[dict, list[float]]:
-    """Trained head parameters and the mean loss of every epoch."""
+    val_score: Callable[[dict], float] | None = None,
+) -> tuple[dict, list[float], list[float]]:
+    """Trained head parameters, the mean loss of every epoch, and ``val_score`` of every epoch's head when given,
+    in which case the head returned is the best-scoring one (the earliest of equal scores)."""
     n = len(train)
     if settings.drop_last and n < settings.batch_size:
         raise ValueError(f"{n} training images are fewer than one batch of {settings.batch_size} with drop_last")
@@ -179,7 +186,7 @@ def train_head(
         )  # fmt: skip
     sizes = None if cached else [_image_hw(train, i) for i in range(n)]
     steps_per_epoch = len(_epoch_order(np.random.default_rng(0), n, settings))
-    losses = []
+    losses, scores, best = [], [], None
     for epoch in range(settings.epochs):
         batches = _epoch_order(rng, n, settings)
         crops = {}
@@ -206,8 +213,14 @@ def train_head(
             params, opt_state, loss = step(params, opt_state, jnp.asarray(feats), jnp.asarray(labels))
             epoch_losses.append(float(loss))
         losses.append(float(np.mean(epoch_losses)))
-        tqdm.write(f"epoch {epoch + 1}/{settings.epochs}: loss {losses[-1]:.4f}")
-    return params, losses
+        line = f"epoch {epoch + 1}/{settings.epochs}: loss {losses[-1]:.4f}"
+        if val_score is not None:
+            scores.append(round(float(val_score(params)), 6))  # the reference logs miou_val rounded so
+            if best is None or scores[-1] > scores[best[0]]:
+                best = (epoch, params)
+            line += f", val mIoU {100 * scores[-1]:.2f} %"
+        tqdm.write(line)
+    return (best[1] if best else params), losses, scores
 
 
 def _image_hw(dataset: SegmentationDataset, i: int) -> tuple[int, int]:
@@ -272,13 +285,53 @@ def evaluate(
     num_threads: int = 8,
     num_examples: int = 0,
 ) -> dict:
-    """Train the head on `train`, score it on `val`: {"miou", "per_class_iou", "epoch_losses", "examples"}."""
-    params, losses = train_head(train, features_fn, settings=settings, image_size=image_size, num_threads=num_threads)
+    """Train the head on `train`, score it on `val`: {"miou", "per_class_iou", "epoch_losses", "examples"}, and with
+    ``select_best`` the per-epoch selection scores and the chosen epoch."""
+    val_score = None
+    if settings.select_best:
+        val_score = selection_score(
+            val, features_fn, settings=settings, image_size=image_size, batch_size=batch_size, num_threads=num_threads
+        )
+    params, losses, scores = train_head(
+        train, features_fn, settings=settings, image_size=image_size, num_threads=num_threads, val_score=val_score
+    )
+    selected = {}
+    if scores:
+        selected = {"epoch_val_miou": scores, "selected_epoch": int(np.argmax(scores)) + 1}
     out = evaluate_head(
         params, val, features_fn, image_size=image_size, eval_mask_size=settings.eval_mask_size,
         batch_size=batch_size, num_threads=num_threads, num_examples=num_examples,
     )  # fmt: skip
-    return {**out, "epoch_losses": losses, "train_images": len(train), "val_images": len(val)}
+    return {**out, "epoch_losses": losses, **selected, "train_images": len(train), "val_images": len(val)}
+
+
+def selection_score(
+    val: SegmentationDataset, features_fn: FeaturesFn, *, settings: LinearSettings, image_size: int, batch_size: int,
+    num_threads: int,
+) -> Callable[[dict], float]:  # fmt: skip
+    """The reference's per-epoch ``miou_val`` as a function of the head: val features computed once, argmax at
+    ``select_mask_size``, identity matching; with ``select_drop_last`` only whole batches of ``settings.batch_size``
+    images (the reference VOC val loader's drop_last)."""
+    n = len(val) - (len(val) % settings.batch_size if settings.select_drop_last else 0)
+    if n <= 0:
+        raise DatasetError(
+            f"{len(val)} val images are fewer than one batch of {settings.batch_size}; set select_drop_last=False"
+        )
+    feats, masks = extract_features(
+        features_fn, val, image_size=image_size, mask_size=settings.select_mask_size, batch_size=batch_size,
+        indices=range(n), num_threads=num_threads, desc="val features for head selection",
+    )  # fmt: skip
+
+    def score(params: dict) -> float:
+        conf = np.zeros((val.num_classes, val.num_classes), np.int64)
+        for s in range(0, n, batch_size):
+            pred = predict(params, feats[s : s + batch_size], settings.select_mask_size)
+            conf += metrics.confusion_matrix(
+                pred, masks[s : s + batch_size], num_classes=val.num_classes, ignore_index=val.ignore_index
+            )
+        return metrics.miou_from_confusion(conf, "none")[0]
+
+    return score
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> LinearSettings:

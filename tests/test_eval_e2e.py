@@ -56,6 +56,53 @@ def test_linear_noise_features_score_near_chance(splits):
     assert out["miou"] < 0.1
 
 
+def test_linear_select_best_keeps_the_best_epochs_head(splits):
+    train, val = splits
+    settings = linear.LinearSettings(**{**FAST_LINEAR.__dict__, "cache_features": True, "epochs": 4})
+    planted = iter([0.1, 0.5, 0.5, 0.2])  # epochs 2 and 3 tie: the earlier one is kept, as the reference's
+    chosen, _, scores = linear.train_head(
+        train, ORACLE, settings=settings, image_size=112, val_score=lambda params: next(planted)
+    )
+    assert scores == [0.1, 0.5, 0.5, 0.2]
+    two_epochs = linear.LinearSettings(**{**settings.__dict__, "epochs": 2})
+    after_two, _, _ = linear.train_head(train, ORACLE, settings=two_epochs, image_size=112)
+    last, _, none = linear.train_head(train, ORACLE, settings=settings, image_size=112)
+    assert none == []
+    np.testing.assert_array_equal(chosen["kernel"], after_two["kernel"])
+    assert not np.array_equal(chosen["kernel"], last["kernel"])
+    # The selection metric: val features once, argmax at select_mask_size, whole batches only with drop_last
+    # (same batches on both sides: the oracle's noise depends on the batch).
+    select = linear.LinearSettings(**{**settings.__dict__, "select_drop_last": True, "select_mask_size": 28})
+    score = linear.selection_score(val, ORACLE, settings=select, image_size=112, batch_size=4, num_threads=2)
+    expected = linear.evaluate_head(last, val.subset(range(4)), ORACLE, image_size=112, eval_mask_size=28)["miou"]
+    assert score(last) == pytest.approx(expected, abs=1e-12)
+    everything = linear.evaluate_head(last, val, ORACLE, image_size=112, eval_mask_size=28, batch_size=4)["miou"]
+    select_all = linear.LinearSettings(**{**select.__dict__, "select_drop_last": False})
+    assert linear.selection_score(val, ORACLE, settings=select_all, image_size=112, batch_size=4, num_threads=2)(
+        last
+    ) == pytest.approx(everything, abs=1e-12)
+
+
+def test_linear_shuffle_switch_and_cityscapes_default():
+    import importlib.util
+
+    rng = np.random.default_rng(0)
+    plain = linear._epoch_order(rng, 10, linear.LinearSettings(batch_size=4, drop_last=False))
+    assert np.concatenate(plain).tolist() == list(range(10))
+    shuffled = linear._epoch_order(rng, 10, linear.LinearSettings(batch_size=4, drop_last=False, shuffle=True))
+    order = np.concatenate(shuffled).tolist()
+    assert sorted(order) == list(range(10)) and order != list(range(10)) and [len(b) for b in shuffled] == [4, 4, 2]
+    spec = importlib.util.spec_from_file_location("cfg", REPO / "configs/eval/cityscapes_linear.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO))
+    config = module.get_config()
+    assert config.linear.shuffle and not config.linear.drop_last and not config.linear.select_best
+
+
 @pytest.mark.slow
 def test_overcluster_oracle_features_score_near_100(splits):
     settings = overcluster.OverclusterSettings(ks=(21, 60), seeds=(0, 1), iters=30, init="kmeans++", pca_dim=12)

@@ -93,6 +93,12 @@ def linear_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     lin.cache_features = False
     # Seed of the head init, crops, flips and shuffling (the reference seeds 400).
     lin.seed = 400
+    # Which head is scored: False = the last epoch's; True = the epoch with the best val mIoU measured after every
+    # epoch at select_mask_size, as the reference's ModelCheckpoint(monitor="miou_val") keeps it (this selects on
+    # the evaluation set). select_drop_last scores only whole batches of val images (the reference VOC loader).
+    lin.select_best = False
+    lin.select_mask_size = 100
+    lin.select_drop_last = False
     return c
 
 

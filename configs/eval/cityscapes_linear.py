@@ -7,5 +7,6 @@ from configs.eval import base
 
 
 def get_config():
-    # The reference Cityscapes train loader keeps the last partial batch (drop_last=False).
-    return base.get_eval_config("cityscapes", "linear", drop_last=False)
+    # The reference Cityscapes train loader keeps the last partial batch (drop_last=False) and shuffles
+    # (NeCo experiments/linear_segmentation/linear_finetune.py builds CityscapesDataModule with shuffle=True).
+    return base.get_eval_config("cityscapes", "linear", drop_last=False, shuffle=True)
