@@ -74,7 +74,16 @@ class SegmentationDataset:
 
     def mask(self, i: int) -> np.ndarray:
         raw = _read_mask(self.mask_paths[i])
-        return raw if self.label_map is None else self.label_map[raw]
+        labels = raw if self.label_map is None else self.label_map[raw]
+        outside = np.unique(labels[(labels >= self.num_classes) & (labels != self.ignore_index)])
+        if outside.size:  # would index past the confusion matrix and per-class tables downstream
+            more = f" (and {outside.size - 1} more: {outside[1:6].tolist()})" if outside.size > 1 else ""
+            raise DatasetError(
+                f"mask {self.mask_paths[i]} holds label {outside[0]}{more}, outside {self.name}'s classes "
+                f"0..{self.num_classes - 1} (ignored: {self.ignore_index}); fix the mask, or check it belongs to "
+                f"{self.name}"
+            )
+        return labels
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         image, mask = self.image(i), self.mask(i)

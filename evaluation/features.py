@@ -38,6 +38,10 @@ class CheckpointError(UserError):
     """The checkpoint or workdir given to an evaluation cannot be loaded."""
 
 
+class NonFiniteModelError(UserError):
+    """The model's weights or features hold NaN or infinity: any score computed from them would mean nothing."""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Resizing and normalisation (host side, as the reference's PIL transforms).
 
@@ -221,6 +225,20 @@ def without_registers(model):
     return nnx.merge(graphdef, state)
 
 
+def _check_finite_weights(model, name: str) -> None:
+    """Refuse a model with a NaN or infinite parameter (a diverged run), naming the parameters."""
+    bad = [
+        "/".join(map(str, path))
+        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+        if not bool(jnp.isfinite(var.get_value()).all())
+    ]
+    if bad:
+        raise NonFiniteModelError(
+            f"{name} has non-finite weights (NaN or inf) in {len(bad)} parameter(s), e.g. {', '.join(bad[:4])}; "
+            "no score is computed from it: evaluate an earlier checkpoint"
+        )
+
+
 class FeatureExtractor:
     """Jitted, data-parallel final-norm patch tokens of a frozen backbone.
 
@@ -228,9 +246,11 @@ class FeatureExtractor:
     (B, heads, h, w)). Images are (B, H, W, 3) float32 ImageNet-normalised; B need not divide the device count.
     """
 
-    def __init__(self, model, *, dtype: str = "float32"):
+    def __init__(self, model, *, dtype: str = "float32", name: str = "the model"):
         if dtype not in ("float32", "bfloat16"):
             raise UserError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        self.name, self.dtype = name, dtype
+        _check_finite_weights(model, name)
         model = with_compute_dtype(model, dtype)
         self.patch_size = int(model.config.patch_size)
         self.embed_dim = int(model.config.embed_dim)
@@ -266,7 +286,17 @@ class FeatureExtractor:
         if pad:
             images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
         out = self._forward(self._state, jax.device_put(images, self._data), with_attention)
-        return jax.tree.map(lambda a: np.asarray(a)[:b], out)
+        out = jax.tree.map(lambda a: np.asarray(a)[:b], out)
+        broken = np.zeros(b, bool)
+        for a in jax.tree.leaves(out):
+            broken |= ~np.isfinite(a.reshape(b, -1)).all(axis=1)
+        if broken.any():
+            hint = "; try dtype=float32" if self.dtype == "bfloat16" else ""
+            raise NonFiniteModelError(
+                f"{self.name} gives non-finite features (NaN or inf) for {broken.sum()} of {b} images of a batch "
+                f"although its weights are finite (an overflow{hint}); no score is computed from them"
+            )
+        return out
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self._run(images, False)

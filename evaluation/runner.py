@@ -67,7 +67,7 @@ def make_extractor(config: ml_collections.ConfigDict, *, registers: bool = True)
     model = features_lib.load_model(config.checkpoint, arch=config.arch, which=config.checkpoint_model)
     if not registers:
         model = features_lib.without_registers(model)
-    return features_lib.FeatureExtractor(model, dtype=config.dtype)
+    return features_lib.FeatureExtractor(model, dtype=config.dtype, name=config.checkpoint)
 
 
 def format_results(results: dict) -> str:

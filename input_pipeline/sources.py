@@ -14,11 +14,13 @@ Several datasets combine with commas, e.g. dataset_name "coco,imagenet100" and d
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
 from input_pipeline.errors import DatasetError
 
+_log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif")
 
 
@@ -88,13 +90,30 @@ def _require_dir(path: str, what: str) -> None:
 
 
 def list_images(root: str, *, recursive: bool = True) -> list[str]:
-    """All image files under `root` (nested folders too), sorted so the index order never depends on the OS."""
+    """All image files under `root` (nested folders too), sorted so the index order never depends on the OS.
+
+    Links to folders are followed, each real folder once: a link back to a folder already listed (a cycle,
+    which would otherwise list its files again at every depth) or a second link to one is skipped, with a
+    warning that names it.
+    """
     _require_dir(root, "image")
     found = []
     if recursive:
+        seen, skipped = {_folder_id(root)}, []
         for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            kept = []
+            for d in sorted(d for d in dirnames if not d.startswith(".")):
+                folder = _folder_id(os.path.join(dirpath, d))
+                if folder in seen:
+                    skipped.append(os.path.join(dirpath, d))
+                else:
+                    seen.add(folder)
+                    kept.append(d)
+            dirnames[:] = kept
             found.extend(os.path.join(dirpath, f) for f in filenames if _is_image(f))
+        if skipped:
+            _log.warning("%s: skipped %d linked folder(s) already listed (a link cycle or a second link to the same "
+                         "folder), e.g. %s", root, len(skipped), ", ".join(skipped[:3]))
     else:
         found = [os.path.join(root, f) for f in os.listdir(root) if _is_image(f)]
     if not found:
@@ -103,6 +122,12 @@ def list_images(root: str, *, recursive: bool = True) -> list[str]:
             "check config.data.data_dir and config.data.dataset_name"
         )
     return sorted(found)
+
+
+def _folder_id(path: str) -> tuple[int, int]:
+    """What makes a folder the same folder, whatever link leads to it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def folder_source(root: str) -> FileSource:

@@ -58,6 +58,21 @@ def test_mask_size_mismatch_names_the_file(tmp_path):
         ds[1]
 
 
+def test_mask_label_outside_the_classes_names_file_and_label(tmp_path):
+    root = make_voc_dataset(tmp_path, num_train=2, num_val=2)
+    ds = datasets.open_dataset("voc", root, "val")
+    labels = ds.mask(1)
+    labels[0, :3] = (21, 40, 255)  # 255 is VOC's ignore value, 21 and 40 are no class
+    Image.fromarray(labels, mode="L").save(ds.mask_paths[1])
+    before = ds.mask_paths[1].read_bytes()
+    ds[0]
+    with pytest.raises(DatasetError) as info:
+        ds[1]
+    message = str(info.value)
+    assert f"mask {ds.mask_paths[1]} holds label 21 (and 1 more: [40]), outside voc's classes 0..20" in message
+    assert "\n" not in message and ds.mask_paths[1].read_bytes() == before
+
+
 def test_corrupt_image_names_the_file(tmp_path):
     root = make_voc_dataset(tmp_path, num_train=2, num_val=2)
     ds = datasets.open_dataset("voc", root, "val")

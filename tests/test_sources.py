@@ -106,6 +106,25 @@ def test_flat_and_nested_folders(tmp_path):
     np.testing.assert_array_equal(np.asarray(decode_rgb(src[0])), _rgb())
 
 
+def test_linked_folders_are_followed_once_and_cycles_end(tmp_path, caplog):
+    # Two trees: a cycle and a second link into the same folder together would take exponential time unfixed.
+    _write(tmp_path / "cycle" / "a" / "1.png")
+    _write(tmp_path / "cycle" / "a" / "b" / "2.png")
+    os.symlink(tmp_path / "cycle", tmp_path / "cycle" / "a" / "b" / "up")  # back to the root
+    _write(tmp_path / "twice" / "a" / "1.png")
+    _write(tmp_path / "elsewhere" / "3.png")
+    os.symlink(tmp_path / "twice" / "a", tmp_path / "twice" / "again")  # a second way into a/
+    os.symlink(tmp_path / "elsewhere", tmp_path / "twice" / "ext")  # a link out of the tree: followed
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with caplog.at_level(logging.WARNING, logger="input_pipeline.sources"):
+        cycle, twice = list_images(str(tmp_path / "cycle")), list_images(str(tmp_path / "twice"))
+    assert [os.path.relpath(p, tmp_path / "cycle") for p in cycle] == ["a/1.png", "a/b/2.png"]
+    assert [os.path.relpath(p, tmp_path / "twice") for p in twice] == ["a/1.png", "ext/3.png"]
+    assert "skipped 1 linked folder(s) already listed (a link cycle" in caplog.text and "b/up" in caplog.text
+    assert "twice/again" in caplog.text
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     with pytest.raises(DatasetError, match="does not exist") as info:
         make_source("folder", str(tmp_path / "nope"))
