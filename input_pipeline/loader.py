@@ -52,6 +52,7 @@ def view_config_from(data_cfg) -> ViewConfig:
         grayscale_prob=float(_get(data_cfg, "grayscale_prob", d.grayscale_prob)),
         blur_prob=float(_get(data_cfg, "blur_prob", d.blur_prob)),
         max_resample_tries=int(_get(data_cfg, "max_resample_tries", d.max_resample_tries)),
+        augment_on=str(_get(data_cfg, "augment_on", d.augment_on)),
     )
 
 
@@ -123,8 +124,10 @@ class TrainLoader:
     """Iterator of NeCo batches with running bad-file counts and a JSON-serialisable state.
 
     Each batch is a dict of numpy arrays (B = per-process batch size, G/L = global/local crop counts, V = G+L):
-      global_crops (B, G, Sg, Sg, 3) float32, ImageNet-normalised NHWC
-      local_crops  (B, L, Sl, Sl, 3) float32
+      global_crops (B, G, Sg, Sg, 3) uint8 NHWC (data.augment_on="host": float32, colour applied, normalised)
+      local_crops  (B, L, Sl, Sl, 3) uint8 (or float32, as global_crops)
+      global_colour (B, G, 11) / local_colour (B, L, 11) float32  each crop's colour parameters, columns
+                   input_pipeline.views.COLOUR_PARAMS (device mode only; input_pipeline.augment applies them)
       boxes_gc     (B, G, V, 4) float32  overlap of global g and crop v in g's resized frame, x1,y1,x2,y2 pixels
       boxes_all    (B, V, G, 4) float32  the same overlap in crop v's resized frame
       index        (B,) int64  dataset index of the image used
@@ -227,8 +230,9 @@ def make_train_loader(
         Keys read (original names, defaults = ViT-S/14 518 recipe): data_dir ("" -> bundled sample photos),
         dataset_name ("coco"; see input_pipeline.sources), tfds_split, tfds_image_key, size_crops,
         nmb_samples, min_scale_crops, max_scale_crops, min_intersection_crops, jitter_strength,
-        blur_strength, jitter_prob, grayscale_prob, blur_prob, max_resample_tries, num_workers (0),
-        max_bad_fraction (0.01), exif_transpose (True); num_workers may also sit at the top level.
+        blur_strength, jitter_prob, grayscale_prob, blur_prob, max_resample_tries, augment_on ("device"),
+        num_workers (0), max_bad_fraction (0.01), exif_transpose (True); num_workers may also sit at the top
+        level.
       batch_size: examples per batch on THIS process (global batch / process_count).
       seed: drives the per-epoch shuffle and every example's crops and colours.
       num_epochs: stop after this many epochs; None = repeat forever.

@@ -12,6 +12,11 @@ at most `max_resample_tries` times, then use a fallback box that always intersec
 global crop k>0 becomes a copy of global crop 0, a local crop becomes the intersection of the global crops.
 It satisfies the rule whenever global crop 0 covers more than 2 x min_intersection of the image (always for
 the default scales, except images so elongated that no crop can satisfy the rule: there the original hangs).
+
+Where the colour ops run is `augment_on`: "device" (default) returns uint8 crops plus each crop's drawn colour
+parameters, applied in the jitted train step by `input_pipeline.augment`; "host" applies the same parameters
+with torchvision's PIL ops here and returns normalised float32 crops (the original's pipeline). Both draw the
+same numbers from the same generator, in the original's order.
 """
 
 from __future__ import annotations
@@ -26,6 +31,14 @@ from input_pipeline.errors import DataConfigError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+AUGMENT_ON = ("device", "host")
+# One crop's colour parameters, as the columns of the batch's `global_colour` / `local_colour` arrays:
+# jitter applied (0/1); the jitter's op order (0 brightness, 1 contrast, 2 saturation, 3 hue); its factors
+# (identity 1, 1, 1, 0 when not applied); grayscale (0/1); blur sigma (0 = no blur).
+COLOUR_PARAMS = ("jitter", "order_0", "order_1", "order_2", "order_3", "brightness", "contrast", "saturation",
+                 "hue", "grayscale", "blur_sigma")
+COL = {name: i for i, name in enumerate(COLOUR_PARAMS)}
+NO_COLOUR = np.array([0, 0, 1, 2, 3, 1, 1, 1, 0, 0, 0], np.float64)  # identity parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +57,7 @@ class ViewConfig:
     grayscale_prob: float = 0.2
     blur_prob: float = 0.5
     max_resample_tries: int = 100  # redraws per crop before the fallback box (the original has no limit)
+    augment_on: str = "device"  # colour ops in the train step ("device") or with PIL in the workers ("host")
 
     def __post_init__(self):
         n = len(self.size_crops)
@@ -73,6 +87,8 @@ class ViewConfig:
                 raise DataConfigError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
         if self.max_resample_tries < 0:
             raise DataConfigError(f"max_resample_tries={self.max_resample_tries} must be >= 0")
+        if self.augment_on not in AUGMENT_ON:
+            raise DataConfigError(f"config.data.augment_on={self.augment_on!r} must be one of {AUGMENT_ON}")
 
     @property
     def num_global(self) -> int:
@@ -195,29 +211,41 @@ def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
     return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert(img.mode)
 
 
-def color_jitter(img: Image.Image, rng, strength: float) -> Image.Image:
-    """torchvision ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s): the four ops in a random order, factors uniform."""
-    if strength == 0:  # torchvision drops ops whose factor range is the identity
-        return img
-    order = rng.permutation(4)
-    lo = max(0.0, 1.0 - 0.8 * strength)
-    factors = [rng.uniform(lo, 1.0 + 0.8 * strength) for _ in range(3)] + [rng.uniform(-0.2 * strength, 0.2 * strength)]
-    ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
-    for k in order:
-        img = adjust_hue(img, factors[3]) if k == 3 else ops[k](img).enhance(factors[k])
+def draw_colour_params(rng, cfg: ViewConfig) -> np.ndarray:
+    """One crop's colour parameters (COLOUR_PARAMS, float64), drawn as torchvision's RandomApply(ColorJitter(
+    0.8 s, 0.8 s, 0.8 s, 0.2 s), p) -> RandomGrayscale(p) -> RandomApply(GaussianBlur(U(0.1 s, 2 s)), p) draw."""
+    params = NO_COLOUR.copy()
+    if rng.random() < cfg.jitter_prob and cfg.jitter_strength > 0:  # torchvision drops an identity jitter
+        s = cfg.jitter_strength
+        params[COL["jitter"]] = 1
+        params[COL["order_0"]:COL["order_3"] + 1] = rng.permutation(4)
+        lo = max(0.0, 1.0 - 0.8 * s)
+        factors = [rng.uniform(lo, 1.0 + 0.8 * s) for _ in range(3)] + [rng.uniform(-0.2 * s, 0.2 * s)]
+        params[COL["brightness"]:COL["hue"] + 1] = factors
+    if rng.random() < cfg.grayscale_prob:
+        params[COL["grayscale"]] = 1
+    if rng.random() < cfg.blur_prob:
+        params[COL["blur_sigma"]] = rng.uniform(0.1 * cfg.blur_strength, 2.0 * cfg.blur_strength)
+    return params
+
+
+def apply_colour_pil(img: Image.Image, params: np.ndarray) -> Image.Image:
+    """torchvision's PIL ops with drawn parameters: jitter (ops in the drawn order), grayscale, PIL blur."""
+    if params[COL["jitter"]]:
+        ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+        factors = params[COL["brightness"]:COL["hue"] + 1]
+        for k in params[COL["order_0"]:COL["order_3"] + 1].astype(int):
+            img = adjust_hue(img, float(factors[3])) if k == 3 else ops[k](img).enhance(float(factors[k]))
+    if params[COL["grayscale"]]:
+        img = img.convert("L").convert("RGB")
+    if params[COL["blur_sigma"]] > 0:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(params[COL["blur_sigma"]])))
     return img
 
 
 def color_augment(img: Image.Image, rng, cfg: ViewConfig) -> Image.Image:
-    """RandomApply(jitter, p) -> RandomGrayscale(p) -> RandomApply(PIL GaussianBlur(U(0.1 s, 2 s)), p)."""
-    if rng.random() < cfg.jitter_prob:
-        img = color_jitter(img, rng, cfg.jitter_strength)
-    if rng.random() < cfg.grayscale_prob:
-        img = img.convert("L").convert("RGB")
-    if rng.random() < cfg.blur_prob:
-        sigma = rng.uniform(0.1 * cfg.blur_strength, 2.0 * cfg.blur_strength)
-        img = img.filter(ImageFilter.GaussianBlur(radius=sigma))
-    return img
+    """The original's colour pipeline on PIL: draw the parameters, then apply them."""
+    return apply_colour_pil(img, draw_colour_params(rng, cfg))
 
 
 def normalize(img: Image.Image) -> np.ndarray:
@@ -230,18 +258,30 @@ def normalize(img: Image.Image) -> np.ndarray:
 
 
 def make_views(img: Image.Image, rng, cfg: ViewConfig) -> dict[str, np.ndarray]:
-    """All crops of one RGB image plus their pair boxes; crops grouped by size as the batch contract wants."""
+    """All crops of one RGB image plus their pair boxes; crops grouped by size as the batch contract wants.
+
+    augment_on="device": uint8 crops and float32 `global_colour` / `local_colour` (crops x COLOUR_PARAMS) for
+    `input_pipeline.augment.apply_batch`; "host": float32 ImageNet-normalised crops, colour already applied.
+    """
     boxes = sample_crop_boxes(rng, img.width, img.height, cfg)
-    crops = [[], []]
+    on_host = cfg.augment_on == "host"
+    crops, params = [[], []], [[], []]
     for i, box in enumerate(boxes):
         group = cfg.crop_group(i)
-        view = color_augment(resized_crop(img, box, cfg.size_crops[group]), rng, cfg)
-        crops[group].append(normalize(view))
+        view = resized_crop(img, box, cfg.size_crops[group])
+        p = draw_colour_params(rng, cfg)
+        crops[group].append(normalize(apply_colour_pil(view, p)) if on_host else np.asarray(view))
+        params[group].append(p)
     gc, all_ = crop_pair_boxes(boxes, cfg)
     local_size = cfg.size_crops[1] if len(cfg.size_crops) > 1 else cfg.size_crops[0]
-    return {
+    dtype = np.float32 if on_host else np.uint8
+    out = {
         "global_crops": np.stack(crops[0]),
-        "local_crops": np.stack(crops[1]) if crops[1] else np.zeros((0, local_size, local_size, 3), np.float32),
+        "local_crops": np.stack(crops[1]) if crops[1] else np.zeros((0, local_size, local_size, 3), dtype),
         "boxes_gc": gc,
         "boxes_all": all_,
     }
+    if not on_host:
+        for name, group in (("global_colour", params[0]), ("local_colour", params[1])):
+            out[name] = np.array(group, np.float32).reshape(len(group), len(COLOUR_PARAMS))
+    return out

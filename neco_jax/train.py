@@ -36,8 +36,9 @@ from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
 
 log = logging.getLogger(__name__)
 
-# The batch keys the step consumes (the loader's `index` and `skipped` stay on the host).
-DEVICE_KEYS = ("global_crops", "local_crops", "boxes_gc", "boxes_all")
+# The batch keys the step consumes (the loader's `index` and `skipped` stay on the host; the colour parameters
+# come only with data.augment_on="device").
+DEVICE_KEYS = ("global_crops", "local_crops", "boxes_gc", "boxes_all", "global_colour", "local_colour")
 
 
 class TrainConfigError(UserError):
@@ -240,12 +241,17 @@ def make_loss_fn(config, models: ts.Models, labels: Any):
 
 
 def make_train_step(config, models: ts.Models, labels: Any, tx: optax.GradientTransformation, total_steps: int):
-    """The pure step `(state, batch) -> (state, metrics)`; jit it with `jit_train_step`."""
+    """The pure step `(state, batch) -> (state, metrics)`; jit it with `jit_train_step`. A batch of uint8 crops
+    (data.augment_on="device") gets its colour augmentation and normalisation first, inside the step."""
+    from input_pipeline import augment
+
     use_teacher = config.loss.use_teacher
     rate_fn = ema.ema_rate_schedule(config.ema.momentum, config.ema.momentum_end, total_steps)
     loss_fn = make_loss_fn(config, models, labels)
+    blur_radius = augment.blur_radius(config.data.blur_strength)
 
     def step(state: ts.TrainState, batch: dict) -> tuple[ts.TrainState, dict]:
+        batch = augment.apply_batch(batch, radius=blur_radius)
         key, rng = jax.random.split(state.rng)
         (loss, (queue, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.student, state.teacher, state.queue, batch, key)
@@ -347,7 +353,7 @@ class _StopFlag:
 
 
 def _device_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: batch[k] for k in DEVICE_KEYS}
+    return {k: batch[k] for k in DEVICE_KEYS if k in batch}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,

@@ -58,14 +58,20 @@ def test_batch_contract(folder):
     loader = _loader(folder)
     b = next(loader)
     expected = {
-        "global_crops": ((4, 2, 56, 56, 3), np.float32), "local_crops": ((4, 4, 28, 28, 3), np.float32),
+        "global_crops": ((4, 2, 56, 56, 3), np.uint8), "local_crops": ((4, 4, 28, 28, 3), np.uint8),
+        "global_colour": ((4, 2, 11), np.float32), "local_colour": ((4, 4, 11), np.float32),
         "boxes_gc": ((4, 2, 6, 4), np.float32), "boxes_all": ((4, 6, 2, 4), np.float32),
         "index": ((4,), np.int64), "skipped": ((4,), np.int32),
     }
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == expected
     assert loader.steps_per_epoch == 3 and loader.num_records == N_IMAGES
-    assert -3 < b["global_crops"].min() < b["global_crops"].max() < 3  # ImageNet-normalised range
     np.testing.assert_array_equal(b["boxes_gc"][:, 0, 0], np.tile([0, 0, 56, 56], (4, 1)))
+    host = next(_loader(folder, data={"augment_on": "host"}))  # the original's PIL path: float crops
+    assert {k: (v.shape, v.dtype) for k, v in host.items()} == {
+        **{k: v for k, v in expected.items() if not k.endswith("colour")},
+        "global_crops": ((4, 2, 56, 56, 3), np.float32), "local_crops": ((4, 4, 28, 28, 3), np.float32)}
+    assert -3 < host["global_crops"].min() < host["global_crops"].max() < 3  # ImageNet-normalised range
+    np.testing.assert_array_equal(host["boxes_all"], b["boxes_all"])  # same draws
 
 
 def test_epochs_shuffle_and_stop(folder):

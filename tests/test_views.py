@@ -10,7 +10,9 @@ from PIL import Image, ImageFilter
 
 from input_pipeline.errors import DataConfigError
 from input_pipeline.views import (
+    COLOUR_PARAMS,
     ViewConfig,
+    apply_colour_pil,
     color_augment,
     crop_pair_boxes,
     make_views,
@@ -164,7 +166,7 @@ def test_full_views_read_back_within_half_a_pixel():
         boxes = sample_crop_boxes(np.random.default_rng(seed), width, height, GEOMETRY_ONLY)
         out = make_views(img, rng, GEOMETRY_ONLY)
         crops = list(out["global_crops"]) + list(out["local_crops"])
-        pixels = [np.moveaxis((c * IMAGENET_STD + IMAGENET_MEAN) * 255, -1, 0) for c in crops]
+        pixels = [np.moveaxis(c.astype(np.float64), -1, 0) for c in crops]  # uint8 crops (augment_on="device")
         errors.append(_read_back_errors(boxes, pixels, GEOMETRY_ONLY))
         gc, all_ = crop_pair_boxes(boxes, GEOMETRY_ONLY)
         np.testing.assert_array_equal(out["boxes_gc"], gc)
@@ -234,18 +236,38 @@ def test_resize_and_normalisation_match_torchvision(photo):
 def test_make_views_shapes_and_randomness(photo):
     out = make_views(photo, np.random.default_rng(1), SMALL)
     assert out["global_crops"].shape == (2, 56, 56, 3) and out["local_crops"].shape == (4, 28, 28, 3)
+    assert out["global_crops"].dtype == out["local_crops"].dtype == np.uint8
+    n = len(COLOUR_PARAMS)
+    assert out["global_colour"].shape == (2, n) and out["local_colour"].shape == (4, n)
     assert out["boxes_gc"].shape == (2, 6, 4) and out["boxes_all"].shape == (6, 2, 4)
-    assert all(v.dtype == np.float32 for v in out.values())
+    assert all(out[k].dtype == np.float32 for k in ("global_colour", "local_colour", "boxes_gc", "boxes_all"))
     again = make_views(photo, np.random.default_rng(1), SMALL)
     other = make_views(photo, np.random.default_rng(2), SMALL)
-    np.testing.assert_array_equal(out["global_crops"], again["global_crops"])
+    for k in out:
+        np.testing.assert_array_equal(out[k], again[k])
     assert not np.array_equal(out["global_crops"], other["global_crops"])
+
+
+def test_host_mode_applies_the_same_draws(photo):
+    """augment_on="host" draws what "device" draws, and applies it with the PIL ops: crop by crop, the host
+    crops are the device mode's uint8 crops put through `apply_colour_pil` with its parameters."""
+    host_cfg = ViewConfig(size_crops=(56, 28), augment_on="host")
+    for seed in range(4):
+        device = make_views(photo, np.random.default_rng(seed), SMALL)
+        host = make_views(photo, np.random.default_rng(seed), host_cfg)
+        assert set(host) == {"global_crops", "local_crops", "boxes_gc", "boxes_all"}
+        for group in ("global", "local"):
+            want = [normalize(apply_colour_pil(Image.fromarray(c), p.astype(np.float64)))
+                    for c, p in zip(device[f"{group}_crops"], device[f"{group}_colour"])]
+            assert host[f"{group}_crops"].dtype == np.float32
+            np.testing.assert_allclose(host[f"{group}_crops"], np.stack(want), atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(host["boxes_gc"], device["boxes_gc"])
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [dict(size_crops=(56,)), dict(min_scale_crops=(0.5, 0.05), max_scale_crops=(0.4, 0.25)),
-     dict(min_intersection=1.0), dict(grayscale_prob=1.5), dict(nmb_crops=(0, 4))],
+     dict(min_intersection=1.0), dict(grayscale_prob=1.5), dict(nmb_crops=(0, 4)), dict(augment_on="gpu")],
 )
 def test_bad_view_settings_are_user_errors(kwargs):
     with pytest.raises(DataConfigError) as info:
