@@ -18,6 +18,7 @@ import ml_collections
 from evaluation import datasets as datasets_lib
 from evaluation import features as features_lib
 from neco_jax.errors import UserError
+from neco_jax.precision import true_float32
 
 PROTOCOLS = ("linear", "overcluster", "hummingbird", "cbfe")
 
@@ -100,6 +101,7 @@ def _cell(name: str, value) -> str:
     return str(value)
 
 
+@true_float32  # float32 features are float32 on GPUs too; bf16 is config.dtype
 def run_job(config: ml_collections.ConfigDict) -> dict:
     """Run the config's protocol and write results.json / results.txt into config.workdir."""
     validate(config)

@@ -89,6 +89,18 @@ def load_converted(
     return _pick_part(read_checkpoint(path, arch), which, os.fspath(source))
 
 
+def load_parts(source: str | os.PathLike, *, arch: str | ViTConfig | None = None) -> dict[str, Converted]:
+    """Every ViT ``source`` holds, heads attached: ``{"student", "teacher"}`` for a NeCo training checkpoint
+    (or its converted folder), a single entry for anything else."""
+    path = Path(os.fspath(source))
+    if path.is_dir():
+        parts = [p for p in PARTS if (path / p / CONFIG_FILE).is_file()]
+        if parts and not (path / CONFIG_FILE).is_file():
+            return {p: load_converted(path, arch=arch, which=p) for p in parts}
+        return {"backbone": load_converted(path, arch=arch)}
+    return read_checkpoint(*locate(source, arch))
+
+
 def locate(source: str | os.PathLike, arch: str | ViTConfig | None = None) -> tuple[Path, Any]:
     """The local weight file for a file path, URL or known name (downloaded once into the cache),
     and the architecture to read it with (a known name brings its own unless ``arch`` is given)."""

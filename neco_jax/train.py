@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,7 @@ from neco_jax import metrics_writer as mw
 from neco_jax import train_state as ts
 from neco_jax.errors import UserError
 from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
+from neco_jax.precision import true_float32
 
 log = logging.getLogger(__name__)
 
@@ -143,36 +144,50 @@ def _unflat_like(template: dict, flat: dict[str, Any]) -> dict:
 
 
 def initial_params(config) -> tuple[dict, dict, str]:
-    """(student, teacher, description) from `config.model.init`: "random", or weights for both backbones.
+    """(student, teacher, description) from `config.model.init`: "random", or weights.
 
-    Weights go through `neco_jax.backbone_io.load_converted` (pretrained names are downloaded and cached)
+    Weights go through `neco_jax.backbone_io.load_parts` (pretrained names are downloaded and cached)
     and are placed into the recipe's architecture: parameters the recipe's model lacks (e.g. the
     `register_tokens` of register weights in an XR recipe) are dropped, as the original's strict=False
-    load does, and named in the log; a parameter the weights lack is an error.
+    load does, and named in the log; a parameter the weights lack is an error. A NeCo training checkpoint
+    restores the student and the teacher, projection heads included, as the original's `only_load_weights`
+    loads its whole Lightning state dict; any other weights go into both backbones, heads random.
     """
     if config.model.init == "random":
         student, teacher = random_params(config, config.seed)
         return student, teacher, "random init (seed %d)" % config.seed
-    from neco_jax.backbone_io import load_converted
+    from neco_jax.backbone_io import load_parts
 
-    converted = load_converted(config.model.init, which="student")
-    loaded = dict(converted.params)
-    student, teacher = random_params(config, config.seed, has_mask_token="mask_token" in loaded)
-    wanted = _flat(student["backbone"])
+    parts = load_parts(config.model.init)
+    both = {"student", "teacher"} <= set(parts)
+    first = parts["student"] if both else next(iter(parts.values()))
+    student, teacher = random_params(config, config.seed, has_mask_token="mask_token" in first.params)
+    models = {"student": (student, first), "teacher": (teacher, parts["teacher"] if both else first)}
+    out, notes = {}, []
+    for name, (params, converted) in models.items():
+        backbone, dropped = _fill(params["backbone"], converted.params, config, "backbone")
+        head, head_note = params["head"], "head random"
+        if both and converted.head_params is not None:
+            head, head_note = _fill(params["head"], converted.head_params, config, "head")[0], "head loaded"
+        out[name] = {**params, "backbone": backbone, "head": head}
+        note = f"{name}: {len(_flat(backbone))} of {len(converted.params)} backbone tensors loaded, {head_note}"
+        notes.append(note + (f", dropped (not in this model): {', '.join(dropped)}" if dropped else ""))
+    source = "student and teacher of a NeCo checkpoint" if both else "one backbone into both models"
+    return out["student"], out["teacher"], f"{config.model.init} ({source}): " + "; ".join(notes)
+
+
+def _fill(template: dict, loaded: Mapping[str, Any], config, what: str) -> tuple[dict, list[str]]:
+    """`template`'s tree with the values of `loaded` ('/'-joined paths), and the loaded paths it has no place for."""
+    wanted = _flat(template)
     missing = sorted(p for p in wanted if p not in loaded)
     mismatched = sorted(f"{p} {loaded[p].shape} vs {wanted[p].shape}" for p in wanted
                         if p in loaded and tuple(loaded[p].shape) != tuple(wanted[p].shape))
     if missing or mismatched:
+        fix = "choose the recipe that matches these weights" if what == "backbone" else "set config.head.* to match"
         raise TrainConfigError(
-            f"{config.model.init} does not fit config.model.arch={config.model.arch!r} with "
-            f"{config.model.num_register_tokens} registers: missing {missing}, shape mismatch {mismatched}; "
-            "choose the recipe that matches these weights")
-    dropped = sorted(p for p in loaded if p not in wanted)
-    backbone = _unflat_like(student["backbone"], loaded)
-    desc = (f"{config.model.init}: {len(wanted)} of {len(loaded)} tensors loaded into both backbones"
-            + (f", dropped (not in this model): {', '.join(dropped)}" if dropped else "")
-            + "; heads random")
-    return {**student, "backbone": backbone}, {**teacher, "backbone": backbone}, desc
+            f"{config.model.init} does not fit the {what} of config.model.arch={config.model.arch!r} with "
+            f"{config.model.num_register_tokens} registers: missing {missing}, shape mismatch {mismatched}; {fix}")
+    return _unflat_like(template, dict(loaded)), sorted(p for p in loaded if p not in wanted)
 
 
 # --------------------------------------------------------------------------- the step
@@ -356,6 +371,7 @@ def _device_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: batch[k] for k in DEVICE_KEYS if k in batch}
 
 
+@true_float32  # fp32 runs are fp32 on GPUs too (JAX's default there is TF32); bf16 is config.model.dtype
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        devices=None, stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the last logged metrics.

@@ -92,3 +92,43 @@ def test_deterministic_mode_equals_no_drop_path():
     assert not np.allclose(forward(dropped, x, key, False), reference)
     with pytest.raises(ValueError, match="key"):
         dropped(x, deterministic=False)
+
+
+def test_dino_blocks_use_per_sample_drop_path_at_every_rate():
+    """DINO-architecture blocks (NeCo's src/models/vit.py DropPath) never take DINOv2's batch-subset path: at rate
+    0.3 every sample is one of the keep/drop combinations scaled by 1/(1-rate), and all samples pass the block."""
+    cfg = get_arch("vit_small_patch16_dino", depth=1, embed_dim=64, num_heads=2)
+    assert cfg.drop_path_mode == "per_sample" and get_arch("vit_small_patch14_dinov2").drop_path_mode == "dinov2"
+    block = Block(cfg, rngs=nnx.Rngs(0))
+    b, rate = 12, 0.3
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((b, 5, 64)), jnp.float32)
+    out, _ = block(x, drop_rate=rate, key=jax.random.key(3))
+    combos = _branch_combinations(block, x, 1 / (1 - rate))
+    matches = np.isclose(combos, np.asarray(out)[None], rtol=1e-5, atol=1e-5).all(axis=(2, 3))
+    assert np.all(matches.sum(axis=0) >= 1)
+    # The same block as DINOv2 would scale by b / subset instead, which no per-sample combination reproduces.
+    subset_out, _ = Block(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0))(x, drop_rate=rate, key=jax.random.key(3))
+    tiny = Block(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0))
+    per_sample_combos = _branch_combinations(tiny, x, 1 / (1 - rate))
+    subset_matches = np.isclose(per_sample_combos, np.asarray(subset_out)[None], rtol=1e-5, atol=1e-5).all(axis=(2, 3))
+    assert not np.all(subset_matches.sum(axis=0) >= 1)
+    with pytest.raises(Exception, match="drop_path_mode"):
+        get_arch("vit_tiny_test", drop_path_mode="subset")
+
+
+def test_dino_recipes_build_per_sample_students():
+    import sys
+    from pathlib import Path
+
+    from neco_jax import train
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo))
+    try:
+        from configs import dino_s16, dinov2_s14, leopart_s16, timet_s16
+    finally:
+        sys.path.remove(str(repo))
+    for module in (dino_s16, timet_s16, leopart_s16):
+        student, teacher = train.vit_configs(module.get_config())
+        assert student.drop_path_mode == "per_sample" and student.drop_path_rate == 0.1
+    assert train.vit_configs(dinov2_s14.get_config())[0].drop_path_mode == "dinov2"

@@ -85,6 +85,37 @@ def test_init_from_saved_folder_drops_registers_and_keeps_values(tmp_path):
     assert _max_diff(student["head"], teacher["head"]) > 1e-3
 
 
+def test_init_from_a_neco_lightning_checkpoint_restores_student_teacher_and_heads(tmp_path):
+    """As the original's only_load_weights: model.* and teacher.* with their projection heads, both restored."""
+    import torch
+
+    from neco_jax.convert import export_state_dict, head_to_torch
+
+    c = _tiny(**{"model.arch": "vit_small_patch14_dinov2", "model.arch_overrides": {"depth": 1}})
+    student, _ = train_lib.random_params(c, 1)
+    _, teacher = train_lib.random_params(c, 2)  # a different backbone and head: nothing may be mixed up
+    state = {}
+    for prefix, params in (("model.", student), ("teacher.", teacher)):
+        flat = train_lib._flat(jax.device_get(params["backbone"]))
+        state.update({prefix + k: v for k, v in export_state_dict(flat, "dinov2").items()})
+        head = head_to_torch(train_lib._flat(jax.device_get(params["head"])))
+        state.update({f"{prefix}projection_head.{k}": v for k, v in head.items()})
+    path = tmp_path / "neco.ckpt"
+    torch.save({"epoch": 1, "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}},
+               path)
+    c = base.set_fields(c, {"model.init": str(path)})
+    got_student, got_teacher, desc = train_lib.initial_params(c)
+    assert _max_diff(got_student, student) == 0.0 and _max_diff(got_teacher, teacher) == 0.0
+    assert "student and teacher of a NeCo checkpoint" in desc and desc.count("head loaded") == 2
+    # A plain backbone file still goes into both models, heads random (the original's cls_token branch).
+    plain = tmp_path / "backbone.pth"
+    torch.save({k[len("model."):]: torch.from_numpy(np.array(v)) for k, v in state.items()
+                if k.startswith("model.") and "projection_head" not in k}, plain)
+    s2, t2, desc2 = train_lib.initial_params(base.set_fields(c, {"model.init": str(plain)}))
+    assert _max_diff(s2["backbone"], student["backbone"]) == 0.0 and _max_diff(t2["backbone"], student["backbone"]) == 0
+    assert "one backbone into both models" in desc2 and desc2.count("head random") == 2
+
+
 def test_init_that_does_not_fit_is_named(tmp_path):
     from neco_jax import save_backbone
 

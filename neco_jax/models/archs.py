@@ -37,6 +37,7 @@ def _build() -> dict[str, ViTConfig]:
                 pos_grid=224 // patch,
                 layerscale=False,
                 has_mask_token=False,
+                drop_path_mode="per_sample",  # DINO's DropPath; the batch-subset variant is DINOv2's only
                 **dims,
             )
     archs["vit_tiny_test"] = ViTConfig(

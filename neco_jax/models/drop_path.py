@@ -3,7 +3,8 @@
 The per-block rates come from `torch.linspace(0, rate, depth)` in float32. A block whose rate is in (0, 0.1]
 uses per-sample drop path; a block whose rate is above 0.1 uses DINOv2's batch-subset variant. Because the
 schedule is float32, the last block's rate float32(0.1) = 0.10000000149 is above 0.1, so with NeCo's
-drop_path_rate=0.1 exactly the last block takes the batch-subset path.
+drop_path_rate=0.1 exactly the last block takes the batch-subset path. DINO-architecture blocks (NeCo's
+`src/models/vit.py`, `ViTConfig.drop_path_mode="per_sample"`) use per-sample drop path at every rate.
 """
 
 from __future__ import annotations

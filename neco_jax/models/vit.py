@@ -39,6 +39,7 @@ from neco_jax.models.pos_embed import interpolate_pos_embed
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _FFN_LAYERS = ("mlp", "swiglu")
 _FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
+_DROP_PATH_MODES = ("dinov2", "per_sample")
 
 
 class ModelConfigError(UserError):
@@ -60,6 +61,8 @@ class ViTConfig:
         DINO's and NeCo's (scale_factor with +0.1); 0.0 / True is the hub's register models (explicit size).
     has_mask_token: keep DINOv2's (unused in forward) `mask_token` parameter, so hub exports are complete.
     drop_path_rate: stochastic depth rate of the last block (linear schedule from 0).
+    drop_path_mode: "dinov2" (DINOv2's blocks: per-sample up to rate 0.1, batch-subset above) or "per_sample"
+        (DINO's blocks, NeCo's `src/models/vit.py`: per-sample at every rate).
     dtype: compute dtype of matmuls, "float32" or "bfloat16"; parameters, LayerNorm, softmax and the
         residual stream stay float32.
     remat: recompute each block's activations in the backward pass instead of storing them (same
@@ -81,6 +84,7 @@ class ViTConfig:
     interpolate_antialias: bool = False
     has_mask_token: bool = True
     drop_path_rate: float = 0.0
+    drop_path_mode: str = "dinov2"
     dtype: str = "float32"
     remat: bool = False
 
@@ -103,6 +107,10 @@ class ViTConfig:
             raise ModelConfigError(f"ViTConfig.dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
         if self.num_register_tokens < 0:
             raise ModelConfigError(f"ViTConfig.num_register_tokens must be >= 0, got {self.num_register_tokens}")
+        if self.drop_path_mode not in _DROP_PATH_MODES:
+            raise ModelConfigError(
+                f"ViTConfig.drop_path_mode must be one of {_DROP_PATH_MODES}, got {self.drop_path_mode!r}"
+            )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ModelConfigError(f"ViTConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.interpolate_offset < 0:
@@ -141,6 +149,7 @@ class Block(nnx.Module):
         self.norm2 = layer_norm(dim, rngs=rngs)
         self.mlp = ffn(dim, config.mlp_hidden_dim, dtype=dtype, rngs=rngs)
         self.ls2 = LayerScale(dim, config.layerscale_init) if config.layerscale else None
+        self.batch_subset = config.drop_path_mode == "dinov2"  # DINOv2's variant above rate 0.1
 
     def _attn_residual(self, x: jax.Array, return_attention: bool) -> tuple[jax.Array, jax.Array | None]:
         out, attn = self.attn(self.norm1(x), return_attention=return_attention)
@@ -160,7 +169,7 @@ class Block(nnx.Module):
         return_attention: bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
         """x (B, N, D) fp32 -> (x, CLS attention row (B, heads, N) or None). drop_rate > 0 needs `key`."""
-        if drop_rate > BATCH_SUBSET_THRESHOLD:
+        if self.batch_subset and drop_rate > BATCH_SUBSET_THRESHOLD:
             if return_attention:
                 raise ValueError("return_attention is not available in a block trained with batch-subset drop path")
             key_attn, key_mlp = jax.random.split(key)
