@@ -2,7 +2,8 @@
 
 Sections, in the order they run: config checks -> mesh -> input -> models & optimizer -> restore-or-init
 (a checkpoint in the workdir, else `config.model.init`: a pretrained name, a weight file/folder, or
-"random") -> the jitted step -> the loop (metrics, checkpoints, SIGTERM) -> export of both backbones.
+"random") -> the jitted step -> the loop (metrics, checkpoints, SIGTERM) -> curves (metrics.png) -> export
+of both backbones.
 
 The step (`make_train_step`) is a pure function of (TrainState, global batch): the batch is sharded along
 the mesh's "data" axis, the state replicated and donated; every mean is over the global batch, so the
@@ -27,7 +28,7 @@ import optax
 from flax import nnx
 
 from neco_jax import checkpoint as ckpt_lib
-from neco_jax import ema, optim, sharding
+from neco_jax import ema, optim, plot, sharding
 from neco_jax import queue as queue_lib
 from neco_jax import metrics_writer as mw
 from neco_jax import train_state as ts
@@ -489,6 +490,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         writer.close()
 
     done = int(jax.device_get(state.step))
+    if jax.process_index() == 0 and done > 0:
+        log.info("curves: %s", plot.write_plot(workdir))
     if done >= total_steps and config.export_at_end:
         files = export_backbones(config, models, state, os.path.join(workdir, "export"))
         log.info("exported: %s", ", ".join(files))

@@ -304,3 +304,4 @@ def test_demo_command_end_to_end_with_sigterm_and_resume(tmp_path):
         assert (workdir / "export" / part / "config.json").is_file()
     assert json.loads((workdir / "config.json").read_text())["model"]["arch"] == "vit_tiny_test"
     assert "ETA" in done.stderr
+    assert (workdir / "metrics.png").is_file()  # the run's curves (tests/test_plot.py checks what they show)
