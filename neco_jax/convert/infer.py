@@ -51,7 +51,9 @@ def infer_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
         raise ArchInferenceError(
             f"the weights record no architecture and their width {dim} is none of the DINO/DINOv2 sizes "
             f"({', '.join(map(str, sorted(FAMILY_HEADS)))}), so their number of heads is unknown; "
-            "name the architecture with --arch / arch= (a name, or a ViTConfig with num_heads)"
+            "name the architecture with --arch / arch= (a name, or a ViTConfig with num_heads), or where neither "
+            "can be given (model.init of a training run), convert the file once with `python -m neco_jax.convert "
+            "to-jax FILE --out FOLDER --arch NAME` and use FOLDER"
         )
     return {**fields, "num_heads": FAMILY_HEADS[dim]}
 
