@@ -90,6 +90,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.queue_original_counter = False
     c.loss.crops_for_assign = (0, 1)  # global crops used as teacher anchors.
 
+    # Evaluation during training, as the original validates every epoch: every `every_epochs` epochs (0 = never,
+    # the default, which costs nothing) run the evaluation job `config` (a configs/eval/*.py file) on the current
+    # teacher with the data in `data_dir`; eval_miou goes to metrics.jsonl, results to workdir/eval/epoch_<e>/.
+    # `set` overrides job fields, ";"-separated: "image_size=224;overcluster.ks=(21, 300)".
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_epochs = 0
+    c.eval.config = "configs/eval/voc_overcluster.py"
+    c.eval.data_dir = ""
+    c.eval.set = ""
+
     c.log_every_steps = 50  # metrics to metrics.jsonl and the console.
     c.checkpoint_every_steps = 1000  # asynchronous orbax checkpoint period.
     c.keep_checkpoints = 3  # keep the newest N checkpoints.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -64,9 +65,30 @@ def job_configs(protocols: list[str]) -> list[tuple[str, str]]:
 
 
 def load_config(protocol: str, dataset: str):
+    return load_config_file(REPO / "configs" / "eval" / f"{dataset}_{protocol}.py")
+
+
+def load_config_file(path: str | os.PathLike):
+    """The locked job config of an evaluation config file (a path, or one relative to the repository)."""
+    path = Path(path)
+    if not path.is_file() and (REPO / path).is_file():
+        path = REPO / path
+    if not path.is_file():
+        raise SuiteError(f"evaluation config {path} does not exist; use one of configs/eval/*.py")
     if str(REPO) not in sys.path:  # config files import `configs.eval.base`
         sys.path.insert(0, str(REPO))
-    return importlib.import_module(f"configs.eval.{dataset}_{protocol}").get_config()
+    spec = importlib.util.spec_from_file_location(f"_eval_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def check_job_data(config) -> None:
+    """Open the splits the job's protocol reads (overclustering: val only); a DatasetError names what is missing."""
+    from evaluation.runner import open_split
+
+    for split in [config.val_split] + ([] if config.protocol == "overcluster" else [config.train_split]):
+        open_split(config, split)
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -148,7 +170,7 @@ def run_suite(checkpoint: str, data_root: str, workdir: str, protocols: list[str
     """Run the jobs, write OUT/results.json, OUT/table.md and OUT/results.png; returns the results dict."""
     from evaluation import features
     from evaluation.plots import save_bar_chart
-    from evaluation.runner import open_split, run_job
+    from evaluation.runner import run_job
 
     root = Path(data_root)
     if not root.is_dir():
@@ -182,9 +204,7 @@ def run_suite(checkpoint: str, data_root: str, workdir: str, protocols: list[str
             protocol, dataset, checkpoint=checkpoint, data_dir=data_dir, workdir=job_dir, overrides=overrides
         )
         try:
-            needed = [config.val_split] + ([] if protocol == "overcluster" else [config.train_split])
-            for split in needed:
-                open_split(config, split)
+            check_job_data(config)
         except UserError as e:
             job.update(status="skipped", reason=str(e))
             continue

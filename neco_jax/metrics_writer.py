@@ -99,6 +99,11 @@ class StepClock:
         """Call after the step's results were fetched: the time since `data_ready` was compute."""
         self._mark = time.perf_counter()
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` spent outside training (an evaluation) out of the rates and the ETA."""
+        self._window_start += seconds
+        self._mark += seconds
+
     def report(self, step: int) -> dict[str, float]:
         """Rates over the window since the last report, then start a new window."""
         now = time.perf_counter()

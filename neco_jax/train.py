@@ -34,6 +34,7 @@ from neco_jax import metrics_writer as mw
 from neco_jax import train_state as ts
 from neco_jax.errors import UserError
 from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
+from neco_jax.monitor import make_monitor
 from neco_jax.precision import true_float32
 
 log = logging.getLogger(__name__)
@@ -403,6 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     total_steps = config.optim.total_steps or config.optim.num_epochs * loader.steps_per_epoch
     log.info("data: %d images, %d steps per epoch; training %d steps", loader.num_records,
              loader.steps_per_epoch, total_steps)
+    monitor = make_monitor(config, workdir, loader.steps_per_epoch)  # None unless config.eval.every_epochs
 
     # ---- restore or init
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -478,6 +480,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 pending = None
                 checkpointer.save(step_no, state, data_state, force=True)
             clock.step_done()
+            if monitor is not None and monitor.due(step_no):  # an epoch ended: evaluate the teacher
+                row = monitor.run(models.teacher_backbone.merge(
+                    jax.device_get((state.teacher or state.student)["backbone"])), step_no)
+                writer.write(step_no, row)
+                log.info("epoch %d: eval mIoU %.2f %% (%.0f s)", row["eval_epoch"], 100 * row["eval_miou"],
+                         row["eval_s"])
+                clock.exclude(row["eval_s"])
             if stop.signum is not None:
                 log.warning("signal %d: checkpoint of step %d saved, stopping", stop.signum, step_no)
                 break

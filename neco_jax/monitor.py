@@ -1,0 +1,76 @@
+"""Evaluation during training (`config.eval`): a dense evaluation of the current teacher every few epochs.
+
+The original logs a validation score after every training epoch; here `eval.every_epochs = n` runs an
+evaluation job config (`configs/eval/*.py`, e.g. VOC overclustering on a val tree) on the teacher backbone at
+the end of every n-th epoch, through the same runner as `python -m evaluation`, writes its results under
+`workdir/eval/epoch_<e>/` and logs `eval_miou` to metrics.jsonl. Off by default (0), and then nothing of
+this module is built or imported by the step loop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from neco_jax.errors import UserError
+
+
+class MonitorConfigError(UserError):
+    """`config.eval` names a job that cannot run."""
+
+
+class EvalMonitor:
+    """Builds and checks the evaluation job once (before training), then runs it when an epoch ends."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, steps_per_epoch: int):
+        from evaluation import runner, suite
+
+        e = config.eval
+        if jax.process_count() > 1:
+            raise MonitorConfigError("config.eval.every_epochs runs in single-process training only; set it to 0")
+        self.every = int(e.every_epochs)
+        self.steps_per_epoch = steps_per_epoch
+        self.workdir = Path(workdir) / "eval"
+        self.job = suite.load_config_file(e.config)
+        values = suite.parse_overrides([s for s in e.set.split(";") if s.strip()])
+        values.update(data_dir=e.data_dir, workdir=str(self.workdir), checkpoint=str(self.workdir / "teacher"))
+        try:
+            self.job.update_from_flattened_dict(values)
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            raise MonitorConfigError(f"config.eval.set does not fit {e.config}: {' '.join(str(err).split())}") from err
+        runner.validate(self.job)
+        suite.check_job_data(self.job)  # a missing data folder stops now, not after the first epoch
+
+    def due(self, step: int) -> bool:
+        return step % self.steps_per_epoch == 0 and (step // self.steps_per_epoch) % self.every == 0
+
+    def run(self, teacher_backbone, step: int) -> dict[str, Any]:
+        """Evaluate the teacher backbone (an NNX module) at the end of the epoch that `step` closes."""
+        from evaluation import runner
+        from neco_jax import save_backbone
+
+        epoch = step // self.steps_per_epoch
+        start = time.perf_counter()
+        folder = self.workdir / f"epoch_{epoch:03d}"
+        weights = folder / "teacher"
+        save_backbone(teacher_backbone, weights)
+        job = self.job.copy_and_resolve_references()
+        job.checkpoint, job.workdir = str(weights), str(folder)
+        try:
+            results = runner.run_job(job)
+        finally:
+            shutil.rmtree(weights, ignore_errors=True)  # results stay; the weights are in the checkpoints
+        return {"eval_miou": float(results["miou"]), "eval_epoch": epoch, "eval_s": time.perf_counter() - start}
+
+
+def make_monitor(config: ml_collections.ConfigDict, workdir, steps_per_epoch: int) -> EvalMonitor | None:
+    """The monitor of `config.eval`, or None when it is off (every_epochs = 0)."""
+    if config.eval.every_epochs < 0:
+        raise MonitorConfigError(f"config.eval.every_epochs={config.eval.every_epochs} must be >= 0 (0 = off)")
+    return EvalMonitor(config, workdir, steps_per_epoch) if config.eval.every_epochs else None
