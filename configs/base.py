@@ -103,6 +103,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50  # metrics to metrics.jsonl and the console.
     c.checkpoint_every_steps = 1000  # asynchronous orbax checkpoint period.
     c.keep_checkpoints = 3  # keep the newest N checkpoints.
+    # Several processes (neco_jax/distributed.py): seconds for all of them to reach the coordinator at start,
+    # and steps between their exchanges of stop requests (a SIGTERM to any one stops all at the same step).
+    c.init_timeout_s = 300
+    c.stop_check_every_steps = 10
     c.export_at_end = True  # write student and teacher backbones in PyTorch layout under workdir/export.
     return c
 

@@ -1,13 +1,10 @@
 """Data parallelism with `jax.jit` over a 1-D device mesh: batch split on "data", everything else replicated.
 
-Several hosts: start one process per host with the same command and either let the cluster environment
-configure `jax.distributed` (SLURM, TPU pods, Kubernetes with the usual variables) or set
-`JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`. Each process then reads its
-own shard of every global batch (`input_pipeline.make_train_loader` picks rows by process index) and
-`global_batch` assembles the global array from the per-process pieces without any copy between hosts.
+Several processes (started as `neco_jax.distributed` describes): the mesh spans the devices of all of them,
+each process reads only its own rows of every global batch (`input_pipeline.make_train_loader` picks them by
+process index) and `global_batch` assembles the global array from the per-process pieces without any copy
+between hosts.
 """
-
-import os
 
 import jax
 import numpy as np
@@ -20,15 +17,6 @@ DATA_AXIS = "data"
 
 class ShardingError(UserError):
     """A batch that cannot be split over the devices."""
-
-
-def maybe_initialize_distributed() -> None:
-    """`jax.distributed.initialize()` when launched as one of several processes; a no-op otherwise."""
-    launched = any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-    several = int(os.environ.get("JAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS",
-                                                                     os.environ.get("OMPI_COMM_WORLD_SIZE", "1"))))
-    if launched and several > 1 and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
 
 
 def make_mesh(devices=None) -> Mesh:

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from neco_jax import checkpoint as ckpt_lib
-from neco_jax import ema, optim, plot, sharding
+from neco_jax import distributed, ema, optim, plot, sharding
 from neco_jax import queue as queue_lib
 from neco_jax import metrics_writer as mw
 from neco_jax import train_state as ts
@@ -308,7 +308,12 @@ def build_training(config, total_steps: int, student: dict, teacher: dict):
     tx = optim.make_optimizer(config.optim, labels, total_steps)
     lcfg = config.loss
     queue = queue_lib.init(len(lcfg.crops_for_assign), lcfg.queue_length, config.head.out_dim) if lcfg.use_queue else {}
-    state = ts.create(student, teacher if lcfg.use_teacher else {}, tx.init(student), queue, config.seed)
+
+    def make_state(student, teacher):
+        return ts.create(student, teacher if lcfg.use_teacher else {}, tx.init(student), queue, config.seed)
+
+    abstract = isinstance(jax.tree.leaves(student)[0], jax.ShapeDtypeStruct)  # to restore into: shapes only
+    state = jax.eval_shape(make_state, student, teacher) if abstract else make_state(student, teacher)
     return models, labels, tx, state
 
 
@@ -337,7 +342,7 @@ def export_backbones(config, models: ts.Models, state: ts.TrainState, folder: st
         parts["teacher"] = (models.teacher_backbone, state.teacher)
     written = []
     for name, (backbone_def, params) in parts.items():
-        params = jax.device_get(params)
+        params = distributed.host_copy(params)
         backbone, head = backbone_def.merge(params["backbone"]), models.head.merge(params["head"])
         written.append(str(save_backbone(backbone, os.path.join(folder, name), head=head)))
         path = os.path.join(folder, f"{name}_{layout}{suffix}")
@@ -383,13 +388,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """
     workdir = os.fspath(workdir)
     check_config(config)
+    distributed.initialize(config)  # before anything touches a device
+    distributed.check_same_config(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     # ---- mesh
-    sharding.maybe_initialize_distributed()
     mesh = sharding.make_mesh(devices)
     global_batch = config.optim.batch_size
     sharding.check_batch_size(global_batch, mesh)
@@ -410,29 +416,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
     latest = checkpointer.latest_step()
-    if latest is not None:  # resume: shapes from a random init, values from the checkpoint
-        student, teacher = random_params(config, config.seed)
+    if latest is not None:  # resume: shapes and dtypes only (nothing allocated), values from the checkpoint
+        student, teacher = jax.eval_shape(lambda: random_params(config, config.seed))
         init_desc = f"resumed from {checkpointer.directory}/{latest}"
     else:
         student, teacher, init_desc = initial_params(config)
     models, labels, tx, state = build_training(config, total_steps, student, teacher)
     repl = sharding.replicated(mesh)
-    state = jax.device_put(state, repl)
     del student, teacher
-    if latest is not None:
+    if latest is not None:  # straight into the mesh's replicated layout, on any number of processes
         state, data_state = checkpointer.restore(latest, ckpt_lib.abstract_like(state, repl))
-        loader.set_state(data_state)
+        distributed.set_loader_state(loader, data_state)
+    else:
+        state = jax.device_put(state, repl)
     log.info("init: %s", init_desc)
     log.info("optimizer groups (tensors): %s", optim.group_counts(labels))
     if jax.process_index() == 0:
-        mw.log_parameter_overview(jax.device_get(state.student), "student")
+        mw.log_parameter_overview(distributed.host_copy(state.student), "student")
 
     # ---- the jitted step
     train_step = jit_train_step(make_train_step(config, models, labels, tx, total_steps), mesh)
 
     # ---- loop
     writer = mw.MetricsWriter(workdir)
-    start = int(jax.device_get(state.step))
+    start = int(distributed.host_copy(state.step))
     end = total_steps if stop_after is None else min(total_steps, stop_after)
     clock = mw.StepClock(total_steps, global_batch, start)
     stop = _StopFlag()
@@ -444,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         """Fetch a finished step's metrics: the non-finite check, and the log line when due."""
         nonlocal last
         step_no, metrics, skipped = p
-        metrics = jax.device_get(metrics)
+        metrics = distributed.host_copy(metrics)
         if not metrics["finite"]:
             if config.optim.on_nonfinite == "error":
                 raise NonFiniteError(
@@ -474,20 +481,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if pending is not None:
                 settle(pending)
             pending = (step_no, metrics, skipped_images)
-            due = step_no % config.checkpoint_every_steps == 0 or step_no == end or stop.signum is not None
+            stopping = distributed.agreed_stop(stop.signum, step_no, config.stop_check_every_steps,
+                                               last=step_no == end)
+            if stopping is not None:  # every process stops at the same step, whichever of them got the signal
+                stop.signum = stopping
+            due = step_no % config.checkpoint_every_steps == 0 or step_no == end or stopping is not None
             if due:  # settle first: never checkpoint a step whose loss was not checked
                 settle(pending)
                 pending = None
-                checkpointer.save(step_no, state, data_state, force=True)
+                checkpointer.save(step_no, state, distributed.global_loader_state(data_state), force=True)
             clock.step_done()
             if monitor is not None and monitor.due(step_no):  # an epoch ended: evaluate the teacher
                 row = monitor.run(models.teacher_backbone.merge(
-                    jax.device_get((state.teacher or state.student)["backbone"])), step_no)
+                    distributed.host_copy((state.teacher or state.student)["backbone"])), step_no)
                 writer.write(step_no, row)
                 log.info("epoch %d: eval mIoU %.2f %% (%.0f s)", row["eval_epoch"], 100 * row["eval_miou"],
                          row["eval_s"])
                 clock.exclude(row["eval_s"])
-            if stop.signum is not None:
+            if stopping is not None:
                 log.warning("signal %d: checkpoint of step %d saved, stopping", stop.signum, step_no)
                 break
         if pending is not None:
@@ -498,10 +509,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         checkpointer.close()
         writer.close()
 
-    done = int(jax.device_get(state.step))
+    done = int(distributed.host_copy(state.step))
     if jax.process_index() == 0 and done > 0:
         log.info("curves: %s", plot.write_plot(workdir))
-    if done >= total_steps and config.export_at_end:
+    if done >= total_steps and config.export_at_end and jax.process_index() == 0:
         files = export_backbones(config, models, state, os.path.join(workdir, "export"))
         log.info("exported: %s", ", ".join(files))
     return {**last, "step": done, "total_steps": total_steps, "state": state}

@@ -1,0 +1,168 @@
+"""Several processes on JAX's multi-controller runtime (`jax.distributed`): start-up, agreement, host copies.
+
+Every process runs the same command. They find each other through
+  JAX_COORDINATOR_ADDRESS=host0:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i   (set for every process)
+or, when JAX_COORDINATOR_ADDRESS is unset, through the variables of SLURM (`srun`) or Open MPI (`mpirun`),
+which JAX's cluster detection reads. A process alone needs none of them. CPU processes run their
+collectives over gloo (JAX's `jax_cpu_collectives_implementation`); GPUs use NCCL.
+
+What the processes must agree on is exchanged here, always at the same step on every process (a collective
+that one process skips leaves the others waiting forever): the resolved config at start, a stop request
+(SIGTERM) that reached any one of them, and the data loader's running counts at each checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+
+from neco_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ADDRESS, NUM_PROCESSES, PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+class DistributedError(UserError):
+    """Processes that cannot start together: an unreachable coordinator, missing variables, different configs."""
+
+
+def _launched_by_cluster() -> bool:
+    """Started as one of several tasks by srun or mpirun (JAX's cluster detection fills in the rest)."""
+    return (int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ) or \
+        int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def _explicit_launch() -> tuple[str, int, int] | None:
+    """(address, process count, process id) from the JAX_* variables; None when JAX_COORDINATOR_ADDRESS is unset."""
+    address = os.environ.get(ADDRESS)
+    if not address:
+        return None
+    try:
+        num, pid = int(os.environ[NUM_PROCESSES]), int(os.environ[PROCESS_ID])
+    except (KeyError, ValueError):
+        raise DistributedError(
+            f"{ADDRESS}={address} is set, so {NUM_PROCESSES} (the number of processes) and {PROCESS_ID} (0.."
+            f"N-1) must be integers, got {NUM_PROCESSES}={os.environ.get(NUM_PROCESSES)!r} "
+            f"{PROCESS_ID}={os.environ.get(PROCESS_ID)!r}; set both for every process") from None
+    if ":" not in address or not 0 <= pid < num:
+        raise DistributedError(f"{ADDRESS}={address} must be host:port and {PROCESS_ID}={pid} must lie in "
+                               f"0..{NUM_PROCESSES}-1={num - 1}")
+    return address, num, pid
+
+
+def initialize(config) -> None:
+    """`jax.distributed.initialize` when launched as one of several processes; a no-op for one process.
+
+    Must run before anything touches a JAX device. If not every process has reached the coordinator
+    within `config.init_timeout_s`, stop with one line naming the address and the variables (JAX itself
+    would abort the process with a C++ stack trace; a watchdog thread exits first, with status 2).
+    """
+    timeout_s = config.init_timeout_s
+    for name in ("init_timeout_s", "stop_check_every_steps"):
+        if not config[name] >= 1:
+            raise DistributedError(f"config.{name}={config[name]} must be >= 1")
+    explicit = _explicit_launch()
+    if jax.distributed.is_initialized() or (explicit is None and not _launched_by_cluster()):
+        return
+    if explicit is not None and explicit[1] == 1:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit is None:
+        where = "the address JAX derived from the SLURM / Open MPI variables (set JAX_COORDINATOR_ADDRESS to choose)"
+        kwargs = {}
+    else:
+        address, num, pid = explicit
+        where = f"{ADDRESS}={address} ({NUM_PROCESSES}={num}, {PROCESS_ID}={pid})"
+        kwargs = {"coordinator_address": address, "num_processes": num, "process_id": pid}
+
+    def give_up():
+        sys.stderr.write(
+            f"error: the processes did not all reach the coordinator at {where} within {timeout_s} s "
+            "(config.init_timeout_s): start every process with the same address (host:port of process 0, "
+            f"reachable from every host) and {NUM_PROCESSES}, and distinct {PROCESS_ID}s 0..N-1\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout_s, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:  # JAX's own deadline is later than the watchdog's, so that the one-line message wins
+        jax.distributed.initialize(initialization_timeout=timeout_s + 60, **kwargs)
+    finally:
+        watchdog.cancel()
+    log.info("process %d of %d: %d local devices of %d", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+
+
+def _allgather(values: np.ndarray) -> np.ndarray:
+    """(process_count, *values.shape): every process's `values`, on every process (a collective)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def check_same_config(config, workdir: str) -> None:
+    """Refuse to start when the processes resolved different configs or workdirs (compared by SHA-256)."""
+    if jax.process_count() == 1:
+        return
+    text = config.to_json_best_effort(sort_keys=True) + "\n" + os.path.normpath(workdir)
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
+    digests = _allgather(digest)
+    differ = [p for p in range(len(digests)) if not np.array_equal(digests[p], digests[0])]
+    if differ:
+        raise DistributedError(
+            f"process(es) {differ} resolved a config or --workdir different from process 0's (this is process "
+            f"{jax.process_index()}, config sha256 {digest.tobytes().hex()[:12]}); start every process with the "
+            "same --config, --config.* overrides and --workdir")
+
+
+def agreed_stop(local_signal: int | None, step: int, every: int, last: bool = False) -> int | None:
+    """The signal that asked any process to stop, agreed at the same step by all (None: carry on).
+
+    One process alone acts on its own signal at once. Several exchange their flags every `every` steps
+    (and at the last step), so that they all save the same step and stop together.
+    """
+    if jax.process_count() == 1:
+        return local_signal
+    if step % every and not last:
+        return None
+    signals = _allgather(np.asarray(local_signal or 0, np.int32))
+    return int(signals.max()) or None
+
+
+def _host(x):
+    if not isinstance(x, jax.Array):
+        return x
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    if x.sharding.is_fully_replicated:  # every process holds whole replicas, though not all of them
+        return np.asarray(x.addressable_data(0))
+    raise ValueError(f"an array sharded over several processes ({x.sharding}) has no copy on one host")
+
+
+def host_copy(tree: Any) -> Any:
+    """NumPy copies of the arrays of `tree` (replicated ones taken from this process's own replica)."""
+    return jax.tree.map(_host, tree)
+
+
+def global_loader_state(state: dict) -> dict:
+    """A loader state to checkpoint: the position (the same on every process) and the counts of all processes."""
+    if jax.process_count() == 1:
+        return state
+    counts = _allgather(np.asarray([state["bad_files"], state["files_read"]], np.int32)).sum(axis=0)
+    return {**state, "bad_files": int(counts[0]), "files_read": int(counts[1])}
+
+
+def set_loader_state(loader, state: dict) -> None:
+    """Continue from a checkpointed loader state on any number of processes: each takes its share of the counts."""
+    n, p = jax.process_count(), jax.process_index()
+    share = {k: state[k] // n + (p < state[k] % n) for k in ("bad_files", "files_read")}
+    loader.set_state({**state, **share})
