@@ -76,7 +76,8 @@ def initialize(config) -> None:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit is None:
-        where = "the address JAX derived from the SLURM / Open MPI variables (set JAX_COORDINATOR_ADDRESS to choose)"
+        where = ("the address JAX derived from the SLURM / Open MPI variables (start every task with srun / mpirun, "
+                 f"or set {ADDRESS})")
         kwargs = {}
     else:
         address, num, pid = explicit
