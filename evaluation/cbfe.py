@@ -304,6 +304,8 @@ def _search_space(s: CbfeSettings) -> dict:
             raise CbfeError(f"search range of {name} is {(low, high, step)}; need 0 < low <= high and step > 0")
     if space["k_community"][1] > 255:
         raise CbfeError(f"search_k goes up to {space['k_community'][1]}; the co-occurrence graph supports 255")
+    if s.search_trials < 1:
+        raise CbfeError(f"search_trials={s.search_trials}; the search needs at least one trial")
     return space
 
 
@@ -435,7 +437,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if config.dataset != "voc":
         raise ConfigError(f"CBFE + CD is defined on Pascal VOC only, not {config.dataset!r}")
     settings = settings_from_config(config)
-    cd_parameters(settings)  # a bad combination fails before any feature is computed
+    if cd_parameters(settings)[0] is None:  # a bad setting fails before any feature is computed
+        _search_space(settings)
     extractor = make_extractor(config, registers=config.cbfe.registers)
     train = open_split(config, config.train_split)
     val = open_split(config, config.val_split)

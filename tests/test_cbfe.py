@@ -361,6 +361,10 @@ def test_cd_parameters_sources():
     ]:
         with pytest.raises(cbfe.CbfeError, match=message):
             cbfe.cd_parameters(cbfe.CbfeSettings(**bad))
+    for bad, message in [(dict(search_k=(69, 299, 10)), "255"), (dict(search_markov_time=(0.0, 2.0, 0.1)), "0 < low"),
+                         (dict(search_trials=0), "at least one trial")]:
+        with pytest.raises(cbfe.CbfeError, match=message):
+            cbfe._search_space(cbfe.CbfeSettings(**bad))
 
 
 def test_attention_files_replace_the_models_attention(tmp_path):
