@@ -149,6 +149,9 @@ def test_preempted_on_two_processes_resumes_on_one(reference, tmp_path, monkeypa
     step = int(stopped[0][0])
     assert 2 <= step < 6 and codes[0] == codes[1] and codes[0] in (0, 128 + signal.SIGTERM), (step, codes)
     assert _saved_steps(workdir) == [step]
+    # the loader's position, and its counts summed over both processes (2 images per process and step)
+    data_state = json.loads((workdir / "checkpoints" / str(step) / "data" / "metadata").read_text())
+    assert data_state == {"next_batch": step, "bad_files": 0, "files_read": 4 * step}, data_state
     losses = _assert_same_losses(workdir, ref_dir, range(1, step + 1))
     _assert_own_rows(workdir, indices, range(step))
 
@@ -216,3 +219,26 @@ def test_processes_with_different_configs_refuse_to_start(tmp_path):
         assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
         assert "process(es) [1] resolved a config or --workdir different from process 0's" in errors[0]
     assert not (tmp_path / "w" / "config.json").exists()
+
+
+def test_loader_counts_are_split_over_any_number_of_processes(monkeypatch):
+    """A checkpoint holds the loader's counts summed over its processes; resumed on N processes each takes a
+    share, and the shares add up to the saved totals again (so a later checkpoint counts every file once)."""
+    from neco_jax import distributed
+
+    class Loader:
+        def set_state(self, state):
+            self.state = state
+
+    saved = {"next_batch": 7, "bad_files": 5, "files_read": 1001}
+    for n in (1, 2, 3, 4):
+        shares = []
+        for p in range(n):
+            monkeypatch.setattr(jax, "process_count", lambda n=n: n)
+            monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+            loader = Loader()
+            distributed.set_loader_state(loader, saved)
+            shares.append(loader.state)
+        assert all(s["next_batch"] == 7 for s in shares)
+        assert sum(s["bad_files"] for s in shares) == 5 and sum(s["files_read"] for s in shares) == 1001
+        assert max(s["files_read"] for s in shares) - min(s["files_read"] for s in shares) <= 1
