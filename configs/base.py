@@ -8,6 +8,13 @@ argument of any recipe (`--config=configs/dinov2_s14.py:odd_even`) or field by f
 
 import ml_collections
 
+from neco_jax.errors import UserError
+
+
+class ConfigArgError(UserError):
+    """An unknown config-file argument (`--config=recipe.py:ARG`)."""
+
+
 def get_config() -> ml_collections.ConfigDict:
     """The DINOv2 ViT-S/14 recipe (`models/small/neco_dinov2.yml`), which every other recipe edits."""
     c = ml_collections.ConfigDict()
@@ -31,9 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.head.num_layers = 3  # n_layers_projection_head
 
     c.data = ml_collections.ConfigDict()
-    # Training images: "coco" (every file of data_dir/train2017), "voc", "imagenet100k", ... (input_pipeline.sources).
+    # Training images: "coco" (every file of data_dir/train2017), "voc", "imagenet100k", ... (input_pipeline.sources),
+    # or "sample": the 9 bundled photos (the CPU demo).
     c.data.dataset_name = "coco"
-    c.data.data_dir = ""  # root folder of the training images ("" = the bundled sample photos, demo only).
+    c.data.data_dir = ""  # root folder of the training images: required, except for dataset_name "sample".
     c.data.size_crops = (518, 98)  # global / local crop side in pixels.
     c.data.nmb_samples = (2, 4)  # number of global / local crops per image.
     c.data.min_scale_crops = (0.25, 0.05)  # RandomResizedCrop min area fraction (global, local).
@@ -67,7 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Blocks to train (others and the embeddings/final norm frozen): "" = all params; "-n" = last n blocks;
     # "n" = blocks n onwards; "i,j,k" = those blocks. The head always trains.
     c.optim.trainable_blocks = ""
-    c.optim.on_nonfinite = "error"  # "error": stop naming the step; "skip": drop the update and count it.
+    c.optim.on_nonfinite = "error"  # "error": stop naming the step; "skip": drop the update and count it ...
+    c.optim.max_consecutive_skips = 10  # ... and stop with the error after this many non-finite steps in a row.
 
     c.ema = ml_collections.ConfigDict()
     c.ema.momentum = 0.9995  # momentum_teacher at step 0 ...
@@ -172,6 +181,6 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
     if not arg:
         return config
     if arg not in ABLATIONS:
-        raise ValueError(f"unknown config argument {arg!r}; choose one of {sorted(ABLATIONS)}")
+        raise ConfigArgError(f"unknown config argument {arg!r}; choose one of {', '.join(sorted(ABLATIONS))}")
     set_fields(config, _ABLATION_BASE)
     return set_fields(config, ABLATIONS[arg])

@@ -57,13 +57,15 @@ def view_config_from(data_cfg) -> ViewConfig:
 
 
 def source_from(data_cfg):
-    """The configured source, or the bundled sample photos (with a one-line notice) when data_dir is empty."""
+    """The configured source, or the bundled sample photos (with a one-line notice) for dataset_name "sample"
+    or an empty data_dir (TFDS names read TFDS's default data_dir then; the trainer requires data_dir)."""
     data_dir = _get(data_cfg, "data_dir", None)
-    if not data_dir:
+    name = str(_get(data_cfg, "dataset_name", "coco"))
+    if name == "sample" or (not data_dir and not name.startswith("tfds:")):
         return sample_source()
     return make_source(
-        str(_get(data_cfg, "dataset_name", "coco")),
-        str(data_dir),
+        name,
+        str(data_dir or ""),
         tfds_split=str(_get(data_cfg, "tfds_split", "train")),
         tfds_image_key=str(_get(data_cfg, "tfds_image_key", "image")),
     )

@@ -19,6 +19,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
+REPLACED_FILE = "metrics.replaced.jsonl"
 
 
 def _format_duration(seconds: float) -> str:
@@ -77,6 +78,35 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     """Every row of workdir/metrics.jsonl, in order."""
     with open(os.path.join(os.fspath(workdir), METRICS_FILE)) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def set_aside_rows_after(workdir: str | os.PathLike, step: int) -> int:
+    """On resume from checkpoint `step`: move the rows of later steps (which the resumed run computes again)
+    from metrics.jsonl to metrics.replaced.jsonl, each marked with the step the run resumed from, so that
+    metrics.jsonl holds one row per step and nothing is lost. Returns how many rows were moved."""
+    path = os.path.join(os.fspath(workdir), METRICS_FILE)
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep, replaced = [], []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            row = {"unparsable_row": line.strip()}
+        if row.get("step", step + 1) > step:
+            replaced.append(json.dumps({**row, "replaced_on_resume_from_step": step}) + "\n")
+        else:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if replaced:
+        with open(os.path.join(os.fspath(workdir), REPLACED_FILE), "a") as f:
+            f.writelines(replaced)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(replaced)
 
 
 class StepClock:

@@ -15,6 +15,7 @@ towards the *pre-update* student (the original's one-step lag, see ema.py) -> Ad
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -30,6 +31,7 @@ from flax import nnx
 from neco_jax import checkpoint as ckpt_lib
 from neco_jax import distributed, ema, optim, plot, sharding
 from neco_jax import queue as queue_lib
+from neco_jax import run_record
 from neco_jax import metrics_writer as mw
 from neco_jax import train_state as ts
 from neco_jax.errors import UserError
@@ -61,6 +63,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not m.init:
         raise TrainConfigError("config.model.init is empty: name the initial weights, e.g. "
                                "--config.model.init=/path/to/checkpoint.pth (or a pretrained name, or 'random')")
+    d = config.data
+    if not d.data_dir and d.dataset_name != "sample" and not d.dataset_name.startswith("tfds:"):
+        raise TrainConfigError(f"config.data.data_dir is empty: set --config.data.data_dir=/path/to/the/"
+                               f"{d.dataset_name} images (the bundled sample photos train only with "
+                               "data.dataset_name='sample', as configs/demo.py does)")
     choices = {
         "optim.on_nonfinite": (o.on_nonfinite, ("error", "skip")),
         "loss.sort_net": (loss.sort_net, ("bitonic", "odd_even")),
@@ -71,15 +78,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise TrainConfigError(f"config.{name}={value!r} is not one of {allowed}")
+    _check_finite(config.to_dict(), "config")
     positive = {"optim.batch_size": o.batch_size, "optim.num_epochs": o.num_epochs,
-                "log_every_steps": config.log_every_steps, "loss.queue_length": loss.queue_length,
-                "loss.roi_align_kernel_size": loss.roi_align_kernel_size}
+                "optim.max_consecutive_skips": o.max_consecutive_skips, "log_every_steps": config.log_every_steps,
+                "checkpoint_every_steps": config.checkpoint_every_steps, "keep_checkpoints": config.keep_checkpoints,
+                "loss.queue_length": loss.queue_length, "loss.roi_align_kernel_size": loss.roi_align_kernel_size,
+                "head.hidden_dim": config.head.hidden_dim, "head.out_dim": config.head.out_dim,
+                "head.num_layers": config.head.num_layers}
     for name, value in positive.items():
         if value < 1:
             raise TrainConfigError(f"config.{name}={value} must be >= 1")
-    for name in ("lr_backbone", "lr_heads", "final_lr", "weight_decay", "weight_decay_end", "total_steps"):
+    for name in ("lr_backbone", "lr_heads", "final_lr", "weight_decay", "weight_decay_end", "total_steps",
+                 "grad_clip_norm"):
         if o[name] < 0:
             raise TrainConfigError(f"config.optim.{name}={o[name]} must be >= 0")
+    if not 0 <= m.drop_path_rate < 1:
+        raise TrainConfigError(f"config.model.drop_path_rate={m.drop_path_rate} must lie in [0, 1)")
     if not 0 <= config.ema.momentum <= 1 or not 0 <= config.ema.momentum_end <= 1:
         raise TrainConfigError(f"config.ema.momentum={config.ema.momentum} and momentum_end="
                                f"{config.ema.momentum_end} must lie in [0, 1]")
@@ -88,6 +102,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if tuple(loss.crops_for_assign) != tuple(range(config.data.nmb_samples[0])):
         raise TrainConfigError(f"config.loss.crops_for_assign={tuple(loss.crops_for_assign)} must list every global "
                                f"crop, 0..{config.data.nmb_samples[0] - 1}")
+
+
+def _check_finite(node: Any, name: str) -> None:
+    """Every number in the config is finite: a NaN passes every range check written as `x < 0`."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{name}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            _check_finite(value, f"{name}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise TrainConfigError(f"{name}={node} is not a finite number")
 
 
 # --------------------------------------------------------------------------- models
@@ -273,11 +299,13 @@ def make_train_step(config, models: ts.Models, labels: Any, tx: optax.GradientTr
         (loss, (queue, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.student, state.teacher, state.queue, batch, key)
         grad_norm = optim.trained_grad_norm(grads, labels)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.student)
         student = optax.apply_updates(state.student, updates)
         rate = rate_fn(state.step)
         teacher = ema.ema_update(state.teacher, state.student, rate) if use_teacher else state.teacher
+        # The new state itself is checked too: a finite loss and gradient can still give a non-finite update
+        # (an overflowing step, a NaN schedule value), which must never reach a checkpoint or an export.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((student, teacher, opt_state, queue))
         # A non-finite step changes nothing but the step counter and the RNG (both modes; "error" then stops).
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = ts.TrainState(
@@ -290,6 +318,12 @@ def make_train_step(config, models: ts.Models, labels: Any, tx: optax.GradientTr
         return new_state, metrics
 
     return step
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """One boolean: every floating-point entry of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def jit_train_step(step_fn, mesh) -> Any:
@@ -380,20 +414,20 @@ def _device_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @true_float32  # fp32 runs are fp32 on GPUs too (JAX's default there is TF32); bf16 is config.model.dtype
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                       devices=None, stop_after: int | None = None) -> dict[str, Any]:
-    """Run (or resume) training in `workdir`; returns the last logged metrics.
+                       devices=None, stop_after: int | None = None,
+                       allow_config_change: bool = False) -> dict[str, Any]:
+    """Run (or resume) training in `workdir`; returns the last logged metrics, the step reached and
+    `stopped_by_signal` (the signal number when SIGTERM/SIGINT stopped it early, else None).
 
     devices: the devices of the mesh (default all); stop_after: stop (with a checkpoint) once this many
-    steps are done, as a pre-empted job would (tests of exact resume).
+    steps are done, as a pre-empted job would (tests of exact resume); allow_config_change: resume a
+    checkpoint under a config that changes the computation (see neco_jax.run_record).
     """
     workdir = os.fspath(workdir)
     check_config(config)
     distributed.initialize(config)  # before anything touches a device
     distributed.check_same_config(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    run_record.prepare_workdir(workdir)
 
     # ---- mesh
     mesh = sharding.make_mesh(devices)
@@ -417,6 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                          every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is not None:  # resume: shapes and dtypes only (nothing allocated), values from the checkpoint
+        run_record.check_resume(workdir, config, allow_change=allow_config_change)
         student, teacher = jax.eval_shape(lambda: random_params(config, config.seed))
         init_desc = f"resumed from {checkpointer.directory}/{latest}"
     else:
@@ -445,22 +480,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     stop = _StopFlag()
     stop.install()
     pending, window, last = None, [], {}
-    skipped_images = 0
+    consecutive_skips = 0
 
     def settle(p) -> None:
         """Fetch a finished step's metrics: the non-finite check, and the log line when due."""
-        nonlocal last
+        nonlocal last, consecutive_skips
         step_no, metrics, skipped = p
         metrics = distributed.host_copy(metrics)
+        consecutive_skips = 0 if metrics["finite"] else consecutive_skips + 1
         if not metrics["finite"]:
-            if config.optim.on_nonfinite == "error":
+            loss, grad_norm = metrics["loss"], metrics["grad_norm"]
+            what = (f"the loss ({loss}) or the gradient norm ({grad_norm}) is not finite"
+                    if not np.isfinite(loss) or not np.isfinite(grad_norm) else
+                    f"the update (loss {loss}, gradient norm {grad_norm}) made the weights, teacher, optimizer "
+                    "state or queue non-finite")
+            cap = config.optim.max_consecutive_skips
+            if config.optim.on_nonfinite == "error" or consecutive_skips >= cap:
+                skip = config.optim.on_nonfinite == "skip"
                 raise NonFiniteError(
-                    f"step {step_no}: the loss ({metrics['loss']}) or the gradient norm ({metrics['grad_norm']}) "
-                    f"is not finite; the update was not applied and the last good checkpoint in "
-                    f"{checkpointer.directory} is kept. Lower the learning rate, enable optim.grad_clip_norm, "
-                    "or set optim.on_nonfinite=skip")
-            log.warning("step %d: non-finite loss/gradients, update skipped (%d so far)", step_no,
-                        metrics["nonfinite_steps"])
+                    f"step {step_no}: {f'{cap} non-finite steps in a row, ' if skip else ''}{what}; the update was "
+                    f"not applied and the last good checkpoint in {checkpointer.directory} is kept. Lower the "
+                    "learning rate or enable optim.grad_clip_norm"
+                    + (f" (optim.max_consecutive_skips={cap} sets how many are skipped)" if skip
+                       else ", or set optim.on_nonfinite=skip"))
+            log.warning("step %d: %s, update skipped (%d so far)", step_no, what, metrics["nonfinite_steps"])
         window.append(float(metrics["loss"]))
         if step_no % config.log_every_steps == 0 or step_no == end:
             timing = clock.report(step_no)
@@ -475,12 +518,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         for step_no in range(start + 1, end + 1):
             batch = next(loader)
             data_state = loader.get_state()
-            skipped_images += int(batch["skipped"].sum())
             clock.data_ready()
             state, metrics = train_step(state, sharding.global_batch(_device_part(batch), mesh))
+            if step_no == start + 1 and jax.process_index() == 0:  # the run has started: record it
+                run_record.record_start(workdir, config, start)
+                mw.set_aside_rows_after(workdir, start)
             if pending is not None:
                 settle(pending)
-            pending = (step_no, metrics, skipped_images)
+            pending = (step_no, metrics, loader.bad_files)  # the loader's count continues across resumes
             stopping = distributed.agreed_stop(stop.signum, step_no, config.stop_check_every_steps,
                                                last=step_no == end)
             if stopping is not None:  # every process stops at the same step, whichever of them got the signal
@@ -515,4 +560,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if done >= total_steps and config.export_at_end and jax.process_index() == 0:
         files = export_backbones(config, models, state, os.path.join(workdir, "export"))
         log.info("exported: %s", ", ".join(files))
-    return {**last, "step": done, "total_steps": total_steps, "state": state}
+    return {**last, "step": done, "total_steps": total_steps, "state": state, "stopped_by_signal": stop.signum}

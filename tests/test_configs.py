@@ -1,6 +1,7 @@
 """Recipe configs: the original's values (neco_method.md section 4), ablation presets, and config errors."""
 
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,11 +84,12 @@ def test_ablation_presets(arg, fields):
     for dotted, value in fields.items():
         section, key = dotted.split(".")
         assert c[section][key] == value, dotted
+    c.data.data_dir = "/data/given/by/the/user"
     train.check_config(c)
 
 
 def test_unknown_ablation_is_named():
-    with pytest.raises(ValueError, match="unknown config argument 'odd-even'"):
+    with pytest.raises(base.ConfigArgError, match="unknown config argument 'odd-even'"):
         _cfg("dinov2_s14", "odd-even")
 
 
@@ -96,6 +98,17 @@ def test_every_recipe_passes_the_checks(name):
     c = _cfg(name)
     if not c.model.init:
         c.model.init = "/path/given/by/the/user.pth"
+    if name != "demo":
+        c.data.data_dir = "/data/given/by/the/user"
+    train.check_config(c)
+
+
+def test_real_recipe_without_data_dir_is_refused():
+    """The bundled sample photos train only when asked for (the demo, dataset_name="sample")."""
+    with pytest.raises(train.TrainConfigError, match=r"^config.data.data_dir is empty: set --config.data.data_dir="):
+        train.check_config(_cfg("dinov2_s14"))
+    assert _cfg("demo").data.dataset_name == "sample"
+    c = base.set_fields(_cfg("dinov2_s14"), {"data.dataset_name": "sample"})
     train.check_config(c)
 
 
@@ -106,6 +119,14 @@ def test_every_recipe_passes_the_checks(name):
     ("optim.lr_heads", -1.0, "lr_heads"),
     ("ema.momentum", 1.5, "momentum"),
     ("loss.crops_for_assign", (0,), "crops_for_assign"),
+    # NaN passes every `x < 0` check: each number must be finite
+    ("optim.lr_backbone", float("nan"), r"^config.optim.lr_backbone=nan is not a finite number$"),
+    ("optim.final_lr", float("inf"), r"^config.optim.final_lr=inf is not"),
+    ("loss.teacher_steepness", float("nan"), r"^config.loss.teacher_steepness=nan is not"),
+    ("data.max_scale_crops", (1.0, float("nan")), r"^config.data.max_scale_crops\[1\]=nan is not"),
+    ("optim.grad_clip_norm", -1.0, "grad_clip_norm"),
+    ("model.drop_path_rate", 1.0, "drop_path_rate"),
+    ("optim.max_consecutive_skips", 0, "max_consecutive_skips"),
 ])
 def test_bad_values_are_named(field, value, match):
     c = _cfg("demo")
@@ -119,10 +140,44 @@ def test_set_fields_rejects_unknown_names():
         base.set_fields(_cfg("demo"), {"optim.batchsize": 3})
 
 
-def test_cli_rejects_unknown_field_by_name(tmp_path):
-    proc = subprocess.run([sys.executable, "main.py", "--config=configs/demo.py", f"--workdir={tmp_path}",
-                           "--config.optim.batchsize=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "batchsize" in proc.stderr
+def _cli(*args):
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/demo.py", "--config.optim.batchsize=3"],
+     "--config.optim.batchsize: the config has no field or section 'batchsize' (did you mean 'batch_size'?)"),
+    (["--config=configs/demo.py", "--config.optimx.lr=3"],
+     "--config.optimx.lr: the config has no field or section 'optimx' (did you mean 'optim'?)"),
+    (["--config=configs/nope.py"], "config file 'configs/nope.py' does not exist"),
+    (["--config=configs/demo.py:oddeven"], "unknown config argument 'oddeven'; choose one of bg, fg,"),
+    (["--config=configs/dinov2_s14.py"], "config.data.data_dir is empty"),
+    (["--config=configs/demo.py", "--config.optim.lr_heads=inf"], "config.optim.lr_heads=inf is not a finite"),
+])
+def test_cli_config_errors_are_one_line_exit_2(tmp_path, args, message):
+    """An unknown field or section, a missing file, an unknown recipe argument, a bad value: one line, exit 2,
+    and the workdir's existing record is untouched."""
+    (tmp_path / "config.json").write_text("{}")
+    proc = _cli(*args, f"--workdir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error: " + message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert (tmp_path / "config.json").read_text() == "{}"
+
+
+def test_cli_unwritable_workdir_is_one_line_exit_2(tmp_path):
+    (tmp_path / "file").write_text("kept")
+    proc = _cli("--config=configs/demo.py", f"--workdir={tmp_path / 'file' / 'run'}")
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot write to the workdir {tmp_path / 'file' / 'run'}")
+    assert len(proc.stderr.strip().splitlines()) == 1 and (tmp_path / "file").read_text() == "kept"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the not-a-folder case covers it")
+def test_cli_read_only_workdir_is_one_line_exit_2(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    proc = _cli("--config=configs/demo.py", f"--workdir={tmp_path / 'ro'}")
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot write to the workdir {tmp_path / 'ro'}")
+    assert "Permission denied" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_cli_user_error_is_one_line_exit_2(tmp_path):

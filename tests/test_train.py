@@ -12,12 +12,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from configs import base, demo
 from input_pipeline import augment
-from neco_jax import optim, sharding
+from neco_jax import optim, run_record, sharding
 from neco_jax import train as train_lib
 from neco_jax import train_state as ts
 from neco_jax.metrics_writer import read_metrics
@@ -177,17 +178,28 @@ def test_one_device_and_four_devices_agree():
         assert np.abs(m1[k] - m4[k]).max() <= 1e-4 * (np.abs(m1[k]).max() + 1e-30), k
 
 
+def _nan_updates(tx):
+    """The optimizer with every update multiplied by NaN, as a NaN schedule value would make it."""
+    return optax.chain(tx, optax.scale(float("nan")))
+
+
 def test_nonfinite_step_changes_nothing_but_the_counters():
+    """A non-finite loss (NaN input), and a finite loss whose update is non-finite (NaN learning rate): the step
+    commits neither; the second is seen only by checking the new state itself."""
     c = _tiny(**{"optim.total_steps": 2})
     models, labels, tx, state = _setup(c)
+    tx = _nan_updates(tx)
+    state = state.replace(opt_state=tx.init(state.student))
     step = jax.jit(train_lib.make_train_step(c, models, labels, tx, 2))
     batch = _batches(c, 1)[0]
     bad = {**batch, "global_crops": np.full(batch["global_crops"].shape, np.nan, np.float32)}  # float: no augment
-    new, metrics = step(state, bad)
-    assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
-    for part in ("student", "teacher", "opt_state", "queue"):
-        assert _max_diff(getattr(new, part), getattr(state, part)) == 0.0, part
-    assert not np.array_equal(new.rng, state.rng)
+    for n, b in enumerate((bad, batch), start=1):
+        new, metrics = step(state, b)
+        assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
+        assert np.isfinite(metrics["loss"]) == (b is batch)
+        for part in ("student", "teacher", "opt_state", "queue"):
+            assert _max_diff(getattr(new, part), getattr(state, part)) == 0.0, (n, part)
+        assert not np.array_equal(new.rng, state.rng)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -197,23 +209,62 @@ def _losses(workdir):
     return {r["step"]: r["loss_last"] for r in read_metrics(workdir)}
 
 
+def _photo_folder(root):
+    """The 9 sample photos and 3 unreadable files: 12 files, every one read in each 3-step epoch of batch 4."""
+    import shutil
+
+    from input_pipeline.sample_data import sample_image_paths
+
+    root.mkdir()
+    for i, path in enumerate(sample_image_paths()):
+        shutil.copy(path, root / f"{i}{Path(path).suffix}")
+    for i in range(3):
+        (root / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return str(root)
+
+
 @pytest.mark.slow
 def test_exact_resume(tmp_path):
-    """4 steps straight vs 2 steps, stop (checkpoint), resume for 2: same params, teacher, queue, optimizer,
-    RNG and data order."""
-    c = _tiny(**{"optim.total_steps": 4})
+    """4 steps straight vs 3 steps, the last checkpoint lost (kill -9 before it was written), resume from step 2:
+    same params, teacher, queue, optimizer, RNG and data order; metrics.jsonl holds each step once (the
+    replayed step's first row set aside) and the skipped-image count continues. A rerun with a config that
+    changes the computation is refused and leaves the record as it was."""
+    c = _tiny(**{"optim.total_steps": 4, "checkpoint_every_steps": 2, "data.dataset_name": "folder",
+                 "data.data_dir": _photo_folder(tmp_path / "photos"), "data.max_bad_fraction": 0.5})
     straight = train_lib.train_and_evaluate(c, tmp_path / "a")["state"]
-    first = train_lib.train_and_evaluate(c, tmp_path / "b", stop_after=2)
-    assert first["step"] == 2
+    first = train_lib.train_and_evaluate(c, tmp_path / "b", stop_after=3)
+    assert first["step"] == 3 and first["stopped_by_signal"] is None
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "3")
     resumed = train_lib.train_and_evaluate(c, tmp_path / "b")["state"]
     err = max(_max_diff(jax.device_get(getattr(straight, p)), jax.device_get(getattr(resumed, p)))
               for p in ("student", "teacher", "opt_state", "queue", "rng", "step"))
     print(f"resume: max |diff| over params/teacher/optimizer/queue/rng = {err:.3g}")
     assert err <= 1e-6
+    rows_a, rows_b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [1, 2, 3, 4]
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
-    assert a.keys() == b.keys() == {1, 2, 3, 4}
     for s in (3, 4):  # the resumed steps saw the same batches and references
         assert abs(a[s] - b[s]) <= 1e-6 * abs(a[s]), s
+    skipped = [r["skipped_images"] for r in rows_a]
+    assert [r["skipped_images"] for r in rows_b] == skipped and skipped[-1] > skipped[1] > 0, skipped
+    replaced = [json.loads(line) for line in (tmp_path / "b" / "metrics.replaced.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["replaced_on_resume_from_step"]) for r in replaced] == [(3, 2)]
+    starts = [json.loads(line) for line in (tmp_path / "b" / "starts.jsonl").read_text().splitlines()]
+    assert [(s["step"], s["previous_config"]) for s in starts] == [(0, None), (2, None)]
+
+    record = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()}
+    checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    changed = base.set_fields(_tiny(**{"optim.total_steps": 4, "checkpoint_every_steps": 2, "data.dataset_name":
+                                       "folder", "data.data_dir": c.data.data_dir, "data.max_bad_fraction": 0.5}),
+                              {"optim.lr_backbone": 1e-3, "loss.sort_net": "odd_even", "log_every_steps": 2})
+    with pytest.raises(run_record.ConfigChangedError, match=r"differs from this config in fields that change the "
+                       r"computation: loss.sort_net: 'bitonic' -> 'odd_even'; optim.lr_backbone: 0.0005 -> 0.001\. "
+                       r"Resume with the stored config.*--allow_config_change"):
+        train_lib.train_and_evaluate(changed, tmp_path / "b")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()} == record
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == checkpoints
 
 
 @pytest.mark.slow
@@ -248,7 +299,7 @@ def test_every_recipe_runs_one_step(name, arg, tmp_path):
     with c.unlocked():
         c.model.arch_overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2}
     base.set_fields(c, {
-        "model.init": "random", "head.hidden_dim": 32, "head.out_dim": 16, "data.data_dir": "",
+        "model.init": "random", "head.hidden_dim": 32, "head.out_dim": 16, "data.dataset_name": "sample",
         "data.size_crops": (4 * patch, 2 * patch), "data.num_workers": 0, "optim.batch_size": 4,
         "optim.total_steps": 1, "loss.queue_length": 256, "export_at_end": False})
     out = train_lib.train_and_evaluate(c, tmp_path)
@@ -269,6 +320,34 @@ def test_nonfinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path)
     assert saved and saved[-1] == bad - 1
 
 
+def _restored_arrays(workdir, step):
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(), item_names=("state", "data"))
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    manager.close()
+    return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+@pytest.mark.slow
+def test_skip_stops_after_the_cap_and_saves_only_finite_state(tmp_path, monkeypatch):
+    """on_nonfinite=skip with every update non-finite (finite loss): skipped steps are counted, the cap stops the
+    run naming it, and neither the checkpoints nor an export ever hold a non-finite value."""
+    real = optim.make_optimizer
+    monkeypatch.setattr(train_lib.optim, "make_optimizer", lambda *a: _nan_updates(real(*a)))
+    c = _tiny(**{"optim.total_steps": 4, "optim.on_nonfinite": "skip", "optim.max_consecutive_skips": 2,
+                 "checkpoint_every_steps": 1, "export_at_end": True})
+    with pytest.raises(train_lib.NonFiniteError, match=r"^step 2: 2 non-finite steps in a row, the update \(loss "
+                       r"[0-9.]+, gradient norm [0-9.]+\) made the weights, teacher, optimizer state or queue "
+                       r"non-finite; the update was not applied") as info:
+        train_lib.train_and_evaluate(c, tmp_path)
+    assert "optim.max_consecutive_skips=2" in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    assert all(np.all(np.isfinite(a)) for a in _restored_arrays(tmp_path, 1) if a.dtype.kind == "f")
+    assert not (tmp_path / "export").exists()
+    assert [r["nonfinite_steps"] for r in read_metrics(tmp_path)] == [1]
+
+
 @pytest.mark.slow
 def test_demo_command_end_to_end_with_sigterm_and_resume(tmp_path):
     """The README's main command as a user runs it: SIGTERM mid-run saves and exits cleanly; the same
@@ -283,7 +362,7 @@ def test_demo_command_end_to_end_with_sigterm_and_resume(tmp_path):
             break
         time.sleep(0.2)
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]  # "stopped, resumable", not "finished"
     stopped = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert stopped and stopped[-1] < 40 and "signal 15" in err, err[-2000:]
     assert not (workdir / "export").exists()

@@ -1,0 +1,134 @@
+"""The record a training workdir keeps of its starts, and the checks that protect it.
+
+`config.json` holds the config of the latest start. A start whose config differs from it first moves it to
+`config.<n>.json` (n = 1, 2, ...: the earlier versions, oldest first), and every start appends a line to
+`starts.jsonl` (time, step it started from, the fields it changed). These are written only once the run has
+really started (setup done, first step compiled), so a start that fails leaves the record as it was.
+
+A resume whose config changes what is computed (learning rate, sort network, total steps, registers...)
+is refused with the list of differences unless it is explicitly allowed (`main.py --allow_config_change`):
+the checkpoint's state only makes sense under the config that wrote it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from typing import Any
+
+import ml_collections
+
+from neco_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+STARTS_FILE = "starts.jsonl"
+# Fields that change bookkeeping, not the computation: a resume may change them freely. (`model.init` is not
+# read on resume, the weights come from the checkpoint; `model.remat` recomputes the same values.)
+BOOKKEEPING = frozenset({"log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "export_at_end",
+                         "data.num_workers", "model.init", "model.remat"})
+
+
+class WorkdirError(UserError):
+    """The workdir cannot be created or written."""
+
+
+class ConfigChangedError(UserError):
+    """A resume with a config that changes the computation of the stored run."""
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Create `workdir` and make sure files can be written in it, before anything is built."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir, prefix=".write_test"):
+            pass
+    except OSError as err:
+        raise WorkdirError(f"cannot write to the workdir {workdir} ({err.strerror or err}); choose a writable "
+                           "--workdir or fix its permissions") from err
+
+
+def _as_json(config: ml_collections.ConfigDict) -> str:
+    return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """'field: old -> new' for every field that differs (absent on one side: '<absent>'), sorted by field."""
+    a, b = _flatten(old), _flatten(new)
+    missing = "<absent>"
+    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def stored_config(workdir: str) -> dict | None:
+    """The config of the workdir's latest start, or None when it has none."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigChangedError(f"{path} cannot be read ({err}); restore it, or move it away to resume "
+                                 "without comparing configs") from err
+
+
+def check_resume(workdir: str, config: ml_collections.ConfigDict, *, allow_change: bool) -> list[str]:
+    """Refuse a resume whose config changes the computation of the stored run (unless `allow_change`);
+    returns every difference (bookkeeping fields included)."""
+    stored = stored_config(workdir)
+    if stored is None:
+        return []
+    changes = config_changes(stored, json.loads(_as_json(config)))
+    computing = [c for c in changes if c.split(":")[0] not in BOOKKEEPING]
+    if computing and not allow_change:
+        raise ConfigChangedError(
+            f"{os.path.join(workdir, CONFIG_FILE)} differs from this config in fields that change the computation: "
+            f"{'; '.join(computing)}. Resume with the stored config, use a fresh --workdir, or pass "
+            "--allow_config_change to continue the checkpoint with the new values")
+    return changes
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def record_start(workdir: str, config: ml_collections.ConfigDict, step: int) -> str | None:
+    """Write the config of this start (keeping a differing earlier one as config.<n>.json) and its line in
+    starts.jsonl; returns the name the earlier version was kept under, if one was."""
+    text = _as_json(config)
+    path = os.path.join(workdir, CONFIG_FILE)
+    kept, changes = None, []
+    if os.path.isfile(path):
+        with open(path) as f:
+            old_text = f.read()
+        if old_text != text:
+            n = 1
+            while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+                n += 1
+            kept = f"config.{n}.json"
+            os.replace(path, os.path.join(workdir, kept))
+            try:
+                changes = config_changes(json.loads(old_text), json.loads(text))
+            except ValueError:
+                changes = ["<earlier config unreadable>"]
+    if kept is not None or not os.path.isfile(path):
+        _write_atomic(path, text)
+    line = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "step": step,
+            "config": CONFIG_FILE, "previous_config": kept, "changes": changes}
+    with open(os.path.join(workdir, STARTS_FILE), "a") as f:
+        f.write(json.dumps(line) + "\n")
+    return kept
