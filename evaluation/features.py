@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -27,6 +28,8 @@ from tqdm import tqdm
 from evaluation.datasets import SegmentationDataset
 from neco_jax import sharding
 from neco_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -163,12 +166,22 @@ def load_from_workdir(workdir: str | Path, which: str = "teacher"):
 
     from neco_jax import train
 
+    from neco_jax import checkpoint as ckpt_lib
+
     manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(), item_names=("state", "data"))
-    step = manager.latest_step()
-    if step is None:
+    if not manager.all_steps():
         raise CheckpointError(f"{workdir}/checkpoints holds no finished checkpoint yet")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    manager.close()
+
+    def on_damaged(step: int, damage: str, good: int) -> None:
+        log.warning("checkpoint %s/checkpoints/%d is damaged (%s); using step %d, the newest intact checkpoint. "
+                    "Remove the damaged one with: rm -r %s/checkpoints/%d", workdir, step, damage, good, workdir, step)
+
+    try:
+        _, restored = ckpt_lib.newest_intact(
+            f"{workdir}/checkpoints", manager.all_steps(),
+            lambda s: manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore())), on_damaged)
+    finally:
+        manager.close()
     params = restored.state[which]
     if not params:
         raise CheckpointError(f"{workdir} trained without a teacher (loss.use_teacher=False); use checkpoint_model=student")

@@ -4,21 +4,66 @@ the data iterator's position, in one step directory, so that a resumed run conti
 Saves are asynchronous (the arrays are copied to host before `save` returns, then written in the
 background) and atomic (orbax writes a temporary directory and renames it when complete, so a crash
 mid-write leaves the previous checkpoint as the latest). The newest `keep` checkpoints are kept.
+
+A checkpoint damaged later (truncated array files, a broken metadata file) is named with its step and file,
+and the newest intact one is used instead (`newest_intact`); training moves the damaged one aside to
+`<checkpoints>.corrupt/<step>` so that the resumed run can save that step again.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
-from typing import Any
+import re
+import shutil
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
 from neco_jax.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(UserError):
-    """A checkpoint that does not fit the configured run."""
+    """A checkpoint that does not fit the configured run, or none that can be read."""
+
+
+def _damage(step_dir: str, err: Exception) -> str:
+    """'<file>: <reason>' of a failed restore, from tensorstore's message when it names a file."""
+    text = " ".join(str(err).split("[tensorstore_spec")[0].split())
+    files = [f for f in re.findall(r'local file "([^"]+)"', text) if not f.endswith("/")]
+    reason = text.rsplit(f'{files[-1]}": ', 1)[-1] if files else text
+    return f"{files[-1] if files else step_dir}: {reason[:300]}"
+
+
+def newest_intact(directory: str, steps: list[int], restore: Callable[[int], Any],
+                  on_damaged: Callable[[int, str, int], None]) -> tuple[int, Any]:
+    """(step, restore(step)) of the newest step that restores; then `on_damaged(bad_step, damage, step)` for
+    each newer one that did not. A `CheckpointError` (a checkpoint that does not fit the run) propagates; any
+    other failure marks the step damaged. None restores: `CheckpointError` listing each step's damage."""
+    damaged = []
+    for step in sorted(steps, reverse=True):
+        try:
+            result = restore(step)
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001  (orbax and tensorstore raise many types for damaged files)
+            damaged.append((step, _damage(os.path.join(directory, str(step)), err)))
+            continue
+        for bad, damage in damaged:
+            on_damaged(bad, damage, step)
+        return step, result
+    raise CheckpointError(
+        f"no checkpoint in {directory} can be read: "
+        + "; ".join(f"step {step}: {damage}" for step, damage in damaged)
+        + f"; move the damaged ones away (e.g. rm -r {directory}/<step>) or use a fresh --workdir")
+
+
+def _shapes(tree: Any) -> collections.Counter:
+    return collections.Counter((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
 
 
 class Checkpointer:
@@ -47,15 +92,41 @@ class Checkpointer:
             force=force)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """(train state laid out like `abstract_state`, data iterator state) of checkpoint `step`."""
-        try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError) as err:
+        """(train state laid out like `abstract_state`, data iterator state) of checkpoint `step`.
+
+        Arrays that do not fit the run raise `CheckpointError`; a damaged checkpoint raises what orbax raises.
+        """
+        saved = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(self.directory), str(step),
+                                                                 "state")).item_metadata
+        extra, missing = _shapes(saved) - _shapes(abstract_state), _shapes(abstract_state) - _shapes(saved)
+        if extra or missing:
             raise CheckpointError(
-                f"checkpoint {self.directory}/{step} does not match this run's model/optimizer ({err}); "
-                "resume with the config that wrote it, or use a fresh --workdir") from err
+                f"checkpoint {self.directory}/{step} does not match this run's model/optimizer (arrays only in "
+                f"the checkpoint: {dict(extra)}, only in this run: {dict(missing)}); resume with the config that "
+                "wrote it, or use a fresh --workdir")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return restored.state, restored.data
+
+    def restore_newest_intact(self, abstract_state: Any) -> tuple[int, Any, dict]:
+        """(step, state, data) of the newest checkpoint that can be read. Newer damaged ones are named in a
+        warning and moved aside (by process 0) to `<directory>.corrupt/<step>`, so that their steps can be
+        saved again; nothing is deleted."""
+        aside = f"{self.directory}.corrupt"
+
+        def on_damaged(step: int, damage: str, good: int) -> None:
+            target = os.path.join(aside, str(step))
+            if jax.process_index() == 0:
+                os.makedirs(aside, exist_ok=True)
+                shutil.move(os.path.join(self.directory, str(step)), target)
+            log.warning("checkpoint %s/%d is damaged (%s); resuming from step %d, the newest intact checkpoint. "
+                        "The damaged one was moved to %s; delete it with: rm -r %s", self.directory, step, damage,
+                        good, target, target)
+
+        step, (state, data) = newest_intact(self.directory, self._manager.all_steps(),
+                                            lambda s: self.restore(s, abstract_state), on_damaged)
+        self._manager.reload()
+        return step, state, data
 
     def wait(self) -> None:
         """Block until every started save is on disk."""

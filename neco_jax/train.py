@@ -453,15 +453,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if latest is not None:  # resume: shapes and dtypes only (nothing allocated), values from the checkpoint
         run_record.check_resume(workdir, config, allow_change=allow_config_change)
         student, teacher = jax.eval_shape(lambda: random_params(config, config.seed))
-        init_desc = f"resumed from {checkpointer.directory}/{latest}"
     else:
         student, teacher, init_desc = initial_params(config)
     models, labels, tx, state = build_training(config, total_steps, student, teacher)
     repl = sharding.replicated(mesh)
     del student, teacher
     if latest is not None:  # straight into the mesh's replicated layout, on any number of processes
-        state, data_state = checkpointer.restore(latest, ckpt_lib.abstract_like(state, repl))
+        latest, state, data_state = checkpointer.restore_newest_intact(ckpt_lib.abstract_like(state, repl))
         distributed.set_loader_state(loader, data_state)
+        init_desc = f"resumed from {checkpointer.directory}/{latest}"
     else:
         state = jax.device_put(state, repl)
     log.info("init: %s", init_desc)

@@ -3,6 +3,7 @@ optimizer groups of the real model, weight loading, non-finite handling, and the
 
 import importlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -223,21 +224,48 @@ def _photo_folder(root):
     return str(root)
 
 
+def _truncate_arrays(step_dir):
+    """Cut every array file of a checkpoint to half its size, as a full disk or a bad copy leaves it."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    for p in files:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return files
+
+
 @pytest.mark.slow
-def test_exact_resume(tmp_path):
-    """4 steps straight vs 3 steps, the last checkpoint lost (kill -9 before it was written), resume from step 2:
-    same params, teacher, queue, optimizer, RNG and data order; metrics.jsonl holds each step once (the
-    replayed step's first row set aside) and the skipped-image count continues. A rerun with a config that
-    changes the computation is refused and leaves the record as it was."""
+def test_exact_resume(tmp_path, caplog):
+    """4 steps straight vs 3 steps whose last checkpoint is then damaged (truncated array files), resumed from
+    step 2, the newest intact one: same params, teacher, queue, optimizer, RNG and data order; the damaged
+    checkpoint is named and moved aside, not lost; evaluation falls back the same way; metrics.jsonl holds
+    each step once (the replayed step's first row set aside) and the skipped-image count continues. A rerun
+    with a config that changes the computation is refused and leaves the record as it was."""
+    from evaluation.features import _int_keys, load_from_workdir
+
     c = _tiny(**{"optim.total_steps": 4, "checkpoint_every_steps": 2, "data.dataset_name": "folder",
                  "data.data_dir": _photo_folder(tmp_path / "photos"), "data.max_bad_fraction": 0.5})
     straight = train_lib.train_and_evaluate(c, tmp_path / "a")["state"]
     first = train_lib.train_and_evaluate(c, tmp_path / "b", stop_after=3)
     assert first["step"] == 3 and first["stopped_by_signal"] is None
-    import shutil
+    ckpts = tmp_path / "b" / "checkpoints"
+    damaged = _truncate_arrays(ckpts / "3")
+    damaged_bytes = {p.relative_to(ckpts / "3"): p.read_bytes() for p in (ckpts / "3").rglob("*") if p.is_file()}
+    bad_file = r"b/checkpoints/3/state/(ocdbt.process_0/)?d/[0-9a-f]+: Requested byte range"
 
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "3")
+    teacher = ts.split(load_from_workdir(tmp_path / "b", "teacher"))[1]
+    assert re.search(r"checkpoint .*/b/checkpoints/3 is damaged \(.*" + bad_file + r".*\); using step 2, the newest "
+                     r"intact checkpoint. Remove the damaged one with: rm -r .*/b/checkpoints/3", caplog.text)
+    step2 = _int_keys(_restored_state(tmp_path / "b", 2)["teacher"]["backbone"])
+    assert _max_diff(teacher, step2) == 0.0
+    assert (ckpts / "3").is_dir()  # evaluation only reads
+    caplog.clear()
+
     resumed = train_lib.train_and_evaluate(c, tmp_path / "b")["state"]
+    aside = tmp_path / "b" / "checkpoints.corrupt" / "3"
+    assert re.search(r"checkpoint .*/b/checkpoints/3 is damaged \(.*" + bad_file + r".*\); resuming from step 2, "
+                     r"the newest intact checkpoint. The damaged one was moved to .*/b/checkpoints.corrupt/3; delete "
+                     r"it with: rm -r .*/b/checkpoints.corrupt/3", caplog.text)
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == damaged_bytes
+    assert damaged and sorted(p.name for p in ckpts.iterdir()) == ["2", "4"]
     err = max(_max_diff(jax.device_get(getattr(straight, p)), jax.device_get(getattr(resumed, p)))
               for p in ("student", "teacher", "opt_state", "queue", "rng", "step"))
     print(f"resume: max |diff| over params/teacher/optimizer/queue/rng = {err:.3g}")
@@ -320,13 +348,13 @@ def test_nonfinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path)
     assert saved and saved[-1] == bad - 1
 
 
-def _restored_arrays(workdir, step):
+def _restored_state(workdir, step):
     import orbax.checkpoint as ocp
 
     manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(), item_names=("state", "data"))
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
     manager.close()
-    return [np.asarray(x) for x in jax.tree.leaves(state)]
+    return state
 
 
 @pytest.mark.slow
@@ -343,7 +371,8 @@ def test_skip_stops_after_the_cap_and_saves_only_finite_state(tmp_path, monkeypa
         train_lib.train_and_evaluate(c, tmp_path)
     assert "optim.max_consecutive_skips=2" in str(info.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
-    assert all(np.all(np.isfinite(a)) for a in _restored_arrays(tmp_path, 1) if a.dtype.kind == "f")
+    leaves = [np.asarray(a) for a in jax.tree.leaves(_restored_state(tmp_path, 1))]
+    assert all(np.all(np.isfinite(a)) for a in leaves if a.dtype.kind == "f")
     assert not (tmp_path / "export").exists()
     assert [r["nonfinite_steps"] for r in read_metrics(tmp_path)] == [1]
 
