@@ -164,9 +164,8 @@ def load_from_workdir(workdir: str | Path, which: str = "teacher"):
     import ml_collections
     import orbax.checkpoint as ocp
 
-    from neco_jax import train
-
     from neco_jax import checkpoint as ckpt_lib
+    from neco_jax import train
 
     manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(), item_names=("state", "data"))
     if not manager.all_steps():

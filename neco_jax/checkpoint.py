@@ -96,10 +96,10 @@ class Checkpointer:
 
         Arrays that do not fit the run raise `CheckpointError`; a damaged checkpoint raises what orbax raises.
         """
-        saved = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(self.directory), str(step),
-                                                                 "state")).item_metadata
-        extra, missing = _shapes(saved) - _shapes(abstract_state), _shapes(abstract_state) - _shapes(saved)
-        if extra or missing:
+        saved = _shapes(ocp.StandardCheckpointer().metadata(
+            os.path.join(os.path.abspath(self.directory), str(step), "state")).item_metadata)
+        extra, missing = saved - _shapes(abstract_state), _shapes(abstract_state) - saved
+        if saved and (extra or missing):  # no shapes at all: damaged array files (the restore names one)
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} does not match this run's model/optimizer (arrays only in "
                 f"the checkpoint: {dict(extra)}, only in this run: {dict(missing)}); resume with the config that "
@@ -115,7 +115,9 @@ class Checkpointer:
         aside = f"{self.directory}.corrupt"
 
         def on_damaged(step: int, damage: str, good: int) -> None:
-            target = os.path.join(aside, str(step))
+            target, n = os.path.join(aside, str(step)), 1
+            while os.path.exists(target):  # the same step damaged before
+                target, n = os.path.join(aside, f"{step}.{n}"), n + 1
             if jax.process_index() == 0:
                 os.makedirs(aside, exist_ok=True)
                 shutil.move(os.path.join(self.directory, str(step)), target)

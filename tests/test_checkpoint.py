@@ -1,5 +1,7 @@
 """Choosing the newest intact checkpoint: damaged ones named with step and file, a misfit one never skipped."""
 
+import re
+
 import pytest
 
 from neco_jax import checkpoint as ckpt_lib
@@ -42,3 +44,48 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_not_skipped():
     with pytest.raises(ckpt_lib.CheckpointError, match="does not match"):
         ckpt_lib.newest_intact("/w/checkpoints", [3, 4], _restore({4: misfit, 3: "three"}),
                                lambda *a: pytest.fail("no fallback"))
+
+
+def _saved(tmp_path, steps):
+    import jax.numpy as jnp
+
+    checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=5)
+    for s in steps:
+        checkpointer.save(s, {"w": jnp.full((64, 8), float(s)), "step": jnp.int32(s)}, {"next_batch": s})
+    checkpointer.close()
+    return ckpt_lib.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=5)
+
+
+def _abstract(shape):
+    import jax
+    import jax.numpy as jnp
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return {"w": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding)}
+
+
+def test_orbax_checkpoints_damaged_and_misfit(tmp_path, caplog):
+    """Real orbax checkpoints: another model's shapes are refused as a misfit (nothing moved); truncated array
+    files of the newest fall back to the one before, the damaged one moved aside byte for byte."""
+    checkpointer = _saved(tmp_path, [1, 2])
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/2 does not match this run's model/optimizer "
+                       r"\(arrays only in the checkpoint: \{\(\(64, 8\), 'float32'\): 1\}, only in this run: "
+                       r"\{\(\(64, 9\), 'float32'\): 1\}\)"):
+        checkpointer.restore_newest_intact(_abstract((64, 9)))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
+    files = [p for p in (tmp_path / "checkpoints" / "2").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for p in files:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    before = {p.relative_to(tmp_path / "checkpoints" / "2"): p.read_bytes()
+              for p in (tmp_path / "checkpoints" / "2").rglob("*") if p.is_file()}
+    step, state, data = checkpointer.restore_newest_intact(_abstract((64, 8)))
+    assert (step, float(state["w"][0, 0]), data) == (1, 1.0, {"next_batch": 1})
+    aside = tmp_path / "checkpoints.corrupt" / "2"
+    assert re.search(r"checkpoints/2 is damaged \(.*checkpoints/2/state/(ocdbt.process_0/)?d/[0-9a-f]+: .*\); resuming "
+                     r"from step 1, the newest intact checkpoint. The damaged one was moved to .*checkpoints.corrupt/2; "
+                     r"delete it with: rm -r .*checkpoints.corrupt/2", caplog.text)
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == before
+    assert checkpointer.latest_step() == 1
+    checkpointer.close()
