@@ -215,6 +215,10 @@ def _fill(template: dict, loaded: Mapping[str, Any], config, what: str) -> tuple
         raise TrainConfigError(
             f"{config.model.init} does not fit the {what} of config.model.arch={config.model.arch!r} with "
             f"{config.model.num_register_tokens} registers: missing {missing}, shape mismatch {mismatched}; {fix}")
+    nonfinite = sorted(p for p in wanted if not np.all(np.isfinite(np.asarray(loaded[p]))))
+    if nonfinite:  # the step would skip every update and the first checkpoint would hold them
+        raise TrainConfigError(f"{config.model.init} holds NaN or infinite values in {nonfinite}; "
+                               "start from intact weights")
     return _unflat_like(template, dict(loaded)), sorted(p for p in loaded if p not in wanted)
 
 

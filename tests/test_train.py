@@ -118,6 +118,17 @@ def test_init_from_a_neco_lightning_checkpoint_restores_student_teacher_and_head
     assert "one backbone into both models" in desc2 and desc2.count("head random") == 2
 
 
+def test_init_with_nonfinite_weights_is_named(tmp_path):
+    from neco_jax import save_backbone
+
+    model = VisionTransformer(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0))
+    bias = model.blocks[1].attn.proj.bias
+    bias.set_value(bias.get_value().at[3].set(jnp.nan))
+    save_backbone(model, tmp_path / "w")
+    with pytest.raises(train_lib.TrainConfigError, match=r"holds NaN or infinite values in \['blocks/1/attn/proj/bias'\]"):
+        train_lib.initial_params(_tiny(**{"model.init": str(tmp_path / "w")}))
+
+
 def test_init_that_does_not_fit_is_named(tmp_path):
     from neco_jax import save_backbone
 
