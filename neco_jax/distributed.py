@@ -97,6 +97,9 @@ def initialize(config) -> None:
     watchdog.start()
     try:  # JAX's own deadline is later than the watchdog's, so that the one-line message wins
         jax.distributed.initialize(initialization_timeout=timeout_s + 60, **kwargs)
+    except (RuntimeError, ValueError) as err:  # e.g. process 0 cannot listen on the port
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistributedError(f"jax.distributed could not start with {where}: {first}") from None
     finally:
         watchdog.cancel()
     log.info("process %d of %d: %d local devices of %d", jax.process_index(), jax.process_count(),

@@ -197,19 +197,34 @@ def test_two_processes_continue_a_one_process_run(reference, tmp_path):
     assert [r["step"] for r in read_metrics(workdir)] == list(range(1, 7))
 
 
-def test_unreachable_coordinator_is_one_line(tmp_path):
-    port = _free_port()  # nothing listens there
+def _start_alone(workdir, port, process_id):
+    """main.py as process `process_id` of 2, alone: (exit status, its one error line, stderr)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
-    done = subprocess.run([sys.executable, "main.py", f"--config={CONFIG_FILE}", f"--workdir={tmp_path / 'w'}",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(process_id)}
+    done = subprocess.run([sys.executable, "main.py", f"--config={CONFIG_FILE}", f"--workdir={workdir}",
                            "--config.init_timeout_s=2"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert not workdir.exists()
+    return done.returncode, errors[0]
+
+
+def test_unreachable_coordinator_is_one_line(tmp_path):
+    port = _free_port()  # nothing listens there
+    rc, error = _start_alone(tmp_path / "w", port, 1)
+    assert rc == 2
     for part in (f"127.0.0.1:{port}", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES=2", "JAX_PROCESS_ID=1", "2 s"):
-        assert part in errors[0], errors[0]
-    assert not (tmp_path / "w").exists()
+        assert part in error, error
+
+
+def test_coordinator_port_taken_is_one_line(tmp_path):
+    with socket.socket() as taken:  # process 0 must listen on every address at this port
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, error = _start_alone(tmp_path / "w", port, 0)
+    assert rc == 2 and f"JAX_COORDINATOR_ADDRESS=127.0.0.1:{port}" in error, error
 
 
 def test_processes_with_different_configs_refuse_to_start(tmp_path):
