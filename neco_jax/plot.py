@@ -21,9 +21,9 @@ from typing import Any
 from neco_jax.errors import UserError
 from neco_jax.files import atomic_write
 from neco_jax.metrics_writer import METRICS_FILE
+from neco_jax.run_record import STARTS_FILE
 
 PLOT_FILE = "metrics.png"
-STARTS_FILE = "starts.jsonl"
 # (title, [(metrics key, label)], log scale)
 PANELS = (
     ("loss", [("loss", "mean since last row"), ("loss_last", "last step")], False),
@@ -68,6 +68,8 @@ def make_figure(rows: Sequence[dict[str, Any]], resumes: Sequence[int], title: s
                     log = False
         if log and drawn:
             ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)  # momentum 0.9996, not 1 - 0.0004
         for i, step in enumerate(resumes):
             ax.axvline(step, color="tab:red", linestyle="--", linewidth=1, label="resumed" if i == 0 else None)
         if not drawn:
@@ -93,7 +95,7 @@ def write_plot(workdir: str | os.PathLike, out: str | os.PathLike | None = None)
     resumes = sorted({s["step"] for s in _read_jsonl(workdir / STARTS_FILE) if s["step"] > 0})
     last = rows[-1]
     total = f" of {last['step'] + round(last['eta_s'] / last['step_time_s'])}" if last.get("step_time_s") else ""
-    fig = make_figure(rows, resumes, f"{workdir.name}: step {last['step']}{total}")
+    fig = make_figure(rows, resumes, f"{workdir.resolve().name}: step {last['step']}{total}")
     out = Path(out) if out is not None else workdir / PLOT_FILE
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out}: name a .png file")
