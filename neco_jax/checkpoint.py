@@ -13,6 +13,7 @@ and the newest intact one is used instead (`newest_intact`); training moves the 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import re
@@ -31,12 +32,25 @@ class CheckpointError(UserError):
     """A checkpoint that does not fit the configured run, or none that can be read."""
 
 
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")  # orbax's JSON files in a step
+
+
 def _damage(step_dir: str, err: Exception) -> str:
-    """'<file>: <reason>' of a failed restore, from tensorstore's message when it names a file."""
+    """'<file>: <reason>' of a failed restore: the file tensorstore's message names, else the first of orbax's
+    JSON files that does not parse, else the step folder."""
     text = " ".join(str(err).split("[tensorstore_spec")[0].split())
     files = [f for f in re.findall(r'local file "([^"]+)"', text) if not f.endswith("/")]
-    reason = text.rsplit(f'{files[-1]}": ', 1)[-1] if files else text
-    return f"{files[-1] if files else step_dir}: {reason[:300]}"
+    if files:
+        reason = text.rsplit(f'{files[-1]}": ', 1)[-1]
+        return f"{files[-1]}: {reason[:300]}"
+    for root, _, names in sorted(os.walk(step_dir)):
+        for name in sorted(n for n in names if n in _JSON_FILES):
+            try:
+                with open(os.path.join(root, name)) as f:
+                    json.load(f)
+            except (OSError, ValueError):
+                return f"{os.path.join(root, name)}: {text[:300]}"
+    return f"{step_dir}: {text[:300]}"
 
 
 def newest_intact(directory: str, steps: list[int], restore: Callable[[int], Any],

@@ -25,9 +25,12 @@ from neco_jax.errors import UserError
 CONFIG_FILE = "config.json"
 STARTS_FILE = "starts.jsonl"
 # Fields that change bookkeeping, not the computation: a resume may change them freely. (`model.init` is not
-# read on resume, the weights come from the checkpoint; `model.remat` recomputes the same values.)
+# read on resume, the weights come from the checkpoint; `model.remat` recomputes the same values; `eval.*`
+# only evaluates the teacher.)
 BOOKKEEPING = frozenset({"log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "export_at_end",
-                         "data.num_workers", "model.init", "model.remat"})
+                         "data.num_workers", "model.init", "model.remat", "init_timeout_s",
+                         "stop_check_every_steps"})
+BOOKKEEPING_SECTIONS = ("eval.",)
 
 
 class WorkdirError(UserError):
@@ -90,7 +93,8 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, *, allow_chang
     if stored is None:
         return []
     changes = config_changes(stored, json.loads(_as_json(config)))
-    computing = [c for c in changes if c.split(":")[0] not in BOOKKEEPING]
+    computing = [c for c in changes if c.split(":")[0] not in BOOKKEEPING
+                 and not c.startswith(BOOKKEEPING_SECTIONS)]
     if computing and not allow_change:
         raise ConfigChangedError(
             f"{os.path.join(workdir, CONFIG_FILE)} differs from this config in fields that change the computation: "

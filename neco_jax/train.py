@@ -92,6 +92,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                  "grad_clip_norm"):
         if o[name] < 0:
             raise TrainConfigError(f"config.optim.{name}={o[name]} must be >= 0")
+    if m.num_register_tokens < 0:
+        raise TrainConfigError(f"config.model.num_register_tokens={m.num_register_tokens} must be >= 0")
     if not 0 <= m.drop_path_rate < 1:
         raise TrainConfigError(f"config.model.drop_path_rate={m.drop_path_rate} must lie in [0, 1)")
     if not 0 <= config.ema.momentum <= 1 or not 0 <= config.ema.momentum_end <= 1:

@@ -65,27 +65,34 @@ def _abstract(shape):
             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding)}
 
 
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def test_orbax_checkpoints_damaged_and_misfit(tmp_path, caplog):
     """Real orbax checkpoints: another model's shapes are refused as a misfit (nothing moved); truncated array
-    files of the newest fall back to the one before, the damaged one moved aside byte for byte."""
-    checkpointer = _saved(tmp_path, [1, 2])
-    with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/2 does not match this run's model/optimizer "
+    files (step 3) and a broken metadata file (step 2) fall back to step 1, each named by its file and moved
+    aside byte for byte."""
+    checkpointer = _saved(tmp_path, [1, 2, 3])
+    ckpts = tmp_path / "checkpoints"
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/3 does not match this run's model/optimizer "
                        r"\(arrays only in the checkpoint: \{\(\(64, 8\), 'float32'\): 1\}, only in this run: "
                        r"\{\(\(64, 9\), 'float32'\): 1\}\)"):
         checkpointer.restore_newest_intact(_abstract((64, 9)))
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
-    files = [p for p in (tmp_path / "checkpoints" / "2").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["1", "2", "3"]
+    files = [p for p in (ckpts / "3").rglob("*") if p.is_file() and p.parent.name == "d"]
     assert files
     for p in files:
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    before = {p.relative_to(tmp_path / "checkpoints" / "2"): p.read_bytes()
-              for p in (tmp_path / "checkpoints" / "2").rglob("*") if p.is_file()}
+    (ckpts / "2" / "state" / "_METADATA").write_text('{"tree_metadata": {')
+    before = {s: _files(ckpts / s) for s in ("2", "3")}
     step, state, data = checkpointer.restore_newest_intact(_abstract((64, 8)))
     assert (step, float(state["w"][0, 0]), data) == (1, 1.0, {"next_batch": 1})
-    aside = tmp_path / "checkpoints.corrupt" / "2"
-    assert re.search(r"checkpoints/2 is damaged \(.*checkpoints/2/state/(ocdbt.process_0/)?d/[0-9a-f]+: .*\); resuming "
-                     r"from step 1, the newest intact checkpoint. The damaged one was moved to .*checkpoints.corrupt/2; "
-                     r"delete it with: rm -r .*checkpoints.corrupt/2", caplog.text)
-    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == before
-    assert checkpointer.latest_step() == 1
+    for s, bad_file in (("3", r"checkpoints/3/state/(ocdbt.process_0/)?d/[0-9a-f]+"),
+                        ("2", r"checkpoints/2/state/_METADATA")):
+        assert re.search(rf"checkpoints/{s} is damaged \(.*{bad_file}: .*\); resuming from step 1, the newest "
+                         rf"intact checkpoint. The damaged one was moved to .*checkpoints.corrupt/{s}; delete it "
+                         rf"with: rm -r .*checkpoints.corrupt/{s}", caplog.text), s
+        assert _files(tmp_path / "checkpoints.corrupt" / s) == before[s]
+    assert checkpointer.latest_step() == 1 and sorted(p.name for p in ckpts.iterdir()) == ["1"]
     checkpointer.close()

@@ -127,6 +127,7 @@ def test_real_recipe_without_data_dir_is_refused():
     ("optim.grad_clip_norm", -1.0, "grad_clip_norm"),
     ("model.drop_path_rate", 1.0, "drop_path_rate"),
     ("optim.max_consecutive_skips", 0, "max_consecutive_skips"),
+    ("model.num_register_tokens", -4, "num_register_tokens"),
 ])
 def test_bad_values_are_named(field, value, match):
     c = _cfg("demo")

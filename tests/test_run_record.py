@@ -36,7 +36,8 @@ def test_bookkeeping_changes_resume_freely(tmp_path):
     run_record.record_start(str(tmp_path), demo.get_config(), 0)
     new = demo.get_config()
     new.log_every_steps, new.checkpoint_every_steps, new.data.num_workers, new.model.init = 1, 7, 2, "/elsewhere"
-    assert len(run_record.check_resume(str(tmp_path), new, allow_change=False)) == 4
+    new.eval.every_epochs, new.stop_check_every_steps = 1, 3
+    assert len(run_record.check_resume(str(tmp_path), new, allow_change=False)) == 6
 
 
 def test_every_start_is_kept(tmp_path):
