@@ -157,12 +157,17 @@ def host_copy(tree: Any) -> Any:
     return jax.tree.map(_host, tree)
 
 
+def total(*counts: int) -> tuple[int, ...]:
+    """Each count summed over all processes (a collective: call it at the same step everywhere)."""
+    if jax.process_count() == 1:
+        return tuple(int(c) for c in counts)
+    return tuple(int(c) for c in _allgather(np.asarray(counts, np.int32)).sum(axis=0))
+
+
 def global_loader_state(state: dict) -> dict:
     """A loader state to checkpoint: the position (the same on every process) and the counts of all processes."""
-    if jax.process_count() == 1:
-        return state
-    counts = _allgather(np.asarray([state["bad_files"], state["files_read"]], np.int32)).sum(axis=0)
-    return {**state, "bad_files": int(counts[0]), "files_read": int(counts[1])}
+    bad, read = total(state["bad_files"], state["files_read"])
+    return {**state, "bad_files": bad, "files_read": read}
 
 
 def set_loader_state(loader, state: dict) -> None:

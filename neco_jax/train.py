@@ -514,7 +514,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         if step_no % config.log_every_steps == 0 or step_no == end:
             timing = clock.report(step_no)
             row = {**{k: v for k, v in metrics.items() if k != "finite"}, "loss": float(np.mean(window)),
-                   "loss_last": float(metrics["loss"]), "skipped_images": skipped, **timing}
+                   "loss_last": float(metrics["loss"]), "skipped_images": distributed.total(skipped)[0],
+                   **timing}
             writer.write(step_no, row)
             log.info(mw.progress_line(step_no, total_steps, row))
             last = row
