@@ -37,13 +37,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir: Path, n: int = 2, *, flags=(), per_process_flags=None, env=None, port=None):
+def _jax_variables(i: int, n: int, port: int) -> dict:
+    return {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(i)}
+
+
+def _slurm_variables(i: int, n: int, port: int) -> dict:
+    """What `srun` sets for task i of n on one node (JAX_COORDINATOR_PORT instead of SLURM's job-id port)."""
+    return {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(n), "SLURM_PROCID": str(i),
+            "SLURM_LOCALID": str(i), "JAX_COORDINATOR_PORT": str(port)}
+
+
+def _launch(workdir: Path, n: int = 2, *, flags=(), per_process_flags=None, env=None, launcher=_jax_variables):
     """Start `n` worker processes (2 CPU devices each) of one run; returns the Popen objects."""
-    port = port or _free_port()
+    port = _free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "JAX_"))}
     procs = []
     for i in range(n):
-        e = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-             "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(i),
+        e = {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **launcher(i, n, port),
              "NECO_TEST_INDEX_LOG": str(workdir) + f".indices{i}.jsonl", "PYTHONUNBUFFERED": "1", **(env or {})}
         cmd = [sys.executable, "tests/multiprocess_worker.py", f"--config={CONFIG_FILE}", f"--workdir={workdir}",
                *flags, *((per_process_flags or {}).get(i, ()))]
@@ -228,7 +238,9 @@ def test_coordinator_port_taken_is_one_line(tmp_path):
 
 
 def test_processes_with_different_configs_refuse_to_start(tmp_path):
-    results = _finish(_launch(tmp_path / "w", per_process_flags={1: ["--config.optim.lr_heads=0.002"]}))
+    """Started as srun starts them (JAX's SLURM detection joins them), with one flag that differs."""
+    results = _finish(_launch(tmp_path / "w", per_process_flags={1: ["--config.optim.lr_heads=0.002"]},
+                              launcher=_slurm_variables))
     for rc, err in results:
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
