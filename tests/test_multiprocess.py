@@ -50,7 +50,9 @@ def _slurm_variables(i: int, n: int, port: int) -> dict:
 def _launch(workdir: Path, n: int = 2, *, flags=(), per_process_flags=None, env=None, launcher=_jax_variables):
     """Start `n` worker processes (2 CPU devices each) of one run; returns the Popen objects."""
     port = _free_port()
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "JAX_"))}
+    launch = {"JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_PORT",
+              "JAX_LOCAL_DEVICE_IDS"}
+    base = {k: v for k, v in os.environ.items() if k not in launch and not k.startswith(("SLURM_", "OMPI_"))}
     procs = []
     for i in range(n):
         e = {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **launcher(i, n, port),
