@@ -75,6 +75,9 @@ def initialize(config) -> None:
     if explicit is not None and explicit[1] == 1:
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # SIGTERM is the training loop's to handle (stop at an agreed step, see `agreed_stop`). JAX's preemption
+    # service would catch it in C++ from here on and, before the loop's handler is installed, swallow it.
+    jax.config.update("jax_enable_preemption_service", False)
     if explicit is None:
         where = ("the address JAX derived from the SLURM / Open MPI variables (start every task with srun / mpirun, "
                  f"or set {ADDRESS})")
