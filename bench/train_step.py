@@ -3,12 +3,14 @@ of the sorting + ROI-align loss part, for the recipes' shapes with synthetic bat
 
     python bench/train_step.py                       # accelerator cases, most important first
     python bench/train_step.py --small               # CPU / CI: the demo recipe's tiny ViT at 56/28 px
+    python bench/train_step.py --small --loop --cases ""   # the demo's training loop vs its step alone
     python bench/train_step.py --cases s14_518_b64_bf16 --isolate --budget-s 360 --profile s14_518_b64_bf16
 Cases: dinov2_s14 at 518/98 and 224/98 (batch 64), dinov2_b14 at 518/98 (batch 16); fp32 and bf16 compute;
 with and without rematerialisation. The step is the trainer's own (`neco_jax.train.make_train_step`, jitted
 by `jit_train_step` with the state donated) on random-init weights. `--isolate` runs each case in a child
 process, so the allocator's peak is per case and an out-of-memory case cannot take the others down.
-Prints a table and writes bench/results/train_step[_small].json (folder: $BENCH_RESULTS_DIR if set).
+Every case also times the device colour augmentation alone (`augment share` of the step). Prints a table and
+writes bench/results/train_step[_small].json (folder: $BENCH_RESULTS_DIR if set).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import common  # noqa: E402
 from bench.flops import matmul_flops, neco_step_flops  # noqa: E402
 from configs import base  # noqa: E402
+from input_pipeline import augment  # noqa: E402
+from input_pipeline.loader import view_config_from  # noqa: E402
+from input_pipeline.views import draw_colour_params  # noqa: E402
 from neco_jax import sharding  # noqa: E402
 from neco_jax import train as train_lib  # noqa: E402
 from neco_jax import train_state as ts  # noqa: E402
@@ -76,12 +81,13 @@ FULL = _cases([
     ("dinov2_s14", S224, 64, "float32", True), ("dinov2_b14", S518, 16, "float32", True),
 ])  # fmt: skip
 SMALL = _cases([("demo", (56, 28), 2, "float32", False), ("demo", (56, 28), 2, "bfloat16", False),
-                ("demo", (56, 28), 2, "float32", True)])
+                ("demo", (56, 28), 2, "float32", True),
+                ("dinov2_s14", S518, 2, "float32", False)])  # the recipe's shapes at a CPU-sized batch
 COLUMNS = (("case", "case"), ("status", "status"), ("step_ms", "step ms"), ("images_per_s", "img/s"),
            ("model_gflop_per_step", "GFLOP/step"), ("mfu", "MFU"), ("loss_part_ms", "sort+roi ms"),
-           ("loss_share", "sort+roi share"), ("forward_share", "fwd share"), ("peak_memory_gib", "peak GiB"),
-           ("compiled_memory_gib", "XLA GiB"), ("coco_25ep_hours", "COCO 25ep h"), ("finite", "finite"),
-           ("compile_s", "compile s"))
+           ("loss_share", "sort+roi share"), ("forward_share", "fwd share"), ("augment_share", "augment share"),
+           ("peak_memory_gib", "peak GiB"), ("compiled_memory_gib", "XLA GiB"), ("coco_25ep_hours", "COCO 25ep h"),
+           ("finite", "finite"), ("compile_s", "compile s"))
 
 
 def case_config(case: Case):
@@ -93,8 +99,9 @@ def case_config(case: Case):
 
 
 def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A batch with the input pipeline's keys, shapes and value ranges: normalised-image-like crops and
-    overlap boxes inside each crop's frame (a crop's overlap with itself is the whole crop)."""
+    """A batch with the input pipeline's keys, shapes and value ranges: random uint8 crops with colour
+    parameters drawn as the workers draw them, and overlap boxes inside each crop's frame (a crop's overlap
+    with itself is the whole crop)."""
     b = config.optim.batch_size
     (n_g, n_l), (s_g, s_l) = config.data.nmb_samples, config.data.size_crops
     views = n_g + n_l
@@ -109,9 +116,14 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     boxes_all = boxes(np.broadcast_to(sizes[:, None], (b, views, n_g)).copy())
     for g in range(n_g):  # a global crop overlaps itself entirely
         boxes_gc[:, g, g] = boxes_all[:, g, g] = [0, 0, s_g, s_g]
+    view_cfg = view_config_from(config.data)
+    colour = np.array([draw_colour_params(rng, view_cfg) for _ in range(b * views)], np.float32)
+    colour = colour.reshape(b, views, -1)
     return {
-        "global_crops": rng.standard_normal((b, n_g, s_g, s_g, 3), np.float32),
-        "local_crops": rng.standard_normal((b, n_l, s_l, s_l, 3), np.float32),
+        "global_crops": rng.integers(0, 256, (b, n_g, s_g, s_g, 3), np.uint8),
+        "local_crops": rng.integers(0, 256, (b, n_l, s_l, s_l, 3), np.uint8),
+        "global_colour": colour[:, :n_g],
+        "local_colour": colour[:, n_g:],
         "boxes_gc": boxes_gc,
         "boxes_all": boxes_all,
     }
@@ -165,10 +177,23 @@ def time_forward_part(config, built: Built, state, batch, warmup: int, iters: in
     """The step's forward alone (student and teacher backbones, heads, loss; no gradients, no update): with the
     step time and the loss part, a coarse profile of where the step's time goes."""
     loss_fn = jax.jit(train_lib.make_loss_fn(config, built.models, built.labels))
+    batch = augmented(config)(batch)  # the loss takes the crops the step's augmentation made
     key = jax.random.PRNGKey(2)  # a raw key, as the state.rng the step splits
     timing = common.time_calls(lambda: loss_fn(state.student, state.teacher, state.queue, batch, key)[0],
                                warmup=warmup, iters=iters)
     return {"forward_ms": 1e3 * timing["median_s"], "forward_timing": timing}
+
+
+def augmented(config):
+    """The step's first part alone, jitted: colour augmentation and normalisation of the uint8 crops."""
+    return jax.jit(lambda batch: augment.apply_batch(batch, radius=augment.blur_radius(config.data.blur_strength)))
+
+
+def time_augment_part(config, batch, warmup: int, iters: int) -> dict:
+    """The device colour augmentation alone (all crops of the batch), to weigh it against the step."""
+    fn = augmented(config)
+    timing = common.time_calls(lambda: fn(batch), warmup=warmup, iters=iters)
+    return {"augment_ms": 1e3 * timing["median_s"], "augment_timing": timing}
 
 
 def run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: bool = False) -> dict:
@@ -208,6 +233,8 @@ def _run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: 
         coco_25ep_steps=steps_25ep, coco_25ep_hours=steps_25ep * step_s / 3600, step_timing=timing,
         loss=float(metrics["loss"]), finite=bool(metrics["finite"]),
     )
+    row.update(time_augment_part(config, batch, warmup, iters))
+    row["augment_share"] = row["augment_ms"] / row["step_ms"]
     if profile:
         try:
             row.update(time_loss_part(config, models, holder["state"].queue, batch, warmup, iters))
@@ -219,6 +246,71 @@ def _run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: 
     mem = common.peak_memory_bytes()
     row["peak_memory_gib"] = None if mem is None else mem / 2**30
     return row
+
+
+class InMemoryLoader:
+    """The training loader's interface over a few batches held in memory, served round robin: the loop then
+    pays for everything but reading and decoding."""
+
+    def __init__(self, batches: list[dict], steps_per_epoch: int):
+        self.batches, self.steps_per_epoch, self.num_records = batches, steps_per_epoch, len(batches)
+        self.next_batch = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        self.next_batch += 1
+        return self.batches[(self.next_batch - 1) % len(self.batches)]
+
+    def get_state(self) -> dict:
+        images = self.next_batch * len(self.batches[0]["index"])
+        return {"next_batch": self.next_batch, "bad_files": 0, "files_read": images}
+
+    def set_state(self, state: dict) -> None:
+        self.next_batch = int(state["next_batch"])
+
+    def close(self) -> None:
+        pass
+
+
+def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
+    """The demo recipe's training loop (`train_and_evaluate`, data held in memory) against its jitted step
+    alone on the same batch, called back to back. The loop's step time is the mean over its log windows after
+    the first (which holds the compilation); the final checkpoint and export fall outside every window."""
+    from configs import demo
+    from input_pipeline import make_train_loader
+    from neco_jax.metrics_writer import read_metrics
+
+    import input_pipeline
+
+    config = base.set_fields(demo.get_config(), {"optim.total_steps": windows * log_every, "log_every_steps":
+                                                 log_every, "checkpoint_every_steps": 10**9, "export_at_end": False})
+    loader = make_train_loader(config, batch_size=config.optim.batch_size, seed=0, worker_count=0)
+    batches = [next(loader) for _ in range(4)]
+    loader.close()
+    real = input_pipeline.make_train_loader
+    input_pipeline.make_train_loader = lambda *a, **k: InMemoryLoader(batches, loader.steps_per_epoch)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            train_lib.train_and_evaluate(config, tmp)
+            rows = read_metrics(tmp)
+    finally:
+        input_pipeline.make_train_loader = real
+    loop_s = float(np.mean([r["step_time_s"] for r in rows[1:]]))
+    mesh = sharding.make_mesh()
+    built = build_step(config, mesh)
+    batch = sharding.global_batch(train_lib._device_part(batches[0]), mesh)
+    holder = {"state": built.state}
+
+    def call():
+        holder["state"], metrics = built.step(holder["state"], batch)
+        return metrics
+
+    timing = common.time_calls(call, warmup=2, iters=iters)
+    return {"loop_step_ms": 1e3 * loop_s, "step_alone_ms": 1e3 * timing["pipelined_mean_s"],
+            "step_alone_synced_ms": 1e3 * timing["median_s"], "overhead": loop_s / timing["pipelined_mean_s"] - 1,
+            "windows": len(rows) - 1, "log_every_steps": log_every, "batch": config.optim.batch_size}
 
 
 def run_isolated(name: str, args, remaining_s: float | None) -> tuple[list[dict], dict | None]:
@@ -254,9 +346,11 @@ def main() -> None:
                         "(ROI-align + sorting) and the forward alone timed, the step's matmuls counted")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/train_step[_small].json)")
+    parser.add_argument("--loop", action="store_true", help="also time the demo's training loop (data in memory) "
+                        "against its jitted step alone (not with --isolate)")
     args = parser.parse_args()
     plan = SMALL if args.small else FULL
-    names = list(plan) if args.cases == "all" else args.cases.split(",")
+    names = list(plan) if args.cases == "all" else [n for n in args.cases.split(",") if n]
     unknown = [n for n in names if n not in plan]
     if unknown:
         parser.error(f"unknown case(s) {unknown}; known: {', '.join(plan)}")
@@ -290,14 +384,26 @@ def main() -> None:
         r = rows[-1]
         print(f"  {name}: {r['status']}" + (f", {r['step_ms']:.1f} ms/step, {r['images_per_s']:.1f} img/s"
                                             if r["status"] == "ok" else f" {r.get('error', '')}"), flush=True)
+    loop = None
+    if args.loop:
+        device = device or common.device_summary()
+        loop = loop_overhead(windows=4, log_every=5 if args.small else 10, iters=args.iters or 20)
+        print(f"  demo loop {loop['loop_step_ms']:.1f} ms/step vs its jitted step alone {loop['step_alone_ms']:.1f} "
+              f"ms/step: overhead {100 * loop['overhead']:+.1f}%", flush=True)
     out = common.write_json(args.out or common.default_out("train_step", args.small),
-                            {"bench": "train_step", "small": args.small, "device": device, "rows": rows})
+                            {"bench": "train_step", "small": args.small, "device": device, "rows": rows,
+                             "loop": loop})
     if device:
         print(f"\ndevice: {device['device_kind']} ({device['platform']}), bf16 peak "
               f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}")
     print("\nNeCo train step (synthetic batches, one chip); MFU = model FLOPs (bench/flops.py) / step time / "
           "bf16 peak; COCO 25ep h = 25 * (118287 // batch) steps at this step time:")
     print(common.format_table(rows, COLUMNS))
+    if loop:
+        print(f"\nTraining loop (demo recipe, batch {loop['batch']}, data in memory, {loop['windows']} windows of "
+              f"{loop['log_every_steps']} steps): {loop['loop_step_ms']:.2f} ms/step; the jitted step alone "
+              f"{loop['step_alone_ms']:.2f} ms/step back to back ({loop['step_alone_synced_ms']:.2f} synchronised); "
+              f"loop overhead {100 * loop['overhead']:+.1f}%")
     print(f"\nwrote {out}")
 
 

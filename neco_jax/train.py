@@ -3,7 +3,8 @@
 Sections, in the order they run: config checks -> mesh -> input -> models & optimizer -> restore-or-init
 (a checkpoint in the workdir, else `config.model.init`: a pretrained name, a weight file/folder, or
 "random") -> the jitted step -> the loop (metrics, checkpoints, SIGTERM) -> curves (metrics.png) -> export
-of both backbones.
+of both backbones. The loop keeps the device busy: batches are put on the devices ahead of use and the
+metrics summed there; the host waits for the device only at log and checkpoint steps (neco_jax/step_feed.py).
 
 The step (`make_train_step`) is a pure function of (TrainState, global batch): the batch is sharded along
 the mesh's "data" axis, the state replicated and donated; every mean is over the global batch, so the
@@ -33,6 +34,7 @@ from neco_jax import distributed, ema, optim, plot, sharding
 from neco_jax import queue as queue_lib
 from neco_jax import run_record
 from neco_jax import metrics_writer as mw
+from neco_jax import step_feed
 from neco_jax import train_state as ts
 from neco_jax.errors import UserError
 from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 # The batch keys the step consumes (the loader's `index` and `skipped` stay on the host; the colour parameters
 # come only with data.augment_on="device").
 DEVICE_KEYS = ("global_crops", "local_crops", "boxes_gc", "boxes_all", "global_colour", "local_colour")
+PREFETCH_BATCHES = 2  # batches placed on the devices ahead of the step
 
 
 class TrainConfigError(UserError):
@@ -485,63 +488,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     clock = mw.StepClock(total_steps, global_batch, start)
     stop = _StopFlag()
     stop.install()
-    pending, window, last = None, [], {}
-    consecutive_skips = 0
+    feed = step_feed.prefetch(loader, lambda b: sharding.global_batch(_device_part(b), mesh), PREFETCH_BATCHES)
+    # "error" stops at the first non-finite step, "skip" at the max_consecutive_skips-th in a row
+    cap = 1 if config.optim.on_nonfinite == "error" else config.optim.max_consecutive_skips
+    sums, window, last = step_feed.empty_sums(), step_feed.LogWindow(), {}
 
-    def settle(p) -> None:
-        """Fetch a finished step's metrics: the non-finite check, and the log line when due."""
-        nonlocal last, consecutive_skips
-        step_no, metrics, skipped = p
-        metrics = distributed.host_copy(metrics)
-        consecutive_skips = 0 if metrics["finite"] else consecutive_skips + 1
-        if not metrics["finite"]:
-            loss, grad_norm = metrics["loss"], metrics["grad_norm"]
-            what = (f"the loss ({loss}) or the gradient norm ({grad_norm}) is not finite"
-                    if not np.isfinite(loss) or not np.isfinite(grad_norm) else
-                    f"the update (loss {loss}, gradient norm {grad_norm}) made the weights, teacher, optimizer "
-                    "state or queue non-finite")
-            cap = config.optim.max_consecutive_skips
-            if config.optim.on_nonfinite == "error" or consecutive_skips >= cap:
-                skip = config.optim.on_nonfinite == "skip"
-                raise NonFiniteError(
-                    f"step {step_no}: {f'{cap} non-finite steps in a row, ' if skip else ''}{what}; the update was "
-                    f"not applied and the last good checkpoint in {checkpointer.directory} is kept. Lower the "
-                    "learning rate or enable optim.grad_clip_norm"
-                    + (f" (optim.max_consecutive_skips={cap} sets how many are skipped)" if skip
-                       else ", or set optim.on_nonfinite=skip"))
-            log.warning("step %d: %s, update skipped (%d so far)", step_no, what, metrics["nonfinite_steps"])
-        window.append(float(metrics["loss"]))
-        if step_no % config.log_every_steps == 0 or step_no == end:
+    def describe(loss, grad_norm) -> str:
+        return (f"the loss ({loss}) or the gradient norm ({grad_norm}) is not finite"
+                if not np.isfinite(loss) or not np.isfinite(grad_norm) else
+                f"the update (loss {loss}, gradient norm {grad_norm}) made the weights, teacher, optimizer "
+                "state or queue non-finite")
+
+    def settle(step_no: int, metrics, sums, skipped: int, log_due: bool) -> int:
+        """The host's only round trip: fetch the sums since the last fetch and this step's metrics; the
+        non-finite checks, and the log line when due. Returns the run of non-finite steps it ends with."""
+        nonlocal last
+        sums, metrics = distributed.host_copy((sums, metrics))
+        if sums["alarm_step"] >= 0:
+            skip = config.optim.on_nonfinite == "skip"
+            raise NonFiniteError(
+                f"step {sums['alarm_step']}: {f'{cap} non-finite steps in a row, ' if skip else ''}"
+                f"{describe(sums['alarm_loss'], sums['alarm_grad_norm'])}; the update was not applied and the "
+                f"last good checkpoint in {checkpointer.directory} is kept. Lower the learning rate or enable "
+                "optim.grad_clip_norm"
+                + (f" (optim.max_consecutive_skips={cap} sets how many are skipped)" if skip
+                   else ", or set optim.on_nonfinite=skip"))
+        if sums["nonfinite"]:
+            log.warning("steps up to %d: %d non-finite, the first at step %d: %s; updates skipped (%d so far)",
+                        step_no, sums["nonfinite"], sums["first_nonfinite_step"],
+                        describe(sums["first_nonfinite_loss"], sums["first_nonfinite_grad_norm"]),
+                        metrics["nonfinite_steps"])
+        window.add(sums)
+        run = int(sums["run"])
+        if log_due:
             timing = clock.report(step_no)
-            row = {**{k: v for k, v in metrics.items() if k != "finite"}, "loss": float(np.mean(window)),
+            row = {**{k: v for k, v in metrics.items() if k != "finite"}, **window.means(),
                    "loss_last": float(metrics["loss"]), "skipped_images": distributed.total(skipped)[0],
                    **timing}
             writer.write(step_no, row)
             log.info(mw.progress_line(step_no, total_steps, row))
             last = row
-            window.clear()
+        return run
 
     try:
         for step_no in range(start + 1, end + 1):
-            batch = next(loader)
-            data_state = loader.get_state()
+            fed = next(feed)
             clock.data_ready()
-            state, metrics = train_step(state, sharding.global_batch(_device_part(batch), mesh))
+            state, metrics = train_step(state, fed.batch)
             if step_no == start + 1 and jax.process_index() == 0:  # the run has started: record it
                 run_record.record_start(workdir, config, start)
                 mw.set_aside_rows_after(workdir, start)
-            if pending is not None:
-                settle(pending)
-            pending = (step_no, metrics, loader.bad_files)  # the loader's count continues across resumes
+            sums = step_feed.accumulate(sums, metrics, step_no, cap)
             stopping = distributed.agreed_stop(stop.signum, step_no, config.stop_check_every_steps,
                                                last=step_no == end)
             if stopping is not None:  # every process stops at the same step, whichever of them got the signal
                 stop.signum = stopping
-            due = step_no % config.checkpoint_every_steps == 0 or step_no == end or stopping is not None
-            if due:  # settle first: never checkpoint a step whose loss was not checked
-                settle(pending)
-                pending = None
-                checkpointer.save(step_no, state, distributed.global_loader_state(data_state), force=True)
+            log_due = step_no % config.log_every_steps == 0 or step_no == end
+            ckpt_due = step_no % config.checkpoint_every_steps == 0 or step_no == end or stopping is not None
+            if log_due or ckpt_due:  # never checkpoint a step whose loss was not checked
+                # the loader's bad-file count (it continues across resumes) as of this step's batch
+                run = settle(step_no, metrics, sums, fed.data_state["bad_files"], log_due)
+                sums = step_feed.empty_sums(run)
+            if ckpt_due:
+                checkpointer.save(step_no, state, distributed.global_loader_state(fed.data_state), force=True)
             clock.step_done()
             if monitor is not None and monitor.due(step_no):  # an epoch ended: evaluate the teacher
                 row = monitor.run(models.teacher_backbone.merge(
@@ -553,10 +562,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if stopping is not None:
                 log.warning("signal %d: checkpoint of step %d saved, stopping", stop.signum, step_no)
                 break
-        if pending is not None:
-            settle(pending)
     finally:
         stop.restore()
+        feed.close()
         loader.close()
         checkpointer.close()
         writer.close()

@@ -133,6 +133,8 @@ def test_synthetic_batch_follows_the_pipeline_contract():
     b, (s_g, s_l) = config.optim.batch_size, config.data.size_crops
     assert batch["global_crops"].shape == (b, 2, s_g, s_g, 3) and batch["local_crops"].shape == (b, 4, s_l, s_l, 3)
     assert batch["boxes_gc"].shape == (b, 2, 6, 4) and batch["boxes_all"].shape == (b, 6, 2, 4)
+    assert batch["global_crops"].dtype == batch["local_crops"].dtype == np.uint8  # augment_on="device"
+    assert batch["global_colour"].shape == (b, 2, 11) and batch["local_colour"].shape == (b, 4, 11)
     frames = {"boxes_gc": np.full((1, 2, 6), s_g), "boxes_all": np.array([s_g] * 2 + [s_l] * 4)[None, :, None]}
     for key, frame in frames.items():
         x1, y1, x2, y2 = np.moveaxis(batch[key], -1, 0)
@@ -166,13 +168,20 @@ def test_train_step_bench_small(tmp_path):
     (row,) = _run("train_step", tmp_path, "--cases", name, "--isolate", "--profile", name)["rows"]
     assert row["case"] == name and row["status"] == "ok" and row["finite"]
     assert row["step_ms"] > 0 and row["images_per_s"] > 0 and row["loss_part_ms"] > 0 and row["forward_ms"] > 0
-    assert 0 < row["loss_share"] and 0 < row["forward_share"]
+    assert 0 < row["loss_share"] and 0 < row["forward_share"] and 0 < row["augment_share"] < 1
     expected = flops.neco_step_flops(case_config(SMALL[name]))
     assert row["model_gflop_per_step"] == pytest.approx(expected / 1e9)
     # What XLA is given differs from the model count by the batch-subset drop path (fewer student rows), the
     # image gradient that is never formed and the loss's own matmuls: the same magnitude, not the same number.
     assert 0.5 < row["matmul_tflop_traced"] * 1e12 / expected < 2
     assert row["compiled_memory_gib"] > 0
+
+
+@pytest.mark.slow
+def test_train_step_bench_loop_overhead(tmp_path):
+    loop = _run("train_step", tmp_path, "--cases", "", "--loop", "--iters", "5")["loop"]
+    assert loop["windows"] == 3 and loop["loop_step_ms"] > 0 and loop["step_alone_ms"] > 0
+    assert loop["overhead"] == pytest.approx(loop["loop_step_ms"] / loop["step_alone_ms"] - 1)
 
 
 def test_train_step_bench_time_budget(tmp_path):

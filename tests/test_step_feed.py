@@ -1,0 +1,91 @@
+"""The loop's device feed: prefetch order, lookahead and loader states; metric sums on the device against
+NumPy; and a training run that fetches from the device only at log and checkpoint steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neco_jax import step_feed
+
+
+class CountingLoader:
+    """A loader stand-in: numbered batches, a state that counts them, and a record of how many were read."""
+
+    def __init__(self, n):
+        self.n, self.read = n, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.read == self.n:
+            raise StopIteration
+        self.read += 1
+        return {"x": np.full((2,), self.read)}
+
+    def get_state(self):
+        return {"next_batch": self.read}
+
+
+def test_prefetch_keeps_batches_ahead_in_order():
+    loader = CountingLoader(5)
+    put = lambda b: {"x": jax.device_put(b["x"])}  # noqa: E731
+    feed = step_feed.prefetch(loader, put, size=2)
+    got = []
+    for fed in feed:
+        assert loader.read == min(len(got) + 3, 5)  # the consumed batch plus two ahead
+        assert isinstance(fed.batch["x"], jax.Array)
+        got.append((int(fed.batch["x"][0]), fed.data_state["next_batch"]))
+    assert got == [(k, k) for k in range(1, 6)]  # the state saved with batch k resumes at k + 1
+
+
+def _run_sums(losses, norms, cap, start=10, run=0):
+    sums = step_feed.empty_sums(run)
+    for i, (loss, norm) in enumerate(zip(losses, norms)):
+        metrics = {"loss": jnp.float32(loss), "grad_norm": jnp.float32(norm),
+                   "finite": jnp.bool_(np.isfinite(loss) & np.isfinite(norm))}
+        sums = step_feed.accumulate(sums, metrics, start + i, cap)
+    return jax.device_get(sums)
+
+
+def test_sums_match_numpy_with_nonfinite_steps():
+    losses = np.array([1.5, np.nan, 2.0, np.inf, np.nan, 0.25, 3.0], np.float32)
+    norms = np.array([0.5, 1.0, np.nan, 2.0, 3.0, 0.125, np.inf], np.float32)
+    sums = _run_sums(losses, norms, cap=3)
+    bad = ~(np.isfinite(losses) & np.isfinite(norms))
+    assert int(sums["steps"]) == 7 and int(sums["nonfinite"]) == bad.sum() == 5
+    assert int(sums["first_nonfinite_step"]) == 11 and np.isnan(sums["first_nonfinite_loss"])
+    assert float(sums["first_nonfinite_grad_norm"]) == 1.0 and int(sums["run"]) == 1
+    assert int(sums["alarm_step"]) == 13 and float(sums["alarm_grad_norm"]) == 2.0  # steps 11, 12, 13 in a row
+    assert int(_run_sums(losses, norms, cap=1)["alarm_step"]) == 11
+    assert int(_run_sums(losses, norms, cap=4)["alarm_step"]) == 14
+    assert int(_run_sums(losses, norms, cap=5)["alarm_step"]) == -1
+    assert int(_run_sums(losses[:1], norms[:1], cap=2, run=5)["run"]) == 0
+    assert int(_run_sums(losses[1:2], norms[1:2], cap=2, run=1)["alarm_step"]) == 10  # the run continues
+    window = step_feed.LogWindow()
+    window.add(sums)
+    assert np.isnan(window.means()["loss"])  # a non-finite step shows in the window mean, as before
+    window.add(_run_sums([2.0] * 3, [4.0] * 3, cap=1))
+    assert window.means() == {"loss": 2.0, "grad_norm_mean": 4.0} and window.steps == 0
+
+
+@pytest.mark.slow
+def test_training_loop_fetches_only_at_log_and_checkpoint_steps(tmp_path, monkeypatch):
+    """10 steps, a log line every 5: no implicit device-to-host transfer at all (the transfer guard would
+    raise), and host copies only at the log steps; the log rows carry the window means."""
+    from configs import base, demo
+    from neco_jax import train as train_lib
+    from neco_jax.metrics_writer import read_metrics
+
+    c = base.set_fields(demo.get_config(), {"optim.total_steps": 10, "log_every_steps": 5,
+                                            "checkpoint_every_steps": 1000, "export_at_end": False})
+    fetches = []
+    real_copy = train_lib.distributed.host_copy
+    monkeypatch.setattr(train_lib.distributed, "host_copy", lambda x: fetches.append(1) or real_copy(x))
+    with jax.transfer_guard_device_to_host("disallow"):
+        out = train_lib.train_and_evaluate(c, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert out["step"] == 10 and [r["step"] for r in rows] == [5, 10]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm_mean"]) for r in rows)
+    assert len(fetches) == 4, len(fetches)  # the start step, the two log steps, the final step count
