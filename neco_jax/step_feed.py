@@ -4,6 +4,12 @@ step metrics summed on the device, so the host fetches them only when it logs or
 JAX dispatches the jitted step asynchronously; the loop therefore runs ahead of the device until it asks for
 a value. Asking every step (as `float(metrics["loss"])` does) leaves one step in flight and the device idle
 while the host reads, decodes and transfers the next batch.
+
+The batch is not donated to the step: XLA reuses a donated buffer only for an output of the same shape and
+type, and the step returns nothing shaped like a batch, so JAX would warn ("Some donated buffers were not
+usable") and keep the buffers anyway. Instead `prefetch` forgets each batch it hands out, so a batch's
+device memory (uint8: about 110 MB at 518/98 and batch 64) is released once its step and the loop iteration
+are done; at most `size` + 2 batches are alive.
 """
 
 from __future__ import annotations
