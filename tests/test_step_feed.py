@@ -82,10 +82,11 @@ def test_training_loop_fetches_only_at_log_and_checkpoint_steps(tmp_path, monkey
                                             "checkpoint_every_steps": 1000, "export_at_end": False})
     fetches = []
     real_copy = train_lib.distributed.host_copy
-    monkeypatch.setattr(train_lib.distributed, "host_copy", lambda x: fetches.append(1) or real_copy(x))
+    monkeypatch.setattr(train_lib.distributed, "host_copy", lambda x: fetches.append(x) or real_copy(x))
     with jax.transfer_guard_device_to_host("disallow"):
         out = train_lib.train_and_evaluate(c, tmp_path)
     rows = read_metrics(tmp_path)
     assert out["step"] == 10 and [r["step"] for r in rows] == [5, 10]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm_mean"]) for r in rows)
-    assert len(fetches) == 4, len(fetches)  # the start step, the two log steps, the final step count
+    metric_fetches = [x for x in fetches if isinstance(x, tuple) and "loss_sum" in x[0]]
+    assert len(metric_fetches) == 2 and len(fetches) < 10, len(fetches)  # + start/end step, parameter overview
