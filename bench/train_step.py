@@ -82,7 +82,7 @@ FULL = _cases([
 ])  # fmt: skip
 SMALL = _cases([("demo", (56, 28), 2, "float32", False), ("demo", (56, 28), 2, "bfloat16", False),
                 ("demo", (56, 28), 2, "float32", True),
-                ("dinov2_s14", S518, 2, "float32", False)])  # the recipe's shapes at a CPU-sized batch
+                ("dinov2_s14", S518, 1, "float32", True)])  # the recipe's shapes at a CPU-sized batch and memory
 COLUMNS = (("case", "case"), ("status", "status"), ("step_ms", "step ms"), ("images_per_s", "img/s"),
            ("model_gflop_per_step", "GFLOP/step"), ("mfu", "MFU"), ("loss_part_ms", "sort+roi ms"),
            ("loss_share", "sort+roi share"), ("forward_share", "fwd share"), ("augment_share", "augment share"),
