@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import errno
 import os
+import socket
 import sys
 import threading
 from typing import Any
@@ -95,6 +97,8 @@ def initialize(config) -> None:
         sys.stderr.flush()
         os._exit(2)
 
+    if explicit is not None and explicit[2] == 0:
+        _check_port_free(explicit[0], where)
     watchdog = threading.Timer(timeout_s, give_up)
     watchdog.daemon = True
     watchdog.start()
@@ -107,6 +111,24 @@ def initialize(config) -> None:
         watchdog.cancel()
     log.info("process %d of %d: %d local devices of %d", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
+
+
+def _check_port_free(address: str, where: str) -> None:
+    """Process 0's coordinator port must be free: JAX's service (listening on every address) does not raise
+    when it is taken but may crash the process in C++, so probe it the same way first."""
+    port = int(address.rsplit(":", 1)[1])
+    family, host = (socket.AF_INET6, "::") if socket.has_ipv6 else (socket.AF_INET, "0.0.0.0")
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ports in TIME_WAIT are fine
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            probe.bind((host, port))
+    except OSError as err:
+        if err.errno != errno.EADDRINUSE:
+            return  # e.g. no IPv6 on this host: leave the verdict to JAX
+        raise DistributedError(f"jax.distributed could not start with {where}: port {port} is already in use on "
+                               "this host (another job, or an earlier run still exiting); choose a free port") from None
 
 
 def _allgather(values: np.ndarray) -> np.ndarray:

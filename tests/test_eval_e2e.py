@@ -2,6 +2,7 @@
 the numerical pieces against torch, the feature extractor against the model, and the CLI."""
 
 import functools
+import importlib
 import json
 import subprocess
 import sys
@@ -84,22 +85,13 @@ def test_linear_select_best_keeps_the_best_epochs_head(splits):
 
 
 def test_linear_shuffle_switch_and_cityscapes_default():
-    import importlib.util
-
     rng = np.random.default_rng(0)
     plain = linear._epoch_order(rng, 10, linear.LinearSettings(batch_size=4, drop_last=False))
     assert np.concatenate(plain).tolist() == list(range(10))
     shuffled = linear._epoch_order(rng, 10, linear.LinearSettings(batch_size=4, drop_last=False, shuffle=True))
     order = np.concatenate(shuffled).tolist()
     assert sorted(order) == list(range(10)) and order != list(range(10)) and [len(b) for b in shuffled] == [4, 4, 2]
-    spec = importlib.util.spec_from_file_location("cfg", REPO / "configs/eval/cityscapes_linear.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(REPO))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO))
-    config = module.get_config()
+    config = importlib.import_module("configs.eval.cityscapes_linear").get_config()
     assert config.linear.shuffle and not config.linear.drop_last and not config.linear.select_best
 
 
@@ -322,16 +314,7 @@ def test_cli_process_exits_2_without_traceback(tmp_path):
 @pytest.mark.parametrize("dataset", ["voc", "coco_things", "coco_stuff", "ade20k", "cityscapes"])
 @pytest.mark.parametrize("protocol", ["linear", "overcluster"])
 def test_every_job_config_loads_and_is_locked(dataset, protocol):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cfg", REPO / f"configs/eval/{dataset}_{protocol}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(REPO))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(REPO))
-    config = module.get_config()
+    config = importlib.import_module(f"configs.eval.{dataset}_{protocol}").get_config()
     assert (config.dataset, config.protocol) == (dataset, protocol)
     counts = {"voc": 21, "coco_things": 12, "coco_stuff": 15, "ade20k": 151, "cityscapes": 19}
     assert config.num_classes == counts[dataset]

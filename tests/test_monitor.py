@@ -7,10 +7,10 @@ import jax
 import pytest
 
 import eval_fixtures
-from configs import base, demo
 from neco_jax import monitor
 from neco_jax import train as train_lib
 from neco_jax.metrics_writer import read_metrics
+from train_fixtures import tiny_config
 
 EVAL_SET = (
     "image_size=56;mask_size=28;batch_size=4;num_threads=2;num_visualize=0;overcluster.ks=(21,);"
@@ -18,20 +18,12 @@ EVAL_SET = (
 )
 
 
-def _config(**fields):
-    c = demo.get_config()
-    c.checkpoint_every_steps = 1000
-    c.log_every_steps = 1
-    c.export_at_end = False
-    return base.set_fields(c, fields)
-
-
 def test_off_by_default_builds_nothing(tmp_path):
-    c = _config()
+    c = tiny_config()
     assert c.eval.every_epochs == 0
     assert monitor.make_monitor(c, tmp_path, steps_per_epoch=2) is None
     with pytest.raises(monitor.MonitorConfigError, match="every_epochs=-1"):
-        monitor.make_monitor(_config(**{"eval.every_epochs": -1}), tmp_path, 2)
+        monitor.make_monitor(tiny_config(**{"eval.every_epochs": -1}), tmp_path, 2)
 
 
 def test_a_bad_eval_setup_fails_before_training(tmp_path):
@@ -39,14 +31,14 @@ def test_a_bad_eval_setup_fails_before_training(tmp_path):
 
     voc = eval_fixtures.make_voc_dataset(tmp_path / "voc", num_train=2, num_val=2)
     fields = {"eval.every_epochs": 1, "eval.data_dir": str(voc), "eval.set": EVAL_SET}
-    m = monitor.make_monitor(_config(**fields), tmp_path / "run", steps_per_epoch=3)
+    m = monitor.make_monitor(tiny_config(**fields), tmp_path / "run", steps_per_epoch=3)
     assert [s for s in range(1, 10) if m.due(s)] == [3, 6, 9]
-    m2 = monitor.make_monitor(_config(**{**fields, "eval.every_epochs": 2}), tmp_path / "run", steps_per_epoch=3)
+    m2 = monitor.make_monitor(tiny_config(**{**fields, "eval.every_epochs": 2}), tmp_path / "run", steps_per_epoch=3)
     assert [s for s in range(1, 13) if m2.due(s)] == [6, 12]
     with pytest.raises(DatasetError):
-        monitor.make_monitor(_config(**{**fields, "eval.data_dir": str(tmp_path / "none")}), tmp_path, 3)
+        monitor.make_monitor(tiny_config(**{**fields, "eval.data_dir": str(tmp_path / "none")}), tmp_path, 3)
     with pytest.raises(monitor.MonitorConfigError, match="config.eval.set"):
-        monitor.make_monitor(_config(**{**fields, "eval.set": "overcluster.nope=1"}), tmp_path, 3)
+        monitor.make_monitor(tiny_config(**{**fields, "eval.set": "overcluster.nope=1"}), tmp_path, 3)
 
 
 @pytest.mark.slow
@@ -55,7 +47,7 @@ def test_every_epoch_evaluates_the_teacher_into_the_metrics(tmp_path):
     from neco_jax import save_backbone
 
     voc = eval_fixtures.make_voc_dataset(tmp_path / "voc", num_train=2, num_val=4)
-    c = _config(**{"optim.total_steps": 2, "eval.every_epochs": 1, "eval.data_dir": str(voc), "eval.set": EVAL_SET})
+    c = tiny_config(**{"optim.total_steps": 2, "eval.every_epochs": 1, "eval.data_dir": str(voc), "eval.set": EVAL_SET})
     out = train_lib.train_and_evaluate(c, tmp_path / "run")
     rows = [r for r in read_metrics(tmp_path / "run") if "eval_miou" in r]
     assert [(r["step"], r["eval_epoch"]) for r in rows] == [(2, 1)]  # 9 photos, batch 4: 2 steps an epoch

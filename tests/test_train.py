@@ -17,24 +17,16 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import base, demo
+from configs import base
 from input_pipeline import augment
 from neco_jax import optim, run_record, sharding
 from neco_jax import train as train_lib
 from neco_jax import train_state as ts
 from neco_jax.metrics_writer import read_metrics
 from neco_jax.models import VisionTransformer, get_arch
+from train_fixtures import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _tiny(**fields):
-    """The demo recipe, made smaller for tests: 4 images of 56/28 px, a 2-block 64-dim ViT."""
-    c = demo.get_config()
-    c.checkpoint_every_steps = 1000
-    c.log_every_steps = 1
-    c.export_at_end = False
-    return base.set_fields(c, fields)
 
 
 def _flat(tree):
@@ -51,7 +43,7 @@ def _max_diff(a, b):
 
 
 def test_optimizer_groups_of_the_real_model():
-    c = _tiny()
+    c = tiny_config()
     student, _ = train_lib.random_params(c, 0)
     labels = {jax.tree_util.keystr(p): v
               for p, v in jax.tree_util.tree_flatten_with_path(optim.param_labels(student))[0]}
@@ -77,7 +69,7 @@ def test_init_from_saved_folder_drops_registers_and_keeps_values(tmp_path):
     from neco_jax import save_backbone
 
     save_backbone(src, tmp_path / "w")
-    c = _tiny(**{"model.init": str(tmp_path / "w")})
+    c = tiny_config(**{"model.init": str(tmp_path / "w")})
     student, teacher, desc = train_lib.initial_params(c)
     assert "dropped (not in this model): register_tokens" in desc
     want = ts.split(src)[1]
@@ -93,7 +85,7 @@ def test_init_from_a_neco_lightning_checkpoint_restores_student_teacher_and_head
 
     from neco_jax.convert import export_state_dict, head_to_torch
 
-    c = _tiny(**{"model.arch": "vit_small_patch14_dinov2", "model.arch_overrides": {"depth": 1}})
+    c = tiny_config(**{"model.arch": "vit_small_patch14_dinov2", "model.arch_overrides": {"depth": 1}})
     student, _ = train_lib.random_params(c, 1)
     _, teacher = train_lib.random_params(c, 2)  # a different backbone and head: nothing may be mixed up
     state = {}
@@ -126,14 +118,14 @@ def test_init_with_nonfinite_weights_is_named(tmp_path):
     bias.set_value(bias.get_value().at[3].set(jnp.nan))
     save_backbone(model, tmp_path / "w")
     with pytest.raises(train_lib.TrainConfigError, match=r"holds NaN or infinite values in \['blocks/1/attn/proj/bias'\]"):
-        train_lib.initial_params(_tiny(**{"model.init": str(tmp_path / "w")}))
+        train_lib.initial_params(tiny_config(**{"model.init": str(tmp_path / "w")}))
 
 
 def test_init_that_does_not_fit_is_named(tmp_path):
     from neco_jax import save_backbone
 
     save_backbone(VisionTransformer(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0)), tmp_path / "w")
-    c = _tiny(**{"model.init": str(tmp_path / "w"), "model.num_register_tokens": 4})
+    c = tiny_config(**{"model.init": str(tmp_path / "w"), "model.num_register_tokens": 4})
     with pytest.raises(train_lib.TrainConfigError, match="missing \\['register_tokens'\\]"):
         train_lib.initial_params(c)
 
@@ -175,7 +167,7 @@ def test_one_device_and_four_devices_agree():
     assert len(jax.devices()) >= 4, "conftest provides 4 CPU devices"
     # The recipe's learning rates: Adam's first steps move every weight by ~lr whatever its gradient, so an
     # entry whose gradient is ~1e-8 turns float32 reduction-order noise into differences of order lr.
-    c = _tiny(**{"optim.lr_backbone": 1e-5, "optim.lr_heads": 1e-4})
+    c = tiny_config(**{"optim.lr_backbone": 1e-5, "optim.lr_heads": 1e-4})
     batches = _batches(c, 2)
     s1, l1 = _run_steps(c, jax.devices()[:1], batches)
     s4, l4 = _run_steps(c, jax.devices()[:4], batches)
@@ -198,7 +190,7 @@ def _nan_updates(tx):
 def test_nonfinite_step_changes_nothing_but_the_counters():
     """A non-finite loss (NaN input), and a finite loss whose update is non-finite (NaN learning rate): the step
     commits neither; the second is seen only by checking the new state itself."""
-    c = _tiny(**{"optim.total_steps": 2})
+    c = tiny_config(**{"optim.total_steps": 2})
     models, labels, tx, state = _setup(c)
     tx = _nan_updates(tx)
     state = state.replace(opt_state=tx.init(state.student))
@@ -252,7 +244,7 @@ def test_exact_resume(tmp_path, caplog):
     with a config that changes the computation is refused and leaves the record as it was."""
     from evaluation.features import _int_keys, load_from_workdir
 
-    c = _tiny(**{"optim.total_steps": 4, "checkpoint_every_steps": 2, "data.dataset_name": "folder",
+    c = tiny_config(**{"optim.total_steps": 4, "checkpoint_every_steps": 2, "data.dataset_name": "folder",
                  "data.data_dir": _photo_folder(tmp_path / "photos"), "data.max_bad_fraction": 0.5})
     straight = train_lib.train_and_evaluate(c, tmp_path / "a")["state"]
     first = train_lib.train_and_evaluate(c, tmp_path / "b", stop_after=3)
@@ -295,7 +287,7 @@ def test_exact_resume(tmp_path, caplog):
 
     record = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()}
     checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
-    changed = base.set_fields(_tiny(**{"optim.total_steps": 4, "checkpoint_every_steps": 2, "data.dataset_name":
+    changed = base.set_fields(tiny_config(**{"optim.total_steps": 4, "checkpoint_every_steps": 2, "data.dataset_name":
                                        "folder", "data.data_dir": c.data.data_dir, "data.max_bad_fraction": 0.5}),
                               {"optim.lr_backbone": 1e-3, "loss.sort_net": "odd_even", "log_every_steps": 2})
     with pytest.raises(run_record.ConfigChangedError, match=r"differs from this config in fields that change the "
@@ -310,7 +302,7 @@ def test_exact_resume(tmp_path, caplog):
 def test_it_learns_on_the_bundled_photos(tmp_path):
     """A few dozen steps lower the NeCo loss on a fixed batch (same references and drop-path draws) by a
     clear margin compared with the untrained model on the same batch."""
-    c = _tiny(**{"optim.total_steps": 30, "loss.use_queue": False, "log_every_steps": 10})
+    c = tiny_config(**{"optim.total_steps": 30, "loss.use_queue": False, "log_every_steps": 10})
     models, labels, _, state0 = _setup(c)
     loss_fn = jax.jit(train_lib.make_loss_fn(c, models, labels))
     batch = augment.apply_batch(_batches(c, 1)[0])
@@ -350,7 +342,7 @@ def test_every_recipe_runs_one_step(name, arg, tmp_path):
 
 @pytest.mark.slow
 def test_nonfinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    c = _tiny(**{"optim.total_steps": 4, "optim.lr_backbone": 1e30, "optim.lr_heads": 1e30,
+    c = tiny_config(**{"optim.total_steps": 4, "optim.lr_backbone": 1e30, "optim.lr_heads": 1e30,
                  "checkpoint_every_steps": 1})
     with pytest.raises(train_lib.NonFiniteError, match=r"^step (\d+): the loss") as info:
         train_lib.train_and_evaluate(c, tmp_path)
@@ -374,7 +366,7 @@ def test_skip_stops_after_the_cap_and_saves_only_finite_state(tmp_path, monkeypa
     run naming it, and neither the checkpoints nor an export ever hold a non-finite value."""
     real = optim.make_optimizer
     monkeypatch.setattr(train_lib.optim, "make_optimizer", lambda *a: _nan_updates(real(*a)))
-    c = _tiny(**{"optim.total_steps": 4, "optim.on_nonfinite": "skip", "optim.max_consecutive_skips": 2,
+    c = tiny_config(**{"optim.total_steps": 4, "optim.on_nonfinite": "skip", "optim.max_consecutive_skips": 2,
                  "checkpoint_every_steps": 1, "export_at_end": True})
     with pytest.raises(train_lib.NonFiniteError, match=r"^step 2: 2 non-finite steps in a row, the update \(loss "
                        r"[0-9.]+, gradient norm [0-9.]+\) made the weights, teacher, optimizer state or queue "

@@ -1,0 +1,15 @@
+"""Training configs shared by the tests that run the trainer."""
+
+import ml_collections
+
+from configs import base, demo
+
+
+def tiny_config(**fields) -> ml_collections.ConfigDict:
+    """The demo recipe, made smaller for tests: 4 images of 56/28 px, a 2-block 64-dim ViT, metrics every
+    step, no periodic checkpoints or export; `fields` are dotted overrides (`base.set_fields`)."""
+    c = demo.get_config()
+    c.checkpoint_every_steps = 1000
+    c.log_every_steps = 1
+    c.export_at_end = False
+    return base.set_fields(c, fields)
