@@ -29,6 +29,7 @@ from evaluation import published
 from evaluation.datasets import DATASET_NAMES
 from evaluation.runner import PROTOCOLS
 from neco_jax.errors import UserError
+from neco_jax.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,7 +163,7 @@ def write_table(path: Path, entries: list[dict], jobs: list[dict], header: dict)
     if skipped:
         lines += ["", "Not run:", ""]
         lines += [f"- {j['dataset']} {j['protocol']}: {j['status']} ({j['reason']})" for j in skipped]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def run_suite(checkpoint: str, data_root: str, workdir: str, protocols: list[str], overrides: dict,
@@ -182,7 +183,8 @@ def run_suite(checkpoint: str, data_root: str, workdir: str, protocols: list[str
         raise SuiteError(f"--paper_row={paper_row}: use one of {', '.join(published.NECO_README)}")
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    model = features.load_model(checkpoint, which=overrides.get("checkpoint_model", "teacher"))
+    which = overrides.get("checkpoint_model", "teacher")
+    model = features.load_model(checkpoint, arch=overrides.get("arch"), which=which)
     cfg = model.config
     if paper_row:
         reason = "chosen with --paper_row"
@@ -230,7 +232,7 @@ def run_suite(checkpoint: str, data_root: str, workdir: str, protocols: list[str
         "paper_source": published.SOURCE,
     }  # fmt: skip
     summary = {**header, "results": entries, "jobs": jobs}
-    _write_atomic(out / "results.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     write_table(out / "table.md", entries, jobs, header)
     if entries:
         labels = [f"{e['dataset']}\n{e['label']}" for e in entries]
@@ -240,12 +242,6 @@ def run_suite(checkpoint: str, data_root: str, workdir: str, protocols: list[str
         save_bar_chart(labels, series, out / "results.png", f"{checkpoint}: mIoU %")
     print((out / "table.md").read_text(), end="")
     return summary
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,3 +27,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """`text` into `path`, whole or not at all (see `atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

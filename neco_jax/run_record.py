@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 
 from neco_jax.errors import UserError
+from neco_jax.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
 STARTS_FILE = "starts.jsonl"
@@ -103,13 +104,6 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, *, allow_chang
     return changes
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def record_start(workdir: str, config: ml_collections.ConfigDict, step: int) -> str | None:
     """Write the config of this start (keeping a differing earlier one as config.<n>.json) and its line in
     starts.jsonl; returns the name the earlier version was kept under, if one was."""
@@ -130,7 +124,7 @@ def record_start(workdir: str, config: ml_collections.ConfigDict, step: int) -> 
             except ValueError:
                 changes = ["<earlier config unreadable>"]
     if kept is not None or not os.path.isfile(path):
-        _write_atomic(path, text)
+        atomic_write_text(path, text)
     line = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "step": step,
             "config": CONFIG_FILE, "previous_config": kept, "changes": changes}
     with open(os.path.join(workdir, STARTS_FILE), "a") as f:

@@ -142,9 +142,11 @@ def test_sharded_and_pickled_folders_read_the_same(tmp_path):
     assert (tmp_path / "shards" / hf.SHARD_INDEX_FILE).is_file()
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
-    # Older hub folders hold pytorch_model.bin, and task models keep the ViT under the model_type prefix.
-    torch.save({f"dinov2.{k}": torch.from_numpy(v) for k, v in load_file(tmp_path / "one" / hf.WEIGHTS_FILE).items()},
-               tmp_path / "bin" / hf.PICKLE_WEIGHTS_FILE)
+    # Older hub folders hold pytorch_model.bin, and task models keep the ViT under the model_type prefix beside
+    # their task head (Dinov2ForImageClassification's classifier), which is not part of the backbone.
+    task = {f"dinov2.{k}": torch.from_numpy(v) for k, v in load_file(tmp_path / "one" / hf.WEIGHTS_FILE).items()}
+    task.update({"classifier.weight": torch.zeros(3, 2 * model.config.hidden_size), "classifier.bias": torch.zeros(3)})
+    torch.save(task, tmp_path / "bin" / hf.PICKLE_WEIGHTS_FILE)
     one = load_converted(tmp_path / "one")
     for other in (load_converted(tmp_path / "shards"), load_converted(tmp_path / "bin")):
         assert other.config == one.config and other.params.keys() == one.params.keys()

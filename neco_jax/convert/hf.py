@@ -246,7 +246,8 @@ def read_folder(folder: str | Path, arch: str | ViTConfig | None = None) -> Conv
     what = str(folder)
     state = _read_weights(folder)
     prefix = f"{hf['model_type']}."  # a task model (e.g. ...ForImageClassification) keeps the ViT under it
-    state = {k.removeprefix(prefix): v for k, v in state.items()}
+    if any(k.startswith(prefix) for k in state):  # its task head (classifier.*) is not part of the backbone
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     hub_shapes = keymap.expected_torch_shapes(param_shapes(_hf_shaped(config)), "dinov2")
     hub = hf_to_hub(state, hub_shapes, what)
     if not config.layerscale:
