@@ -16,7 +16,8 @@ the default scales, except images so elongated that no crop can satisfy the rule
 Where the colour ops run is `augment_on`: "device" (default) returns uint8 crops plus each crop's drawn colour
 parameters, applied in the jitted train step by `input_pipeline.augment`; "host" applies the same parameters
 with torchvision's PIL ops here and returns normalised float32 crops (the original's pipeline). Both draw the
-same numbers from the same generator, in the original's order.
+same numbers from the same generator, in the original's order (the device batch carries them as float32,
+so its factors and sigmas are those draws rounded to float32).
 """
 
 from __future__ import annotations

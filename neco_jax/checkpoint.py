@@ -110,8 +110,9 @@ class Checkpointer:
 
         Arrays that do not fit the run raise `CheckpointError`; a damaged checkpoint raises what orbax raises.
         """
-        saved = _shapes(ocp.StandardCheckpointer().metadata(
-            os.path.join(os.path.abspath(self.directory), str(step), "state")).item_metadata)
+        with ocp.StandardCheckpointer() as reader:  # closed: each one holds a thread pool
+            saved = _shapes(reader.metadata(
+                os.path.join(os.path.abspath(self.directory), str(step), "state")).item_metadata)
         extra, missing = saved - _shapes(abstract_state), _shapes(abstract_state) - saved
         if saved and (extra or missing):  # no shapes at all: damaged array files (the restore names one)
             raise CheckpointError(
@@ -141,6 +142,10 @@ class Checkpointer:
 
         step, (state, data) = newest_intact(self.directory, self._manager.all_steps(),
                                             lambda s: self.restore(s, abstract_state), on_damaged)
+        if jax.process_count() > 1:  # every process lists the steps only once process 0 has moved them
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoints_moved_aside")
         self._manager.reload()
         return step, state, data
 

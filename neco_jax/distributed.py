@@ -67,10 +67,7 @@ def initialize(config) -> None:
     within `config.init_timeout_s`, stop with one line naming the address and the variables (JAX itself
     would abort the process with a C++ stack trace; a watchdog thread exits first, with status 2).
     """
-    timeout_s = config.init_timeout_s
-    for name in ("init_timeout_s", "stop_check_every_steps"):
-        if not config[name] >= 1:
-            raise DistributedError(f"config.{name}={config[name]} must be >= 1")
+    timeout_s = config.init_timeout_s  # checked (>= 1) with the other config fields by train.check_config
     explicit = _explicit_launch()
     if jax.distributed.is_initialized() or (explicit is None and not _launched_by_cluster()):
         return

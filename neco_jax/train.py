@@ -87,7 +87,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                 "checkpoint_every_steps": config.checkpoint_every_steps, "keep_checkpoints": config.keep_checkpoints,
                 "loss.queue_length": loss.queue_length, "loss.roi_align_kernel_size": loss.roi_align_kernel_size,
                 "head.hidden_dim": config.head.hidden_dim, "head.out_dim": config.head.out_dim,
-                "head.num_layers": config.head.num_layers}
+                "head.num_layers": config.head.num_layers, "init_timeout_s": config.init_timeout_s,
+                "stop_check_every_steps": config.stop_check_every_steps}
     for name, value in positive.items():
         if value < 1:
             raise TrainConfigError(f"config.{name}={value} must be >= 1")
@@ -508,8 +509,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             skip = config.optim.on_nonfinite == "skip"
             raise NonFiniteError(
                 f"step {sums['alarm_step']}: {f'{cap} non-finite steps in a row, ' if skip else ''}"
-                f"{describe(sums['alarm_loss'], sums['alarm_grad_norm'])}; the update was not applied and the "
-                f"last good checkpoint in {checkpointer.directory} is kept. Lower the learning rate or enable "
+                f"{describe(sums['alarm_loss'], sums['alarm_grad_norm'])}; the update was not applied (found at step "
+                f"{step_no}, where metrics are fetched) and the last good checkpoint in {checkpointer.directory} "
+                "is kept. Lower the learning rate or enable "
                 "optim.grad_clip_norm"
                 + (f" (optim.max_consecutive_skips={cap} sets how many are skipped)" if skip
                    else ", or set optim.on_nonfinite=skip"))
@@ -552,7 +554,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             if ckpt_due:
                 checkpointer.save(step_no, state, distributed.global_loader_state(fed.data_state), force=True)
             clock.step_done()
-            if monitor is not None and monitor.due(step_no):  # an epoch ended: evaluate the teacher
+            # An epoch ended: evaluate the teacher (not when stopping: the scheduler's grace period is for the save).
+            if monitor is not None and stopping is None and monitor.due(step_no):
                 row = monitor.run(models.teacher_backbone.merge(
                     distributed.host_copy((state.teacher or state.student)["backbone"])), step_no)
                 writer.write(step_no, row)
