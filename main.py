@@ -20,13 +20,16 @@ from ml_collections import config_flags
 
 from neco_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (configs/*.py[:arg]).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and exports.")
 _ALLOW_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False,
+    "allow_config_change",
+    False,
     "Resume a workdir's checkpoint under a config that changes the computation (learning rate, total steps...); "
-    "the earlier config is kept as config.<n>.json.")
+    "the earlier config is kept as config.<n>.json.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,8 +53,11 @@ def _config_error(err: Exception, argv: list[str]) -> str:
         name = text.split("'")[1] if text.count("'") >= 2 else text
         hint = text.split("Did you mean", 1)[1].split('"')[1] if 'Did you mean "' in text else ""
         given = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")]
-        return (f"{given[0] if given else '--config'}: the config has no field or section {name!r}"
-                + (f" (did you mean {hint!r}?)" if hint else "") + "; see configs/base.py for the fields")
+        return (
+            f"{given[0] if given else '--config'}: the config has no field or section {name!r}"
+            + (f" (did you mean {hint!r}?)" if hint else "")
+            + "; see configs/base.py for the fields"
+        )
     path = next((a.split("=", 1)[1].split(":")[0] for a in argv if a.startswith("--config=")), "")
     if path and not os.path.isfile(path):
         return f"config file {path!r} does not exist; pass --config=configs/<recipe>.py (see configs/)"

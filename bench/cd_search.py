@@ -71,14 +71,31 @@ def main() -> None:
             except cd_search.InvalidTrial:
                 pass
             times.append(time.perf_counter() - start)
-        rows.append({
-            "k": k, "maps": len(maps), "prepare_s": prepare_s, "trial_median_s": statistics.median(times),
-            "trial_max_s": max(times), "trials": len(times), "completed": completed,
-        })  # fmt: skip
-    print(common.format_table(rows, [
-        ("k", "k"), ("maps", "maps"), ("prepare_s", "once per k (s)"), ("trial_median_s", "trial median (s)"),
-        ("trial_max_s", "trial max (s)"), ("completed", "completed"), ("trials", "trials"),
-    ]))  # fmt: skip
+        rows.append(
+            {
+                "k": k,
+                "maps": len(maps),
+                "prepare_s": prepare_s,
+                "trial_median_s": statistics.median(times),
+                "trial_max_s": max(times),
+                "trials": len(times),
+                "completed": completed,
+            }
+        )
+    print(
+        common.format_table(
+            rows,
+            [
+                ("k", "k"),
+                ("maps", "maps"),
+                ("prepare_s", "once per k (s)"),
+                ("trial_median_s", "trial median (s)"),
+                ("trial_max_s", "trial max (s)"),
+                ("completed", "completed"),
+                ("trials", "trials"),
+            ],
+        )
+    )
     out = args.out or common.default_out("cd_search", args.small)
     common.write_json(out, {"small": args.small, "device": common.device_summary(), "rows": rows})
     print(f"wrote {out}")

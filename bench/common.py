@@ -13,7 +13,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +85,13 @@ def time_calls(call: Callable[[], Any], *, warmup: int, iters: int) -> dict[str,
         out = call()
     jax.block_until_ready(out)
     pipelined = (time.perf_counter() - start) / iters
-    return {"median_s": statistics.median(samples), "min_s": min(samples),
-            "p90_s": float(np.percentile(samples, 90)), "pipelined_mean_s": pipelined, "iters": iters}
+    return {
+        "median_s": statistics.median(samples),
+        "min_s": min(samples),
+        "p90_s": float(np.percentile(samples, 90)),
+        "pipelined_mean_s": pipelined,
+        "iters": iters,
+    }
 
 
 def peak_memory_bytes(device=None) -> int | None:

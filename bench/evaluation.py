@@ -29,15 +29,35 @@ from evaluation.overcluster import OverclusterSettings, cluster_features  # noqa
 from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
 
 FULL = {
-    "arch": "vit_small_patch14_dinov2", "image_size": 448, "batch": 64, "batches": 10,
-    "kmeans_points": 1_474_560, "kmeans_ks": (21, 300, 500), "iters": 100, "restarts": 5,
-    "voc_images": 1440, "grid": 32, "dim": 384, "voc_ks": (21, 300, 500), "seeds": 5,
-}  # fmt: skip
+    "arch": "vit_small_patch14_dinov2",
+    "image_size": 448,
+    "batch": 64,
+    "batches": 10,
+    "kmeans_points": 1_474_560,
+    "kmeans_ks": (21, 300, 500),
+    "iters": 100,
+    "restarts": 5,
+    "voc_images": 1440,
+    "grid": 32,
+    "dim": 384,
+    "voc_ks": (21, 300, 500),
+    "seeds": 5,
+}
 SMALL = {
-    "arch": "vit_tiny_test", "image_size": 56, "batch": 8, "batches": 3,
-    "kmeans_points": 20_000, "kmeans_ks": (21, 100), "iters": 10, "restarts": 2,
-    "voc_images": 40, "grid": 8, "dim": 64, "voc_ks": (21, 100), "seeds": 2,
-}  # fmt: skip
+    "arch": "vit_tiny_test",
+    "image_size": 56,
+    "batch": 8,
+    "batches": 3,
+    "kmeans_points": 20_000,
+    "kmeans_ks": (21, 100),
+    "iters": 10,
+    "restarts": 2,
+    "voc_images": 40,
+    "grid": 8,
+    "dim": 64,
+    "voc_ks": (21, 100),
+    "seeds": 2,
+}
 
 
 def bench_features(s: dict, dtype: str) -> dict:
@@ -52,9 +72,11 @@ def bench_features(s: dict, dtype: str) -> dict:
         extractor(images)
     elapsed = time.perf_counter() - start
     return {
-        "what": f"features {s['arch']} {s['image_size']}px {dtype}", "batch": s["batch"],
-        "images_per_s": s["batch"] * s["batches"] / elapsed, "compile_s": compile_s,
-    }  # fmt: skip
+        "what": f"features {s['arch']} {s['image_size']}px {dtype}",
+        "batch": s["batch"],
+        "images_per_s": s["batch"] * s["batches"] / elapsed,
+        "compile_s": compile_s,
+    }
 
 
 def bench_kmeans(s: dict, k: int, max_points_per_centroid: int) -> dict:
@@ -69,8 +91,10 @@ def bench_kmeans(s: dict, k: int, max_points_per_centroid: int) -> dict:
     trained = min(s["kmeans_points"], k * max_points_per_centroid) if max_points_per_centroid else s["kmeans_points"]
     return {
         "what": f"k-means K={k} iters={s['iters']} restarts={s['restarts']} trained on {trained:,} pts",
-        "points": s["kmeans_points"], "seconds": elapsed, "seconds_per_million": elapsed / s["kmeans_points"] * 1e6,
-    }  # fmt: skip
+        "points": s["kmeans_points"],
+        "seconds": elapsed,
+        "seconds_per_million": elapsed / s["kmeans_points"] * 1e6,
+    }
 
 
 def bench_overcluster(s: dict) -> dict:
@@ -85,8 +109,9 @@ def bench_overcluster(s: dict) -> dict:
     elapsed = time.perf_counter() - start
     return {
         "what": f"overcluster {n} images {g}x{g}x{d}, K={s['voc_ks']}, {s['seeds']} seeds (incl. compile)",
-        "points": n * g * g, "seconds": elapsed,
-    }  # fmt: skip
+        "points": n * g * g,
+        "seconds": elapsed,
+    }
 
 
 def main() -> None:

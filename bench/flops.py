@@ -8,7 +8,8 @@ for any traced function (its jaxpr), so the tests can check the formula against 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -49,8 +50,9 @@ def head_macs_per_token(in_dim: int, hidden_dim: int, out_dim: int, num_layers: 
     return float(sum(a * b for a, b in zip(dims, dims[1:])))
 
 
-def neco_image_flops(cfg: Any, head: dict, size_crops: tuple[int, int], nmb_samples: tuple[int, int], *,
-                     head_on_all_tokens: bool = False) -> float:
+def neco_image_flops(
+    cfg: Any, head: dict, size_crops: tuple[int, int], nmb_samples: tuple[int, int], *, head_on_all_tokens: bool = False
+) -> float:
     """Model FLOPs per image of one NeCo step (jax_notes E.1 bookkeeping): the student's forward and backward
     (3x forward) on every crop, the teacher's forward on the global crops (the no-teacher ablation's second
     student forward costs the same), the head on every patch token (the step's work; jax_notes' 158/523
@@ -74,8 +76,9 @@ def neco_step_flops(config: Any, batch_size: int | None = None) -> float:
     from neco_jax.train import vit_configs
 
     student_cfg, _ = vit_configs(config)
-    per_image = neco_image_flops(student_cfg, config.head.to_dict(), tuple(config.data.size_crops),
-                                 tuple(config.data.nmb_samples))
+    per_image = neco_image_flops(
+        student_cfg, config.head.to_dict(), tuple(config.data.size_crops), tuple(config.data.nmb_samples)
+    )
     return per_image * (config.optim.batch_size if batch_size is None else batch_size)
 
 

@@ -24,19 +24,35 @@ from bench import common  # noqa: E402
 from bench.flops import vit_forward_macs  # noqa: E402
 from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
 
-FULL = {"archs": ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2"), "sizes": (448, 518), "batch": 64,
-        "warmup": 2, "iters": 10}
+FULL = {
+    "archs": ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2"),
+    "sizes": (448, 518),
+    "batch": 64,
+    "warmup": 2,
+    "iters": 10,
+}
 SMALL = {"archs": ("vit_tiny_test",), "sizes": (56,), "batch": 2, "warmup": 1, "iters": 3}
 # (compute dtype, attention implementation), most useful first: gpu_check.sh cuts the tail when time runs out.
 VARIANTS = (("bfloat16", "default"), ("bfloat16", "cudnn"), ("float32", "default"))
 SMALL_VARIANTS = (("bfloat16", "default"), ("float32", "default"))
-COLUMNS = (("arch", "arch"), ("size", "px"), ("dtype", "dtype"), ("attention", "attention"), ("status", "status"),
-           ("batch", "batch"), ("images_per_s", "img/s"), ("median_ms", "ms/batch"), ("tflops_per_s", "TFLOP/s"),
-           ("mfu", "MFU"), ("compile_s", "compile s"))
+COLUMNS = (
+    ("arch", "arch"),
+    ("size", "px"),
+    ("dtype", "dtype"),
+    ("attention", "attention"),
+    ("status", "status"),
+    ("batch", "batch"),
+    ("images_per_s", "img/s"),
+    ("median_ms", "ms/batch"),
+    ("tflops_per_s", "TFLOP/s"),
+    ("mfu", "MFU"),
+    ("compile_s", "compile s"),
+)
 
 
-def bench_case(arch: str, size: int, dtype: str, attention: str, batch: int, warmup: int, iters: int,
-               peak: float | None) -> dict:
+def bench_case(
+    arch: str, size: int, dtype: str, attention: str, batch: int, warmup: int, iters: int, peak: float | None
+) -> dict:
     with common.attention_implementation(attention):
         return _bench_case(arch, size, dtype, batch, warmup, iters, peak) | {"attention": attention}
 
@@ -56,10 +72,20 @@ def _bench_case(arch: str, size: int, dtype: str, batch: int, warmup: int, iters
     timing = common.time_calls(lambda: forward(params, next(cycle)), warmup=warmup, iters=iters)
     flops = 2.0 * vit_forward_macs(cfg, size) * batch
     per_s = flops / timing["median_s"]
-    return {"arch": arch, "size": size, "dtype": dtype, "status": "ok", "batch": batch, "compile_s": compile_s,
-            "images_per_s": batch / timing["median_s"], "median_ms": 1e3 * timing["median_s"],
-            "gflops_per_image": flops / batch / 1e9, "tflops_per_s": per_s / 1e12,
-            "mfu": None if peak is None else per_s / peak, **timing}
+    return {
+        "arch": arch,
+        "size": size,
+        "dtype": dtype,
+        "status": "ok",
+        "batch": batch,
+        "compile_s": compile_s,
+        "images_per_s": batch / timing["median_s"],
+        "median_ms": 1e3 * timing["median_s"],
+        "gflops_per_image": flops / batch / 1e9,
+        "tflops_per_s": per_s / 1e12,
+        "mfu": None if peak is None else per_s / peak,
+        **timing,
+    }
 
 
 def main() -> None:
@@ -74,27 +100,47 @@ def main() -> None:
     batch, iters = args.batch or plan["batch"], args.iters or plan["iters"]
     device = common.device_summary()
     peak = None if device["bf16_peak_tflops"] is None else device["bf16_peak_tflops"] * 1e12
-    print(f"device: {device['device_kind']} ({device['platform']}), bf16 peak "
-          f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}", flush=True)
+    print(
+        f"device: {device['device_kind']} ({device['platform']}), bf16 peak "
+        f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}",
+        flush=True,
+    )
     rows, start = [], time.perf_counter()
     variants = SMALL_VARIANTS if args.small else VARIANTS
     for (dtype, attention), arch, size in itertools.product(variants, plan["archs"], plan["sizes"]):
         what = f"{arch} {size}px {dtype} attention={attention}"
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
-            rows.append({"arch": arch, "size": size, "dtype": dtype, "attention": attention,
-                         "status": "skipped: time budget spent"})
+            rows.append(
+                {
+                    "arch": arch,
+                    "size": size,
+                    "dtype": dtype,
+                    "attention": attention,
+                    "status": "skipped: time budget spent",
+                }
+            )
             print(f"  {what}: skipped (time budget)", flush=True)
             continue
         try:
             row = bench_case(arch, size, dtype, attention, batch, plan["warmup"], iters, peak)
         except Exception as err:  # noqa: BLE001 - an OOM or an unavailable kernel is a result, not a crash
-            row = {"arch": arch, "size": size, "dtype": dtype, "attention": attention,
-                   "status": f"error: {type(err).__name__}", "error": str(err)[:300]}
+            row = {
+                "arch": arch,
+                "size": size,
+                "dtype": dtype,
+                "attention": attention,
+                "status": f"error: {type(err).__name__}",
+                "error": str(err)[:300],
+            }
         rows.append(row)
-        print(f"  {what}: {row['status']}" + (f", {row['images_per_s']:.1f} img/s" if row["status"] == "ok" else ""),
-              flush=True)
-    out = common.write_json(args.out or common.default_out("forward", args.small),
-                            {"bench": "forward", "small": args.small, "device": device, "rows": rows})
+        print(
+            f"  {what}: {row['status']}" + (f", {row['images_per_s']:.1f} img/s" if row["status"] == "ok" else ""),
+            flush=True,
+        )
+    out = common.write_json(
+        args.out or common.default_out("forward", args.small),
+        {"bench": "forward", "small": args.small, "device": device, "rows": rows},
+    )
     print("\nFeature extraction (forward, final-norm patch tokens), MFU vs the bf16 peak:")
     print(common.format_table(rows, COLUMNS))
     print(f"\nwrote {out}")

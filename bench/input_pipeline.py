@@ -111,16 +111,27 @@ def mode_profile(source, cfg: ViewConfig, reps: int) -> dict:
     for mode, total in views_s.items():
         per_image = total / count
         with_decode = per_image + out["decode_s"]
-        out[mode] = {"views_s": per_image, "images_per_s_per_core": 1 / with_decode,
-                     "cores_for_target": TARGET_IMAGES_PER_S * with_decode}
+        out[mode] = {
+            "views_s": per_image,
+            "images_per_s_per_core": 1 / with_decode,
+            "cores_for_target": TARGET_IMAGES_PER_S * with_decode,
+        }
     out["host_over_device"] = out["host"]["views_s"] / out["device"]["views_s"]
     return out
 
 
 def loader_rate(source, recipe, workers: int, threads: int, batch_size: int, batches: int, mode: str) -> dict:
     data = {"size_crops": list(recipe), "nmb_samples": [2, 4], "max_bad_fraction": 1.0, "augment_on": mode}
-    loader = make_train_loader(data, batch_size=batch_size, seed=0, worker_count=workers,
-                               threads_per_worker=threads, process_index=0, process_count=1, source=source)
+    loader = make_train_loader(
+        data,
+        batch_size=batch_size,
+        seed=0,
+        worker_count=workers,
+        threads_per_worker=threads,
+        process_index=0,
+        process_count=1,
+        source=source,
+    )
     t0 = time.perf_counter()
     next(loader)  # start-up (worker spawn, first batch) is reported apart from the steady rate
     t1 = time.perf_counter()
@@ -157,47 +168,71 @@ def main() -> None:
                 synthetic_jpegs(tmp, 8 if small else 16, *synth_size)
             ),
         }
-        results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                               "python": platform.python_version()},
-                   "settings": {"batch_size": batch_size, "batches": batches, "threads_per_worker": args.threads,
-                                "small": small},
-                   "stages": {}, "loader": []}
+        results = {
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "settings": {
+                "batch_size": batch_size,
+                "batches": batches,
+                "threads_per_worker": args.threads,
+                "small": small,
+            },
+            "stages": {},
+            "loader": [],
+        }
         results["modes"] = {}
         for sname, source in sources.items():  # profile first: no loader threads running yet
             for rname, recipe in RECIPES.items():
                 results["stages"][f"{sname} | {rname}"] = stage_profile(source, ViewConfig(size_crops=recipe), 1)
-                results["modes"][f"{sname} | {rname}"] = mode_profile(source, ViewConfig(size_crops=recipe),
-                                                                      1 if small else 2)
+                results["modes"][f"{sname} | {rname}"] = mode_profile(
+                    source, ViewConfig(size_crops=recipe), 1 if small else 2
+                )
         for sname, source in sources.items():
             for rname, recipe in RECIPES.items():
                 for w in workers:
                     for mode in ("device", "host"):
                         rate = loader_rate(source, recipe, w, args.threads, batch_size, batches, mode)
-                        results["loader"].append({"source": sname, "recipe": rname, "workers": w,
-                                                  "augment_on": mode, **rate})
-                        print(f"  {sname:28s} {rname:7s} workers={w} {mode:6s}: {rate['images_per_s']:7.1f} img/s",
-                              flush=True)
+                        results["loader"].append(
+                            {"source": sname, "recipe": rname, "workers": w, "augment_on": mode, **rate}
+                        )
+                        print(
+                            f"  {sname:28s} {rname:7s} workers={w} {mode:6s}: {rate['images_per_s']:7.1f} img/s",
+                            flush=True,
+                        )
 
-    print("\nSingle-core CPU ms per image: " + ", ".join(STAGES) + " | total -> img/s/core, x16 cores; "
-          "without colour+normalize (moved on device) -> x16 cores")
+    print(
+        "\nSingle-core CPU ms per image: " + ", ".join(STAGES) + " | total -> img/s/core, x16 cores; "
+        "without colour+normalize (moved on device) -> x16 cores"
+    )
     for key, p in results["stages"].items():
         parts = " ".join(f"{1e3 * p[k]:6.1f}" for k in STAGES)
-        print(f"  {key:44s} {parts} | {1e3 * p['total']:6.1f} -> {1 / p['total']:5.1f}, {16 / p['total']:6.0f}"
-              f" | {1e3 * p['host_only_total']:6.1f} -> {16 / p['host_only_total']:6.0f}")
-    print(f"\nHost CPU ms per image, one core: make_views with augment_on=host vs device (decode excluded), "
-          f"then with decode: images/s per core and cores for {TARGET_IMAGES_PER_S} images/s")
-    print(f"  {'source | recipe':44s} {'decode':>7s} {'host':>7s} {'device':>7s} {'ratio':>6s} | "
-          f"{'host img/s/core':>15s} {'cores':>6s} | {'device img/s/core':>17s} {'cores':>6s}")
+        print(
+            f"  {key:44s} {parts} | {1e3 * p['total']:6.1f} -> {1 / p['total']:5.1f}, {16 / p['total']:6.0f}"
+            f" | {1e3 * p['host_only_total']:6.1f} -> {16 / p['host_only_total']:6.0f}"
+        )
+    print(
+        f"\nHost CPU ms per image, one core: make_views with augment_on=host vs device (decode excluded), "
+        f"then with decode: images/s per core and cores for {TARGET_IMAGES_PER_S} images/s"
+    )
+    print(
+        f"  {'source | recipe':44s} {'decode':>7s} {'host':>7s} {'device':>7s} {'ratio':>6s} | "
+        f"{'host img/s/core':>15s} {'cores':>6s} | {'device img/s/core':>17s} {'cores':>6s}"
+    )
     for key, m in results["modes"].items():
         h, d = m["host"], m["device"]
-        print(f"  {key:44s} {1e3 * m['decode_s']:7.1f} {1e3 * h['views_s']:7.1f} {1e3 * d['views_s']:7.1f} "
-              f"{m['host_over_device']:5.1f}x | {h['images_per_s_per_core']:15.1f} {h['cores_for_target']:6.1f} | "
-              f"{d['images_per_s_per_core']:17.1f} {d['cores_for_target']:6.1f}")
+        print(
+            f"  {key:44s} {1e3 * m['decode_s']:7.1f} {1e3 * h['views_s']:7.1f} {1e3 * d['views_s']:7.1f} "
+            f"{m['host_over_device']:5.1f}x | {h['images_per_s_per_core']:15.1f} {h['cores_for_target']:6.1f} | "
+            f"{d['images_per_s_per_core']:17.1f} {d['cores_for_target']:6.1f}"
+        )
     print(f"\nLoader throughput ({os.cpu_count()} CPUs here, batch {batch_size}, {args.threads} thread(s)/worker):")
-    print(f"  {'source':28s} {'recipe':7s} {'workers':>7s} {'mode':>6s} {'img/s':>8s} {'crops/s':>8s} {'startup s':>9s}")
+    print(
+        f"  {'source':28s} {'recipe':7s} {'workers':>7s} {'mode':>6s} {'img/s':>8s} {'crops/s':>8s} {'startup s':>9s}"
+    )
     for r in results["loader"]:
-        print(f"  {r['source']:28s} {r['recipe']:7s} {r['workers']:7d} {r['augment_on']:>6s} "
-              f"{r['images_per_s']:8.1f} {r['crops_per_s']:8.1f} {r['startup_s']:9.1f}")
+        print(
+            f"  {r['source']:28s} {r['recipe']:7s} {r['workers']:7d} {r['augment_on']:>6s} "
+            f"{r['images_per_s']:8.1f} {r['crops_per_s']:8.1f} {r['startup_s']:9.1f}"
+        )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)

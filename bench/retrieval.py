@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -114,13 +115,18 @@ def main() -> None:
         sizes = dict(keys=50_000, dim=64, block=1024, reps=2, images=8, arch="vit_tiny_test", input=112)
         configs = [("float32", "float32", 0, 8192), ("bfloat16", "float32", 0, 8192), ("bfloat16", "float32", 32, 8192)]
     else:
-        sizes = dict(keys=10_240_000, dim=384, block=16 * 1296, reps=3, images=256,
-                     arch="vit_small_patch14_dinov2", input=504)  # fmt: skip
+        sizes = dict(
+            keys=10_240_000, dim=384, block=16 * 1296, reps=3, images=256, arch="vit_small_patch14_dinov2", input=504
+        )
         configs = [  # (key dtype, ranking dtype, bin size, keys per chunk)
-            ("bfloat16", "float32", 0, 65536), ("bfloat16", "bfloat16", 0, 65536), ("bfloat16", "float32", 32, 65536),
-            ("bfloat16", "float32", 128, 65536), ("bfloat16", "bfloat16", 128, 65536),
-            ("bfloat16", "float32", 128, 262144), ("bfloat16", "float32", 512, 262144),
-        ]  # fmt: skip
+            ("bfloat16", "float32", 0, 65536),
+            ("bfloat16", "bfloat16", 0, 65536),
+            ("bfloat16", "float32", 32, 65536),
+            ("bfloat16", "float32", 128, 65536),
+            ("bfloat16", "bfloat16", 128, 65536),
+            ("bfloat16", "float32", 128, 262144),
+            ("bfloat16", "float32", 512, 262144),
+        ]
     device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
     rows, plain = [], {}
     for dtype, topk_dtype, bin_size, chunk in configs:
@@ -131,33 +137,57 @@ def main() -> None:
             plain[(dtype, topk_dtype)] = idx
         same = bool((idx == plain[(dtype, topk_dtype)]).all()) if (dtype, topk_dtype) in plain else None
         voc_queries = VOC_VAL_IMAGES * 1296
-        rows.append({
-            "dtype": dtype, "topk_dtype": topk_dtype, "bin_size": bin_size, "chunk": store.chunk, "keys": sizes["keys"],
-            "dim": sizes["dim"], "block": sizes["block"], **res, "same_as_plain_topk": same,
-            "voc_val_search_s_at_this_memory": voc_queries / res["queries_per_s"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "dtype": dtype,
+                "topk_dtype": topk_dtype,
+                "bin_size": bin_size,
+                "chunk": store.chunk,
+                "keys": sizes["keys"],
+                "dim": sizes["dim"],
+                "block": sizes["block"],
+                **res,
+                "same_as_plain_topk": same,
+                "voc_val_search_s_at_this_memory": voc_queries / res["queries_per_s"],
+            }
+        )
         del store
     bank = bench_memory_bank(
-        sizes["images"], arch=sizes["arch"], input_size=sizes["input"], batch_size=16,
+        sizes["images"],
+        arch=sizes["arch"],
+        input_size=sizes["input"],
+        batch_size=16,
         memory_size=sizes["images"] * 2 * 483,
-    )  # fmt: skip
+    )
     best = max(rows, key=lambda r: r["queries_per_s"])
     estimate = {
         "memory_build_s": VOC_TRAIN_VIEWS / bank["views_per_s"],
         "val_search_s": best["voc_val_search_s_at_this_memory"],
     }
     estimate["total_s"] = estimate["memory_build_s"] + estimate["val_search_s"]
-    result = {"device": device, "host": platform.node(), "small": args.small, "search": rows, "memory_bank": bank,
-              "voc_full_estimate": estimate}  # fmt: skip
+    result = {
+        "device": device,
+        "host": platform.node(),
+        "small": args.small,
+        "search": rows,
+        "memory_bank": bank,
+        "voc_full_estimate": estimate,
+    }
     print(f"device: {device}")
     print(f"{'dtype':>9} {'topk':>9} {'bins':>5} {'chunk':>7} {'keys':>10} {'queries/s':>12} {'exact=plain':>11}")
     for r in rows:
-        print(f"{r['dtype']:>9} {r['topk_dtype']:>9} {r['bin_size']:>5} {r['chunk']:>7} {r['keys']:>10} "
-              f"{r['queries_per_s']:>12.0f} {str(r['same_as_plain_topk']):>11}")  # fmt: skip
-    print(f"memory bank: {bank['views_per_s']:.1f} views/s, {bank['seconds_per_million_kept_patches']:.1f} s per "
-          f"million kept patches ({bank['seconds_per_million_processed_patches']:.1f} s per million processed)")
-    print(f"full VOC estimate: build {estimate['memory_build_s']:.0f} s + search {estimate['val_search_s']:.0f} s "
-          f"= {estimate['total_s']:.0f} s")  # fmt: skip
+        print(
+            f"{r['dtype']:>9} {r['topk_dtype']:>9} {r['bin_size']:>5} {r['chunk']:>7} {r['keys']:>10} "
+            f"{r['queries_per_s']:>12.0f} {str(r['same_as_plain_topk']):>11}"
+        )
+    print(
+        f"memory bank: {bank['views_per_s']:.1f} views/s, {bank['seconds_per_million_kept_patches']:.1f} s per "
+        f"million kept patches ({bank['seconds_per_million_processed_patches']:.1f} s per million processed)"
+    )
+    print(
+        f"full VOC estimate: build {estimate['memory_build_s']:.0f} s + search {estimate['val_search_s']:.0f} s "
+        f"= {estimate['total_s']:.0f} s"
+    )
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "retrieval_small.json" if args.small else "retrieval.json")

@@ -54,17 +54,25 @@ def run(sizes, network: str, repeats: int) -> list[dict]:
         x = jax.random.uniform(jax.random.PRNGKey(0), (rows, n), jnp.float32, -0.2, 0.2)
         w = jax.random.normal(jax.random.PRNGKey(1), (rows, n, n), jnp.float32)
         for executor in sorting.EXECUTORS:
+
             def forward(x, executor=executor):
                 return sorting.sort(x, network=network, steepness=100.0, executor=executor)[1]
 
-            def forward_backward(x, executor=executor):
+            def forward_backward(x, forward=forward, w=w):
                 return jax.grad(lambda x: jnp.sum(forward(x) * w))(x)
 
             fwd_s, fwd_mem, _ = _time(forward, x, repeats)
             bwd_s, bwd_mem, _ = _time(forward_backward, x, repeats)
-            row = dict(rows=rows, n=n, network=network, executor=executor, fwd_ms=fwd_s * 1e3,
-                       fwd_bwd_ms=bwd_s * 1e3, fwd_peak_mb=None if fwd_mem is None else fwd_mem / 2**20,
-                       fwd_bwd_peak_mb=None if bwd_mem is None else bwd_mem / 2**20)
+            row = dict(
+                rows=rows,
+                n=n,
+                network=network,
+                executor=executor,
+                fwd_ms=fwd_s * 1e3,
+                fwd_bwd_ms=bwd_s * 1e3,
+                fwd_peak_mb=None if fwd_mem is None else fwd_mem / 2**20,
+                fwd_bwd_peak_mb=None if bwd_mem is None else bwd_mem / 2**20,
+            )
             results.append(row)
             print(f"  done {rows}x{n} {executor}", file=sys.stderr, flush=True)
     return results
@@ -86,13 +94,25 @@ def main() -> None:
     print(f"sort ({args.network}, cauchy, steepness 100) on {device.device_kind} ({device.platform})")
     print(header)
     for r in results:
-        print(f"{str(r['rows']) + ' x ' + str(r['n']):>10} {r['executor']:>8} {r['fwd_ms']:>9.2f} "
-              f"{r['fwd_bwd_ms']:>11.2f} {_fmt(r['fwd_peak_mb']):>8} {_fmt(r['fwd_bwd_peak_mb']):>11}")
+        print(
+            f"{str(r['rows']) + ' x ' + str(r['n']):>10} {r['executor']:>8} {r['fwd_ms']:>9.2f} "
+            f"{r['fwd_bwd_ms']:>11.2f} {_fmt(r['fwd_peak_mb']):>8} {_fmt(r['fwd_bwd_peak_mb']):>11}"
+        )
     out_dir = pathlib.Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"sorting_{device.platform}_{args.network}{'_small' if args.small else ''}.json"
-    out.write_text(json.dumps(dict(device=device.device_kind, platform=device.platform, host=platform.node(),
-                                   jax=jax.__version__, results=results), indent=2))
+    out.write_text(
+        json.dumps(
+            dict(
+                device=device.device_kind,
+                platform=device.platform,
+                host=platform.node(),
+                jax=jax.__version__,
+                results=results,
+            ),
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

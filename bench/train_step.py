@@ -60,8 +60,11 @@ class Case:
     def name(self) -> str:
         short = {"float32": "fp32", "bfloat16": "bf16"}[self.dtype]
         recipe = self.recipe.replace("dinov2_", "")
-        return (f"{recipe}_{self.size_crops[0]}_b{self.batch}_{short}" + ("_remat" if self.remat else "")
-                + ("" if self.attention == "default" else f"_{self.attention}"))
+        return (
+            f"{recipe}_{self.size_crops[0]}_b{self.batch}_{short}"
+            + ("_remat" if self.remat else "")
+            + ("" if self.attention == "default" else f"_{self.attention}")
+        )
 
 
 def _cases(specs) -> dict[str, Case]:
@@ -71,31 +74,64 @@ def _cases(specs) -> dict[str, Case]:
 
 S518, S224 = (518, 98), (224, 98)
 # Most important first: gpu_check.sh runs them in this order under a time budget.
-FULL = _cases([
-    ("dinov2_s14", S518, 64, "bfloat16", False), ("dinov2_s14", S518, 64, "bfloat16", False, "cudnn"),
-    ("dinov2_s14", S518, 64, "bfloat16", True), ("dinov2_b14", S518, 16, "bfloat16", False),
-    ("dinov2_s14", S224, 64, "bfloat16", False), ("dinov2_s14", S518, 64, "float32", False),
-    ("dinov2_s14", S224, 64, "float32", False),
-    ("dinov2_b14", S518, 16, "float32", False), ("dinov2_s14", S518, 64, "float32", True),
-    ("dinov2_b14", S518, 16, "bfloat16", True), ("dinov2_s14", S224, 64, "bfloat16", True),
-    ("dinov2_s14", S224, 64, "float32", True), ("dinov2_b14", S518, 16, "float32", True),
-])  # fmt: skip
-SMALL = _cases([("demo", (56, 28), 2, "float32", False), ("demo", (56, 28), 2, "bfloat16", False),
-                ("demo", (56, 28), 2, "float32", True),
-                ("dinov2_s14", S518, 1, "float32", True)])  # the recipe's shapes at a CPU-sized batch and memory
-COLUMNS = (("case", "case"), ("status", "status"), ("step_ms", "step ms"), ("images_per_s", "img/s"),
-           ("model_gflop_per_step", "GFLOP/step"), ("mfu", "MFU"), ("loss_part_ms", "sort+roi ms"),
-           ("loss_share", "sort+roi share"), ("forward_share", "fwd share"), ("augment_share", "augment share"),
-           ("peak_memory_gib", "peak GiB"), ("compiled_memory_gib", "XLA GiB"), ("coco_25ep_hours", "COCO 25ep h"),
-           ("finite", "finite"), ("compile_s", "compile s"))
+FULL = _cases(
+    [
+        ("dinov2_s14", S518, 64, "bfloat16", False),
+        ("dinov2_s14", S518, 64, "bfloat16", False, "cudnn"),
+        ("dinov2_s14", S518, 64, "bfloat16", True),
+        ("dinov2_b14", S518, 16, "bfloat16", False),
+        ("dinov2_s14", S224, 64, "bfloat16", False),
+        ("dinov2_s14", S518, 64, "float32", False),
+        ("dinov2_s14", S224, 64, "float32", False),
+        ("dinov2_b14", S518, 16, "float32", False),
+        ("dinov2_s14", S518, 64, "float32", True),
+        ("dinov2_b14", S518, 16, "bfloat16", True),
+        ("dinov2_s14", S224, 64, "bfloat16", True),
+        ("dinov2_s14", S224, 64, "float32", True),
+        ("dinov2_b14", S518, 16, "float32", True),
+    ]
+)
+SMALL = _cases(
+    [
+        ("demo", (56, 28), 2, "float32", False),
+        ("demo", (56, 28), 2, "bfloat16", False),
+        ("demo", (56, 28), 2, "float32", True),
+        ("dinov2_s14", S518, 1, "float32", True),
+    ]
+)  # the recipe's shapes at a CPU-sized batch and memory
+COLUMNS = (
+    ("case", "case"),
+    ("status", "status"),
+    ("step_ms", "step ms"),
+    ("images_per_s", "img/s"),
+    ("model_gflop_per_step", "GFLOP/step"),
+    ("mfu", "MFU"),
+    ("loss_part_ms", "sort+roi ms"),
+    ("loss_share", "sort+roi share"),
+    ("forward_share", "fwd share"),
+    ("augment_share", "augment share"),
+    ("peak_memory_gib", "peak GiB"),
+    ("compiled_memory_gib", "XLA GiB"),
+    ("coco_25ep_hours", "COCO 25ep h"),
+    ("finite", "finite"),
+    ("compile_s", "compile s"),
+)
 
 
 def case_config(case: Case):
     """The recipe's ConfigDict with random init and the case's shapes, dtype and remat."""
     config = importlib.import_module(f"configs.{case.recipe}").get_config()
-    return base.set_fields(config, {"model.init": "random", "data.size_crops": case.size_crops,
-                                    "optim.batch_size": case.batch, "model.dtype": case.dtype,
-                                    "model.remat": case.remat, "optim.total_steps": 1000})
+    return base.set_fields(
+        config,
+        {
+            "model.init": "random",
+            "data.size_crops": case.size_crops,
+            "optim.batch_size": case.batch,
+            "model.dtype": case.dtype,
+            "model.remat": case.remat,
+            "optim.total_steps": 1000,
+        },
+    )
 
 
 def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -168,8 +204,7 @@ def time_loss_part(config, models, queue, batch, warmup: int, iters: int) -> dic
         return train_lib.neco_step_loss(config.loss, p, sg, sl, tg, None, batch, queue, key)[0]
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    timing = common.time_calls(lambda: grad(s_glob, s_loc, t_glob, queue, batch, keys[3]),
-                               warmup=warmup, iters=iters)
+    timing = common.time_calls(lambda: grad(s_glob, s_loc, t_glob, queue, batch, keys[3]), warmup=warmup, iters=iters)
     return {"loss_part_ms": 1e3 * timing["median_s"], "loss_part_timing": timing}
 
 
@@ -179,8 +214,9 @@ def time_forward_part(config, built: Built, state, batch, warmup: int, iters: in
     loss_fn = jax.jit(train_lib.make_loss_fn(config, built.models, built.labels))
     batch = augmented(config)(batch)  # the loss takes the crops the step's augmentation made
     key = jax.random.PRNGKey(2)  # a raw key, as the state.rng the step splits
-    timing = common.time_calls(lambda: loss_fn(state.student, state.teacher, state.queue, batch, key)[0],
-                               warmup=warmup, iters=iters)
+    timing = common.time_calls(
+        lambda: loss_fn(state.student, state.teacher, state.queue, batch, key)[0], warmup=warmup, iters=iters
+    )
     return {"forward_ms": 1e3 * timing["median_s"], "forward_timing": timing}
 
 
@@ -228,10 +264,16 @@ def _run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: 
     flops = neco_step_flops(config)
     steps_25ep = EPOCHS * (COCO_TRAIN_IMAGES // case.batch)
     row.update(
-        step_ms=1e3 * step_s, images_per_s=case.batch / step_s, model_gflop_per_step=flops / 1e9,
-        achieved_tflops=flops / step_s / 1e12, mfu=None if peak is None else flops / step_s / peak,
-        coco_25ep_steps=steps_25ep, coco_25ep_hours=steps_25ep * step_s / 3600, step_timing=timing,
-        loss=float(metrics["loss"]), finite=bool(metrics["finite"]),
+        step_ms=1e3 * step_s,
+        images_per_s=case.batch / step_s,
+        model_gflop_per_step=flops / 1e9,
+        achieved_tflops=flops / step_s / 1e12,
+        mfu=None if peak is None else flops / step_s / peak,
+        coco_25ep_steps=steps_25ep,
+        coco_25ep_hours=steps_25ep * step_s / 3600,
+        step_timing=timing,
+        loss=float(metrics["loss"]),
+        finite=bool(metrics["finite"]),
     )
     row.update(time_augment_part(config, batch, warmup, iters))
     row["augment_share"] = row["augment_ms"] / row["step_ms"]
@@ -278,14 +320,20 @@ def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
     """The demo recipe's training loop (`train_and_evaluate`, data held in memory) against its jitted step
     alone on the same batch, called back to back. The loop's step time is the mean over its log windows after
     the first (which holds the compilation); the final checkpoint and export fall outside every window."""
+    import input_pipeline
     from configs import demo
     from input_pipeline import make_train_loader
     from neco_jax.metrics_writer import read_metrics
 
-    import input_pipeline
-
-    config = base.set_fields(demo.get_config(), {"optim.total_steps": windows * log_every, "log_every_steps":
-                                                 log_every, "checkpoint_every_steps": 10**9, "export_at_end": False})
+    config = base.set_fields(
+        demo.get_config(),
+        {
+            "optim.total_steps": windows * log_every,
+            "log_every_steps": log_every,
+            "checkpoint_every_steps": 10**9,
+            "export_at_end": False,
+        },
+    )
     loader = make_train_loader(config, batch_size=config.optim.batch_size, seed=0, worker_count=0)
     batches = [next(loader) for _ in range(4)]
     loader.close()
@@ -308,9 +356,15 @@ def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
         return metrics
 
     timing = common.time_calls(call, warmup=2, iters=iters)
-    return {"loop_step_ms": 1e3 * loop_s, "step_alone_ms": 1e3 * timing["pipelined_mean_s"],
-            "step_alone_synced_ms": 1e3 * timing["median_s"], "overhead": loop_s / timing["pipelined_mean_s"] - 1,
-            "windows": len(rows) - 1, "log_every_steps": log_every, "batch": config.optim.batch_size}
+    return {
+        "loop_step_ms": 1e3 * loop_s,
+        "step_alone_ms": 1e3 * timing["pipelined_mean_s"],
+        "step_alone_synced_ms": 1e3 * timing["median_s"],
+        "overhead": loop_s / timing["pipelined_mean_s"] - 1,
+        "windows": len(rows) - 1,
+        "log_every_steps": log_every,
+        "batch": config.optim.batch_size,
+    }
 
 
 def run_isolated(name: str, args, remaining_s: float | None) -> tuple[list[dict], dict | None]:
@@ -342,12 +396,19 @@ def main() -> None:
     parser.add_argument("--cases", default="all", help=f"comma-separated case names, or 'all' ({', '.join(FULL)})")
     parser.add_argument("--iters", type=int, default=None, help="timed steps per case")
     parser.add_argument("--isolate", action="store_true", help="each case in its own child process")
-    parser.add_argument("--profile", default="", help="comma-separated cases to profile as well: the loss part "
-                        "(ROI-align + sorting) and the forward alone timed, the step's matmuls counted")
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated cases to profile as well: the loss part "
+        "(ROI-align + sorting) and the forward alone timed, the step's matmuls counted",
+    )
     parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/train_step[_small].json)")
-    parser.add_argument("--loop", action="store_true", help="also time the demo's training loop (data in memory) "
-                        "against its jitted step alone (not with --isolate)")
+    parser.add_argument(
+        "--loop",
+        action="store_true",
+        help="also time the demo's training loop (data in memory) against its jitted step alone (not with --isolate)",
+    )
     args = parser.parse_args()
     plan = SMALL if args.small else FULL
     names = list(plan) if args.cases == "all" else [n for n in args.cases.split(",") if n]
@@ -361,8 +422,11 @@ def main() -> None:
     if not args.isolate:
         device = common.device_summary()
         peak = None if device["bf16_peak_tflops"] is None else device["bf16_peak_tflops"] * 1e12
-        print(f"device: {device['device_kind']} ({device['platform']}), bf16 peak "
-              f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}", flush=True)
+        print(
+            f"device: {device['device_kind']} ({device['platform']}), bf16 peak "
+            f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}",
+            flush=True,
+        )
     start, rows = time.perf_counter(), []
     for name in names:
         elapsed = time.perf_counter() - start
@@ -379,31 +443,53 @@ def main() -> None:
                 rows.append(run_case(plan[name], warmup, iters, peak, name in args.profile.split(",")))
             except Exception as err:  # noqa: BLE001 - an OOM or unsupported option is a result, not a crash
                 traceback.print_exc()
-                rows.append({"case": name, "status": f"error: {type(err).__name__}",
-                             "error": str(err).splitlines()[0][:300] if str(err) else ""})
+                rows.append(
+                    {
+                        "case": name,
+                        "status": f"error: {type(err).__name__}",
+                        "error": str(err).splitlines()[0][:300] if str(err) else "",
+                    }
+                )
         r = rows[-1]
-        print(f"  {name}: {r['status']}" + (f", {r['step_ms']:.1f} ms/step, {r['images_per_s']:.1f} img/s"
-                                            if r["status"] == "ok" else f" {r.get('error', '')}"), flush=True)
+        print(
+            f"  {name}: {r['status']}"
+            + (
+                f", {r['step_ms']:.1f} ms/step, {r['images_per_s']:.1f} img/s"
+                if r["status"] == "ok"
+                else f" {r.get('error', '')}"
+            ),
+            flush=True,
+        )
     loop = None
     if args.loop:
         device = device or common.device_summary()
         loop = loop_overhead(windows=4, log_every=5 if args.small else 10, iters=args.iters or 20)
-        print(f"  demo loop {loop['loop_step_ms']:.1f} ms/step vs its jitted step alone {loop['step_alone_ms']:.1f} "
-              f"ms/step: overhead {100 * loop['overhead']:+.1f}%", flush=True)
-    out = common.write_json(args.out or common.default_out("train_step", args.small),
-                            {"bench": "train_step", "small": args.small, "device": device, "rows": rows,
-                             "loop": loop})
+        print(
+            f"  demo loop {loop['loop_step_ms']:.1f} ms/step vs its jitted step alone {loop['step_alone_ms']:.1f} "
+            f"ms/step: overhead {100 * loop['overhead']:+.1f}%",
+            flush=True,
+        )
+    out = common.write_json(
+        args.out or common.default_out("train_step", args.small),
+        {"bench": "train_step", "small": args.small, "device": device, "rows": rows, "loop": loop},
+    )
     if device:
-        print(f"\ndevice: {device['device_kind']} ({device['platform']}), bf16 peak "
-              f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}")
-    print("\nNeCo train step (synthetic batches, one chip); MFU = model FLOPs (bench/flops.py) / step time / "
-          "bf16 peak; COCO 25ep h = 25 * (118287 // batch) steps at this step time:")
+        print(
+            f"\ndevice: {device['device_kind']} ({device['platform']}), bf16 peak "
+            f"{common.fmt(device['bf16_peak_tflops'])} TFLOP/s, jax {device['jax']}"
+        )
+    print(
+        "\nNeCo train step (synthetic batches, one chip); MFU = model FLOPs (bench/flops.py) / step time / "
+        "bf16 peak; COCO 25ep h = 25 * (118287 // batch) steps at this step time:"
+    )
     print(common.format_table(rows, COLUMNS))
     if loop:
-        print(f"\nTraining loop (demo recipe, batch {loop['batch']}, data in memory, {loop['windows']} windows of "
-              f"{loop['log_every_steps']} steps): {loop['loop_step_ms']:.2f} ms/step; the jitted step alone "
-              f"{loop['step_alone_ms']:.2f} ms/step back to back ({loop['step_alone_synced_ms']:.2f} synchronised); "
-              f"loop overhead {100 * loop['overhead']:+.1f}%")
+        print(
+            f"\nTraining loop (demo recipe, batch {loop['batch']}, data in memory, {loop['windows']} windows of "
+            f"{loop['log_every_steps']} steps): {loop['loop_step_ms']:.2f} ms/step; the jitted step alone "
+            f"{loop['step_alone_ms']:.2f} ms/step back to back ({loop['step_alone_synced_ms']:.2f} synchronised); "
+            f"loop overhead {100 * loop['overhead']:+.1f}%"
+        )
     print(f"\nwrote {out}")
 
 

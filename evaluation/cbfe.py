@@ -39,8 +39,8 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 from skimage.measure import label as connected_components
+from tqdm import tqdm
 
 from evaluation import cd_search
 from evaluation.datasets import VOC_CLASSES
@@ -209,9 +209,13 @@ def cluster_foreground(
     if len(points) < k:
         raise CbfeError(f"only {len(points)} foreground pixels for {k} clusters; lower k_community or check the masks")
     result = kmeans(
-        points, k, iters=settings.kmeans_iters, restarts=settings.kmeans_restarts, seed=seed,
+        points,
+        k,
+        iters=settings.kmeans_iters,
+        restarts=settings.kmeans_restarts,
+        seed=seed,
         max_points_per_centroid=settings.max_points_per_centroid,
-    )  # fmt: skip
+    )
     maps = np.full((n, e, e), k, np.int64)
     maps[img, r, c] = result.labels
     return maps
@@ -245,9 +249,13 @@ def read_attention_file(path: Path, count: int) -> np.ndarray:
 def _extract(dataset, features_fn, s: CbfeSettings, desc: str):
     feats, attn, masks = [], [], []
     for batch in iterate_batches(
-        dataset, batch_size=s.batch_size, image_size=s.image_size, mask_size=s.eval_size,
-        num_threads=s.num_threads, desc=desc,
-    ):  # fmt: skip
+        dataset,
+        batch_size=s.batch_size,
+        image_size=s.image_size,
+        mask_size=s.eval_size,
+        num_threads=s.num_threads,
+        desc=desc,
+    ):
         out = features_fn(batch.images)
         f, a = out if isinstance(out, tuple) else (out, None)
         feats.append(np.asarray(f, np.float32))
@@ -267,9 +275,12 @@ def noisy_masks(s: CbfeSettings, train_attn, val_attn, n_train: int, n_val: int)
     if train_attn is None:
         raise CbfeError("the feature function returned no attention; give attention files with cbfe.attention_dir")
     noisy = noisy_foreground(
-        np.concatenate([train_attn, val_attn]), keep=s.attention_keep, blur_size=s.blur_size,
-        blur_sigma=s.blur_sigma, min_component=s.min_component,
-    )  # fmt: skip
+        np.concatenate([train_attn, val_attn]),
+        keep=s.attention_keep,
+        blur_size=s.blur_size,
+        blur_sigma=s.blur_sigma,
+        min_component=s.min_component,
+    )
     return nearest_resize(noisy, s.eval_size), "the evaluated model's CLS attention"
 
 
@@ -328,18 +339,25 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
 
     noisy, noisy_source = noisy_masks(s, train_attn, val_attn, n_train, len(val_feats))
     coarse = kmeans(
-        pca.reshape(-1, pca.shape[-1]), s.k_fg, iters=s.kmeans_iters, restarts=s.kmeans_restarts, seed=s.seed,
-        max_points_per_centroid=s.max_points_per_centroid, spherical=True,
-    ).labels.reshape(n, h, w)  # fmt: skip
+        pca.reshape(-1, pca.shape[-1]),
+        s.k_fg,
+        iters=s.kmeans_iters,
+        restarts=s.kmeans_restarts,
+        seed=s.seed,
+        max_points_per_centroid=s.max_points_per_centroid,
+        spherical=True,
+    ).labels.reshape(n, h, w)
     coarse = nearest_resize(coarse, s.eval_size)
 
     train_precisions = cluster_precisions(coarse[:n_train], noisy[:n_train], s.k_fg)
     threshold, cuts = choose_threshold(coarse[:n_train], train_gt, train_precisions, s.cut_range)
     val_precisions = cluster_precisions(coarse[n_train:], noisy[n_train:], s.k_fg)
-    foreground = np.concatenate([
-        foreground_from_threshold(coarse[:n_train], train_precisions, threshold),
-        foreground_from_threshold(coarse[n_train:], val_precisions, threshold),
-    ])  # fmt: skip
+    foreground = np.concatenate(
+        [
+            foreground_from_threshold(coarse[:n_train], train_precisions, threshold),
+            foreground_from_threshold(coarse[n_train:], val_precisions, threshold),
+        ]
+    )
 
     results = {
         "threshold": round(threshold, 2),  # a multiple of 0.05 (np.arange's value, e.g. 0.9500000000000001)
@@ -365,9 +383,12 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
 
         def objective(k, markov_time, weight_threshold):
             return cd_search.train_objective(
-                cache[k], markov_time=markov_time, weight_threshold=weight_threshold, num_runs=s.num_runs,
+                cache[k],
+                markov_time=markov_time,
+                weight_threshold=weight_threshold,
+                num_runs=s.num_runs,
                 preferred_modules=s.num_objects,
-            )  # fmt: skip
+            )
 
         found = cd_search.search(objective, trials=s.search_trials, seed=s.search_seed, space=space)
         results["search"] = found
@@ -378,23 +399,32 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
         k, markov_time, weight_threshold = fixed
         inputs = inputs_for(k)
     results["cd_params"] = {
-        "k_community": k, "markov_time": markov_time, "weight_threshold": weight_threshold, "source": source,
-    }  # fmt: skip
+        "k_community": k,
+        "markov_time": markov_time,
+        "weight_threshold": weight_threshold,
+        "source": source,
+    }
     if s.compute_upper_bound:
         results["miou_upper_bound"] = cd_search.upper_bound(inputs)
 
     edges, lookups = cd_search.run_communities(
-        inputs, markov_time=markov_time, weight_threshold=weight_threshold, num_runs=s.num_runs,
+        inputs,
+        markov_time=markov_time,
+        weight_threshold=weight_threshold,
+        num_runs=s.num_runs,
         preferred_modules=s.num_objects,
-    )  # fmt: skip
+    )
     scored = cd_search.val_scores(inputs, lookups)
     runs = [{"run": r, "miou": score, "segments": segments} for r, (score, _, segments) in enumerate(scored)]
     best = int(np.argmax([row["miou"] for row in runs]))
     scores = [row["miou"] for row in runs]
     results.update(
-        miou=float(np.mean(scores)), miou_std=float(np.std(scores)), per_class_iou=scored[best][1].tolist(),
-        runs=runs, edges=len(edges),
-    )  # fmt: skip
+        miou=float(np.mean(scores)),
+        miou_std=float(np.std(scores)),
+        per_class_iou=scored[best][1].tolist(),
+        runs=runs,
+        edges=len(edges),
+    )
     merged = lookups[best][inputs.maps[n_train:]]
     results["examples"] = _examples(val_dataset, val_gt, merged, s)
     return results
@@ -424,9 +454,13 @@ def settings_from_config(config: ml_collections.ConfigDict) -> CbfeSettings:
     for name in ("cut_range", "search_k", "search_markov_time", "search_weight_threshold"):
         values[name] = tuple(values[name])
     return CbfeSettings(
-        image_size=config.image_size, eval_size=config.mask_size, batch_size=config.batch_size,
-        num_threads=config.num_threads, num_visualize=config.num_visualize, **values,
-    )  # fmt: skip
+        image_size=config.image_size,
+        eval_size=config.mask_size,
+        batch_size=config.batch_size,
+        num_threads=config.num_threads,
+        num_visualize=config.num_visualize,
+        **values,
+    )
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
@@ -448,8 +482,11 @@ def run(config: ml_collections.ConfigDict) -> dict:
     folder = Path(config.workdir) / "cbfe"
     if examples:
         save_segmentation_panels(
-            examples, folder, num_classes=21, titles=["image", "ground truth", "CBFE + CD (matched)", "overlay"],
-        )  # fmt: skip
+            examples,
+            folder,
+            num_classes=21,
+            titles=["image", "ground truth", "CBFE + CD (matched)", "overlay"],
+        )
     if "search" in results:
         from evaluation.plots import save_search_history
 

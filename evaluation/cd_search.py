@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -66,9 +66,15 @@ class CommunityInputs:
 
 
 def community_inputs(
-    maps: np.ndarray, n_train: int, gt_train: np.ndarray, gt_val: np.ndarray, k: int, *, num_classes: int = 21,
+    maps: np.ndarray,
+    n_train: int,
+    gt_train: np.ndarray,
+    gt_val: np.ndarray,
+    k: int,
+    *,
+    num_classes: int = 21,
     ignore_index: int = 255,
-) -> CommunityInputs:  # fmt: skip
+) -> CommunityInputs:
     """The trial-independent work at one k, from the (N, E, E) foreground-cluster maps of train then val."""
     labels = k + 1
     present = [np.bincount(part.ravel(), minlength=labels)[:labels] > 0 for part in (maps[:n_train], maps[n_train:])]
@@ -77,9 +83,13 @@ def community_inputs(
         for split, part, gt in (("train", maps[:n_train], gt_train), ("val", maps[n_train:], gt_val))
     }
     return CommunityInputs(
-        k=k, maps=maps.astype(np.uint8), n_train=n_train, adjacency=community.cooccurrence_matrix(maps, labels),
-        confusion=confusion, complete=bool(present[0].all() and present[1].all()),
-    )  # fmt: skip
+        k=k,
+        maps=maps.astype(np.uint8),
+        n_train=n_train,
+        adjacency=community.cooccurrence_matrix(maps, labels),
+        confusion=confusion,
+        complete=bool(present[0].all() and present[1].all()),
+    )
 
 
 def merged_confusion(conf: np.ndarray, lookup: np.ndarray) -> np.ndarray:
@@ -128,9 +138,12 @@ def train_objective(
     if not inputs.complete:
         raise InvalidTrial(f"k_community={inputs.k}: a foreground cluster is missing from the train or val maps")
     _, lookups = run_communities(
-        inputs, markov_time=markov_time, weight_threshold=weight_threshold, num_runs=num_runs,
+        inputs,
+        markov_time=markov_time,
+        weight_threshold=weight_threshold,
+        num_runs=num_runs,
         preferred_modules=preferred_modules,
-    )  # fmt: skip
+    )
     return float(np.mean([reference_cd_miou(merged_confusion(inputs.confusion["train"], lu))[0] for lu in lookups]))
 
 

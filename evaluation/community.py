@@ -25,6 +25,7 @@ ANGLES = (0, np.pi / 4, np.pi / 2, 3 * np.pi / 4, np.pi, 4 * np.pi / 3, 3 * np.p
 
 def _offset(angle: float, distance: int) -> tuple[int, int]:
     """skimage graycomatrix's offset of a pair's second pixel: (round(sin * d), round(cos * d)), half away from 0."""
+
     def half_away(v: float) -> int:
         return int(np.copysign(np.floor(abs(v) + 0.5), v))
 
@@ -79,9 +80,13 @@ def detect_communities(
     if not edges:
         return {}
     options = Options(
-        directed=False, two_level=True, seed=seed, markov_time=markov_time, silent=True,
+        directed=False,
+        two_level=True,
+        seed=seed,
+        markov_time=markov_time,
+        silent=True,
         preferred_number_of_modules=preferred_modules,
-    )  # fmt: skip
+    )
     infomap = Infomap(options=options)
     infomap.add_links(edges)
     return {int(node): int(module) for node, module in infomap.run().modules().items()}

@@ -35,20 +35,73 @@ class DatasetError(UserError):
 
 
 VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 # Cityscapes labelIds (0..33) -> the 19 train ids; every other id is ignored (255).
 CITYSCAPES_LABEL_TO_TRAIN = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
-    23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
-}  # fmt: skip
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 
 CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)  # fmt: skip
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
 
 DATASET_NAMES = ("voc", "coco_things", "coco_stuff", "ade20k", "cityscapes")
 
@@ -159,7 +212,12 @@ def voc(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
         raise DatasetError(f"VOC list {list_file} does not exist; expected one of sets/{{trainaug,train,val}}.txt")
     names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
     return _make(
-        "voc", split, [image_dir / f"{n}.jpg" for n in names], [seg_dir / f"{n}.png" for n in names], 21, 255,
+        "voc",
+        split,
+        [image_dir / f"{n}.jpg" for n in names],
+        [seg_dir / f"{n}.png" for n in names],
+        21,
+        255,
         class_names=VOC_CLASSES,
     )
 

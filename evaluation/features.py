@@ -15,8 +15,8 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -172,18 +172,31 @@ def load_from_workdir(workdir: str | Path, which: str = "teacher"):
         raise CheckpointError(f"{workdir}/checkpoints holds no finished checkpoint yet")
 
     def on_damaged(step: int, damage: str, good: int) -> None:
-        log.warning("checkpoint %s/checkpoints/%d is damaged (%s); using step %d, the newest intact checkpoint. "
-                    "Remove the damaged one with: rm -r %s/checkpoints/%d", workdir, step, damage, good, workdir, step)
+        log.warning(
+            "checkpoint %s/checkpoints/%d is damaged (%s); using step %d, the newest intact checkpoint. "
+            "Remove the damaged one with: rm -r %s/checkpoints/%d",
+            workdir,
+            step,
+            damage,
+            good,
+            workdir,
+            step,
+        )
 
     try:
         _, restored = ckpt_lib.newest_intact(
-            f"{workdir}/checkpoints", manager.all_steps(),
-            lambda s: manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore())), on_damaged)
+            f"{workdir}/checkpoints",
+            manager.all_steps(),
+            lambda s: manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore())),
+            on_damaged,
+        )
     finally:
         manager.close()
     params = restored.state[which]
     if not params:
-        raise CheckpointError(f"{workdir} trained without a teacher (loss.use_teacher=False); use checkpoint_model=student")
+        raise CheckpointError(
+            f"{workdir} trained without a teacher (loss.use_teacher=False); use checkpoint_model=student"
+        )
     config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
     backbone = _int_keys(jax.device_get(params["backbone"]))
     models = train.build_models(config, has_mask_token="mask_token" in backbone)

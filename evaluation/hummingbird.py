@@ -79,13 +79,19 @@ def evaluate_retrieval(
     s = settings
     start = time.perf_counter()
     bank = mb.build_memory_bank(
-        train_dataset, features_fn, input_size=s.input_size, patch_size=patch_size, passes=s.passes,
-        memory_size=s.memory_size, batch_size=s.batch_size, reproduce_std_typo=s.reproduce_std_typo,
-        jitter=s.jitter, seed=s.seed, num_threads=s.num_threads,
-    )  # fmt: skip
-    store = knn_lib.shard_keys(
-        bank.keys, memory_chunk=s.memory_chunk, dtype=s.search_dtype, bin_size=s.bin_size, k=s.k
+        train_dataset,
+        features_fn,
+        input_size=s.input_size,
+        patch_size=patch_size,
+        passes=s.passes,
+        memory_size=s.memory_size,
+        batch_size=s.batch_size,
+        reproduce_std_typo=s.reproduce_std_typo,
+        jitter=s.jitter,
+        seed=s.seed,
+        num_threads=s.num_threads,
     )
+    store = knn_lib.shard_keys(bank.keys, memory_chunk=s.memory_chunk, dtype=s.search_dtype, bin_size=s.bin_size, k=s.k)
     label_counts = jax.device_put(bank.label_counts, NamedSharding(store.mesh, PartitionSpec()))
     build_seconds = time.perf_counter() - start
     num_classes, ignore = val_dataset.num_classes, val_dataset.ignore_index
@@ -94,9 +100,14 @@ def evaluate_retrieval(
     block = s.batch_size * grid * grid  # queries are padded to one shape so the search compiles once
     examples = []
     batches = iterate_batches(
-        val_dataset, batch_size=s.batch_size, image_size=s.input_size, mask_size=s.input_size,
-        load_fn=functools.partial(_load_val, size=s.input_size), num_threads=s.num_threads, desc="retrieval",
-    )  # fmt: skip
+        val_dataset,
+        batch_size=s.batch_size,
+        image_size=s.input_size,
+        mask_size=s.input_size,
+        load_fn=functools.partial(_load_val, size=s.input_size),
+        num_threads=s.num_threads,
+        desc="retrieval",
+    )
     for batch in batches:
         images = mb.restandardise(batch.images, s.reproduce_std_typo)
         feats = np.asarray(features_fn(images), dtype=np.float32)
@@ -106,9 +117,14 @@ def evaluate_retrieval(
         _, indices = knn_lib.search_block(store, queries, k=s.k, topk_dtype=s.topk_dtype, bin_size=s.bin_size)
         cosines = knn_lib.cosine_similarities(store, queries, indices)
         pred = _segment(
-            cosines[:n], indices[:n], label_counts, grid=(grid, grid), size=(s.input_size, s.input_size),
-            temperature=s.temperature, patch_area=bank.patch_area,
-        )  # fmt: skip
+            cosines[:n],
+            indices[:n],
+            label_counts,
+            grid=(grid, grid),
+            size=(s.input_size, s.input_size),
+            temperature=s.temperature,
+            patch_area=bank.patch_area,
+        )
         pred = np.asarray(pred)
         conf += confusion_matrix(pred, batch.masks, num_classes=num_classes, ignore_index=ignore)
         for j in range(min(len(pred), s.num_visualize - len(examples))):
@@ -116,19 +132,33 @@ def evaluate_retrieval(
             examples.append((image, batch.masks[j], pred[j]))
     score, per_class = miou_from_confusion(conf, "hungarian")
     return {
-        "miou": score, "per_class_iou": per_class.tolist(), "memory_patches": len(bank),
-        "memory_build_s": round(build_seconds, 1), "examples": examples,
-    }  # fmt: skip
+        "miou": score,
+        "per_class_iou": per_class.tolist(),
+        "memory_patches": len(bank),
+        "memory_build_s": round(build_seconds, 1),
+        "examples": examples,
+    }
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> RetrievalSettings:
     h = config.hummingbird
     return RetrievalSettings(
-        input_size=config.image_size, k=h.k, temperature=h.temperature, passes=h.passes,
-        memory_size=h.memory_size or None, batch_size=config.batch_size, reproduce_std_typo=h.reproduce_std_typo,
-        jitter=h.jitter, search_dtype=h.search_dtype, topk_dtype=h.topk_dtype, memory_chunk=h.memory_chunk,
-        bin_size=h.bin_size, seed=h.seed, num_threads=config.num_threads, num_visualize=config.num_visualize,
-    )  # fmt: skip
+        input_size=config.image_size,
+        k=h.k,
+        temperature=h.temperature,
+        passes=h.passes,
+        memory_size=h.memory_size or None,
+        batch_size=config.batch_size,
+        reproduce_std_typo=h.reproduce_std_typo,
+        jitter=h.jitter,
+        search_dtype=h.search_dtype,
+        topk_dtype=h.topk_dtype,
+        memory_chunk=h.memory_chunk,
+        bin_size=h.bin_size,
+        seed=h.seed,
+        num_threads=config.num_threads,
+        num_visualize=config.num_visualize,
+    )
 
 
 def train_split_for(config: ml_collections.ConfigDict):

@@ -37,7 +37,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from neco_jax.errors import UserError
 from neco_jax.sharding import DATA_AXIS as AXIS
@@ -156,12 +157,10 @@ def _device_search(queries, keys, num_valid, *, k, chunk, topk_dtype, bin_size):
     return top.astype(jnp.float32), jnp.take_along_axis(all_idx, pos, axis=-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_search(mesh, k, chunk, topk_dtype, bin_size):
     fn = functools.partial(_device_search, k=k, chunk=chunk, topk_dtype=jnp.dtype(topk_dtype), bin_size=bin_size)
-    mapped = jax.shard_map(
-        fn, mesh=mesh, in_specs=(P(), P(AXIS, None), P()), out_specs=(P(), P()), check_vma=False
-    )
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS, None), P()), out_specs=(P(), P()), check_vma=False)
     return jax.jit(mapped)
 
 
@@ -178,7 +177,7 @@ def _device_cosines(queries, keys, indices):
     return jax.lax.psum(cos, AXIS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_cosines(mesh):
     mapped = jax.shard_map(
         _device_cosines, mesh=mesh, in_specs=(P(), P(AXIS, None), P()), out_specs=P(), check_vma=False
@@ -239,4 +238,3 @@ def knn(
     scores = np.concatenate([np.asarray(s) for s in scores])[:num_queries]
     indices = np.concatenate([np.asarray(i) for i in indices])[:num_queries]
     return scores, indices
-

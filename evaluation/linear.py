@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from evaluation import metrics
-from input_pipeline.views import random_resized_crop_params
 from evaluation.datasets import DatasetError, SegmentationDataset
 from evaluation.features import (
     FeaturesFn,
@@ -42,6 +41,7 @@ from evaluation.features import (
     nearest_resize,
     resize_image,
 )
+from input_pipeline.views import random_resized_crop_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +181,14 @@ def train_head(
     cached = None
     if settings.cache_features:
         cached = extract_features(
-            features_fn, train, image_size=image_size, mask_size=settings.train_mask_size,
-            batch_size=settings.batch_size, num_threads=num_threads, desc="train features",
-        )  # fmt: skip
+            features_fn,
+            train,
+            image_size=image_size,
+            mask_size=settings.train_mask_size,
+            batch_size=settings.batch_size,
+            num_threads=num_threads,
+            desc="train features",
+        )
     sizes = None if cached else [_image_hw(train, i) for i in range(n)]
     steps_per_epoch = len(_epoch_order(np.random.default_rng(0), n, settings))
     losses, scores, best = [], [], None
@@ -201,9 +206,11 @@ def train_head(
             return augmented_example(ds, i, crop=crop, flip=flip, size=image_size, mask_size=settings.train_mask_size)
 
         epoch_losses = []
-        source = _cached_batches(cached, batches) if cached else _augmented_batches(
-            train, batches, load, features_fn, image_size, settings, num_threads, epoch
-        )  # fmt: skip
+        source = (
+            _cached_batches(cached, batches)
+            if cached
+            else _augmented_batches(train, batches, load, features_fn, image_size, settings, num_threads, epoch)
+        )
         for feats, labels in source:
             if params is None:
                 params = init_head(jax.random.key(settings.seed), feats.shape[-1], train.num_classes)
@@ -240,9 +247,15 @@ def _cached_batches(cached, batches):
 def _augmented_batches(train, batches, load, features_fn, image_size, settings, num_threads, epoch):
     flat = np.concatenate(batches) if batches else np.zeros((0,), np.int64)
     it = iterate_batches(
-        train, batch_size=settings.batch_size, image_size=image_size, mask_size=settings.train_mask_size,
-        indices=flat, load_fn=load, num_threads=num_threads, desc=f"epoch {epoch + 1}/{settings.epochs}",
-    )  # fmt: skip
+        train,
+        batch_size=settings.batch_size,
+        image_size=image_size,
+        mask_size=settings.train_mask_size,
+        indices=flat,
+        load_fn=load,
+        num_threads=num_threads,
+        desc=f"epoch {epoch + 1}/{settings.epochs}",
+    )
     for batch in it:
         yield features_fn(batch.images), batch.masks
 
@@ -262,9 +275,13 @@ def evaluate_head(
     conf = np.zeros((val.num_classes, val.num_classes), np.int64)
     examples = []
     for batch in iterate_batches(
-        val, batch_size=batch_size, image_size=image_size, mask_size=eval_mask_size, num_threads=num_threads,
+        val,
+        batch_size=batch_size,
+        image_size=image_size,
+        mask_size=eval_mask_size,
+        num_threads=num_threads,
         desc="val",
-    ):  # fmt: skip
+    ):
         pred = predict(params, features_fn(batch.images), eval_mask_size)
         conf += metrics.confusion_matrix(pred, batch.masks, num_classes=val.num_classes, ignore_index=val.ignore_index)
         for j in range(min(len(pred), num_examples - len(examples))):
@@ -299,16 +316,27 @@ def evaluate(
     if scores:
         selected = {"epoch_val_miou": scores, "selected_epoch": int(np.argmax(scores)) + 1}
     out = evaluate_head(
-        params, val, features_fn, image_size=image_size, eval_mask_size=settings.eval_mask_size,
-        batch_size=batch_size, num_threads=num_threads, num_examples=num_examples,
-    )  # fmt: skip
+        params,
+        val,
+        features_fn,
+        image_size=image_size,
+        eval_mask_size=settings.eval_mask_size,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        num_examples=num_examples,
+    )
     return {**out, "epoch_losses": losses, **selected, "train_images": len(train), "val_images": len(val)}
 
 
 def selection_score(
-    val: SegmentationDataset, features_fn: FeaturesFn, *, settings: LinearSettings, image_size: int, batch_size: int,
+    val: SegmentationDataset,
+    features_fn: FeaturesFn,
+    *,
+    settings: LinearSettings,
+    image_size: int,
+    batch_size: int,
     num_threads: int,
-) -> Callable[[dict], float]:  # fmt: skip
+) -> Callable[[dict], float]:
     """The reference's per-epoch ``miou_val`` as a function of the head: val features computed once, argmax at
     ``select_mask_size``, identity matching; with ``select_drop_last`` only whole batches of ``settings.batch_size``
     images (the reference VOC val loader's drop_last)."""
@@ -318,9 +346,15 @@ def selection_score(
             f"{len(val)} val images are fewer than one batch of {settings.batch_size}; set select_drop_last=False"
         )
     feats, masks = extract_features(
-        features_fn, val, image_size=image_size, mask_size=settings.select_mask_size, batch_size=batch_size,
-        indices=range(n), num_threads=num_threads, desc="val features for head selection",
-    )  # fmt: skip
+        features_fn,
+        val,
+        image_size=image_size,
+        mask_size=settings.select_mask_size,
+        batch_size=batch_size,
+        indices=range(n),
+        num_threads=num_threads,
+        desc="val features for head selection",
+    )
 
     def score(params: dict) -> float:
         conf = np.zeros((val.num_classes, val.num_classes), np.int64)
@@ -364,9 +398,15 @@ def run(config: ml_collections.ConfigDict) -> dict:
         )
     extractor = make_extractor(config)
     results = evaluate(
-        train, val, extractor, settings=settings, image_size=config.image_size, batch_size=config.batch_size,
-        num_threads=config.num_threads, num_examples=config.num_visualize,
-    )  # fmt: skip
+        train,
+        val,
+        extractor,
+        settings=settings,
+        image_size=config.image_size,
+        batch_size=config.batch_size,
+        num_threads=config.num_threads,
+        num_examples=config.num_visualize,
+    )
     examples = results.pop("examples")
     if examples:
         save_segmentation_panels(examples, Path(config.workdir) / "predictions", num_classes=val.num_classes)

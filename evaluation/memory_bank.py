@@ -238,9 +238,14 @@ def build_memory_bank(
             return train_view(*ds[i], rng, size=input_size, jitter=jitter)
 
         batches = iterate_batches(
-            dataset, batch_size=batch_size, image_size=input_size, mask_size=input_size,
-            load_fn=load, num_threads=num_threads, desc=f"memory bank pass {p + 1}/{passes}",
-        )  # fmt: skip
+            dataset,
+            batch_size=batch_size,
+            image_size=input_size,
+            mask_size=input_size,
+            load_fn=load,
+            num_threads=num_threads,
+            desc=f"memory bank pass {p + 1}/{passes}",
+        )
         for batch in batches:
             images = restandardise(batch.images, reproduce_std_typo)
             feats = np.asarray(features_fn(images), dtype=np.float32)

@@ -9,8 +9,8 @@ count is matched by Hungarian matching, larger K many-to-one by precision; mIoU 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import ml_collections
 import numpy as np
@@ -133,9 +133,12 @@ def save_pictures(results: dict, dataset: SegmentationDataset, folder: Path, *, 
         return
     num_classes, ignore = dataset.num_classes, dataset.ignore_index
     conf = metrics.confusion_matrix(
-        nearest_resize(clusters, masks.shape[-2:]), masks, num_classes=num_classes, num_pred=max(k, num_classes),
+        nearest_resize(clusters, masks.shape[-2:]),
+        masks,
+        num_classes=num_classes,
+        num_pred=max(k, num_classes),
         ignore_index=ignore,
-    )  # fmt: skip
+    )
     mapping = metrics.match_clusters(conf, "hungarian" if k == num_classes else "precision")
     colours = pca_rgb(results["features"][:count])
     titles = ["image", "ground truth", f"K={k} matched", f"K={k} clusters", "PCA of features"]
@@ -151,10 +154,15 @@ def save_pictures(results: dict, dataset: SegmentationDataset, folder: Path, *, 
 def settings_from_config(config: ml_collections.ConfigDict) -> OverclusterSettings:
     oc = config.overcluster
     return OverclusterSettings(
-        ks=tuple(int(k) for k in oc.ks), seeds=tuple(int(s) for s in oc.seeds), restarts=oc.restarts,
-        iters=oc.iters, init=oc.init, pca_dim=oc.pca_dim, pca_max_points_per_dim=oc.pca_max_points_per_dim,
+        ks=tuple(int(k) for k in oc.ks),
+        seeds=tuple(int(s) for s in oc.seeds),
+        restarts=oc.restarts,
+        iters=oc.iters,
+        init=oc.init,
+        pca_dim=oc.pca_dim,
+        pca_max_points_per_dim=oc.pca_max_points_per_dim,
         max_points_per_centroid=oc.max_points_per_centroid,
-    )  # fmt: skip
+    )
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
@@ -173,10 +181,15 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if oc.pca_dim > extractor.embed_dim:
         raise ConfigError(f"config.overcluster.pca_dim={oc.pca_dim} exceeds the backbone's width {extractor.embed_dim}")
     results = evaluate(
-        val, extractor, settings=settings_from_config(config), image_size=config.image_size,
-        mask_size=config.mask_size, batch_size=config.batch_size, drop_remainder=oc.drop_remainder,
+        val,
+        extractor,
+        settings=settings_from_config(config),
+        image_size=config.image_size,
+        mask_size=config.mask_size,
+        batch_size=config.batch_size,
+        drop_remainder=oc.drop_remainder,
         num_threads=config.num_threads,
-    )  # fmt: skip
+    )
     folder = Path(config.workdir) / "clusters"
     save_pictures(results, val, folder, image_size=config.image_size, count=config.num_visualize)
     for key in ("features", "masks", "cluster_maps"):

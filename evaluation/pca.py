@@ -83,9 +83,7 @@ def fit_pca(x, n_components: int, *, max_points: int = 0, seed: int = 0) -> PCA:
     return PCA(np.asarray(mean, np.float32), comps.astype(np.float32), evals[order])
 
 
-def standardize_and_project(
-    x, n_components: int, *, max_points_per_dim: int = 1000, seed: int = 0
-) -> jax.Array:
+def standardize_and_project(x, n_components: int, *, max_points_per_dim: int = 1000, seed: int = 0) -> jax.Array:
     """The reference's `normalize_and_transform`: standardise, then PCA to `n_components` (faiss subsample)."""
     x = jnp.asarray(x, jnp.float32)
     z = fit_standardizer(x)(x)

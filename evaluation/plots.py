@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image, ImageDraw
 
@@ -56,10 +56,13 @@ def save_search_history(search: dict, path: Path) -> Path:
     rows = search["trials"]
     done = [(r["trial"], r["value"]) for r in rows if r["value"] is not None]
     ax = _Axes(
-        (720, 400), (0, max(len(rows) - 1, 1)), _value_range([v for _, v in done]),
+        (720, 400),
+        (0, max(len(rows) - 1, 1)),
+        _value_range([v for _, v in done]),
         f"CD hyper-parameter search: {len(done)} of {len(rows)} trials completed; best "
-        f"{search['best_value']:.4f} at {search['best']}", "train mIoU",
-    )  # fmt: skip
+        f"{search['best_value']:.4f} at {search['best']}",
+        "train mIoU",
+    )
     best, line = None, []
     for trial, value in done:
         best = value if best is None else max(best, value)

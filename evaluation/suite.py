@@ -60,9 +60,7 @@ def find_data_dir(dataset: str, root: Path) -> Path | None:
 
 def job_configs(protocols: list[str]) -> list[tuple[str, str]]:
     """(protocol, dataset) of every job config file for the chosen protocols, in table order."""
-    return [
-        (p, d) for p in protocols for d in DATASET_NAMES if (REPO / "configs" / "eval" / f"{d}_{p}.py").is_file()
-    ]
+    return [(p, d) for p in protocols for d in DATASET_NAMES if (REPO / "configs" / "eval" / f"{d}_{p}.py").is_file()]
 
 
 def load_config(protocol: str, dataset: str):
@@ -151,10 +149,13 @@ def write_table(path: Path, entries: list[dict], jobs: list[dict], header: dict)
     row = header["paper_row"]
     paper_name = " ".join(published.NECO_README[row][:2]) if row in published.NECO_README else "none"
     lines = [
-        f"# {header['checkpoint']}", "",
-        f"Paper row: {paper_name} ({header['paper_row_reason']}). Source: {published.SOURCE}.", "",
-        "| protocol | dataset | mIoU % | paper % | difference |", "|---|---|---|---|---|",
-    ]  # fmt: skip
+        f"# {header['checkpoint']}",
+        "",
+        f"Paper row: {paper_name} ({header['paper_row_reason']}). Source: {published.SOURCE}.",
+        "",
+        "| protocol | dataset | mIoU % | paper % | difference |",
+        "|---|---|---|---|---|",
+    ]
     for e in entries:
         paper = e["paper"]
         shown = (f"{100 * paper:.1f}", f"{100 * (e['miou'] - paper):+.1f}") if paper is not None else ("", "")
@@ -166,8 +167,9 @@ def write_table(path: Path, entries: list[dict], jobs: list[dict], header: dict)
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def run_suite(checkpoint: str, data_root: str, workdir: str, protocols: list[str], overrides: dict,
-              paper_row: str = "") -> dict:  # fmt: skip
+def run_suite(
+    checkpoint: str, data_root: str, workdir: str, protocols: list[str], overrides: dict, paper_row: str = ""
+) -> dict:
     """Run the jobs, write OUT/results.json, OUT/table.md and OUT/results.png; returns the results dict."""
     from evaluation import features
     from evaluation.plots import save_bar_chart
@@ -223,14 +225,23 @@ def run_suite(checkpoint: str, data_root: str, workdir: str, protocols: list[str
             continue
         job.update(status="ok", seconds=round(time.time() - start, 1), workdir=str(job_dir))
         for metric, label, value in entries_of(protocol, dataset, results):
-            entries.append({
-                "protocol": protocol, "dataset": dataset, "metric": metric, "label": label, "miou": float(value),
-                "paper": _paper(paper_row, protocol, dataset, metric, results),
-            })  # fmt: skip
+            entries.append(
+                {
+                    "protocol": protocol,
+                    "dataset": dataset,
+                    "metric": metric,
+                    "label": label,
+                    "miou": float(value),
+                    "paper": _paper(paper_row, protocol, dataset, metric, results),
+                }
+            )
     header = {
-        "checkpoint": checkpoint, "data_dir": str(root), "paper_row": paper_row, "paper_row_reason": reason,
+        "checkpoint": checkpoint,
+        "data_dir": str(root),
+        "paper_row": paper_row,
+        "paper_row_reason": reason,
         "paper_source": published.SOURCE,
-    }  # fmt: skip
+    }
     summary = {**header, "results": entries, "jobs": jobs}
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2))
     write_table(out / "table.md", entries, jobs, header)
@@ -258,9 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         summary = run_suite(
-            args.checkpoint, args.data_dir, args.workdir, [p for p in args.protocols.split(",") if p],
-            parse_overrides(args.set), args.paper_row,
-        )  # fmt: skip
+            args.checkpoint,
+            args.data_dir,
+            args.workdir,
+            [p for p in args.protocols.split(",") if p],
+            parse_overrides(args.set),
+            args.paper_row,
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

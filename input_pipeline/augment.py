@@ -86,11 +86,14 @@ def hsv_to_rgb(x: jax.Array) -> jax.Array:
     p = jnp.clip(v * (1.0 - s), 0.0, 1.0)
     q = jnp.clip(v * (1.0 - s * f), 0.0, 1.0)
     t = jnp.clip(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
-    sectors = jnp.stack([
-        jnp.stack([v, q, p, p, t, v], axis=-1),
-        jnp.stack([t, v, v, q, p, p], axis=-1),
-        jnp.stack([p, p, t, v, v, q], axis=-1),
-    ], axis=-2)  # (..., 3 channels, 6 sectors)
+    sectors = jnp.stack(
+        [
+            jnp.stack([v, q, p, p, t, v], axis=-1),
+            jnp.stack([t, v, v, q, p, p], axis=-1),
+            jnp.stack([p, p, t, v, v, q], axis=-1),
+        ],
+        axis=-2,
+    )  # (..., 3 channels, 6 sectors)
     return jnp.take_along_axis(sectors, jnp.broadcast_to(i[..., None, None], i.shape + (3, 1)), axis=-1)[..., 0]
 
 
@@ -111,16 +114,16 @@ def gaussian_blur(x: jax.Array, sigma, radius: int) -> jax.Array:
     k = gaussian_kernel(sigma, radius)
     h, w = x.shape[0], x.shape[1]
     xp = jnp.pad(x, ((0, 0), (radius, radius), (0, 0)), mode="edge")
-    x = sum(k[t] * xp[:, t:t + w] for t in range(2 * radius + 1))
+    x = sum(k[t] * xp[:, t : t + w] for t in range(2 * radius + 1))
     xp = jnp.pad(x, ((radius, radius), (0, 0), (0, 0)), mode="edge")
-    return sum(k[t] * xp[t:t + h] for t in range(2 * radius + 1))
+    return sum(k[t] * xp[t : t + h] for t in range(2 * radius + 1))
 
 
 def _jitter(x: jax.Array, params: jax.Array) -> jax.Array:
     """The jitter's four ops in the drawn order. Brightness, contrast and saturation are one blend with
     different targets; the hue shift, the costly op, runs once: blends before it, hue, blends after it."""
-    order = params[COL["order_0"]:COL["order_3"] + 1].astype(jnp.int32)
-    factors = params[COL["brightness"]:COL["hue"] + 1]
+    order = params[COL["order_0"] : COL["order_3"] + 1].astype(jnp.int32)
+    factors = params[COL["brightness"] : COL["hue"] + 1]
     hue_at = jnp.argmax(order == 3)
 
     def blends(x, active):

@@ -140,13 +140,24 @@ class TrainLoader:
     depend on the worker count and a run may resume with different workers or threads.
     """
 
-    def __init__(self, batches: grain.MapDataset, source, *, batch_size: int, steps_per_epoch: int,
-                 max_bad_fraction: float, worker_count: int, threads_per_worker: int, prefetch_batches: int):
+    def __init__(
+        self,
+        batches: grain.MapDataset,
+        source,
+        *,
+        batch_size: int,
+        steps_per_epoch: int,
+        max_bad_fraction: float,
+        worker_count: int,
+        threads_per_worker: int,
+        prefetch_batches: int,
+    ):
         self._batches = batches
         self._iterator = None
         self._next_batch = 0
-        self._read = grain.ReadOptions(num_threads=max(threads_per_worker, 1),
-                                       prefetch_buffer_size=max(prefetch_batches, 1))
+        self._read = grain.ReadOptions(
+            num_threads=max(threads_per_worker, 1), prefetch_buffer_size=max(prefetch_batches, 1)
+        )
         self._worker_count = worker_count
         self.source = source
         self.num_records = len(source)
@@ -159,7 +170,7 @@ class TrainLoader:
 
     def _it(self):
         if self._iterator is None:
-            ds = self._batches[self._next_batch:].to_iter_dataset(self._read)
+            ds = self._batches[self._next_batch :].to_iter_dataset(self._read)
             if self._worker_count > 0:
                 from absl import flags
 
@@ -272,6 +283,13 @@ def make_train_loader(
     ds = ds.repeat(num_epochs)
     ds = ds.map_with_index(_MakeExample(source, order, view_cfg, seed, bool(_get(data_cfg, "exif_transpose", True))))
     ds = ds.batch(batch_size, drop_remainder=True)
-    return TrainLoader(ds, source, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
-                       max_bad_fraction=max_bad_fraction, worker_count=worker_count,
-                       threads_per_worker=threads_per_worker, prefetch_batches=prefetch_batches)
+    return TrainLoader(
+        ds,
+        source,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        max_bad_fraction=max_bad_fraction,
+        worker_count=worker_count,
+        threads_per_worker=threads_per_worker,
+        prefetch_batches=prefetch_batches,
+    )

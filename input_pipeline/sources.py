@@ -112,8 +112,13 @@ def list_images(root: str, *, recursive: bool = True) -> list[str]:
             dirnames[:] = kept
             found.extend(os.path.join(dirpath, f) for f in filenames if _is_image(f))
         if skipped:
-            _log.warning("%s: skipped %d linked folder(s) already listed (a link cycle or a second link to the same "
-                         "folder), e.g. %s", root, len(skipped), ", ".join(skipped[:3]))
+            _log.warning(
+                "%s: skipped %d linked folder(s) already listed (a link cycle or a second link to the same "
+                "folder), e.g. %s",
+                root,
+                len(skipped),
+                ", ".join(skipped[:3]),
+            )
     else:
         found = [os.path.join(root, f) for f in os.listdir(root) if _is_image(f)]
     if not found:
@@ -241,7 +246,7 @@ def make_source(dataset_name: str, data_dir: str, *, tfds_split: str = "train", 
         if name.startswith("tfds:"):
             from input_pipeline.tfds_source import TfdsSource
 
-            sources.append(TfdsSource(name[len("tfds:"):], data_dir=root, split=tfds_split, image_key=tfds_image_key))
+            sources.append(TfdsSource(name[len("tfds:") :], data_dir=root, split=tfds_split, image_key=tfds_image_key))
         elif name in _BUILDERS:
             sources.append(_BUILDERS[name](root))
         else:

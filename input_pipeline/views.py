@@ -36,8 +36,19 @@ AUGMENT_ON = ("device", "host")
 # One crop's colour parameters, as the columns of the batch's `global_colour` / `local_colour` arrays:
 # jitter applied (0/1); the jitter's op order (0 brightness, 1 contrast, 2 saturation, 3 hue); its factors
 # (identity 1, 1, 1, 0 when not applied); grayscale (0/1); blur sigma (0 = no blur).
-COLOUR_PARAMS = ("jitter", "order_0", "order_1", "order_2", "order_3", "brightness", "contrast", "saturation",
-                 "hue", "grayscale", "blur_sigma")
+COLOUR_PARAMS = (
+    "jitter",
+    "order_0",
+    "order_1",
+    "order_2",
+    "order_3",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "grayscale",
+    "blur_sigma",
+)
 COL = {name: i for i, name in enumerate(COLOUR_PARAMS)}
 NO_COLOUR = np.array([0, 0, 1, 2, 3, 1, 1, 1, 0, 0, 0], np.float64)  # identity parameters
 
@@ -157,7 +168,7 @@ def sample_crop_boxes(rng, width: int, height: int, cfg: ViewConfig) -> np.ndarr
         group = cfg.crop_group(i)
         scale = (cfg.min_scale_crops[group], cfg.max_scale_crops[group])
 
-        def draw():
+        def draw(scale=scale):
             top, left, h, w = random_resized_crop_params(rng, width, height, scale, cfg.ratio)
             return np.array([left, top, left + w, top + h], np.int64)
 
@@ -219,10 +230,10 @@ def draw_colour_params(rng, cfg: ViewConfig) -> np.ndarray:
     if rng.random() < cfg.jitter_prob and cfg.jitter_strength > 0:  # torchvision drops an identity jitter
         s = cfg.jitter_strength
         params[COL["jitter"]] = 1
-        params[COL["order_0"]:COL["order_3"] + 1] = rng.permutation(4)
+        params[COL["order_0"] : COL["order_3"] + 1] = rng.permutation(4)
         lo = max(0.0, 1.0 - 0.8 * s)
         factors = [rng.uniform(lo, 1.0 + 0.8 * s) for _ in range(3)] + [rng.uniform(-0.2 * s, 0.2 * s)]
-        params[COL["brightness"]:COL["hue"] + 1] = factors
+        params[COL["brightness"] : COL["hue"] + 1] = factors
     if rng.random() < cfg.grayscale_prob:
         params[COL["grayscale"]] = 1
     if rng.random() < cfg.blur_prob:
@@ -234,8 +245,8 @@ def apply_colour_pil(img: Image.Image, params: np.ndarray) -> Image.Image:
     """torchvision's PIL ops with drawn parameters: jitter (ops in the drawn order), grayscale, PIL blur."""
     if params[COL["jitter"]]:
         ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
-        factors = params[COL["brightness"]:COL["hue"] + 1]
-        for k in params[COL["order_0"]:COL["order_3"] + 1].astype(int):
+        factors = params[COL["brightness"] : COL["hue"] + 1]
+        for k in params[COL["order_0"] : COL["order_3"] + 1].astype(int):
             img = adjust_hue(img, float(factors[3])) if k == 3 else ops[k](img).enhance(float(factors[k]))
     if params[COL["grayscale"]]:
         img = img.convert("L").convert("RGB")

@@ -36,7 +36,7 @@ from neco_jax.files import atomic_write
 
 if TYPE_CHECKING:
     from neco_jax.models.head import ProjectionHead
-    from neco_jax.models.vit import ViTConfig, VisionTransformer
+    from neco_jax.models.vit import VisionTransformer, ViTConfig
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.safetensors"
@@ -164,8 +164,12 @@ def _read_folder(folder: Path, arch: str | ViTConfig | None) -> Converted:
         raise UserError(f"{folder / CONFIG_FILE} is not a ViTConfig ({err}); save the backbone again") from err
     params = _read_params(folder / PARAMS_FILE)
     if arch is None:
-        arch_record.check_fits(saved, keymap.to_torch(params, "dinov2"), str(folder / CONFIG_FILE),
-                               f"It does not describe {PARAMS_FILE}: save the backbone again, or pass arch=.")
+        arch_record.check_fits(
+            saved,
+            keymap.to_torch(params, "dinov2"),
+            str(folder / CONFIG_FILE),
+            f"It does not describe {PARAMS_FILE}: save the backbone again, or pass arch=.",
+        )
     config = resolve_arch(arch) if arch is not None else saved
     _check_params(params, param_shapes(config), f"{folder / PARAMS_FILE}")
     head_config = head_params = None
@@ -190,8 +194,7 @@ def build(config: ViTConfig | HeadConfig, params: Mapping[str, np.ndarray]) -> V
 
     keymap.check_keys(params, param_shapes(config), "the parameters", "They were made for another architecture.")
     graphdef, abstract, rest = abstract_module(config)
-    filled = [(path, var.replace(jnp.asarray(params[join_path(path)])))
-              for path, var in nnx.to_flat_state(abstract)]
+    filled = [(path, var.replace(jnp.asarray(params[join_path(path)]))) for path, var in nnx.to_flat_state(abstract)]
     return nnx.merge(graphdef, nnx.from_flat_state(filled), rest)
 
 

@@ -18,7 +18,8 @@ import logging
 import os
 import re
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -53,8 +54,9 @@ def _damage(step_dir: str, err: Exception) -> str:
     return f"{step_dir}: {text[:300]}"
 
 
-def newest_intact(directory: str, steps: list[int], restore: Callable[[int], Any],
-                  on_damaged: Callable[[int, str, int], None]) -> tuple[int, Any]:
+def newest_intact(
+    directory: str, steps: list[int], restore: Callable[[int], Any], on_damaged: Callable[[int, str, int], None]
+) -> tuple[int, Any]:
     """(step, restore(step)) of the newest step that restores; then `on_damaged(bad_step, damage, step)` for
     each newer one that did not. A `CheckpointError` (a checkpoint that does not fit the run) propagates; any
     other failure marks the step damaged. None restores: `CheckpointError` listing each step's damage."""
@@ -73,7 +75,8 @@ def newest_intact(directory: str, steps: list[int], restore: Callable[[int], Any
     raise CheckpointError(
         f"no checkpoint in {directory} can be read: "
         + "; ".join(f"step {step}: {damage}" for step, damage in damaged)
-        + f"; move the damaged ones away (e.g. rm -r {directory}/<step>) or use a fresh --workdir")
+        + f"; move the damaged ones away (e.g. rm -r {directory}/<step>) or use a fresh --workdir"
+    )
 
 
 def _shapes(tree: Any) -> collections.Counter:
@@ -93,8 +96,9 @@ class Checkpointer:
             create=True,
         )
         self.directory = os.fspath(directory)
-        self._manager = ocp.CheckpointManager(os.path.abspath(self.directory), options=options,
-                                              item_names=("state", "data"))
+        self._manager = ocp.CheckpointManager(
+            os.path.abspath(self.directory), options=options, item_names=("state", "data")
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -102,8 +106,10 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
         """Start saving (if `step` is due, or `force`); returns whether a save was started."""
         return self._manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-            force=force)
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            force=force,
+        )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(train state laid out like `abstract_state`, data iterator state) of checkpoint `step`.
@@ -111,16 +117,19 @@ class Checkpointer:
         Arrays that do not fit the run raise `CheckpointError`; a damaged checkpoint raises what orbax raises.
         """
         with ocp.StandardCheckpointer() as reader:  # closed: each one holds a thread pool
-            saved = _shapes(reader.metadata(
-                os.path.join(os.path.abspath(self.directory), str(step), "state")).item_metadata)
+            saved = _shapes(
+                reader.metadata(os.path.join(os.path.abspath(self.directory), str(step), "state")).item_metadata
+            )
         extra, missing = saved - _shapes(abstract_state), _shapes(abstract_state) - saved
         if saved and (extra or missing):  # no shapes at all: damaged array files (the restore names one)
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} does not match this run's model/optimizer (arrays only in "
                 f"the checkpoint: {dict(extra)}, only in this run: {dict(missing)}); resume with the config that "
-                "wrote it, or use a fresh --workdir")
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                "wrote it, or use a fresh --workdir"
+            )
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        )
         return restored.state, restored.data
 
     def restore_newest_intact(self, abstract_state: Any) -> tuple[int, Any, dict]:
@@ -136,12 +145,20 @@ class Checkpointer:
             if jax.process_index() == 0:
                 os.makedirs(aside, exist_ok=True)
                 shutil.move(os.path.join(self.directory, str(step)), target)
-            log.warning("checkpoint %s/%d is damaged (%s); resuming from step %d, the newest intact checkpoint. "
-                        "The damaged one was moved to %s; delete it with: rm -r %s", self.directory, step, damage,
-                        good, target, target)
+            log.warning(
+                "checkpoint %s/%d is damaged (%s); resuming from step %d, the newest intact checkpoint. "
+                "The damaged one was moved to %s; delete it with: rm -r %s",
+                self.directory,
+                step,
+                damage,
+                good,
+                target,
+                target,
+            )
 
-        step, (state, data) = newest_intact(self.directory, self._manager.all_steps(),
-                                            lambda s: self.restore(s, abstract_state), on_damaged)
+        step, (state, data) = newest_intact(
+            self.directory, self._manager.all_steps(), lambda s: self.restore(s, abstract_state), on_damaged
+        )
         if jax.process_count() > 1:  # every process lists the steps only once process 0 has moved them
             from jax.experimental import multihost_utils
 

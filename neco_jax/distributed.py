@@ -13,9 +13,9 @@ that one process skips leaves the others waiting forever): the resolved config a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
-import errno
 import os
 import socket
 import sys
@@ -38,8 +38,9 @@ class DistributedError(UserError):
 
 def _launched_by_cluster() -> bool:
     """Started as one of several tasks by srun or mpirun (JAX's cluster detection fills in the rest)."""
-    return (int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ) or \
-        int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    return (int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ) or int(
+        os.environ.get("OMPI_COMM_WORLD_SIZE", "1")
+    ) > 1
 
 
 def _explicit_launch() -> tuple[str, int, int] | None:
@@ -53,10 +54,12 @@ def _explicit_launch() -> tuple[str, int, int] | None:
         raise DistributedError(
             f"{ADDRESS}={address} is set, so {NUM_PROCESSES} (the number of processes) and {PROCESS_ID} (0.."
             f"N-1) must be integers, got {NUM_PROCESSES}={os.environ.get(NUM_PROCESSES)!r} "
-            f"{PROCESS_ID}={os.environ.get(PROCESS_ID)!r}; set both for every process") from None
+            f"{PROCESS_ID}={os.environ.get(PROCESS_ID)!r}; set both for every process"
+        ) from None
     if ":" not in address or not 0 <= pid < num:
-        raise DistributedError(f"{ADDRESS}={address} must be host:port and {PROCESS_ID}={pid} must lie in "
-                               f"0..{NUM_PROCESSES}-1={num - 1}")
+        raise DistributedError(
+            f"{ADDRESS}={address} must be host:port and {PROCESS_ID}={pid} must lie in 0..{NUM_PROCESSES}-1={num - 1}"
+        )
     return address, num, pid
 
 
@@ -78,8 +81,10 @@ def initialize(config) -> None:
     # service would catch it in C++ from here on and, before the loop's handler is installed, swallow it.
     jax.config.update("jax_enable_preemption_service", False)
     if explicit is None:
-        where = ("the address JAX derived from the SLURM / Open MPI variables (start every task with srun / mpirun, "
-                 f"or set {ADDRESS})")
+        where = (
+            "the address JAX derived from the SLURM / Open MPI variables (start every task with srun / mpirun, "
+            f"or set {ADDRESS})"
+        )
         kwargs = {}
     else:
         address, num, pid = explicit
@@ -90,7 +95,8 @@ def initialize(config) -> None:
         sys.stderr.write(
             f"error: the processes did not all reach the coordinator at {where} within {timeout_s} s "
             "(config.init_timeout_s): start every process with the same address (host:port of process 0, "
-            f"reachable from every host) and {NUM_PROCESSES}, and distinct {PROCESS_ID}s 0..N-1\n")
+            f"reachable from every host) and {NUM_PROCESSES}, and distinct {PROCESS_ID}s 0..N-1\n"
+        )
         sys.stderr.flush()
         os._exit(2)
 
@@ -106,8 +112,13 @@ def initialize(config) -> None:
         raise DistributedError(f"jax.distributed could not start with {where}: {first}") from None
     finally:
         watchdog.cancel()
-    log.info("process %d of %d: %d local devices of %d", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d: %d local devices of %d",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def _check_port_free(address: str, where: str) -> None:
@@ -124,8 +135,10 @@ def _check_port_free(address: str, where: str) -> None:
     except OSError as err:
         if err.errno != errno.EADDRINUSE:
             return  # e.g. no IPv6 on this host: leave the verdict to JAX
-        raise DistributedError(f"jax.distributed could not start with {where}: port {port} is already in use on "
-                               "this host (another job, or an earlier run still exiting); choose a free port") from None
+        raise DistributedError(
+            f"jax.distributed could not start with {where}: port {port} is already in use on "
+            "this host (another job, or an earlier run still exiting); choose a free port"
+        ) from None
 
 
 def _allgather(values: np.ndarray) -> np.ndarray:
@@ -147,7 +160,8 @@ def check_same_config(config, workdir: str) -> None:
         raise DistributedError(
             f"process(es) {differ} resolved a config or --workdir different from process 0's (this is process "
             f"{jax.process_index()}, config sha256 {digest.tobytes().hex()[:12]}); start every process with the "
-            "same --config, --config.* overrides and --workdir")
+            "same --config, --config.* overrides and --workdir"
+        )
 
 
 def agreed_stop(local_signal: int | None, step: int, every: int, last: bool = False) -> int | None:

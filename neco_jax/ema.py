@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from neco_jax.optim import cosine_schedule
 
@@ -32,5 +31,6 @@ def ema_rate_schedule(momentum: float, momentum_end: float, total_steps: int) ->
 def ema_update(teacher: Any, student: Any, rate: jax.Array) -> Any:
     """`teacher * (1 - rate) + rate * student` leaf by leaf (rate = 1 - momentum), in each leaf's dtype."""
     keep = 1.0 - rate
-    return jax.tree.map(lambda t, s: (t * keep.astype(t.dtype) + rate.astype(t.dtype) * s).astype(t.dtype),
-                        teacher, student)
+    return jax.tree.map(
+        lambda t, s: (t * keep.astype(t.dtype) + rate.astype(t.dtype) * s).astype(t.dtype), teacher, student
+    )

@@ -113,9 +113,15 @@ def pair_loss(
       the scalar float32 loss.
     """
     return _cross_entropy(
-        student, teacher, references, query_mask,
-        student_steepness=student_steepness, teacher_steepness=teacher_steepness,
-        network=network, distribution=distribution, similarity=similarity,
+        student,
+        teacher,
+        references,
+        query_mask,
+        student_steepness=student_steepness,
+        teacher_steepness=teacher_steepness,
+        network=network,
+        distribution=distribution,
+        similarity=similarity,
     )
 
 
@@ -231,7 +237,11 @@ def neco_loss(
     if queue is not None:
         valid = None if hard is None else hard > 0.5
         new_queue = queue_lib.push(
-            queue, teacher_global, push_key, per_image=queue_per_image, valid=valid,
+            queue,
+            teacher_global,
+            push_key,
+            per_image=queue_per_image,
+            valid=valid,
             original_counter=original_counter,
         )
 
@@ -260,9 +270,15 @@ def neco_loss(
     references = jnp.stack(references)
     query_mask = jnp.stack(masks) if hard is not None else None
     per_pair = _cross_entropy(
-        jnp.stack(students), jnp.stack(teachers), references, query_mask,
-        student_steepness=student_steepness, teacher_steepness=teacher_steepness,
-        network=network, distribution=distribution, similarity=similarity,
+        jnp.stack(students),
+        jnp.stack(teachers),
+        references,
+        query_mask,
+        student_steepness=student_steepness,
+        teacher_steepness=teacher_steepness,
+        network=network,
+        distribution=distribution,
+        similarity=similarity,
     )
     per_pair = per_pair.reshape(num_global, num_views - 1)
     loss = jnp.mean(jnp.sum(per_pair, axis=1) / (num_views - 1))

@@ -153,9 +153,11 @@ class StepClock:
 def progress_line(step: int, total: int, metrics: dict[str, Any]) -> str:
     """`step 120/46200 (0.3%) | loss 3.8412 | 85.3 img/s | data 12% | 0.75 s/step | ETA 9h41m`."""
     frac_data = metrics["data_wait_s"] / max(metrics["step_time_s"], 1e-9)
-    return (f"step {step}/{total} ({100 * step / max(total, 1):.1f}%) | loss {metrics['loss']:.4f} | "
-            f"{metrics['images_per_s']:.1f} img/s | data {100 * frac_data:.0f}% | "
-            f"{metrics['step_time_s']:.3f} s/step | ETA {_format_duration(metrics['eta_s'])}")
+    return (
+        f"step {step}/{total} ({100 * step / max(total, 1):.1f}%) | loss {metrics['loss']:.4f} | "
+        f"{metrics['images_per_s']:.1f} img/s | data {100 * frac_data:.0f}% | "
+        f"{metrics['step_time_s']:.3f} s/step | ETA {_format_duration(metrics['eta_s'])}"
+    )
 
 
 def log_parameter_overview(params: Any, name: str) -> None:

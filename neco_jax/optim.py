@@ -44,8 +44,11 @@ def cosine_schedule(base: float, final: float, total_steps: int) -> Callable[[An
     def schedule(step):
         t = jnp.minimum(jnp.asarray(step, jnp.float32), total)
         x = (0.5 * math.pi / total) * t
-        return jnp.where(2 * t < total, base + (final - base) * jnp.square(jnp.sin(x)),
-                         final + (base - final) * jnp.square(jnp.cos(x)))
+        return jnp.where(
+            2 * t < total,
+            base + (final - base) * jnp.square(jnp.sin(x)),
+            final + (base - final) * jnp.square(jnp.cos(x)),
+        )
 
     return schedule
 
@@ -62,8 +65,9 @@ def parse_trainable_blocks(spec: str | int | None, depth: int) -> set[int] | Non
         try:
             ids = {int(x) for x in text.strip("[]").split(",") if x.strip()}
         except ValueError:
-            raise ConfigError(f"optim.trainable_blocks={spec!r} is not a list of block numbers; "
-                              "write e.g. \"10,11\"") from None
+            raise ConfigError(
+                f'optim.trainable_blocks={spec!r} is not a list of block numbers; write e.g. "10,11"'
+            ) from None
         bad = sorted(i for i in ids if not 0 <= i < depth)
         if bad:
             raise ConfigError(f"optim.trainable_blocks names blocks {bad}, but the backbone has blocks 0..{depth - 1}")
@@ -79,8 +83,9 @@ def _name(key) -> str:
     return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
 
 
-def param_labels(params: Mapping[str, Any], *, exclude_norm_bias: bool = True,
-                 trainable_blocks: set[int] | None = None) -> Any:
+def param_labels(
+    params: Mapping[str, Any], *, exclude_norm_bias: bool = True, trainable_blocks: set[int] | None = None
+) -> Any:
     """A pytree like `params` ({"backbone": ..., "head": ...}) with each leaf's group name (or "frozen")."""
 
     def label(path, leaf) -> str:
@@ -115,13 +120,16 @@ def make_optimizer(optim_cfg, labels: Any, total_steps: int) -> optax.GradientTr
     def group(lr, decay):
         return adamw(learning_rate=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=decay)
 
-    tx = optax.multi_transform({
-        "backbone_decay": group(lr_backbone, wd),
-        "backbone_no_decay": group(lr_backbone, 0.0),
-        "head_decay": group(lr_heads, wd),
-        "head_no_decay": group(lr_heads, 0.0),
-        FROZEN: optax.set_to_zero(),
-    }, labels)
+    tx = optax.multi_transform(
+        {
+            "backbone_decay": group(lr_backbone, wd),
+            "backbone_no_decay": group(lr_backbone, 0.0),
+            "head_decay": group(lr_heads, wd),
+            "head_no_decay": group(lr_heads, 0.0),
+            FROZEN: optax.set_to_zero(),
+        },
+        labels,
+    )
     if optim_cfg.grad_clip_norm < 0:
         raise ConfigError(f"optim.grad_clip_norm={optim_cfg.grad_clip_norm} must be >= 0 (0 disables clipping)")
     if optim_cfg.grad_clip_norm > 0:
@@ -151,4 +159,3 @@ def group_counts(labels: Any) -> dict[str, int]:
     for lab in jax.tree.leaves(labels):
         counts[lab] += 1
     return counts
-

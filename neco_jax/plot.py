@@ -90,8 +90,10 @@ def write_plot(workdir: str | os.PathLike, out: str | os.PathLike | None = None)
     workdir = Path(workdir)
     rows = _read_jsonl(workdir / METRICS_FILE)
     if not rows:
-        raise UserError(f"{workdir / METRICS_FILE} has no rows yet (is {workdir} a training workdir, and has it "
-                        "logged its first step?)")
+        raise UserError(
+            f"{workdir / METRICS_FILE} has no rows yet (is {workdir} a training workdir, and has it "
+            "logged its first step?)"
+        )
     resumes = sorted({s["step"] for s in _read_jsonl(workdir / STARTS_FILE) if s["step"] > 0})
     last = rows[-1]
     total = f" of {last['step'] + round(last['eta_s'] / last['step_time_s'])}" if last.get("step_time_s") else ""

@@ -69,18 +69,38 @@ def _neco_entries() -> dict[str, Pretrained]:
     # (our name, Hugging Face folder, file stem, architecture): one row of the NeCo README table each.
     rows = [
         ("neco_dinov2_vits14", "vit-small/dinov2-architectures", "neco_on_dinov2_vit14", "vit_small_patch14_dinov2"),
-        ("neco_dinov2r_xr_vits14", "vit-small/dinov2-architectures", "neco_on_dinov2r_xr_vit14",
-         "vit_small_patch14_dinov2"),  # XR: trained with the registers removed
-        ("neco_dinov2r_vits14", "vit-small/dinov2-architectures", "neco_on_dinov2r_vit14",
-         "vit_small_patch14_reg4_dinov2"),
+        (
+            "neco_dinov2r_xr_vits14",
+            "vit-small/dinov2-architectures",
+            "neco_on_dinov2r_xr_vit14",
+            "vit_small_patch14_dinov2",
+        ),  # XR: trained with the registers removed
+        (
+            "neco_dinov2r_vits14",
+            "vit-small/dinov2-architectures",
+            "neco_on_dinov2r_vit14",
+            "vit_small_patch14_reg4_dinov2",
+        ),
         ("neco_dinov2_vitb14", "vit-base/dinov2-architectures", "neco_on_dinov2_vit14", "vit_base_patch14_dinov2"),
-        ("neco_dinov2r_xr_vitb14", "vit-base/dinov2-architectures", "neco_on_dinov2r_xr_vit14",
-         "vit_base_patch14_dinov2"),
-        ("neco_dinov2r_vitb14", "vit-base/dinov2-architectures", "neco_on_dinov2r_vit14",
-         "vit_base_patch14_reg4_dinov2"),
+        (
+            "neco_dinov2r_xr_vitb14",
+            "vit-base/dinov2-architectures",
+            "neco_on_dinov2r_xr_vit14",
+            "vit_base_patch14_dinov2",
+        ),
+        (
+            "neco_dinov2r_vitb14",
+            "vit-base/dinov2-architectures",
+            "neco_on_dinov2r_vit14",
+            "vit_base_patch14_reg4_dinov2",
+        ),
         ("neco_dino_vits16", "vit-small/dino-architectures", "neco_on_dino_vit16", "vit_small_patch16_dino"),
-        ("neco_timetuning_vits16", "vit-small/dino-architectures", "neco_on_timetuning_vit16",
-         "vit_small_patch16_dino"),
+        (
+            "neco_timetuning_vits16",
+            "vit-small/dino-architectures",
+            "neco_on_timetuning_vit16",
+            "vit_small_patch16_dino",
+        ),
         ("neco_leopart_vits16", "vit-small/dino-architectures", "neco_on_leopart_vit16", "vit_small_patch16_dino"),
     ]
     table = {}

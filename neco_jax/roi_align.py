@@ -46,9 +46,7 @@ def _axis_weights(start: jax.Array, end: jax.Array, size: int, output_size: int,
     return weights / grid_safe
 
 
-def roi_align(
-    features: jax.Array, boxes: jax.Array, output_size: int = 7, *, max_grid: int | None = None
-) -> jax.Array:
+def roi_align(features: jax.Array, boxes: jax.Array, output_size: int = 7, *, max_grid: int | None = None) -> jax.Array:
     """ROI-align boxes on their feature maps.
 
     Args:

@@ -28,9 +28,19 @@ STARTS_FILE = "starts.jsonl"
 # Fields that change bookkeeping, not the computation: a resume may change them freely. (`model.init` is not
 # read on resume, the weights come from the checkpoint; `model.remat` recomputes the same values; `eval.*`
 # only evaluates the teacher.)
-BOOKKEEPING = frozenset({"log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "export_at_end",
-                         "data.num_workers", "model.init", "model.remat", "init_timeout_s",
-                         "stop_check_every_steps"})
+BOOKKEEPING = frozenset(
+    {
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "export_at_end",
+        "data.num_workers",
+        "model.init",
+        "model.remat",
+        "init_timeout_s",
+        "stop_check_every_steps",
+    }
+)
 BOOKKEEPING_SECTIONS = ("eval.",)
 
 
@@ -49,8 +59,10 @@ def prepare_workdir(workdir: str) -> None:
         with tempfile.TemporaryFile(dir=workdir, prefix=".write_test"):
             pass
     except OSError as err:
-        raise WorkdirError(f"cannot write to the workdir {workdir} ({err.strerror or err}); choose a writable "
-                           "--workdir or fix its permissions") from err
+        raise WorkdirError(
+            f"cannot write to the workdir {workdir} ({err.strerror or err}); choose a writable "
+            "--workdir or fix its permissions"
+        ) from err
 
 
 def _as_json(config: ml_collections.ConfigDict) -> str:
@@ -70,8 +82,11 @@ def config_changes(old: dict, new: dict) -> list[str]:
     """'field: old -> new' for every field that differs (absent on one side: '<absent>'), sorted by field."""
     a, b = _flatten(old), _flatten(new)
     missing = "<absent>"
-    return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(a.keys() | b.keys())
-            if a.get(k, missing) != b.get(k, missing)]
+    return [
+        f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k, missing) != b.get(k, missing)
+    ]
 
 
 def stored_config(workdir: str) -> dict | None:
@@ -83,8 +98,9 @@ def stored_config(workdir: str) -> dict | None:
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as err:
-        raise ConfigChangedError(f"{path} cannot be read ({err}); restore it, or move it away to resume "
-                                 "without comparing configs") from err
+        raise ConfigChangedError(
+            f"{path} cannot be read ({err}); restore it, or move it away to resume without comparing configs"
+        ) from err
 
 
 def check_resume(workdir: str, config: ml_collections.ConfigDict, *, allow_change: bool) -> list[str]:
@@ -94,13 +110,13 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, *, allow_chang
     if stored is None:
         return []
     changes = config_changes(stored, json.loads(_as_json(config)))
-    computing = [c for c in changes if c.split(":")[0] not in BOOKKEEPING
-                 and not c.startswith(BOOKKEEPING_SECTIONS)]
+    computing = [c for c in changes if c.split(":")[0] not in BOOKKEEPING and not c.startswith(BOOKKEEPING_SECTIONS)]
     if computing and not allow_change:
         raise ConfigChangedError(
             f"{os.path.join(workdir, CONFIG_FILE)} differs from this config in fields that change the computation: "
             f"{'; '.join(computing)}. Resume with the stored config, use a fresh --workdir, or pass "
-            "--allow_config_change to continue the checkpoint with the new values")
+            "--allow_config_change to continue the checkpoint with the new values"
+        )
     return changes
 
 
@@ -125,8 +141,13 @@ def record_start(workdir: str, config: ml_collections.ConfigDict, step: int) -> 
                 changes = ["<earlier config unreadable>"]
     if kept is not None or not os.path.isfile(path):
         atomic_write_text(path, text)
-    line = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "step": step,
-            "config": CONFIG_FILE, "previous_config": kept, "changes": changes}
+    line = {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "step": step,
+        "config": CONFIG_FILE,
+        "previous_config": kept,
+        "changes": changes,
+    }
     with open(os.path.join(workdir, STARTS_FILE), "a") as f:
         f.write(json.dumps(line) + "\n")
     return kept

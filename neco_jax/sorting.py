@@ -122,7 +122,7 @@ class GatherTables(NamedTuple):
     keeps_alpha: np.ndarray  # bool
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gather_tables(network: str, n: int) -> GatherTables:
     """Static gather tables of every layer (cached per network and size)."""
     layers = comparators(network, n)

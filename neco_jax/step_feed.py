@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,11 +51,19 @@ def empty_sums(run: int = 0) -> dict[str, jax.Array]:
     """Device-side sums over the steps since the last fetch (see `accumulate`); `run`: the non-finite steps in
     a row that ended the previous sums (a run continues across fetches)."""
     ints = {"steps": 0, "nonfinite": 0, "first_nonfinite_step": -1, "run": run, "alarm_step": -1}
-    floats = {"loss_sum": 0.0, "grad_norm_sum": 0.0, "first_nonfinite_loss": np.nan,
-              "first_nonfinite_grad_norm": np.nan, "alarm_loss": np.nan, "alarm_grad_norm": np.nan}
+    floats = {
+        "loss_sum": 0.0,
+        "grad_norm_sum": 0.0,
+        "first_nonfinite_loss": np.nan,
+        "first_nonfinite_grad_norm": np.nan,
+        "alarm_loss": np.nan,
+        "alarm_grad_norm": np.nan,
+    }
     # one buffer each: `accumulate` donates them, and a buffer cannot be donated twice in one call
-    return {**{k: jnp.array(v, jnp.int32) for k, v in ints.items()},
-            **{k: jnp.array(v, jnp.float32) for k, v in floats.items()}}
+    return {
+        **{k: jnp.array(v, jnp.int32) for k, v in ints.items()},
+        **{k: jnp.array(v, jnp.float32) for k, v in floats.items()},
+    }
 
 
 @functools.partial(jax.jit, donate_argnums=0)

@@ -20,7 +20,8 @@ import math
 import os
 import signal
 import threading
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +31,9 @@ import optax
 from flax import nnx
 
 from neco_jax import checkpoint as ckpt_lib
-from neco_jax import distributed, ema, optim, plot, sharding
-from neco_jax import queue as queue_lib
-from neco_jax import run_record
+from neco_jax import distributed, ema, optim, plot, run_record, sharding, step_feed
 from neco_jax import metrics_writer as mw
-from neco_jax import step_feed
+from neco_jax import queue as queue_lib
 from neco_jax import train_state as ts
 from neco_jax.errors import UserError
 from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
@@ -64,13 +63,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Reject values the run cannot use, naming the field and the fix, before anything is built."""
     m, o, loss = config.model, config.optim, config.loss
     if not m.init:
-        raise TrainConfigError("config.model.init is empty: name the initial weights, e.g. "
-                               "--config.model.init=/path/to/checkpoint.pth (or a pretrained name, or 'random')")
+        raise TrainConfigError(
+            "config.model.init is empty: name the initial weights, e.g. "
+            "--config.model.init=/path/to/checkpoint.pth (or a pretrained name, or 'random')"
+        )
     d = config.data
     if not d.data_dir and d.dataset_name != "sample" and not d.dataset_name.startswith("tfds:"):
-        raise TrainConfigError(f"config.data.data_dir is empty: set --config.data.data_dir=/path/to/the/"
-                               f"{d.dataset_name} images (the bundled sample photos train only with "
-                               "data.dataset_name='sample', as configs/demo.py does)")
+        raise TrainConfigError(
+            f"config.data.data_dir is empty: set --config.data.data_dir=/path/to/the/"
+            f"{d.dataset_name} images (the bundled sample photos train only with "
+            "data.dataset_name='sample', as configs/demo.py does)"
+        )
     choices = {
         "optim.on_nonfinite": (o.on_nonfinite, ("error", "skip")),
         "loss.sort_net": (loss.sort_net, ("bitonic", "odd_even")),
@@ -82,18 +85,33 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if value not in allowed:
             raise TrainConfigError(f"config.{name}={value!r} is not one of {allowed}")
     _check_finite(config.to_dict(), "config")
-    positive = {"optim.batch_size": o.batch_size, "optim.num_epochs": o.num_epochs,
-                "optim.max_consecutive_skips": o.max_consecutive_skips, "log_every_steps": config.log_every_steps,
-                "checkpoint_every_steps": config.checkpoint_every_steps, "keep_checkpoints": config.keep_checkpoints,
-                "loss.queue_length": loss.queue_length, "loss.roi_align_kernel_size": loss.roi_align_kernel_size,
-                "head.hidden_dim": config.head.hidden_dim, "head.out_dim": config.head.out_dim,
-                "head.num_layers": config.head.num_layers, "init_timeout_s": config.init_timeout_s,
-                "stop_check_every_steps": config.stop_check_every_steps}
+    positive = {
+        "optim.batch_size": o.batch_size,
+        "optim.num_epochs": o.num_epochs,
+        "optim.max_consecutive_skips": o.max_consecutive_skips,
+        "log_every_steps": config.log_every_steps,
+        "checkpoint_every_steps": config.checkpoint_every_steps,
+        "keep_checkpoints": config.keep_checkpoints,
+        "loss.queue_length": loss.queue_length,
+        "loss.roi_align_kernel_size": loss.roi_align_kernel_size,
+        "head.hidden_dim": config.head.hidden_dim,
+        "head.out_dim": config.head.out_dim,
+        "head.num_layers": config.head.num_layers,
+        "init_timeout_s": config.init_timeout_s,
+        "stop_check_every_steps": config.stop_check_every_steps,
+    }
     for name, value in positive.items():
         if value < 1:
             raise TrainConfigError(f"config.{name}={value} must be >= 1")
-    for name in ("lr_backbone", "lr_heads", "final_lr", "weight_decay", "weight_decay_end", "total_steps",
-                 "grad_clip_norm"):
+    for name in (
+        "lr_backbone",
+        "lr_heads",
+        "final_lr",
+        "weight_decay",
+        "weight_decay_end",
+        "total_steps",
+        "grad_clip_norm",
+    ):
         if o[name] < 0:
             raise TrainConfigError(f"config.optim.{name}={o[name]} must be >= 0")
     if m.num_register_tokens < 0:
@@ -101,13 +119,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 0 <= m.drop_path_rate < 1:
         raise TrainConfigError(f"config.model.drop_path_rate={m.drop_path_rate} must lie in [0, 1)")
     if not 0 <= config.ema.momentum <= 1 or not 0 <= config.ema.momentum_end <= 1:
-        raise TrainConfigError(f"config.ema.momentum={config.ema.momentum} and momentum_end="
-                               f"{config.ema.momentum_end} must lie in [0, 1]")
+        raise TrainConfigError(
+            f"config.ema.momentum={config.ema.momentum} and momentum_end={config.ema.momentum_end} must lie in [0, 1]"
+        )
     if loss.student_steepness <= 0 or loss.teacher_steepness <= 0:
         raise TrainConfigError("config.loss.student_steepness and teacher_steepness must be > 0")
     if tuple(loss.crops_for_assign) != tuple(range(config.data.nmb_samples[0])):
-        raise TrainConfigError(f"config.loss.crops_for_assign={tuple(loss.crops_for_assign)} must list every global "
-                               f"crop, 0..{config.data.nmb_samples[0] - 1}")
+        raise TrainConfigError(
+            f"config.loss.crops_for_assign={tuple(loss.crops_for_assign)} must list every global "
+            f"crop, 0..{config.data.nmb_samples[0] - 1}"
+        )
 
 
 def _check_finite(node: Any, name: str) -> None:
@@ -127,8 +148,11 @@ def _check_finite(node: Any, name: str) -> None:
 
 def vit_configs(config: ml_collections.ConfigDict, has_mask_token: bool | None = None):
     """(student, teacher) ViTConfigs: the named arch with the recipe's registers, dtype and drop path."""
-    overrides = {**config.model.arch_overrides.to_dict(), "num_register_tokens": config.model.num_register_tokens,
-                 "dtype": config.model.dtype}
+    overrides = {
+        **config.model.arch_overrides.to_dict(),
+        "num_register_tokens": config.model.num_register_tokens,
+        "dtype": config.model.dtype,
+    }
     if has_mask_token is not None:
         overrides["has_mask_token"] = has_mask_token
     if config.model.remat:
@@ -169,8 +193,10 @@ def random_params(config, seed: int, has_mask_token: bool | None = None) -> tupl
 
 
 def _flat(tree: dict) -> dict[str, Any]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): v
-            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): v
+        for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def _unflat_like(template: dict, flat: dict[str, Any]) -> dict:
@@ -189,7 +215,7 @@ def initial_params(config) -> tuple[dict, dict, str]:
     """
     if config.model.init == "random":
         student, teacher = random_params(config, config.seed)
-        return student, teacher, "random init (seed %d)" % config.seed
+        return student, teacher, f"random init (seed {config.seed})"
     from neco_jax.backbone_io import load_parts
 
     parts = load_parts(config.model.init)
@@ -214,25 +240,37 @@ def _fill(template: dict, loaded: Mapping[str, Any], config, what: str) -> tuple
     """`template`'s tree with the values of `loaded` ('/'-joined paths), and the loaded paths it has no place for."""
     wanted = _flat(template)
     missing = sorted(p for p in wanted if p not in loaded)
-    mismatched = sorted(f"{p} {loaded[p].shape} vs {wanted[p].shape}" for p in wanted
-                        if p in loaded and tuple(loaded[p].shape) != tuple(wanted[p].shape))
+    mismatched = sorted(
+        f"{p} {loaded[p].shape} vs {wanted[p].shape}"
+        for p in wanted
+        if p in loaded and tuple(loaded[p].shape) != tuple(wanted[p].shape)
+    )
     if missing or mismatched:
         fix = "choose the recipe that matches these weights" if what == "backbone" else "set config.head.* to match"
         raise TrainConfigError(
             f"{config.model.init} does not fit the {what} of config.model.arch={config.model.arch!r} with "
-            f"{config.model.num_register_tokens} registers: missing {missing}, shape mismatch {mismatched}; {fix}")
+            f"{config.model.num_register_tokens} registers: missing {missing}, shape mismatch {mismatched}; {fix}"
+        )
     nonfinite = sorted(p for p in wanted if not np.all(np.isfinite(np.asarray(loaded[p]))))
     if nonfinite:  # the step would skip every update and the first checkpoint would hold them
-        raise TrainConfigError(f"{config.model.init} holds NaN or infinite values in {nonfinite}; "
-                               "start from intact weights")
+        raise TrainConfigError(
+            f"{config.model.init} holds NaN or infinite values in {nonfinite}; start from intact weights"
+        )
     return _unflat_like(template, dict(loaded)), sorted(p for p in loaded if p not in wanted)
 
 
 # --------------------------------------------------------------------------- the step
 
 
-def _forward(backbone_def: ts.ModuleDef, head_def: ts.ModuleDef, params: dict, crops: jax.Array, *,
-             key: jax.Array | None, return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
+def _forward(
+    backbone_def: ts.ModuleDef,
+    head_def: ts.ModuleDef,
+    params: dict,
+    crops: jax.Array,
+    *,
+    key: jax.Array | None,
+    return_attention: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
     """Crops (B, C, H, W, 3) -> unit head vectors (B, C, h, w, out_dim) (+ CLS attention (B, C, heads, h*w)).
 
     All crops of one resolution go through the backbone as one batch (image-major, so the data sharding
@@ -241,8 +279,9 @@ def _forward(backbone_def: ts.ModuleDef, head_def: ts.ModuleDef, params: dict, c
     b, c, height, width, _ = crops.shape
     backbone = backbone_def.merge(params["backbone"])
     head = head_def.merge(params["head"])
-    out = backbone(crops.reshape(b * c, height, width, 3), deterministic=key is None, key=key,
-                   return_attention=return_attention)
+    out = backbone(
+        crops.reshape(b * c, height, width, 3), deterministic=key is None, key=key, return_attention=return_attention
+    )
     p = backbone.config.patch_size
     feats = head(out["x_norm_patchtokens"]).reshape(b, c, height // p, width // p, -1)
     attn = out["attn_cls"].reshape(b, c, *out["attn_cls"].shape[1:]) if return_attention else None
@@ -259,11 +298,25 @@ def neco_step_loss(lcfg, patch_size: int, s_glob, s_loc, t_glob, attn, batch, qu
 
         fg = attention_fg_mask(attn, t_glob.shape[2:4])
     loss, aux, new_queue = loss_lib.neco_loss(
-        s_glob, s_loc, t_glob, batch["boxes_gc"], batch["boxes_all"], queue or None, key,
-        patch_size=patch_size, student_steepness=lcfg.student_steepness, teacher_steepness=lcfg.teacher_steepness,
-        network=lcfg.sort_net, distribution=lcfg.distribution, similarity=lcfg.sim_dist,
-        output_size=lcfg.roi_align_kernel_size, loss_mask=lcfg.loss_mask, fg_mask=fg,
-        original_counter=lcfg.queue_original_counter, detach_teacher=lcfg.use_teacher)
+        s_glob,
+        s_loc,
+        t_glob,
+        batch["boxes_gc"],
+        batch["boxes_all"],
+        queue or None,
+        key,
+        patch_size=patch_size,
+        student_steepness=lcfg.student_steepness,
+        teacher_steepness=lcfg.teacher_steepness,
+        network=lcfg.sort_net,
+        distribution=lcfg.distribution,
+        similarity=lcfg.sim_dist,
+        output_size=lcfg.roi_align_kernel_size,
+        loss_mask=lcfg.loss_mask,
+        fg_mask=fg,
+        original_counter=lcfg.queue_original_counter,
+        detach_teacher=lcfg.use_teacher,
+    )
     return loss, (queue if new_queue is None else new_queue, aux)
 
 
@@ -281,12 +334,24 @@ def make_loss_fn(config, models: ts.Models, labels: Any):
         s_glob, _ = _forward(models.student_backbone, models.head, student, batch["global_crops"], key=k_glob)
         s_loc, _ = _forward(models.student_backbone, models.head, student, batch["local_crops"], key=k_loc)
         if use_teacher:
-            t_glob, attn = _forward(models.teacher_backbone, models.head, teacher, batch["global_crops"], key=None,
-                                    return_attention=need_attn)
+            t_glob, attn = _forward(
+                models.teacher_backbone,
+                models.head,
+                teacher,
+                batch["global_crops"],
+                key=None,
+                return_attention=need_attn,
+            )
             t_glob = jax.lax.stop_gradient(t_glob)
         else:  # the original's no-teacher ablation: a second student pass (drop path on) is the target
-            t_glob, attn = _forward(models.student_backbone, models.head, student, batch["global_crops"],
-                                    key=k_self, return_attention=need_attn)
+            t_glob, attn = _forward(
+                models.student_backbone,
+                models.head,
+                student,
+                batch["global_crops"],
+                key=k_self,
+                return_attention=need_attn,
+            )
         attn = None if attn is None else jax.lax.stop_gradient(attn)
         return neco_step_loss(lcfg, models.patch_size, s_glob, s_loc, t_glob, attn, batch, queue, k_loss)
 
@@ -307,7 +372,8 @@ def make_train_step(config, models: ts.Models, labels: Any, tx: optax.GradientTr
         batch = augment.apply_batch(batch, radius=blur_radius)
         key, rng = jax.random.split(state.rng)
         (loss, (queue, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.student, state.teacher, state.queue, batch, key)
+            state.student, state.teacher, state.queue, batch, key
+        )
         grad_norm = optim.trained_grad_norm(grads, labels)
         updates, opt_state = tx.update(grads, state.opt_state, state.student)
         student = optax.apply_updates(state.student, updates)
@@ -319,12 +385,23 @@ def make_train_step(config, models: ts.Models, labels: Any, tx: optax.GradientTr
         # A non-finite step changes nothing but the step counter and the RNG (both modes; "error" then stops).
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = ts.TrainState(
-            step=state.step + 1, student=keep(student, state.student), teacher=keep(teacher, state.teacher),
-            opt_state=keep(opt_state, state.opt_state), queue=keep(queue, state.queue), rng=rng,
-            skipped=state.skipped + (~finite).astype(jnp.int32))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "momentum": 1.0 - rate,
-                   "nonfinite_steps": new_state.skipped, **optim.hyperparams(config.optim, total_steps, state.step),
-                   **aux}
+            step=state.step + 1,
+            student=keep(student, state.student),
+            teacher=keep(teacher, state.teacher),
+            opt_state=keep(opt_state, state.opt_state),
+            queue=keep(queue, state.queue),
+            rng=rng,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "finite": finite,
+            "momentum": 1.0 - rate,
+            "nonfinite_steps": new_state.skipped,
+            **optim.hyperparams(config.optim, total_steps, state.step),
+            **aux,
+        }
         return new_state, metrics
 
     return step
@@ -339,16 +416,20 @@ def _all_finite(tree: Any) -> jax.Array:
 def jit_train_step(step_fn, mesh) -> Any:
     """jit over the mesh: state replicated and donated, batch sharded along "data", metrics replicated."""
     repl = sharding.replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=(repl, repl),
-                   donate_argnums=(0,))
+    return jax.jit(
+        step_fn, in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=(repl, repl), donate_argnums=(0,)
+    )
 
 
 def build_training(config, total_steps: int, student: dict, teacher: dict):
     """(models, optimizer labels, optimizer, initial TrainState) around initial student/teacher params."""
     models = build_models(config, has_mask_token="mask_token" in student["backbone"])
     depth = len(student["backbone"]["blocks"])
-    labels = optim.param_labels(student, exclude_norm_bias=config.optim.exclude_norm_bias,
-                                trainable_blocks=optim.parse_trainable_blocks(config.optim.trainable_blocks, depth))
+    labels = optim.param_labels(
+        student,
+        exclude_norm_bias=config.optim.exclude_norm_bias,
+        trainable_blocks=optim.parse_trainable_blocks(config.optim.trainable_blocks, depth),
+    )
     tx = optim.make_optimizer(config.optim, labels, total_steps)
     lcfg = config.loss
     queue = queue_lib.init(len(lcfg.crops_for_assign), lcfg.queue_length, config.head.out_dim) if lcfg.use_queue else {}
@@ -423,9 +504,14 @@ def _device_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @true_float32  # fp32 runs are fp32 on GPUs too (JAX's default there is TF32); bf16 is config.model.dtype
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                       devices=None, stop_after: int | None = None,
-                       allow_config_change: bool = False) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    devices=None,
+    stop_after: int | None = None,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the last logged metrics, the step reached and
     `stopped_by_signal` (the signal number when SIGTERM/SIGINT stopped it early, else None).
 
@@ -443,22 +529,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     mesh = sharding.make_mesh(devices)
     global_batch = config.optim.batch_size
     sharding.check_batch_size(global_batch, mesh)
-    log.info("mesh: %d devices (%s), %d processes; global batch %d", mesh.devices.size,
-             mesh.devices.flat[0].platform, jax.process_count(), global_batch)
+    log.info(
+        "mesh: %d devices (%s), %d processes; global batch %d",
+        mesh.devices.size,
+        mesh.devices.flat[0].platform,
+        jax.process_count(),
+        global_batch,
+    )
 
     # ---- input
     from input_pipeline import make_train_loader
 
-    loader = make_train_loader(config, batch_size=global_batch // jax.process_count(), seed=config.seed,
-                               worker_count=config.data.num_workers)
+    loader = make_train_loader(
+        config, batch_size=global_batch // jax.process_count(), seed=config.seed, worker_count=config.data.num_workers
+    )
     total_steps = config.optim.total_steps or config.optim.num_epochs * loader.steps_per_epoch
-    log.info("data: %d images, %d steps per epoch; training %d steps", loader.num_records,
-             loader.steps_per_epoch, total_steps)
+    log.info(
+        "data: %d images, %d steps per epoch; training %d steps",
+        loader.num_records,
+        loader.steps_per_epoch,
+        total_steps,
+    )
     monitor = make_monitor(config, workdir, loader.steps_per_epoch)  # None unless config.eval.every_epochs
 
     # ---- restore or init
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
+    )
     latest = checkpointer.latest_step()
     if latest is not None:  # resume: shapes and dtypes only (nothing allocated), values from the checkpoint
         run_record.check_resume(workdir, config, allow_change=allow_config_change)
@@ -495,10 +592,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     sums, window, last = step_feed.empty_sums(), step_feed.LogWindow(), {}
 
     def describe(loss, grad_norm) -> str:
-        return (f"the loss ({loss}) or the gradient norm ({grad_norm}) is not finite"
-                if not np.isfinite(loss) or not np.isfinite(grad_norm) else
-                f"the update (loss {loss}, gradient norm {grad_norm}) made the weights, teacher, optimizer "
-                "state or queue non-finite")
+        return (
+            f"the loss ({loss}) or the gradient norm ({grad_norm}) is not finite"
+            if not np.isfinite(loss) or not np.isfinite(grad_norm)
+            else f"the update (loss {loss}, gradient norm {grad_norm}) made the weights, teacher, optimizer "
+            "state or queue non-finite"
+        )
 
     def settle(step_no: int, metrics, sums, skipped: int, log_due: bool) -> int:
         """The host's only round trip: fetch the sums since the last fetch and this step's metrics; the
@@ -513,20 +612,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 f"{step_no}, where metrics are fetched) and the last good checkpoint in {checkpointer.directory} "
                 "is kept. Lower the learning rate or enable "
                 "optim.grad_clip_norm"
-                + (f" (optim.max_consecutive_skips={cap} sets how many are skipped)" if skip
-                   else ", or set optim.on_nonfinite=skip"))
+                + (
+                    f" (optim.max_consecutive_skips={cap} sets how many are skipped)"
+                    if skip
+                    else ", or set optim.on_nonfinite=skip"
+                )
+            )
         if sums["nonfinite"]:
-            log.warning("steps up to %d: %d non-finite, the first at step %d: %s; updates skipped (%d so far)",
-                        step_no, sums["nonfinite"], sums["first_nonfinite_step"],
-                        describe(sums["first_nonfinite_loss"], sums["first_nonfinite_grad_norm"]),
-                        metrics["nonfinite_steps"])
+            log.warning(
+                "steps up to %d: %d non-finite, the first at step %d: %s; updates skipped (%d so far)",
+                step_no,
+                sums["nonfinite"],
+                sums["first_nonfinite_step"],
+                describe(sums["first_nonfinite_loss"], sums["first_nonfinite_grad_norm"]),
+                metrics["nonfinite_steps"],
+            )
         window.add(sums)
         run = int(sums["run"])
         if log_due:
             timing = clock.report(step_no)
-            row = {**{k: v for k, v in metrics.items() if k != "finite"}, **window.means(),
-                   "loss_last": float(metrics["loss"]), "skipped_images": distributed.total(skipped)[0],
-                   **timing}
+            row = {
+                **{k: v for k, v in metrics.items() if k != "finite"},
+                **window.means(),
+                "loss_last": float(metrics["loss"]),
+                "skipped_images": distributed.total(skipped)[0],
+                **timing,
+            }
             writer.write(step_no, row)
             log.info(mw.progress_line(step_no, total_steps, row))
             last = row
@@ -541,8 +652,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 run_record.record_start(workdir, config, start)
                 mw.set_aside_rows_after(workdir, start)
             sums = step_feed.accumulate(sums, metrics, step_no, cap)
-            stopping = distributed.agreed_stop(stop.signum, step_no, config.stop_check_every_steps,
-                                               last=step_no == end)
+            stopping = distributed.agreed_stop(stop.signum, step_no, config.stop_check_every_steps, last=step_no == end)
             if stopping is not None:  # every process stops at the same step, whichever of them got the signal
                 stop.signum = stopping
             log_due = step_no % config.log_every_steps == 0 or step_no == end
@@ -556,11 +666,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             clock.step_done()
             # An epoch ended: evaluate the teacher (not when stopping: the scheduler's grace period is for the save).
             if monitor is not None and stopping is None and monitor.due(step_no):
-                row = monitor.run(models.teacher_backbone.merge(
-                    distributed.host_copy((state.teacher or state.student)["backbone"])), step_no)
+                row = monitor.run(
+                    models.teacher_backbone.merge(distributed.host_copy((state.teacher or state.student)["backbone"])),
+                    step_no,
+                )
                 writer.write(step_no, row)
-                log.info("epoch %d: eval mIoU %.2f %% (%.0f s)", row["eval_epoch"], 100 * row["eval_miou"],
-                         row["eval_s"])
+                log.info(
+                    "epoch %d: eval mIoU %.2f %% (%.0f s)", row["eval_epoch"], 100 * row["eval_miou"], row["eval_s"]
+                )
                 clock.exclude(row["eval_s"])
             if stopping is not None:
                 log.warning("signal %d: checkpoint of step %d saved, stopping", stop.signum, step_no)

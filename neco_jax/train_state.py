@@ -40,8 +40,9 @@ def split(module: nnx.Module) -> tuple[ModuleDef, dict]:
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError(f"{type(module).__name__} holds non-parameter state {rest}; the train state cannot carry it")
-    abstract = tuple((path, var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype)))
-                     for path, var in nnx.to_flat_state(params))
+    abstract = tuple(
+        (path, var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype))) for path, var in nnx.to_flat_state(params)
+    )
     return ModuleDef(graphdef, abstract), nnx.to_pure_dict(params)
 
 
@@ -67,5 +68,12 @@ class TrainState:
 
 
 def create(student: dict, teacher: dict, opt_state: Any, queue: Any, seed: int) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), student=student, teacher=teacher, opt_state=opt_state,
-                      queue=queue, rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        student=student,
+        teacher=teacher,
+        opt_state=opt_state,
+        queue=queue,
+        rng=jax.random.PRNGKey(seed),
+        skipped=jnp.zeros((), jnp.int32),
+    )

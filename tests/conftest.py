@@ -18,6 +18,7 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
+
 # Tests build many models of the same shapes (every recipe at reduced size, the demo, resume runs); a
 # persistent compilation cache for the session lets XLA compile each distinct program once.
 jax.config.update("jax_compilation_cache_dir", os.environ.get("NECO_TEST_JAX_CACHE", "/tmp/neco_jax_test_xla_cache"))

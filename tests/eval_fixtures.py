@@ -75,7 +75,7 @@ def make_voc_dataset(data_dir: str | Path, *, num_train: int = 8, num_val: int =
         (root / sub).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     names = {"trainaug": [f"2012_{i:06d}" for i in range(num_train)], "val": [f"2011_{i:06d}" for i in range(num_val)]}
-    for split, split_names in names.items():
+    for split_names in names.values():
         for i, name in enumerate(split_names):
             classes = [1 + (4 * i + k) % (NUM_CLASSES - 1) for k in range(4)]
             image, mask = make_example(rng, _SIZES[i % len(_SIZES)], classes)

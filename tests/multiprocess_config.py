@@ -11,7 +11,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = demo.get_config(arg)
     with c.unlocked():
         c.model.arch_overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2}
-    return base.set_fields(c, {
-        "head.hidden_dim": 32, "head.out_dim": 16, "loss.queue_length": 32, "loss.roi_align_kernel_size": 2,
-        "data.size_crops": (28, 14), "optim.total_steps": 6, "log_every_steps": 1,
-        "checkpoint_every_steps": 1000, "stop_check_every_steps": 1})
+    return base.set_fields(
+        c,
+        {
+            "head.hidden_dim": 32,
+            "head.out_dim": 16,
+            "loss.queue_length": 32,
+            "loss.roi_align_kernel_size": 2,
+            "data.size_crops": (28, 14),
+            "optim.total_steps": 6,
+            "log_every_steps": 1,
+            "checkpoint_every_steps": 1000,
+            "stop_check_every_steps": 1,
+        },
+    )

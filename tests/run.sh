@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The README's test command: make .venv, install neco-jax with its test extra (torch pinned by
-# constraints.txt), add the DINOv2 reference code without its stale pins, run the suite.
+# constraints.txt), add the DINOv2 reference code without its stale pins, lint and format-check with ruff
+# (configured in pyproject.toml), run the suite and list its 15 slowest tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q -c constraints.txt -e ".[test]"
 .venv/bin/pip install -q --no-deps dinov2==0.0.1.dev2
-.venv/bin/python -m pytest "$@"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/python -m pytest --durations=15 "$@"

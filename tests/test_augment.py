@@ -38,12 +38,15 @@ def images():
     return x
 
 
-@pytest.mark.parametrize("name,op,factors", [
-    ("brightness", TF.adjust_brightness, (0.2, 0.77, 1.0, 1.8)),
-    ("contrast", TF.adjust_contrast, (0.2, 0.77, 1.0, 1.8)),
-    ("saturation", TF.adjust_saturation, (0.0, 0.2, 0.77, 1.8)),
-    ("hue", TF.adjust_hue, (-0.5, -0.2, -0.013, 0.0, 0.11, 0.2, 0.5)),
-])
+@pytest.mark.parametrize(
+    "name,op,factors",
+    [
+        ("brightness", TF.adjust_brightness, (0.2, 0.77, 1.0, 1.8)),
+        ("contrast", TF.adjust_contrast, (0.2, 0.77, 1.0, 1.8)),
+        ("saturation", TF.adjust_saturation, (0.0, 0.2, 0.77, 1.8)),
+        ("hue", TF.adjust_hue, (-0.5, -0.2, -0.013, 0.0, 0.11, 0.2, 0.5)),
+    ],
+)
 def test_each_op_matches_torchvision(images, name, op, factors):
     ours = jax.jit(jax.vmap(getattr(augment, f"adjust_{name}"), in_axes=(0, None)))
     for f in factors:
@@ -70,16 +73,17 @@ def test_blur_matches_torchvision_with_edge_padding(images, sigma):
     np.testing.assert_allclose(got, _blur_reference(images[0], sigma, radius), atol=TOL, rtol=0)
     # torchvision's own (reflect) padding agrees away from the borders
     inner = _np(TF.gaussian_blur(_t(images[0]), [2 * radius + 1] * 2, [sigma, sigma]))
-    np.testing.assert_allclose(got[radius:-radius, radius:-radius], inner[radius:-radius, radius:-radius],
-                               atol=TOL, rtol=0)
+    np.testing.assert_allclose(
+        got[radius:-radius, radius:-radius], inner[radius:-radius, radius:-radius], atol=TOL, rtol=0
+    )
 
 
 def _params(jitter, order, factors, gray, sigma):
     p = NO_COLOUR.copy()
     if jitter:
         p[COL["jitter"]] = 1
-        p[COL["order_0"]:COL["order_3"] + 1] = order
-        p[COL["brightness"]:COL["hue"] + 1] = factors
+        p[COL["order_0"] : COL["order_3"] + 1] = order
+        p[COL["brightness"] : COL["hue"] + 1] = factors
     p[COL["grayscale"]], p[COL["blur_sigma"]] = gray, sigma
     return p
 
@@ -88,7 +92,7 @@ def _torchvision_chain(x, p, radius):
     t = _t(x)
     if p[COL["jitter"]]:
         ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-        for k in p[COL["order_0"]:COL["order_3"] + 1].astype(int):
+        for k in p[COL["order_0"] : COL["order_3"] + 1].astype(int):
             t = ops[k](t, float(p[COL["brightness"] + k]))
     if p[COL["grayscale"]]:
         t = TF.rgb_to_grayscale(t, num_output_channels=3)
@@ -103,15 +107,27 @@ def test_apply_batch_matches_torchvision_chain():
     rng = np.random.default_rng(1)
     b, c, size = 3, 4, 20
     crops = rng.integers(0, 256, (b, c, size, size, 3), dtype=np.uint8)
-    params = np.stack([
-        _params(rng.random() < 0.8, rng.permutation(4), [*rng.uniform(0.2, 1.8, 3), rng.uniform(-0.2, 0.2)],
-                rng.random() < 0.3, rng.uniform(0.1, 2.0) if rng.random() < 0.5 else 0.0)
-        for _ in range(b * c)]).reshape(b, c, len(COLOUR_PARAMS))
+    params = np.stack(
+        [
+            _params(
+                rng.random() < 0.8,
+                rng.permutation(4),
+                [*rng.uniform(0.2, 1.8, 3), rng.uniform(-0.2, 0.2)],
+                rng.random() < 0.3,
+                rng.uniform(0.1, 2.0) if rng.random() < 0.5 else 0.0,
+            )
+            for _ in range(b * c)
+        ]
+    ).reshape(b, c, len(COLOUR_PARAMS))
     params[0, 0] = _params(True, (3, 2, 1, 0), (1.5, 0.4, 1.7, 0.15), True, 1.3)
     params[0, 1] = NO_COLOUR
-    batch = {"global_crops": crops, "global_colour": params.astype(np.float32),
-             "local_crops": crops[:, :2, :8, :8], "local_colour": params[:, :2].astype(np.float32),
-             "boxes_gc": np.zeros((b, 1))}
+    batch = {
+        "global_crops": crops,
+        "global_colour": params.astype(np.float32),
+        "local_crops": crops[:, :2, :8, :8],
+        "local_colour": params[:, :2].astype(np.float32),
+        "boxes_gc": np.zeros((b, 1)),
+    }
     radius = augment.blur_radius(1.0)
     out = jax.jit(augment.apply_batch)(batch)
     assert set(out) == {"global_crops", "local_crops", "boxes_gc"} and out["global_crops"].dtype == jnp.float32
@@ -134,14 +150,21 @@ def _host_and_device(cfg, seeds):
     """Crops of the bundled photos from make_views in both modes with the same generators, in [0, 255]."""
     photos = _photos()
     host_cfg = ViewConfig(**{**cfg.__dict__, "augment_on": "host"})
-    views = [(make_views(photos[s % len(photos)], np.random.default_rng(s), cfg),
-              make_views(photos[s % len(photos)], np.random.default_rng(s), host_cfg)) for s in seeds]
+    views = [
+        (
+            make_views(photos[s % len(photos)], np.random.default_rng(s), cfg),
+            make_views(photos[s % len(photos)], np.random.default_rng(s), host_cfg),
+        )
+        for s in seeds
+    ]
     stack = lambda k, i: np.stack([v[i][k] for v in views])  # noqa: E731
     batch = {k: stack(k, 0) for k in ("global_crops", "local_crops", "global_colour", "local_colour")}
     out = jax.jit(augment.apply_batch)(batch)
     pixels = lambda x: (np.asarray(x, np.float64) * IMAGENET_STD + IMAGENET_MEAN) * 255  # noqa: E731
-    return [(pixels(out[k]), pixels(stack(k, 1)), batch[k.replace("crops", "colour")])
-            for k in ("global_crops", "local_crops")]
+    return [
+        (pixels(out[k]), pixels(stack(k, 1)), batch[k.replace("crops", "colour")])
+        for k in ("global_crops", "local_crops")
+    ]
 
 
 def test_device_chain_matches_host_pil_chain_on_photos():
@@ -158,13 +181,16 @@ def test_device_chain_matches_host_pil_chain_on_photos():
         plain = np.all(params[:, [COL["jitter"], COL["grayscale"], COL["blur_sigma"]]] == 0, axis=1)
         untouched.append(np.abs(diff[plain]).max(initial=0.0))
         offset = diff.mean(axis=1, keepdims=True)
-        per_crop.append(np.stack([np.abs(diff).mean(1), np.abs(diff - offset).mean(1), offset[:, 0],
-                                  np.abs(diff).max(1)], -1))
+        per_crop.append(
+            np.stack([np.abs(diff).mean(1), np.abs(diff - offset).mean(1), offset[:, 0], np.abs(diff).max(1)], -1)
+        )
     per_crop = np.concatenate(per_crop)
     mean_abs, centred, offset = per_crop[:, :3].mean(axis=0)
-    print(f"device vs host PIL chain over {len(per_crop)} crops: mean |diff| {mean_abs:.3f} grey levels (offset "
-          f"{offset:.3f}), without each crop's offset {centred:.3f}; max |diff| {per_crop[:, 3].max():.1f}; "
-          f"worst crop mean |diff| {per_crop[:, 0].max():.2f}")
+    print(
+        f"device vs host PIL chain over {len(per_crop)} crops: mean |diff| {mean_abs:.3f} grey levels (offset "
+        f"{offset:.3f}), without each crop's offset {centred:.3f}; max |diff| {per_crop[:, 3].max():.1f}; "
+        f"worst crop mean |diff| {per_crop[:, 0].max():.2f}"
+    )
     assert max(untouched) < 1e-3
     assert centred <= 1.0
     assert 0 < offset <= 1.5 and mean_abs <= 1.5  # PIL's truncation: the host side is darker

@@ -70,11 +70,14 @@ def _traced_forward_macs(cfg, size: int) -> float:
     return (counts[1] - counts[0]) / 2
 
 
-@pytest.mark.parametrize("arch,overrides,size", [
-    ("vit_small_patch14_dinov2", {"depth": 2, "num_register_tokens": 4}, 224),
-    ("vit_small_patch14_dinov2", {"depth": 1, "ffn_layer": "swiglu"}, 70),
-    ("vit_small_patch16_dino", {"depth": 1}, 64),
-])
+@pytest.mark.parametrize(
+    "arch,overrides,size",
+    [
+        ("vit_small_patch14_dinov2", {"depth": 2, "num_register_tokens": 4}, 224),
+        ("vit_small_patch14_dinov2", {"depth": 1, "ffn_layer": "swiglu"}, 70),
+        ("vit_small_patch16_dino", {"depth": 1}, 64),
+    ],
+)
 def test_formula_counts_the_models_matmuls(arch, overrides, size):
     cfg = get_arch(arch, **overrides)
     assert _traced_forward_macs(cfg, size) == pytest.approx(flops.vit_forward_macs(cfg, size), rel=1e-12)
@@ -83,8 +86,10 @@ def test_formula_counts_the_models_matmuls(arch, overrides, size):
 def test_head_formula_counts_the_heads_matmuls():
     head = nnx.eval_shape(lambda: ProjectionHead(64, hidden_dim=128, out_dim=32, num_layers=3, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(head)
-    traced = flops.matmul_flops(lambda s, x: nnx.merge(graphdef, s)(x), state,
-                                jax.ShapeDtypeStruct((10, 64), jnp.float32)) / 2
+    traced = (
+        flops.matmul_flops(lambda s, x: nnx.merge(graphdef, s)(x), state, jax.ShapeDtypeStruct((10, 64), jnp.float32))
+        / 2
+    )
     assert traced == 10 * flops.head_macs_per_token(64, 128, 32, 3)
 
 
@@ -95,10 +100,18 @@ def test_matmul_counter_multiplies_scan_bodies():
     assert flops.matmul_flops(f, jnp.ones((3, 4)), jnp.ones((4, 4))) == 5 * 2 * 3 * 4 * 4
 
 
-@pytest.mark.parametrize("kind,tflops", [
-    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
-    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 NVL", None), ("cpu", None), ("TPU v5 lite", None),
-])
+@pytest.mark.parametrize(
+    "kind,tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA H100 NVL", None),
+        ("cpu", None),
+        ("TPU v5 lite", None),
+    ],
+)
 def test_bf16_peak_by_device_kind(kind, tflops):
     peak = flops.bf16_peak_flops(kind)
     assert (peak is None) if tflops is None else peak == tflops * 1e12
@@ -145,8 +158,13 @@ def test_synthetic_batch_follows_the_pipeline_contract():
 
 def _run(script: str, tmp_path, *args: str) -> dict:
     out = tmp_path / f"{script}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--small", "--out", str(out), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--small", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["small"] is True and data["device"]["platform"] == jax.devices()[0].platform

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from eval_fixtures import NUM_CLASSES, make_voc_dataset, oracle_features, pixel_classes
 from skimage.measure import label as sk_label
 from torchvision.transforms import GaussianBlur
 
-from eval_fixtures import NUM_CLASSES, make_voc_dataset, oracle_features, pixel_classes
 from evaluation import cbfe, cd_search, community, datasets
 from evaluation.features import nearest_resize
 from evaluation.kmeans import kmeans
@@ -180,10 +180,21 @@ def test_cbfe_and_community_detection_end_to_end(tmp_path):
     train = datasets.open_dataset("voc", root, "train")
     val = datasets.open_dataset("voc", root, "val")
     settings = cbfe.CbfeSettings(
-        image_size=112, eval_size=28, batch_size=4, num_threads=2, pca_dim=8, k_fg=24, kmeans_iters=20,
-        kmeans_restarts=2, k_community=12, markov_time=1.0, weight_threshold=0.02, num_runs=2, cbfe_seeds=2,
+        image_size=112,
+        eval_size=28,
+        batch_size=4,
+        num_threads=2,
+        pca_dim=8,
+        k_fg=24,
+        kmeans_iters=20,
+        kmeans_restarts=2,
+        k_community=12,
+        markov_time=1.0,
+        weight_threshold=0.02,
+        num_runs=2,
+        cbfe_seeds=2,
         num_visualize=2,
-    )  # fmt: skip
+    )
     out = cbfe.evaluate_unsupervised(train, val, oracle_with_attention, settings=settings)
     assert 0.0 <= out["miou"] <= 1.0 and 0.0 <= out["miou_cbfe"] <= 1.0
     assert len(out["runs"]) == 2 and len(out["per_class_iou"]) == NUM_CLASSES
@@ -211,12 +222,27 @@ def test_cbfe_job_through_the_runner(tmp_path):
     backbone = tmp_path / "vit_tiny"
     save_backbone(VisionTransformer(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0)), backbone)
     config = voc_cbfe.get_config()
-    config.update_from_flattened_dict({
-        "checkpoint": str(backbone), "data_dir": str(root), "workdir": str(tmp_path / "out"), "image_size": 112,
-        "mask_size": 28, "batch_size": 4, "num_threads": 2, "num_visualize": 1, "cbfe.pca_dim": 8, "cbfe.k_fg": 24,
-        "cbfe.kmeans_iters": 10, "cbfe.kmeans_restarts": 1, "cbfe.num_runs": 2, "cbfe.evaluate_cbfe": False,
-        "cbfe.search_trials": 6, "cbfe.search_k": (8, 12, 4), "cbfe.compute_upper_bound": True,
-    })  # fmt: skip
+    config.update_from_flattened_dict(
+        {
+            "checkpoint": str(backbone),
+            "data_dir": str(root),
+            "workdir": str(tmp_path / "out"),
+            "image_size": 112,
+            "mask_size": 28,
+            "batch_size": 4,
+            "num_threads": 2,
+            "num_visualize": 1,
+            "cbfe.pca_dim": 8,
+            "cbfe.k_fg": 24,
+            "cbfe.kmeans_iters": 10,
+            "cbfe.kmeans_restarts": 1,
+            "cbfe.num_runs": 2,
+            "cbfe.evaluate_cbfe": False,
+            "cbfe.search_trials": 6,
+            "cbfe.search_k": (8, 12, 4),
+            "cbfe.compute_upper_bound": True,
+        }
+    )
     run_job(config)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert 0.0 <= saved["miou"] <= 1.0 and len(saved["runs"]) == 2
@@ -289,10 +315,12 @@ def test_trials_in_confusion_space_equal_the_reference_on_pixels():
     np.add.at(conf, (val_gt[keep].astype(int), val_maps[keep]), 1)
     to_class = np.argmax(conf / np.maximum(conf.sum(0), 1e-8), axis=0)
     pred = to_class[val_maps[keep]]
-    expected = np.mean([
-        np.sum((val_gt[keep] == c) & (pred == c)) / max(np.sum((val_gt[keep] == c) | (pred == c)), 1e-8)
-        for c in range(21)
-    ])  # fmt: skip
+    expected = np.mean(
+        [
+            np.sum((val_gt[keep] == c) & (pred == c)) / max(np.sum((val_gt[keep] == c) | (pred == c)), 1e-8)
+            for c in range(21)
+        ]
+    )
     assert cd_search.upper_bound(inputs) == pytest.approx(expected, abs=1e-12)
 
 
@@ -349,7 +377,8 @@ def test_search_history_png(tmp_path):
 def test_cd_parameters_sources():
     assert cbfe.cd_parameters(cbfe.CbfeSettings()) == (None, "found by search")
     assert cbfe.cd_parameters(cbfe.CbfeSettings(cd_preset="leopart_vitb8")) == (
-        (109, 0.4, 0.07), "Leopart README (leopart_vitb8)"
+        (109, 0.4, 0.07),
+        "Leopart README (leopart_vitb8)",
     )
     given = cbfe.CbfeSettings(k_community=149, markov_time=2.0, weight_threshold=0.09)
     assert cbfe.cd_parameters(given) == ((149, 2.0, 0.09), "given")
@@ -361,8 +390,11 @@ def test_cd_parameters_sources():
     ]:
         with pytest.raises(cbfe.CbfeError, match=message):
             cbfe.cd_parameters(cbfe.CbfeSettings(**bad))
-    for bad, message in [(dict(search_k=(69, 299, 10)), "255"), (dict(search_markov_time=(0.0, 2.0, 0.1)), "0 < low"),
-                         (dict(search_trials=0), "at least one trial")]:
+    for bad, message in [
+        (dict(search_k=(69, 299, 10)), "255"),
+        (dict(search_markov_time=(0.0, 2.0, 0.1)), "0 < low"),
+        (dict(search_trials=0), "at least one trial"),
+    ]:
         with pytest.raises(cbfe.CbfeError, match=message):
             cbfe._search_space(cbfe.CbfeSettings(**bad))
 

@@ -6,9 +6,11 @@ import pytest
 
 from neco_jax import checkpoint as ckpt_lib
 
-TS_ERROR = ('OUT_OF_RANGE: Error reading "a/.zarray" in OCDBT database at local file "/w/checkpoints/4/state/": '
-            'Error reading Byte range [0, 288) of local file "/w/checkpoints/4/state/d/b225ad": Requested byte range '
-            '[0, 288) is not valid for value of size 144 [tensorstore_spec=\'{"driver": "zarr"}\']')
+TS_ERROR = (
+    'OUT_OF_RANGE: Error reading "a/.zarray" in OCDBT database at local file "/w/checkpoints/4/state/": '
+    'Error reading Byte range [0, 288) of local file "/w/checkpoints/4/state/d/b225ad": Requested byte range '
+    '[0, 288) is not valid for value of size 144 [tensorstore_spec=\'{"driver": "zarr"}\']'
+)
 
 
 def _restore(results):
@@ -16,34 +18,46 @@ def _restore(results):
         if isinstance(results[step], Exception):
             raise results[step]
         return results[step]
+
     return restore
 
 
 def test_falls_back_past_damaged_steps_naming_each():
     seen = []
     step, value = ckpt_lib.newest_intact(
-        "/w/checkpoints", [2, 3, 4], _restore({4: ValueError(TS_ERROR), 3: OSError("bad metadata"), 2: "two"}),
-        lambda *a: seen.append(a))
+        "/w/checkpoints",
+        [2, 3, 4],
+        _restore({4: ValueError(TS_ERROR), 3: OSError("bad metadata"), 2: "two"}),
+        lambda *a: seen.append(a),
+    )
     assert (step, value) == (2, "two")
-    assert seen == [(4, "/w/checkpoints/4/state/d/b225ad: Requested byte range [0, 288) is not valid for value of "
-                        "size 144", 2), (3, "/w/checkpoints/3: bad metadata", 2)]
+    assert seen == [
+        (4, "/w/checkpoints/4/state/d/b225ad: Requested byte range [0, 288) is not valid for value of size 144", 2),
+        (3, "/w/checkpoints/3: bad metadata", 2),
+    ]
 
 
 def test_no_intact_checkpoint_is_one_error_listing_them():
     with pytest.raises(ckpt_lib.CheckpointError) as info:
-        ckpt_lib.newest_intact("/w/checkpoints", [3, 4], _restore({4: ValueError(TS_ERROR), 3: KeyError("x")}),
-                               lambda *a: pytest.fail("nothing restored"))
+        ckpt_lib.newest_intact(
+            "/w/checkpoints",
+            [3, 4],
+            _restore({4: ValueError(TS_ERROR), 3: KeyError("x")}),
+            lambda *a: pytest.fail("nothing restored"),
+        )
     assert str(info.value) == (
         "no checkpoint in /w/checkpoints can be read: step 4: /w/checkpoints/4/state/d/b225ad: Requested byte "
         "range [0, 288) is not valid for value of size 144; step 3: /w/checkpoints/3: 'x'; move the damaged ones "
-        "away (e.g. rm -r /w/checkpoints/<step>) or use a fresh --workdir")
+        "away (e.g. rm -r /w/checkpoints/<step>) or use a fresh --workdir"
+    )
 
 
 def test_a_checkpoint_that_does_not_fit_the_run_is_not_skipped():
     misfit = ckpt_lib.CheckpointError("does not match this run's model")
     with pytest.raises(ckpt_lib.CheckpointError, match="does not match"):
-        ckpt_lib.newest_intact("/w/checkpoints", [3, 4], _restore({4: misfit, 3: "three"}),
-                               lambda *a: pytest.fail("no fallback"))
+        ckpt_lib.newest_intact(
+            "/w/checkpoints", [3, 4], _restore({4: misfit, 3: "three"}), lambda *a: pytest.fail("no fallback")
+        )
 
 
 def _saved(tmp_path, steps):
@@ -61,8 +75,10 @@ def _abstract(shape):
     import jax.numpy as jnp
 
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return {"w": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
-            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding)}
+    return {
+        "w": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding),
+    }
 
 
 def _files(folder):
@@ -75,9 +91,12 @@ def test_orbax_checkpoints_damaged_and_misfit(tmp_path, caplog):
     aside byte for byte."""
     checkpointer = _saved(tmp_path, [1, 2, 3])
     ckpts = tmp_path / "checkpoints"
-    with pytest.raises(ckpt_lib.CheckpointError, match=r"checkpoints/3 does not match this run's model/optimizer "
-                       r"\(arrays only in the checkpoint: \{\(\(64, 8\), 'float32'\): 1\}, only in this run: "
-                       r"\{\(\(64, 9\), 'float32'\): 1\}\)"):
+    with pytest.raises(
+        ckpt_lib.CheckpointError,
+        match=r"checkpoints/3 does not match this run's model/optimizer "
+        r"\(arrays only in the checkpoint: \{\(\(64, 8\), 'float32'\): 1\}, only in this run: "
+        r"\{\(\(64, 9\), 'float32'\): 1\}\)",
+    ):
         checkpointer.restore_newest_intact(_abstract((64, 9)))
     assert sorted(p.name for p in ckpts.iterdir()) == ["1", "2", "3"]
     files = [p for p in (ckpts / "3").rglob("*") if p.is_file() and p.parent.name == "d"]
@@ -88,11 +107,16 @@ def test_orbax_checkpoints_damaged_and_misfit(tmp_path, caplog):
     before = {s: _files(ckpts / s) for s in ("2", "3")}
     step, state, data = checkpointer.restore_newest_intact(_abstract((64, 8)))
     assert (step, float(state["w"][0, 0]), data) == (1, 1.0, {"next_batch": 1})
-    for s, bad_file in (("3", r"checkpoints/3/state/(ocdbt.process_0/)?d/[0-9a-f]+"),
-                        ("2", r"checkpoints/2/state/_METADATA")):
-        assert re.search(rf"checkpoints/{s} is damaged \(.*{bad_file}: .*\); resuming from step 1, the newest "
-                         rf"intact checkpoint. The damaged one was moved to .*checkpoints.corrupt/{s}; delete it "
-                         rf"with: rm -r .*checkpoints.corrupt/{s}", caplog.text), s
+    for s, bad_file in (
+        ("3", r"checkpoints/3/state/(ocdbt.process_0/)?d/[0-9a-f]+"),
+        ("2", r"checkpoints/2/state/_METADATA"),
+    ):
+        assert re.search(
+            rf"checkpoints/{s} is damaged \(.*{bad_file}: .*\); resuming from step 1, the newest "
+            rf"intact checkpoint. The damaged one was moved to .*checkpoints.corrupt/{s}; delete it "
+            rf"with: rm -r .*checkpoints.corrupt/{s}",
+            caplog.text,
+        ), s
         assert _files(tmp_path / "checkpoints.corrupt" / s) == before[s]
     assert checkpointer.latest_step() == 1 and sorted(p.name for p in ckpts.iterdir()) == ["1"]
     checkpointer.close()

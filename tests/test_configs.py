@@ -11,8 +11,18 @@ import pytest
 from configs import base
 from neco_jax import train
 
-RECIPES = ["dinov2_s14", "dinov2r_s14", "dinov2r_xr_s14", "dinov2_b14", "dinov2r_b14", "dinov2r_xr_b14",
-           "dino_s16", "timet_s16", "leopart_s16", "demo"]
+RECIPES = [
+    "dinov2_s14",
+    "dinov2r_s14",
+    "dinov2r_xr_s14",
+    "dinov2_b14",
+    "dinov2r_b14",
+    "dinov2r_xr_b14",
+    "dino_s16",
+    "timet_s16",
+    "leopart_s16",
+    "demo",
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,7 +34,11 @@ def test_shared_values_are_the_originals():
     c = _cfg("dinov2_s14")
     assert c.seed == 400
     assert (c.model.arch, c.model.init, c.model.num_register_tokens, c.model.drop_path_rate) == (
-        "vit_small_patch14_dinov2", "dinov2_vits14", 0, 0.1)
+        "vit_small_patch14_dinov2",
+        "dinov2_vits14",
+        0,
+        0.1,
+    )
     assert (c.head.hidden_dim, c.head.out_dim, c.head.num_layers) == (2048, 256, 3)
     assert tuple(c.data.size_crops) == (518, 98) and tuple(c.data.nmb_samples) == (2, 4)
     assert tuple(c.data.min_scale_crops) == (0.25, 0.05) and tuple(c.data.max_scale_crops) == (1.0, 0.25)
@@ -35,22 +49,40 @@ def test_shared_values_are_the_originals():
     assert (c.ema.momentum, c.ema.momentum_end) == (0.9995, 1.0)
     l = c.loss  # noqa: E741
     assert (l.student_steepness, l.teacher_steepness, l.sort_net, l.distribution, l.sim_dist) == (
-        100.0, 100.0, "bitonic", "cauchy", "cosine")
+        100.0,
+        100.0,
+        "bitonic",
+        "cauchy",
+        "cosine",
+    )
     assert (l.roi_align_kernel_size, l.queue_length, l.use_queue, l.use_teacher, l.loss_mask) == (
-        7, 8192, True, True, "all")
+        7,
+        8192,
+        True,
+        True,
+        "all",
+    )
 
 
-@pytest.mark.parametrize("name,expect", [
-    ("dinov2r_s14", dict(init="dinov2_vits14_reg", regs=4, bs=64, lr=1e-5, arch="vit_small_patch14_dinov2")),
-    ("dinov2r_xr_s14", dict(init="dinov2_vits14_reg", regs=0, bs=64, lr=1e-5, arch="vit_small_patch14_dinov2")),
-    ("dinov2_b14", dict(init="dinov2_vitb14", regs=0, bs=16, lr=5e-6, arch="vit_base_patch14_dinov2")),
-    ("dinov2r_b14", dict(init="dinov2_vitb14_reg", regs=4, bs=16, lr=1e-6, arch="vit_base_patch14_dinov2")),
-    ("dinov2r_xr_b14", dict(init="dinov2_vitb14_reg", regs=0, bs=16, lr=1e-6, arch="vit_base_patch14_dinov2")),
-])
+@pytest.mark.parametrize(
+    "name,expect",
+    [
+        ("dinov2r_s14", dict(init="dinov2_vits14_reg", regs=4, bs=64, lr=1e-5, arch="vit_small_patch14_dinov2")),
+        ("dinov2r_xr_s14", dict(init="dinov2_vits14_reg", regs=0, bs=64, lr=1e-5, arch="vit_small_patch14_dinov2")),
+        ("dinov2_b14", dict(init="dinov2_vitb14", regs=0, bs=16, lr=5e-6, arch="vit_base_patch14_dinov2")),
+        ("dinov2r_b14", dict(init="dinov2_vitb14_reg", regs=4, bs=16, lr=1e-6, arch="vit_base_patch14_dinov2")),
+        ("dinov2r_xr_b14", dict(init="dinov2_vitb14_reg", regs=0, bs=16, lr=1e-6, arch="vit_base_patch14_dinov2")),
+    ],
+)
 def test_dinov2_recipes(name, expect):
     c = _cfg(name)
     assert (c.model.init, c.model.num_register_tokens, c.optim.batch_size, c.optim.lr_backbone, c.model.arch) == (
-        expect["init"], expect["regs"], expect["bs"], expect["lr"], expect["arch"])
+        expect["init"],
+        expect["regs"],
+        expect["bs"],
+        expect["lr"],
+        expect["arch"],
+    )
     assert c.loss.use_queue and tuple(c.data.size_crops) == (518, 98) and c.optim.num_epochs == 25
 
 
@@ -67,15 +99,20 @@ def test_user_checkpoint_recipes_need_an_init():
         train.check_config(_cfg("timet_s16"))
 
 
-@pytest.mark.parametrize("arg,fields", [
-    ("steepness_10_1000", {"loss.student_steepness": 10.0, "loss.teacher_steepness": 1000.0,
-                           "loss.sort_net": "bitonic"}),
-    ("odd_even", {"loss.sort_net": "odd_even"}),
-    ("fg", {"loss.loss_mask": "fg", "data.dataset_name": "voc", "loss.sort_net": "odd_even"}),
-    ("bg", {"loss.loss_mask": "bg", "data.dataset_name": "voc"}),
-    ("no_teacher", {"loss.use_teacher": False, "data.dataset_name": "voc"}),
-    ("in100", {"data.dataset_name": "imagenet100k"}),
-])
+@pytest.mark.parametrize(
+    "arg,fields",
+    [
+        (
+            "steepness_10_1000",
+            {"loss.student_steepness": 10.0, "loss.teacher_steepness": 1000.0, "loss.sort_net": "bitonic"},
+        ),
+        ("odd_even", {"loss.sort_net": "odd_even"}),
+        ("fg", {"loss.loss_mask": "fg", "data.dataset_name": "voc", "loss.sort_net": "odd_even"}),
+        ("bg", {"loss.loss_mask": "bg", "data.dataset_name": "voc"}),
+        ("no_teacher", {"loss.use_teacher": False, "data.dataset_name": "voc"}),
+        ("in100", {"data.dataset_name": "imagenet100k"}),
+    ],
+)
 def test_ablation_presets(arg, fields):
     c = _cfg("dinov2r_xr_s14", arg)
     # the original's ablation setup: 224 px, batch 55, 50 epochs, lr 1e-6, no queue, registers dropped
@@ -112,23 +149,26 @@ def test_real_recipe_without_data_dir_is_refused():
     train.check_config(c)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("optim.on_nonfinite", "ignore", "on_nonfinite"),
-    ("loss.sort_net", "bubble", "sort_net"),
-    ("optim.batch_size", 0, "batch_size"),
-    ("optim.lr_heads", -1.0, "lr_heads"),
-    ("ema.momentum", 1.5, "momentum"),
-    ("loss.crops_for_assign", (0,), "crops_for_assign"),
-    # NaN passes every `x < 0` check: each number must be finite
-    ("optim.lr_backbone", float("nan"), r"^config.optim.lr_backbone=nan is not a finite number$"),
-    ("optim.final_lr", float("inf"), r"^config.optim.final_lr=inf is not"),
-    ("loss.teacher_steepness", float("nan"), r"^config.loss.teacher_steepness=nan is not"),
-    ("data.max_scale_crops", (1.0, float("nan")), r"^config.data.max_scale_crops\[1\]=nan is not"),
-    ("optim.grad_clip_norm", -1.0, "grad_clip_norm"),
-    ("model.drop_path_rate", 1.0, "drop_path_rate"),
-    ("optim.max_consecutive_skips", 0, "max_consecutive_skips"),
-    ("model.num_register_tokens", -4, "num_register_tokens"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("optim.on_nonfinite", "ignore", "on_nonfinite"),
+        ("loss.sort_net", "bubble", "sort_net"),
+        ("optim.batch_size", 0, "batch_size"),
+        ("optim.lr_heads", -1.0, "lr_heads"),
+        ("ema.momentum", 1.5, "momentum"),
+        ("loss.crops_for_assign", (0,), "crops_for_assign"),
+        # NaN passes every `x < 0` check: each number must be finite
+        ("optim.lr_backbone", float("nan"), r"^config.optim.lr_backbone=nan is not a finite number$"),
+        ("optim.final_lr", float("inf"), r"^config.optim.final_lr=inf is not"),
+        ("loss.teacher_steepness", float("nan"), r"^config.loss.teacher_steepness=nan is not"),
+        ("data.max_scale_crops", (1.0, float("nan")), r"^config.data.max_scale_crops\[1\]=nan is not"),
+        ("optim.grad_clip_norm", -1.0, "grad_clip_norm"),
+        ("model.drop_path_rate", 1.0, "drop_path_rate"),
+        ("optim.max_consecutive_skips", 0, "max_consecutive_skips"),
+        ("model.num_register_tokens", -4, "num_register_tokens"),
+    ],
+)
 def test_bad_values_are_named(field, value, match):
     c = _cfg("demo")
     base.set_fields(c, {field: value})
@@ -145,16 +185,23 @@ def _cli(*args):
     return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config=configs/demo.py", "--config.optim.batchsize=3"],
-     "--config.optim.batchsize: the config has no field or section 'batchsize' (did you mean 'batch_size'?)"),
-    (["--config=configs/demo.py", "--config.optimx.lr=3"],
-     "--config.optimx.lr: the config has no field or section 'optimx' (did you mean 'optim'?)"),
-    (["--config=configs/nope.py"], "config file 'configs/nope.py' does not exist"),
-    (["--config=configs/demo.py:oddeven"], "unknown config argument 'oddeven'; choose one of bg, fg,"),
-    (["--config=configs/dinov2_s14.py"], "config.data.data_dir is empty"),
-    (["--config=configs/demo.py", "--config.optim.lr_heads=inf"], "config.optim.lr_heads=inf is not a finite"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--config=configs/demo.py", "--config.optim.batchsize=3"],
+            "--config.optim.batchsize: the config has no field or section 'batchsize' (did you mean 'batch_size'?)",
+        ),
+        (
+            ["--config=configs/demo.py", "--config.optimx.lr=3"],
+            "--config.optimx.lr: the config has no field or section 'optimx' (did you mean 'optim'?)",
+        ),
+        (["--config=configs/nope.py"], "config file 'configs/nope.py' does not exist"),
+        (["--config=configs/demo.py:oddeven"], "unknown config argument 'oddeven'; choose one of bg, fg,"),
+        (["--config=configs/dinov2_s14.py"], "config.data.data_dir is empty"),
+        (["--config=configs/demo.py", "--config.optim.lr_heads=inf"], "config.optim.lr_heads=inf is not a finite"),
+    ],
+)
 def test_cli_config_errors_are_one_line_exit_2(tmp_path, args, message):
     """An unknown field or section, a missing file, an unknown recipe argument, a bad value: one line, exit 2,
     and the workdir's existing record is untouched."""
@@ -172,7 +219,8 @@ def test_cli_unwritable_workdir_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         f"error: cannot write to the workdir {tmp_path / 'file' / 'run'} (Not a directory); choose a writable "
-        "--workdir or fix its permissions"]
+        "--workdir or fix its permissions"
+    ]
     assert (tmp_path / "file").read_text() == "kept"
 
 
@@ -183,13 +231,19 @@ def test_cli_read_only_workdir_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         f"error: cannot write to the workdir {tmp_path / 'ro'} (Permission denied); choose a writable --workdir "
-        "or fix its permissions"]
+        "or fix its permissions"
+    ]
     assert list((tmp_path / "ro").iterdir()) == []
 
 
 def test_cli_user_error_is_one_line_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "main.py", "--config=configs/timet_s16.py", f"--workdir={tmp_path}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/timet_s16.py", f"--workdir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: config.model.init is empty")
     assert "Traceback" not in proc.stderr

@@ -35,8 +35,15 @@ def _dinov2(seed=0, *, embed_dim=384, num_heads=6, depth=2, **kwargs):
     from dinov2.models.vision_transformer import DinoVisionTransformer
 
     model = DinoVisionTransformer(
-        img_size=IMG, patch_size=14, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4,
-        init_values=1.0, block_fn=partial(Block, attn_class=MemEffAttention), **{"block_chunks": 0, **kwargs},
+        img_size=IMG,
+        patch_size=14,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=4,
+        init_values=1.0,
+        block_fn=partial(Block, attn_class=MemEffAttention),
+        **{"block_chunks": 0, **kwargs},
     )
     return randomize(model, seed).eval()
 
@@ -61,7 +68,7 @@ def _torch_tokens(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = model.forward_features(t)
         return out["x_norm_clstoken"].numpy(), out["x_norm_patchtokens"].numpy()
     tokens = model.forward_features(t).numpy()
-    return tokens[:, 0], tokens[:, model.num_prefix_tokens:]
+    return tokens[:, 0], tokens[:, model.num_prefix_tokens :]
 
 
 def _jax_tokens(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,8 +91,9 @@ def _check_case(reference, fresh_reference, layout, size=(IMG, IMG), arch=None):
     assert exported.keys() == source.keys()
     for key, value in source.items():
         assert exported[key].dtype == value.dtype and np.array_equal(exported[key], value), key
-    fresh_reference.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in exported.items()},
-                                    strict=True)
+    fresh_reference.load_state_dict(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in exported.items()}, strict=True
+    )
     again_cls, again_patch = _torch_tokens(fresh_reference, x)
     np.testing.assert_array_equal(again_cls, ref_cls)
     np.testing.assert_array_equal(again_patch, ref_patch)
@@ -100,8 +108,9 @@ def test_dinov2_small_round_trip_and_parity():
 
 
 def test_dinov2_base_round_trip_and_parity():
-    config, _, errors = _check_case(_dinov2(0, embed_dim=768, num_heads=12, depth=1),
-                                    _dinov2(1, embed_dim=768, num_heads=12, depth=1), "dinov2")
+    config, _, errors = _check_case(
+        _dinov2(0, embed_dim=768, num_heads=12, depth=1), _dinov2(1, embed_dim=768, num_heads=12, depth=1), "dinov2"
+    )
     assert (config.embed_dim, config.num_heads, config.arch) == (768, 12, "vit_base_patch14_dinov2")
     print("dinov2 B/14 parity", errors)
 
@@ -111,19 +120,20 @@ def test_dinov2_swiglu_to_dinov2_and_timm_layouts():
     # Width 128 is no DINOv2 size, so the head count (which no shape shows) is named; the rest is inferred.
     reference = _dinov2(0, embed_dim=128, num_heads=2, depth=1, ffn_layer="swiglufused")
     arch = get_arch("vit_giant_patch14_dinov2", **infer.shape_fields(_numpy_sd(reference)), num_heads=2)
-    config, params, errors = _check_case(reference, _dinov2(1, embed_dim=128, num_heads=2, depth=1,
-                                                            ffn_layer="swiglufused"), "dinov2", arch=arch)
+    config, params, errors = _check_case(
+        reference, _dinov2(1, embed_dim=128, num_heads=2, depth=1, ffn_layer="swiglufused"), "dinov2", arch=arch
+    )
     assert config.ffn_layer == "swiglu" and params["blocks/0/mlp/w12/kernel"].shape == (128, 688)
     print("dinov2 SwiGLU parity", errors)
     from timm.layers import GluMlp
 
-    timm_giant = _timm("vit_giant_patch14_dinov2", embed_dim=128, depth=1, num_heads=2, img_size=IMG,
-                       mlp_ratio=688 / 128)
+    timm_giant = _timm(
+        "vit_giant_patch14_dinov2", embed_dim=128, depth=1, num_heads=2, img_size=IMG, mlp_ratio=688 / 128
+    )
     assert isinstance(timm_giant.blocks[0].mlp, GluMlp) and timm_giant.blocks[0].mlp.fc1.out_features == 688
     timm_sd = export_state_dict(params, "timm")
     assert "blocks.0.mlp.fc1.weight" in timm_sd and "mask_token" not in timm_sd
-    timm_giant.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in timm_sd.items()},
-                               strict=True)
+    timm_giant.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in timm_sd.items()}, strict=True)
     x = _image((IMG, IMG))
     ref_cls, ref_patch = _torch_tokens(reference, x)
     cls, patch = _torch_tokens(timm_giant, x)
@@ -144,8 +154,11 @@ def test_dinov2_chunked_blocks_read_as_unchunked():
 
 
 def test_timm_dinov2_round_trip_and_parity():
-    config, _, errors = _check_case(_timm("vit_small_patch14_dinov2", depth=2, img_size=IMG),
-                                    _timm("vit_small_patch14_dinov2", 1, depth=2, img_size=IMG), "timm")
+    config, _, errors = _check_case(
+        _timm("vit_small_patch14_dinov2", depth=2, img_size=IMG),
+        _timm("vit_small_patch14_dinov2", 1, depth=2, img_size=IMG),
+        "timm",
+    )
     assert not config.has_mask_token and config.layerscale and config.pos_grid == 8
     print("timm S/14 parity", errors)
 
@@ -153,8 +166,9 @@ def test_timm_dinov2_round_trip_and_parity():
 def test_timm_reg4_round_trip_parity_and_dinov2_layout():
     reference = _timm("vit_small_patch14_reg4_dinov2", depth=2, img_size=IMG)
     assert reference.pos_embed.shape[1] == 64 and reference.reg_token.shape == (1, 4, 384)
-    config, params, errors = _check_case(reference, _timm("vit_small_patch14_reg4_dinov2", 1, depth=2,
-                                                          img_size=IMG), "timm")
+    config, params, errors = _check_case(
+        reference, _timm("vit_small_patch14_reg4_dinov2", 1, depth=2, img_size=IMG), "timm"
+    )
     assert config.num_register_tokens == 4 and config.pos_grid == 8
     print("timm S/14 reg4 parity", errors)
     # The DINOv2 layout keeps the class position separate; it comes back to the same parameters.
@@ -171,8 +185,10 @@ def test_timm_reg4_round_trip_parity_and_dinov2_layout():
 
 @pytest.mark.parametrize(
     "name, depth, arch",
-    [("vit_small_patch16_224", 2, "vit_small_patch16_dino"),
-     pytest.param("vit_base_patch8_224", 1, "vit_base_patch8_dino", marks=pytest.mark.slow)],
+    [
+        ("vit_small_patch16_224", 2, "vit_small_patch16_dino"),
+        pytest.param("vit_base_patch8_224", 1, "vit_base_patch8_dino", marks=pytest.mark.slow),
+    ],
 )
 def test_timm_dino_family_round_trip_and_parity(name, depth, arch):
     config, _, errors = _check_case(_timm(name, depth=depth), _timm(name, 1, depth=depth), "timm", size=(224, 224))
@@ -183,22 +199,36 @@ def test_timm_dino_family_round_trip_and_parity(name, depth, arch):
 def _meta_dinov2(size):
     from dinov2.models import vision_transformer as dinov2_vit
 
-    build = {"small": dinov2_vit.vit_small, "base": dinov2_vit.vit_base, "large": dinov2_vit.vit_large,
-             "giant": partial(dinov2_vit.vit_giant2, ffn_layer="swiglufused")}[size]
+    build = {
+        "small": dinov2_vit.vit_small,
+        "base": dinov2_vit.vit_base,
+        "large": dinov2_vit.vit_large,
+        "giant": partial(dinov2_vit.vit_giant2, ffn_layer="swiglufused"),
+    }[size]
     return build(patch_size=14, img_size=518, init_values=1.0, block_chunks=0, drop_path_uniform=True)
 
 
 SIZES = ("small", "base", "large", "giant")
 FULL_SIZE = [(partial(_meta_dinov2, s), f"vit_{s}_patch14_dinov2", "dinov2") for s in SIZES]
-FULL_SIZE += [(partial(timm.create_model, f"vit_{s}_patch14_reg4_dinov2", num_classes=0),
-               f"vit_{s}_patch14_reg4_dinov2", "timm") for s in SIZES]
-FULL_SIZE += [(partial(timm.create_model, n, num_classes=0), a, "timm") for n, a in (
-    ("vit_small_patch16_224", "vit_small_patch16_dino"), ("vit_small_patch8_224", "vit_small_patch8_dino"),
-    ("vit_base_patch16_224", "vit_base_patch16_dino"), ("vit_base_patch8_224", "vit_base_patch8_dino"))]
+FULL_SIZE += [
+    (partial(timm.create_model, f"vit_{s}_patch14_reg4_dinov2", num_classes=0), f"vit_{s}_patch14_reg4_dinov2", "timm")
+    for s in SIZES
+]
+FULL_SIZE += [
+    (partial(timm.create_model, n, num_classes=0), a, "timm")
+    for n, a in (
+        ("vit_small_patch16_224", "vit_small_patch16_dino"),
+        ("vit_small_patch8_224", "vit_small_patch8_dino"),
+        ("vit_base_patch16_224", "vit_base_patch16_dino"),
+        ("vit_base_patch8_224", "vit_base_patch8_dino"),
+    )
+]
 
 
-FULL_SIZE = [pytest.param(*case, id=f"{case[1]}-{case[2]}", marks=[pytest.mark.slow] if "giant" in case[1] else [])
-             for case in FULL_SIZE]
+FULL_SIZE = [
+    pytest.param(*case, id=f"{case[1]}-{case[2]}", marks=[pytest.mark.slow] if "giant" in case[1] else [])
+    for case in FULL_SIZE
+]
 
 
 @pytest.mark.parametrize("build, arch, layout", FULL_SIZE)
@@ -224,8 +254,9 @@ class LightningHyperParameters(dict):
 
 def _torch_head(in_dim, seed):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(in_dim, 48), torch.nn.GELU(), torch.nn.Linear(48, 48),
-                               torch.nn.GELU(), torch.nn.Linear(48, 16))
+    return torch.nn.Sequential(
+        torch.nn.Linear(in_dim, 48), torch.nn.GELU(), torch.nn.Linear(48, 48), torch.nn.GELU(), torch.nn.Linear(48, 16)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -238,8 +269,15 @@ def lightning_ckpt(tmp_path_factory):
         state.update({prefix + k: v for k, v in vit.state_dict().items()})
         state.update({f"{prefix}projection_head.{k}": v for k, v in heads[prefix].state_dict().items()})
     path = tmp_path_factory.mktemp("ckpt") / "neco.ckpt"
-    torch.save({"epoch": 3, "global_step": 120, "state_dict": state,
-                "hyper_parameters": LightningHyperParameters(lr_heads=1e-4, arch="vit-small")}, path)
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 120,
+            "state_dict": state,
+            "hyper_parameters": LightningHyperParameters(lr_heads=1e-4, arch="vit-small"),
+        },
+        path,
+    )
     return path, {"student": student, "teacher": teacher}, {"student": heads["model."], "teacher": heads["teacher."]}
 
 
@@ -276,12 +314,15 @@ def test_cli_converts_training_checkpoint_and_exports(lightning_ckpt, tmp_path, 
         for key, value in vits["teacher"].state_dict().items():
             assert torch.equal(fresh.state_dict()[key], value), key
     # timm has no place for DINOv2's mask_token: it is left out, said so, and timm loads the rest strictly.
-    assert cli.main(["to-torch", str(tmp_path / "jax/teacher"), "--out", str(tmp_path / "timm.pth"),
-                     "--layout", "timm"]) == 0
+    assert (
+        cli.main(["to-torch", str(tmp_path / "jax/teacher"), "--out", str(tmp_path / "timm.pth"), "--layout", "timm"])
+        == 0
+    )
     assert "left out, no place in the timm layout: mask_token" in capsys.readouterr().out
     timm_model = _timm("vit_small_patch14_dinov2", depth=1, img_size=IMG)
-    timm_model.load_state_dict({k: torch.from_numpy(v) for k, v in torch_io.read_state_dict(
-        tmp_path / "timm.pth").items()}, strict=True)
+    timm_model.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in torch_io.read_state_dict(tmp_path / "timm.pth").items()}, strict=True
+    )
     x = _image((IMG, IMG))
     assert relative_error(_torch_tokens(timm_model, x)[1], _torch_tokens(vits["teacher"], x)[1]) <= TOL
     # A folder of two ViTs: pick one.
@@ -423,7 +464,9 @@ def test_folder_for_another_architecture(tmp_path):
 def test_cli_user_error_is_one_line_exit_2(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "neco_jax.convert", "to-jax", str(tmp_path / "missing.pth"), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr

@@ -33,8 +33,9 @@ def _tiny_reference(seed=0):
     """The official DINOv2 ViT with vit_tiny_test's shape: width 64, 2 heads, 2 blocks, patch 14 at 56 px."""
     from dinov2.models.vision_transformer import DinoVisionTransformer
 
-    model = DinoVisionTransformer(img_size=IMG, patch_size=14, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4,
-                                  init_values=1.0, block_chunks=0)
+    model = DinoVisionTransformer(
+        img_size=IMG, patch_size=14, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4, init_values=1.0, block_chunks=0
+    )
     return randomize(model, seed).eval()
 
 
@@ -90,8 +91,13 @@ def test_bf16_and_fp16_safetensors_read_without_jax_or_torch(tmp_path):
         "for name in ('bf16', 'fp16'):\n"
         "    np.save(f'{folder}/{name}.npy', torch_io.read_state_dict(f'{folder}/{name}.safetensors')['w'])\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     assert result.returncode == 0, result.stderr
     bf16, fp16 = np.load(tmp_path / "bf16.npy"), np.load(tmp_path / "fp16.npy")
     assert bf16.dtype == np.float32 and fp16.dtype == np.float16  # bfloat16 widened exactly, float16 kept
@@ -105,8 +111,11 @@ def test_bf16_and_fp16_safetensors_read_without_jax_or_torch(tmp_path):
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_non_float_tensors_are_refused_by_key(tiny, tmp_path, suffix):
     reference, _ = tiny
-    state = dict(reference.state_dict()) | {"step": torch.tensor([7]), "valid": torch.ones(2, dtype=torch.bool),
-                                            "phase": torch.ones(2, dtype=torch.complex64)}
+    state = dict(reference.state_dict()) | {
+        "step": torch.tensor([7]),
+        "valid": torch.ones(2, dtype=torch.bool),
+        "phase": torch.ones(2, dtype=torch.complex64),
+    }
     path = tmp_path / f"mixed{suffix}"
     if suffix == ".pth":
         torch.save(state, path)
@@ -179,8 +188,11 @@ def test_a_config_that_disagrees_with_the_weights_is_refused(tiny, tmp_path):
     config_file = tmp_path / "saved" / "config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "embed_dim": 128}))
     before = _snapshot(tmp_path / "saved")
-    with pytest.raises(arch_record.ArchMismatchError, match=r"config.json disagrees with the weights: embed_dim 128 "
-                                                            r"\(weights: 64\)"):
+    with pytest.raises(
+        arch_record.ArchMismatchError,
+        match=r"config.json disagrees with the weights: embed_dim 128 "
+        r"\(weights: 64\)",
+    ):
         neco_jax.load_backbone(tmp_path / "saved")
     assert _snapshot(tmp_path / "saved") == before
 
@@ -210,8 +222,11 @@ def test_a_pickle_with_code_is_named_as_such(tiny, tmp_path):
     assert not marker.exists()
     # A whole pickled module (not its state dict): the tolerant reader sees through it and says what it is.
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
-    with pytest.raises(torch_io.CheckpointReadError, match=r"a pickled torch.nn.modules.linear.Linear, not a state "
-                                                           r"dict\); loading them would run code"):
+    with pytest.raises(
+        torch_io.CheckpointReadError,
+        match=r"a pickled torch.nn.modules.linear.Linear, not a state "
+        r"dict\); loading them would run code",
+    ):
         neco_jax.load_backbone(tmp_path / "module.pth")
 
 
@@ -230,20 +245,29 @@ def folder_with_head(tiny, tmp_path):
     return tmp_path / "f"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('{"in_dim": 64, "hidden_dim": 32,', r"head.json is not readable JSON \(Expecting"),
-    ('{"in_dim": 64, "hidden_dim": 32, "out_dim": 16, "num_layers": 2, "norm": true}',
-     r"head.json is not a projection head config: unknown field\(s\) \['norm'\]"),
-    ('{"in_dim": 64, "hidden_dim": 32, "out_dim": "16"}',
-     r"missing field\(s\) \['num_layers'\]; non-positive or non-integer field\(s\) \['out_dim'\]"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"in_dim": 64, "hidden_dim": 32,', r"head.json is not readable JSON \(Expecting"),
+        (
+            '{"in_dim": 64, "hidden_dim": 32, "out_dim": 16, "num_layers": 2, "norm": true}',
+            r"head.json is not a projection head config: unknown field\(s\) \['norm'\]",
+        ),
+        (
+            '{"in_dim": 64, "hidden_dim": 32, "out_dim": "16"}',
+            r"missing field\(s\) \['num_layers'\]; non-positive or non-integer field\(s\) \['out_dim'\]",
+        ),
+    ],
+)
 def test_bad_head_json_is_one_line(folder_with_head, capsys, text, expected):
     (folder_with_head / "head.json").write_text(text)
     before = _snapshot(folder_with_head)
     with pytest.raises(UserError, match=expected):
         neco_jax.backbone_io.load_head(folder_with_head)
-    err = _one_line_exit_2(["to-torch", str(folder_with_head), "--out", str(folder_with_head.parent / "x.pth"),
-                            "--layout", "dinov2"], capsys)
+    err = _one_line_exit_2(
+        ["to-torch", str(folder_with_head), "--out", str(folder_with_head.parent / "x.pth"), "--layout", "dinov2"],
+        capsys,
+    )
     assert "head.json" in err and not (folder_with_head.parent / "x.pth").exists()
     assert _snapshot(folder_with_head) == before
 

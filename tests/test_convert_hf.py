@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file
 from reference_models import randomize, relative_error
+from safetensors.numpy import load_file
 
 import neco_jax
 from neco_jax.backbone_io import load_converted
@@ -53,8 +53,9 @@ def _hf_tokens(model, x: np.ndarray) -> np.ndarray:
 def _jax_tokens(model, x: np.ndarray) -> np.ndarray:
     out = model(jnp.asarray(x.transpose(0, 2, 3, 1)))
     regs = out["x_norm_regtokens"]
-    return np.concatenate([np.asarray(out["x_norm_clstoken"])[:, None], np.asarray(regs),
-                           np.asarray(out["x_norm_patchtokens"])], axis=1)
+    return np.concatenate(
+        [np.asarray(out["x_norm_clstoken"])[:, None], np.asarray(regs), np.asarray(out["x_norm_patchtokens"])], axis=1
+    )
 
 
 def _from_pretrained(folder, registers: bool):
@@ -99,14 +100,20 @@ def _neco_folder(tmp_path, **overrides):
     config = get_arch("vit_tiny_test", **overrides)
     model = VisionTransformer(config, rngs=nnx.Rngs(3))
     rng = np.random.default_rng(0)  # vectors (norm scales, biases, layer scales) around 1, the rest around 0
-    nnx.update(model, jax.tree.map(lambda v: jnp.asarray(0.3 * rng.standard_normal(v.shape, dtype=np.float32)
-                                                         + (v.ndim == 1)), nnx.state(model, nnx.Param)))
+    nnx.update(
+        model,
+        jax.tree.map(
+            lambda v: jnp.asarray(0.3 * rng.standard_normal(v.shape, dtype=np.float32) + (v.ndim == 1)),
+            nnx.state(model, nnx.Param),
+        ),
+    )
     neco_jax.save_backbone(model, tmp_path / "neco")
     return model
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_register_tokens": 2, "ffn_layer": "swiglu", "has_mask_token": False},
-                                       {"layerscale": False}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"num_register_tokens": 2, "ffn_layer": "swiglu", "has_mask_token": False}, {"layerscale": False}]
+)
 def test_export_loads_in_transformers_with_equal_outputs(tmp_path, overrides):
     model = _neco_folder(tmp_path, **overrides)
     registers = bool(overrides.get("num_register_tokens"))
@@ -120,7 +127,8 @@ def test_export_loads_in_transformers_with_equal_outputs(tmp_path, overrides):
     # differently; with transformers' rule the outputs agree again.
     hf_rule = neco_jax.backbone_io.build(
         dataclasses.replace(model.config, interpolate_offset=0.0, interpolate_antialias=registers),
-        neco_jax.convert.flat_params(model))
+        neco_jax.convert.flat_params(model),
+    )
     for size in OTHER:
         x = _image(size)
         expected = _hf_tokens(reference, x)

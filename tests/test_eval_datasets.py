@@ -5,9 +5,9 @@ import random
 
 import numpy as np
 import pytest
+from eval_fixtures import make_voc_dataset
 from PIL import Image
 
-from eval_fixtures import make_voc_dataset
 from evaluation import datasets
 from evaluation.datasets import DatasetError
 
@@ -88,10 +88,37 @@ def test_unknown_dataset(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- COCO
 
-_THING_SUPERCATS = ["person", "vehicle", "outdoor", "animal", "accessory", "sports", "kitchen", "food",
-                    "furniture", "electronic", "appliance", "indoor"]  # fmt: skip
-_STUFF_SUPERCATS = ["textile", "building", "raw-material", "furniture-stuff", "floor", "plant", "food-stuff",
-                    "ground", "structural", "water", "wall", "window", "ceiling", "sky", "solid"]  # fmt: skip
+_THING_SUPERCATS = [
+    "person",
+    "vehicle",
+    "outdoor",
+    "animal",
+    "accessory",
+    "sports",
+    "kitchen",
+    "food",
+    "furniture",
+    "electronic",
+    "appliance",
+    "indoor",
+]
+_STUFF_SUPERCATS = [
+    "textile",
+    "building",
+    "raw-material",
+    "furniture-stuff",
+    "floor",
+    "plant",
+    "food-stuff",
+    "ground",
+    "structural",
+    "water",
+    "wall",
+    "window",
+    "ceiling",
+    "sky",
+    "solid",
+]
 
 
 def _panoptic_categories():
@@ -218,8 +245,45 @@ def test_ade20k_layout_and_ignore_zero(tmp_path):
 def _reference_cityscapes(mask):
     """The reference's `_class_to_index`: digitize over ids -1..33, then its key table."""
     inv = 255
-    key = np.array([inv, inv, inv, inv, inv, inv, inv, inv, 0, 1, inv, inv, 2, 3, 4, inv, inv, inv, 5, inv, 6,
-                    7, 8, 9, 10, 11, 12, 13, 14, 15, inv, inv, 16, 17, 18])  # fmt: skip
+    key = np.array(
+        [
+            inv,
+            inv,
+            inv,
+            inv,
+            inv,
+            inv,
+            inv,
+            inv,
+            0,
+            1,
+            inv,
+            inv,
+            2,
+            3,
+            4,
+            inv,
+            inv,
+            inv,
+            5,
+            inv,
+            6,
+            7,
+            8,
+            9,
+            10,
+            11,
+            12,
+            13,
+            14,
+            15,
+            inv,
+            inv,
+            16,
+            17,
+            18,
+        ]
+    )
     mapping = np.array(range(-1, len(key) - 1)).astype("int32")
     index = np.digitize(mask.ravel(), mapping, right=True)
     return key[index].reshape(mask.shape)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import eval_fixtures
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,6 @@ import torch.nn.functional as F
 from flax import nnx
 from PIL import Image
 
-import eval_fixtures
 from evaluation import datasets, features, linear, overcluster, runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,20 +217,35 @@ def saved_backbone(tiny_model, tmp_path_factory):
 
 
 def _cli(config, voc_dir, saved_backbone, workdir, *extra):
-    return runner.main([
-        "evaluation", f"--config={REPO}/configs/eval/{config}.py", f"--config.checkpoint={saved_backbone}",
-        f"--config.data_dir={voc_dir}", f"--config.workdir={workdir}", "--config.image_size=56",
-        "--config.batch_size=4", "--config.num_visualize=2", *extra,
-    ])  # fmt: skip
+    return runner.main(
+        [
+            "evaluation",
+            f"--config={REPO}/configs/eval/{config}.py",
+            f"--config.checkpoint={saved_backbone}",
+            f"--config.data_dir={voc_dir}",
+            f"--config.workdir={workdir}",
+            "--config.image_size=56",
+            "--config.batch_size=4",
+            "--config.num_visualize=2",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.slow
 def test_cli_overcluster_writes_results(voc_dir, saved_backbone, tmp_path):
     rc = _cli(
-        "voc_overcluster", voc_dir, saved_backbone, tmp_path, "--config.mask_size=28",
-        "--config.overcluster.ks=21,40", "--config.overcluster.seeds=0,1", "--config.overcluster.iters=5",
-        "--config.overcluster.restarts=2", "--config.overcluster.pca_dim=16",
-    )  # fmt: skip
+        "voc_overcluster",
+        voc_dir,
+        saved_backbone,
+        tmp_path,
+        "--config.mask_size=28",
+        "--config.overcluster.ks=21,40",
+        "--config.overcluster.seeds=0,1",
+        "--config.overcluster.iters=5",
+        "--config.overcluster.restarts=2",
+        "--config.overcluster.pca_dim=16",
+    )
     assert rc == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0 <= results["miou"] <= 1 and results["miou"] == results["miou_k40"]
@@ -242,9 +257,15 @@ def test_cli_overcluster_writes_results(voc_dir, saved_backbone, tmp_path):
 @pytest.mark.slow
 def test_cli_linear_writes_results(voc_dir, saved_backbone, tmp_path):
     rc = _cli(
-        "voc_linear", voc_dir, saved_backbone, tmp_path, "--config.linear.epochs=2", "--config.linear.batch_size=4",
-        "--config.linear.train_mask_size=28", "--config.linear.eval_mask_size=56",
-    )  # fmt: skip
+        "voc_linear",
+        voc_dir,
+        saved_backbone,
+        tmp_path,
+        "--config.linear.epochs=2",
+        "--config.linear.batch_size=4",
+        "--config.linear.train_mask_size=28",
+        "--config.linear.eval_mask_size=56",
+    )
     assert rc == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0 <= results["miou"] <= 1 and len(results["per_class_iou"]) == 21
@@ -305,8 +326,11 @@ def test_training_workdir_student_and_teacher(tmp_path):
 def test_cli_process_exits_2_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "evaluation", "--config=configs/eval/voc_linear.py", f"--config.workdir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: config.data_dir is not set; pass --config.data_dir=..."]
 

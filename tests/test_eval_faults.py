@@ -3,11 +3,11 @@ one line from the CLI, instead of scoring it; an earlier result in the workdir s
 
 from pathlib import Path
 
+import eval_fixtures
 import numpy as np
 import pytest
 from flax import nnx
 
-import eval_fixtures
 import neco_jax
 from evaluation import features, runner
 from neco_jax.models import VisionTransformer, get_arch
@@ -33,10 +33,16 @@ def test_non_finite_weights_are_refused_by_the_cli(tmp_path, capsys):
     neco_jax.save_backbone(_tiny(**{"blocks/1/attn/qkv/kernel": lambda v: v.at[0, 3].set(np.nan)}), folder)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "results.json").write_text('{"miou": 0.5}')  # an earlier run's result
-    rc = runner.main([
-        "evaluation", f"--config={REPO}/configs/eval/voc_overcluster.py", f"--config.checkpoint={folder}",
-        f"--config.data_dir={voc}", f"--config.workdir={tmp_path / 'out'}", "--config.image_size=56",
-    ])  # fmt: skip
+    rc = runner.main(
+        [
+            "evaluation",
+            f"--config={REPO}/configs/eval/voc_overcluster.py",
+            f"--config.checkpoint={folder}",
+            f"--config.data_dir={voc}",
+            f"--config.workdir={tmp_path / 'out'}",
+            "--config.image_size=56",
+        ]
+    )
     last = capsys.readouterr().err.strip().split("\n")[-1]
     assert rc == 2 and last.startswith("error: ") and "Traceback" not in last
     assert f"{folder} has non-finite weights (NaN or inf) in 1 parameter(s), e.g. blocks/1/attn/qkv/kernel" in last
@@ -48,6 +54,8 @@ def test_non_finite_features_from_finite_weights_are_refused():
     model = _tiny(**{"patch_embed/proj/kernel": lambda v: v * 0 + 3e38})
     extractor = features.FeatureExtractor(model, name="big.safetensors")
     images = np.random.default_rng(0).normal(size=(3, 56, 56, 3)).astype(np.float32)
-    with pytest.raises(features.NonFiniteModelError,
-                       match=r"big.safetensors gives non-finite features \(NaN or inf\) for 3 of 3 images"):
+    with pytest.raises(
+        features.NonFiniteModelError,
+        match=r"big.safetensors gives non-finite features \(NaN or inf\) for 3 of 3 images",
+    ):
         extractor(images)

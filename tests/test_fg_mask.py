@@ -1,8 +1,8 @@
 """Attention foreground mask vs the original recipe in torch (GaussianBlur, sort/cumsum, skimage label)."""
 
+import jax
 import numpy as np
 import torch
-import jax
 from skimage.measure import label
 from torchvision.transforms import GaussianBlur
 

@@ -55,7 +55,8 @@ def loss_and_grads(config, device):
     batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
     loss_fn = train_lib.make_loss_fn(config, built.models, built.labels)
     (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        built.state.student, built.state.teacher, built.state.queue, batch, jax.random.PRNGKey(7))
+        built.state.student, built.state.teacher, built.state.queue, batch, jax.random.PRNGKey(7)
+    )
     return float(loss), jax.device_get(grads)
 
 

@@ -46,9 +46,12 @@ def test_parameter_paths_and_default_sizes():
     head = nnx.eval_shape(lambda: ProjectionHead(384, rngs=nnx.Rngs(0)))
     shapes = {"/".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(head, nnx.Param))}
     assert shapes == {
-        "layers/0/kernel": (384, 2048), "layers/0/bias": (2048,),
-        "layers/1/kernel": (2048, 2048), "layers/1/bias": (2048,),
-        "layers/2/kernel": (2048, 256), "layers/2/bias": (256,),
+        "layers/0/kernel": (384, 2048),
+        "layers/0/bias": (2048,),
+        "layers/1/kernel": (2048, 2048),
+        "layers/1/bias": (2048,),
+        "layers/2/kernel": (2048, 256),
+        "layers/2/bias": (256,),
     }
 
 

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from eval_fixtures import make_voc_dataset, noise_features, oracle_features
 from PIL import Image
 
-from eval_fixtures import make_voc_dataset, noise_features, oracle_features
 from evaluation import datasets
 from evaluation import hummingbird as hb
 from evaluation import memory_bank as mb
-
 
 # ----------------------------------------------------------------------------- patch labels and selection
 
@@ -216,11 +215,19 @@ def test_job_writes_results_and_pictures(voc, tiny_backbone, tmp_path):
 
     root, _, _ = voc
     config = voc_hummingbird.get_config()
-    config.update_from_flattened_dict({
-        "checkpoint": tiny_backbone, "data_dir": str(root), "workdir": str(tmp_path / "out"), "image_size": 56,
-        "batch_size": 4, "num_threads": 2, "num_visualize": 2, "hummingbird.memory_chunk": 1024,
-        "hummingbird.memory_size": 8 * 2 * 8,
-    })  # fmt: skip
+    config.update_from_flattened_dict(
+        {
+            "checkpoint": tiny_backbone,
+            "data_dir": str(root),
+            "workdir": str(tmp_path / "out"),
+            "image_size": 56,
+            "batch_size": 4,
+            "num_threads": 2,
+            "num_visualize": 2,
+            "hummingbird.memory_chunk": 1024,
+            "hummingbird.memory_size": 8 * 2 * 8,
+        }
+    )
     results = run_job(config)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert 0.0 <= saved["miou"] <= 1.0 and saved["miou"] == results["miou"]

@@ -34,9 +34,15 @@ def test_knn_matches_brute_force(data, memory_chunk, bin_size, query_chunk):
     queries, keys = data
     assert jax.device_count() == 4  # conftest: the search is sharded over 4 simulated devices
     scores, idx = knn_lib.knn(
-        queries, keys, k=30, query_chunk=query_chunk, memory_chunk=memory_chunk,
-        dtype="float32", topk_dtype="float32", bin_size=bin_size,
-    )  # fmt: skip
+        queries,
+        keys,
+        k=30,
+        query_chunk=query_chunk,
+        memory_chunk=memory_chunk,
+        dtype="float32",
+        topk_dtype="float32",
+        bin_size=bin_size,
+    )
     ref_scores, ref_idx = brute_force(queries, keys, 30)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
@@ -130,9 +136,15 @@ def test_knn_on_the_accelerator_matches_brute_force_with_ties(bin_size):
     keys = rng.integers(-2, 3, size=(200_003, 32)).astype(np.float32)
     keys[100_000:100_500] = keys[:500]
     scores, idx = knn_lib.knn(
-        queries, keys, k=30, query_chunk=128, memory_chunk=16384, dtype="bfloat16", topk_dtype="float32",
+        queries,
+        keys,
+        k=30,
+        query_chunk=128,
+        memory_chunk=16384,
+        dtype="bfloat16",
+        topk_dtype="float32",
         bin_size=bin_size,
-    )  # fmt: skip
+    )
     ref_scores, ref_idx = brute_force(queries, keys, 30)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(scores, ref_scores)

@@ -58,10 +58,14 @@ def test_batch_contract(folder):
     loader = _loader(folder)
     b = next(loader)
     expected = {
-        "global_crops": ((4, 2, 56, 56, 3), np.uint8), "local_crops": ((4, 4, 28, 28, 3), np.uint8),
-        "global_colour": ((4, 2, 11), np.float32), "local_colour": ((4, 4, 11), np.float32),
-        "boxes_gc": ((4, 2, 6, 4), np.float32), "boxes_all": ((4, 6, 2, 4), np.float32),
-        "index": ((4,), np.int64), "skipped": ((4,), np.int32),
+        "global_crops": ((4, 2, 56, 56, 3), np.uint8),
+        "local_crops": ((4, 4, 28, 28, 3), np.uint8),
+        "global_colour": ((4, 2, 11), np.float32),
+        "local_colour": ((4, 4, 11), np.float32),
+        "boxes_gc": ((4, 2, 6, 4), np.float32),
+        "boxes_all": ((4, 6, 2, 4), np.float32),
+        "index": ((4,), np.int64),
+        "skipped": ((4,), np.int32),
     }
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == expected
     assert loader.steps_per_epoch == 3 and loader.num_records == N_IMAGES
@@ -69,7 +73,9 @@ def test_batch_contract(folder):
     host = next(_loader(folder, data={"augment_on": "host"}))  # the original's PIL path: float crops
     assert {k: (v.shape, v.dtype) for k, v in host.items()} == {
         **{k: v for k, v in expected.items() if not k.endswith("colour")},
-        "global_crops": ((4, 2, 56, 56, 3), np.float32), "local_crops": ((4, 4, 28, 28, 3), np.float32)}
+        "global_crops": ((4, 2, 56, 56, 3), np.float32),
+        "local_crops": ((4, 4, 28, 28, 3), np.float32),
+    }
     assert -3 < host["global_crops"].min() < host["global_crops"].max() < 3  # ImageNet-normalised range
     np.testing.assert_array_equal(host["boxes_all"], b["boxes_all"])  # same draws
 
@@ -77,7 +83,7 @@ def test_batch_contract(folder):
 def test_epochs_shuffle_and_stop(folder):
     batches = list(_loader(folder, num_epochs=2))
     assert len(batches) == 6
-    epochs = [np.concatenate([b["index"] for b in batches[s:s + 3]]) for s in (0, 3)]
+    epochs = [np.concatenate([b["index"] for b in batches[s : s + 3]]) for s in (0, 3)]
     for e in epochs:
         assert sorted(e.tolist()) == list(range(N_IMAGES))  # each epoch is a permutation
     assert not np.array_equal(epochs[0], epochs[1])  # reshuffled per epoch
@@ -160,10 +166,12 @@ def test_dataset_smaller_than_a_batch_and_sample_default(tmp_path, caplog):
     folder = _write_images(tmp_path / "few", 3)
     with pytest.raises(DatasetError, match="fewer than one global batch"):
         _loader(folder)
-    loader = make_train_loader({"size_crops": [56, 28]}, batch_size=2, seed=0, process_index=0,
-                               process_count=1, worker_count=0)
+    loader = make_train_loader(
+        {"size_crops": [56, 28]}, batch_size=2, seed=0, process_index=0, process_count=1, worker_count=0
+    )
     assert loader.num_records == 9 and "bundled sample photos" in caplog.text
     assert next(loader)["global_crops"].shape == (2, 2, 56, 56, 3)
-    custom = make_train_loader(DATA, batch_size=2, seed=0, source=folder_source(folder), process_index=0,
-                               process_count=1)
+    custom = make_train_loader(
+        DATA, batch_size=2, seed=0, source=folder_source(folder), process_index=0, process_count=1
+    )
     assert custom.num_records == 3

@@ -2,12 +2,12 @@
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import jax
-import jax.numpy as jnp
 from diffsort import DiffSortNet
 from torchvision.ops import roi_align as tv_roi_align
 
@@ -20,10 +20,12 @@ V = G + L
 
 def _boxes(rng):
     """Random overlap boxes in pixels: gc in the global frame (0..HG*14), all in each crop's frame."""
+
     def rand_box(size, n):
         a = rng.uniform(0, size * 0.6, (n, 2))
         b = a + rng.uniform(size * 0.2, size * 0.6, (n, 2))
         return np.concatenate([a, np.minimum(b, size)], -1)
+
     gc = rand_box(HG * PATCH, B * G * V).reshape(B, G, V, 4)
     all_ = np.zeros((B, V, G, 4))
     for v in range(V):
@@ -41,8 +43,11 @@ def data():
     rng = np.random.default_rng(0)
     gc, all_ = _boxes(rng)
     return dict(
-        sg=_unit(rng, B, G, HG, HG, C), sl=_unit(rng, B, L, HL, HL, C), tg=_unit(rng, B, G, HG, HG, C),
-        gc=gc, all=all_,
+        sg=_unit(rng, B, G, HG, HG, C),
+        sl=_unit(rng, B, L, HL, HL, C),
+        tg=_unit(rng, B, G, HG, HG, C),
+        gc=gc,
+        all=all_,
     )
 
 
@@ -90,8 +95,17 @@ def test_loss_equals_reference_with_given_references(data):
     """Batch-pool path with the references drawn identically on both sides (same permutation)."""
     key = jax.random.PRNGKey(3)
     out, aux, _ = loss_lib.neco_loss(
-        data["sg"], data["sl"], data["tg"], data["gc"], data["all"], None, key, patch_size=PATCH,
-        student_steepness=20.0, teacher_steepness=50.0, output_size=K,
+        data["sg"],
+        data["sl"],
+        data["tg"],
+        data["gc"],
+        data["all"],
+        None,
+        key,
+        patch_size=PATCH,
+        student_steepness=20.0,
+        teacher_steepness=50.0,
+        output_size=K,
     )
     _, pair_key = jax.random.split(key)
 
@@ -108,10 +122,16 @@ def test_loss_equals_reference_queue_mode(data):
     """Queue path: zero slots early (original counter) are part of the references, cosine 0 with all."""
     key = jax.random.PRNGKey(5)
     q0 = queue_lib.init(G, 64, C)
-    step = jax.jit(functools.partial(
-        loss_lib.neco_loss, patch_size=PATCH, output_size=K, network="odd_even", queue_per_image=5,
-        original_counter=True,
-    ))
+    step = jax.jit(
+        functools.partial(
+            loss_lib.neco_loss,
+            patch_size=PATCH,
+            output_size=K,
+            network="odd_even",
+            queue_per_image=5,
+            original_counter=True,
+        )
+    )
     out, aux, q1 = step(data["sg"], data["sl"], data["tg"], data["gc"], data["all"], q0, key)
     assert np.asarray(q1.filled).tolist() == [30, 30]
     assert float(aux["zero_reference_fraction"]) > 0
@@ -128,15 +148,28 @@ def test_loss_equals_reference_queue_mode(data):
 @pytest.mark.slow
 def test_gradients_reach_only_student(data):
     def f(sg, sl, tg):
-        return loss_lib.neco_loss(sg, sl, tg, data["gc"], data["all"], None, jax.random.PRNGKey(0),
-                                  patch_size=PATCH, output_size=K)[0]
+        return loss_lib.neco_loss(
+            sg, sl, tg, data["gc"], data["all"], None, jax.random.PRNGKey(0), patch_size=PATCH, output_size=K
+        )[0]
+
     gs, gl, gt = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(data["sg"], data["sl"], data["tg"])
     assert np.abs(gs).max() > 0 and np.abs(gl).max() > 0 and np.all(np.isfinite(gs))
     assert np.abs(gt).max() == 0
     # use_teacher=False ablation: references (from the "teacher" input) then carry gradient.
-    g2 = jax.grad(lambda tg: loss_lib.neco_loss(
-        data["sg"], data["sl"], tg, data["gc"], data["all"], None, jax.random.PRNGKey(0),
-        patch_size=PATCH, output_size=K, detach_teacher=False)[0])(data["tg"])
+    g2 = jax.grad(
+        lambda tg: loss_lib.neco_loss(
+            data["sg"],
+            data["sl"],
+            tg,
+            data["gc"],
+            data["all"],
+            None,
+            jax.random.PRNGKey(0),
+            patch_size=PATCH,
+            output_size=K,
+            detach_teacher=False,
+        )[0]
+    )(data["tg"])
     assert np.abs(g2).max() > 0
 
 
@@ -157,9 +190,11 @@ def test_masked_pair_loss_matches_reference():
     out = loss_lib.pair_loss(s, t, r, query_mask=mask, network="odd_even", student_steepness=30.0)
     sorter_s = DiffSortNet("odd_even", 9, steepness=30.0)
     sorter_t = DiffSortNet("odd_even", 9, steepness=100.0)
+
     def perm(x, sorter):
         d = torch.einsum("bqc,brc->bqr", F.normalize(torch.tensor(x), dim=-1), F.normalize(torch.tensor(r), dim=-1))
         return sorter(d.reshape(-1, 9))[1].reshape(B, 9, 9, 9)
+
     ce = -(perm(t, sorter_t) * torch.log(perm(s, sorter_s))).sum(-1)
     m = torch.tensor(mask, dtype=torch.float32)
     ref = ((ce * m[:, :, None]).sum() / (m.sum() * 9)).item()
@@ -184,8 +219,17 @@ def test_fg_masked_loss_equals_reference(data):
     fg = (rng.uniform(size=(B, G, HG, HG)) < 0.8).astype(np.float32)
     key = jax.random.PRNGKey(11)
     out, _, _ = loss_lib.neco_loss(
-        data["sg"], data["sl"], data["tg"], data["gc"], data["all"], None, key, patch_size=PATCH,
-        output_size=K, loss_mask="fg", fg_mask=fg,
+        data["sg"],
+        data["sl"],
+        data["tg"],
+        data["gc"],
+        data["all"],
+        None,
+        key,
+        patch_size=PATCH,
+        output_size=K,
+        loss_mask="fg",
+        fg_mask=fg,
     )
     _, pair_key = jax.random.split(key)
 

@@ -8,9 +8,11 @@ import pytest
 
 from neco_jax import metrics_writer as mw
 
-ROWS = [(1, {"loss": 3.25, "lr_backbone": np.float32(1e-5), "grad_norm": np.float64(0.5), "finite": True}),
-        (2, {"loss": 2.75, "lr_backbone": np.float32(2e-5), "grad_norm": np.float64(1.5), "finite": True}),
-        (5, {"loss": np.float32(2.125), "lr_backbone": 3e-5, "grad_norm": 0.25, "finite": False})]
+ROWS = [
+    (1, {"loss": 3.25, "lr_backbone": np.float32(1e-5), "grad_norm": np.float64(0.5), "finite": True}),
+    (2, {"loss": 2.75, "lr_backbone": np.float32(2e-5), "grad_norm": np.float64(1.5), "finite": True}),
+    (5, {"loss": np.float32(2.125), "lr_backbone": 3e-5, "grad_norm": 0.25, "finite": False}),
+]
 
 
 def test_jsonl_rows_read_back(tmp_path):
@@ -42,5 +44,4 @@ def test_tensorboard_scalars_read_back_without_tensorflow(tmp_path):
         events = acc.Scalars(tag)
         assert [e.step for e in events] == [s for s, _ in ROWS]
         # Event files hold float32 scalars.
-        np.testing.assert_array_equal([e.value for e in events],
-                                      [np.float32(float(r[tag])) for _, r in ROWS])
+        np.testing.assert_array_equal([e.value for e in events], [np.float32(float(r[tag])) for _, r in ROWS])

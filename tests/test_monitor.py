@@ -3,14 +3,14 @@ metrics.jsonl; off by default, when nothing is built."""
 
 import json
 
+import eval_fixtures
 import jax
 import pytest
+from train_fixtures import tiny_config
 
-import eval_fixtures
 from neco_jax import monitor
 from neco_jax import train as train_lib
 from neco_jax.metrics_writer import read_metrics
-from train_fixtures import tiny_config
 
 EVAL_SET = (
     "image_size=56;mask_size=28;batch_size=4;num_threads=2;num_visualize=0;overcluster.ks=(21,);"
@@ -60,8 +60,12 @@ def test_every_epoch_evaluates_the_teacher_into_the_metrics(tmp_path):
     teacher = train_lib.build_models(c).teacher_backbone.merge(state.teacher["backbone"])
     save_backbone(teacher, tmp_path / "teacher")
     job = suite.load_config_file(c.eval.config)
-    job.update_from_flattened_dict({
-        **suite.parse_overrides(EVAL_SET.split(";")), "data_dir": str(voc), "checkpoint": str(tmp_path / "teacher"),
-        "workdir": str(tmp_path / "again"),
-    })  # fmt: skip
+    job.update_from_flattened_dict(
+        {
+            **suite.parse_overrides(EVAL_SET.split(";")),
+            "data_dir": str(voc),
+            "checkpoint": str(tmp_path / "teacher"),
+            "workdir": str(tmp_path / "again"),
+        }
+    )
     assert runner.run_job(job)["miou"] == pytest.approx(rows[-1]["eval_miou"], abs=1e-9)

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import jax
+import multiprocess_config
 import numpy as np
 import pytest
 
-import multiprocess_config
 from neco_jax import train as train_lib
 from neco_jax.metrics_writer import read_metrics
 
@@ -43,22 +43,45 @@ def _jax_variables(i: int, n: int, port: int) -> dict:
 
 def _slurm_variables(i: int, n: int, port: int) -> dict:
     """What `srun` sets for task i of n on one node (JAX_COORDINATOR_PORT instead of SLURM's job-id port)."""
-    return {"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": str(n), "SLURM_PROCID": str(i),
-            "SLURM_LOCALID": str(i), "JAX_COORDINATOR_PORT": str(port)}
+    return {
+        "SLURM_JOB_ID": "1",
+        "SLURM_STEP_NODELIST": "127.0.0.1",
+        "SLURM_NTASKS": str(n),
+        "SLURM_PROCID": str(i),
+        "SLURM_LOCALID": str(i),
+        "JAX_COORDINATOR_PORT": str(port),
+    }
 
 
 def _launch(workdir: Path, n: int = 2, *, flags=(), per_process_flags=None, env=None, launcher=_jax_variables):
     """Start `n` worker processes (2 CPU devices each) of one run; returns the Popen objects."""
     port = _free_port()
-    launch = {"JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_COORDINATOR_PORT",
-              "JAX_LOCAL_DEVICE_IDS"}
+    launch = {
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "JAX_COORDINATOR_PORT",
+        "JAX_LOCAL_DEVICE_IDS",
+    }
     base = {k: v for k, v in os.environ.items() if k not in launch and not k.startswith(("SLURM_", "OMPI_"))}
     procs = []
     for i in range(n):
-        e = {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **launcher(i, n, port),
-             "NECO_TEST_INDEX_LOG": str(workdir) + f".indices{i}.jsonl", "PYTHONUNBUFFERED": "1", **(env or {})}
-        cmd = [sys.executable, "tests/multiprocess_worker.py", f"--config={CONFIG_FILE}", f"--workdir={workdir}",
-               *flags, *((per_process_flags or {}).get(i, ()))]
+        e = {
+            **base,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            **launcher(i, n, port),
+            "NECO_TEST_INDEX_LOG": str(workdir) + f".indices{i}.jsonl",
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        cmd = [
+            sys.executable,
+            "tests/multiprocess_worker.py",
+            f"--config={CONFIG_FILE}",
+            f"--workdir={workdir}",
+            *flags,
+            *((per_process_flags or {}).get(i, ())),
+        ]
         log = open(str(workdir) + f".log{i}", "w")  # a pipe could fill up and stall the process
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT))
         procs[-1].log = log
@@ -91,8 +114,9 @@ def _rel(a, b) -> float:
     fa = jax.tree_util.tree_flatten_with_path(jax.device_get(a))[0]
     fb = jax.tree_util.tree_flatten_with_path(jax.device_get(b))[0]
     assert [p for p, _ in fa] == [p for p, _ in fb]
-    diff = max((float(np.max(np.abs(np.asarray(x, np.float64) - y))) for (_, x), (_, y) in zip(fa, fb) if x.size),
-               default=0.0)
+    diff = max(
+        (float(np.max(np.abs(np.asarray(x, np.float64) - y))) for (_, x), (_, y) in zip(fa, fb) if x.size), default=0.0
+    )
     scale = max((float(np.max(np.abs(np.asarray(y, np.float64)))) for _, y in fb if y.size), default=0.0)
     return diff / max(scale, 1e-30)
 
@@ -100,8 +124,10 @@ def _rel(a, b) -> float:
 def _export(workdir):
     import torch
 
-    return {part: {k: v.numpy() for k, v in torch.load(workdir / "export" / f"{part}_dinov2.pth").items()}
-            for part in ("student", "teacher")}
+    return {
+        part: {k: v.numpy() for k, v in torch.load(workdir / "export" / f"{part}_dinov2.pth").items()}
+        for part in ("student", "teacher")
+    }
 
 
 def _saved_steps(workdir):
@@ -116,8 +142,9 @@ def reference(tmp_path_factory):
     c = multiprocess_config.get_config()
     workdir = tmp_path_factory.mktemp("mp") / "reference"
     state = train_lib.train_and_evaluate(c, workdir)["state"]
-    loader = make_train_loader(c, batch_size=c.optim.batch_size, seed=c.seed, worker_count=0,
-                               process_index=0, process_count=1)
+    loader = make_train_loader(
+        c, batch_size=c.optim.batch_size, seed=c.seed, worker_count=0, process_index=0, process_count=1
+    )
     indices = [next(loader)["index"].tolist() for _ in range(c.optim.total_steps)]
     loader.close()
     return workdir, jax.device_get(state), indices
@@ -129,7 +156,7 @@ def _assert_own_rows(workdir, indices, steps):
         lines = [json.loads(s) for s in Path(str(workdir) + f".indices{p}.jsonl").read_text().splitlines()]
         loaded = {r["batch"]: r["index"] for r in lines}
         for n in steps:
-            assert loaded[n] == indices[n][2 * p:2 * p + 2], (p, n, loaded[n], indices[n])
+            assert loaded[n] == indices[n][2 * p : 2 * p + 2], (p, n, loaded[n], indices[n])
 
 
 def _assert_same_losses(workdir, ref_dir, steps):
@@ -149,8 +176,11 @@ def test_preempted_on_two_processes_resumes_on_one(reference, tmp_path, monkeypa
     procs = _launch(workdir, env={"NECO_TEST_STEP_DELAY": "1.0"})
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and procs[1].poll() is None and not (
-                (workdir / "metrics.jsonl").is_file() and read_metrics(workdir)):
+        while (
+            time.time() < deadline
+            and procs[1].poll() is None
+            and not ((workdir / "metrics.jsonl").is_file() and read_metrics(workdir))
+        ):
             time.sleep(0.1)
         procs[1].send_signal(signal.SIGTERM)
     finally:
@@ -177,13 +207,16 @@ def test_preempted_on_two_processes_resumes_on_one(reference, tmp_path, monkeypa
     monkeypatch.setattr(train_lib, "random_params", spy)
     out = train_lib.train_and_evaluate(multiprocess_config.get_config(), workdir)
     assert out["step"] == 6 and inits == [True]
-    errs = {k: _rel(getattr(out["state"], k), getattr(ref_state, k))
-            for k in ("student", "teacher", "queue", "rng", "step")}
+    errs = {
+        k: _rel(getattr(out["state"], k), getattr(ref_state, k)) for k in ("student", "teacher", "queue", "rng", "step")
+    }
     # Adam's moments are the gradients themselves, summed over the devices in another order on 2 processes:
     # float32 reduction noise (~2e-6 of the largest moment here), which the parameters above do not show.
     opt_err = _rel(out["state"].opt_state, ref_state.opt_state)
-    print(f"2 processes: losses {losses}, stopped at step {step}; resumed on 1: relative state differences {errs}, "
-          f"optimizer moments {opt_err:.3g}")
+    print(
+        f"2 processes: losses {losses}, stopped at step {step}; resumed on 1: relative state differences {errs}, "
+        f"optimizer moments {opt_err:.3g}"
+    )
     assert max(errs.values()) <= RTOL and opt_err <= 1e-5, (errs, opt_err)
     _assert_same_losses(workdir, ref_dir, range(step + 1, 7))
 
@@ -211,11 +244,21 @@ def test_two_processes_continue_a_one_process_run(reference, tmp_path):
 
 def _start_alone(workdir, port, process_id):
     """main.py as process `process_id` of 2, alone: (exit status, its one error line, stderr)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(process_id)}
-    done = subprocess.run([sys.executable, "main.py", f"--config={CONFIG_FILE}", f"--workdir={workdir}",
-                           "--config.init_timeout_s=2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": str(process_id),
+    }
+    done = subprocess.run(
+        [sys.executable, "main.py", f"--config={CONFIG_FILE}", f"--workdir={workdir}", "--config.init_timeout_s=2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert not workdir.exists()
@@ -241,8 +284,9 @@ def test_coordinator_port_taken_is_one_line(tmp_path):
 
 def test_processes_with_different_configs_refuse_to_start(tmp_path):
     """Started as srun starts them (JAX's SLURM detection joins them), with one flag that differs."""
-    results = _finish(_launch(tmp_path / "w", per_process_flags={1: ["--config.optim.lr_heads=0.002"]},
-                              launcher=_slurm_variables))
+    results = _finish(
+        _launch(tmp_path / "w", per_process_flags={1: ["--config.optim.lr_heads=0.002"]}, launcher=_slurm_variables)
+    )
     for rc, err in results:
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]

@@ -30,7 +30,9 @@ def _params():
         "mlp": {"fc1": {"kernel": w(d, 2 * d), "bias": w(2 * d)}, "fc2": {"kernel": w(2 * d, d), "bias": w(d)}},
     }
     backbone = {
-        "cls_token": w(1, 1, d), "pos_embed": w(1, 5, d), "mask_token": w(1, d),
+        "cls_token": w(1, 1, d),
+        "pos_embed": w(1, 5, d),
+        "mask_token": w(1, d),
         "patch_embed": {"proj": {"kernel": w(2, 2, 3, d), "bias": w(d)}},
         "blocks": {0: block(), 1: block()},
         "norm": {"scale": w(d), "bias": w(d)},
@@ -40,8 +42,17 @@ def _params():
 
 
 def _cfg(**kw):
-    c = ml_collections.ConfigDict(dict(lr_backbone=0.05, lr_heads=0.2, final_lr=0.001, weight_decay=0.04,
-                                       weight_decay_end=0.5, exclude_norm_bias=True, grad_clip_norm=0.0))
+    c = ml_collections.ConfigDict(
+        dict(
+            lr_backbone=0.05,
+            lr_heads=0.2,
+            final_lr=0.001,
+            weight_decay=0.04,
+            weight_decay_end=0.5,
+            exclude_norm_bias=True,
+            grad_clip_norm=0.0,
+        )
+    )
     c.update(kw)
     return c
 
@@ -91,8 +102,10 @@ def _jax_run(params, labels, grads_seq, cfg):
 
 def _grads(params, n, scale=1.0):
     rng = np.random.default_rng(1)
-    return [jax.tree.map(lambda p: jnp.asarray(scale * rng.normal(size=p.shape).astype(np.float32)), params)
-            for _ in range(n)]
+    return [
+        jax.tree.map(lambda p: jnp.asarray(scale * rng.normal(size=p.shape).astype(np.float32)), params)
+        for _ in range(n)
+    ]
 
 
 def test_groups_hold_exactly_the_right_params():
@@ -110,8 +123,7 @@ def test_groups_hold_exactly_the_right_params():
     assert labels["['backbone']['cls_token']"] == "backbone_decay"
     assert labels["['backbone']['pos_embed']"] == "backbone_decay"
     counts = optim.group_counts(optim.param_labels(_params()))
-    assert counts == {"backbone_decay": 11, "backbone_no_decay": 17, "head_decay": 3, "head_no_decay": 3,
-                      "frozen": 1}
+    assert counts == {"backbone_decay": 11, "backbone_no_decay": 17, "head_decay": 3, "head_no_decay": 3, "frozen": 1}
 
 
 def test_no_exclusion_decays_everything_but_frozen():

@@ -11,10 +11,22 @@ from neco_jax import plot
 
 
 def _rows(steps):
-    return [{"step": s, "loss": 4.0 - 0.01 * s, "loss_last": 4.1 - 0.01 * s, "lr_backbone": 1e-5 * s,
-             "lr_heads": 2e-5 * s, "weight_decay": 0.04 + 1e-4 * s, "momentum": 0.99 + 1e-4 * s,
-             "grad_norm": 1.0 + s, "images_per_s": 100.0 + s, "step_time_s": 0.5, "eta_s": 0.5 * (100 - s)}
-            for s in steps]
+    return [
+        {
+            "step": s,
+            "loss": 4.0 - 0.01 * s,
+            "loss_last": 4.1 - 0.01 * s,
+            "lr_backbone": 1e-5 * s,
+            "lr_heads": 2e-5 * s,
+            "weight_decay": 0.04 + 1e-4 * s,
+            "momentum": 0.99 + 1e-4 * s,
+            "grad_norm": 1.0 + s,
+            "images_per_s": 100.0 + s,
+            "step_time_s": 0.5,
+            "eta_s": 0.5 * (100 - s),
+        }
+        for s in steps
+    ]
 
 
 def _workdir(tmp_path, rows, starts=(), torn_line=""):
@@ -59,10 +71,13 @@ def test_missing_values_are_shown_as_not_logged():
     assert texts[0] == [] and all(t == ["not logged"] for t in texts[1:])
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda p: None, "metrics.jsonl has no rows yet"),
-    (lambda p: (p / "metrics.jsonl").write_text('{"step": 1, "lo'), "metrics.jsonl has no rows yet"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "metrics.jsonl has no rows yet"),
+        (lambda p: (p / "metrics.jsonl").write_text('{"step": 1, "lo'), "metrics.jsonl has no rows yet"),
+    ],
+)
 def test_bad_workdir_is_one_line_exit_2(tmp_path, capsys, setup, message):
     setup(tmp_path)
     assert plot.main([str(tmp_path)]) == 2

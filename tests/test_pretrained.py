@@ -50,13 +50,17 @@ def test_every_neco_release_has_student_and_teacher():
 def test_hub_urls_follow_the_upstream_naming():
     table = pretrained.PRETRAINED
     assert table["dinov2_vits14"].url == (
-        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth")
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
+    )
     assert table["dinov2_vitg14_reg"].url == (
-        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth")
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth"
+    )
     assert table["dino_vitb8"].url == (
-        "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth")
+        "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"
+    )
     expected = {f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")} | {
-        f"dino_vit{s}{p}" for s in "sb" for p in (16, 8)}
+        f"dino_vit{s}{p}" for s in "sb" for p in (16, 8)
+    }
     assert {n for n in table if not n.startswith("neco_")} == expected
 
 
@@ -81,8 +85,9 @@ def tiny_release(tmp_path, monkeypatch):
     """A known name whose 'official URL' is a local file (a 1-block ViT-S/14 in the DINOv2 layout)."""
     from dinov2.models.vision_transformer import DinoVisionTransformer
 
-    vit = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=384, depth=1, num_heads=6,
-                                init_values=1.0, block_chunks=0)
+    vit = DinoVisionTransformer(
+        img_size=56, patch_size=14, embed_dim=384, depth=1, num_heads=6, init_values=1.0, block_chunks=0
+    )
     source = tmp_path / "upstream" / "tiny_pretrain.pth"
     source.parent.mkdir()
     torch.save(vit.state_dict(), source)
@@ -107,7 +112,8 @@ def test_named_arch_comes_with_the_name(tiny_release):
     # The entry's overrides (pos_grid 4, depth 1) are applied: inference alone would agree here, so check the
     # entry is used by breaking it.
     pretrained.PRETRAINED["tiny_release"] = pretrained.Pretrained(
-        pretrained.PRETRAINED["tiny_release"].url, "vit_small_patch14_dinov2", {"depth": 1})
+        pretrained.PRETRAINED["tiny_release"].url, "vit_small_patch14_dinov2", {"depth": 1}
+    )
     with pytest.raises(UserError, match=r"pos_embed \(1, 17, 384\) vs \(1, 1370, 384\)"):
         neco_jax.load_backbone("tiny_release")
 
@@ -127,8 +133,7 @@ def test_cli_to_jax_from_a_known_name(tiny_release, tmp_path):
 
 def test_offline_download_names_url_and_manual_placement(monkeypatch, cache):
     url = "http://127.0.0.1:9/dinov2_vits14_pretrain.pth"
-    monkeypatch.setitem(pretrained.PRETRAINED, "dinov2_vits14",
-                        pretrained.Pretrained(url, "vit_small_patch14_dinov2"))
+    monkeypatch.setitem(pretrained.PRETRAINED, "dinov2_vits14", pretrained.Pretrained(url, "vit_small_patch14_dinov2"))
     with pytest.raises(pretrained.DownloadError) as info:
         neco_jax.load_backbone("dinov2_vits14")
     message = str(info.value)
@@ -140,8 +145,9 @@ def test_offline_download_names_url_and_manual_placement(monkeypatch, cache):
 
 def test_manually_placed_file_is_used(tiny_release, cache, monkeypatch):
     source, _ = tiny_release
-    entry = pretrained.Pretrained("http://127.0.0.1:9/never.pth", "vit_small_patch14_dinov2",
-                                  {"pos_grid": 4, "depth": 1})
+    entry = pretrained.Pretrained(
+        "http://127.0.0.1:9/never.pth", "vit_small_patch14_dinov2", {"pos_grid": 4, "depth": 1}
+    )
     monkeypatch.setitem(pretrained.PRETRAINED, "tiny_release", entry)
     cache.mkdir(parents=True)
     (cache / "tiny_release.pth").write_bytes(source.read_bytes())

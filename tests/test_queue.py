@@ -1,7 +1,7 @@
 """FIFO reference queue: push order and size, counters (correct and the original's), sampling rule."""
 
-import numpy as np
 import jax
+import numpy as np
 import pytest
 
 from neco_jax import queue as queue_lib

@@ -2,11 +2,11 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import jax
-import jax.numpy as jnp
 from torchvision.ops import roi_align as tv_roi_align
 
 from neco_jax.roi_align import roi_align
@@ -43,8 +43,12 @@ def numpy_roi_align(features, box, k):
                     else:
                         x1_ = x0 + 1
                     ly, lx = yy - y0, xx - x0
-                    acc += ((1 - ly) * (1 - lx) * features[y0, x0] + (1 - ly) * lx * features[y0, x1_]
-                            + ly * (1 - lx) * features[y1_, x0] + ly * lx * features[y1_, x1_])
+                    acc += (
+                        (1 - ly) * (1 - lx) * features[y0, x0]
+                        + (1 - ly) * lx * features[y0, x1_]
+                        + ly * (1 - lx) * features[y1_, x0]
+                        + ly * lx * features[y1_, x1_]
+                    )
             out[ph, pw] = acc / count
     return out
 
@@ -69,8 +73,18 @@ def test_equals_numpy_and_torchvision(case):
     feats, boxes = case
     out = np.asarray(jax.jit(roi_align)(feats, boxes))
     ref = np.stack([numpy_roi_align(f.astype(np.float64), b, 7) for f, b in zip(feats, boxes)])
-    tv = tv_roi_align(torch.tensor(feats).permute(0, 3, 1, 2), [torch.tensor(b[None]) for b in boxes], 7,
-                      spatial_scale=1.0, sampling_ratio=-1, aligned=True).permute(0, 2, 3, 1).numpy()
+    tv = (
+        tv_roi_align(
+            torch.tensor(feats).permute(0, 3, 1, 2),
+            [torch.tensor(b[None]) for b in boxes],
+            7,
+            spatial_scale=1.0,
+            sampling_ratio=-1,
+            aligned=True,
+        )
+        .permute(0, 2, 3, 1)
+        .numpy()
+    )
     scale = np.abs(ref).max()
     assert np.abs(out - ref).max() <= 1e-5 * scale
     assert np.abs(out - tv).max() <= 1e-5 * scale

@@ -25,11 +25,15 @@ def test_resume_with_a_computation_change_is_refused_and_listed(tmp_path):
     assert str(info.value) == (
         f"{tmp_path}/config.json differs from this config in fields that change the computation: "
         "model.num_register_tokens: 0 -> 4; optim.total_steps: 40 -> 80. Resume with the stored config, use a "
-        "fresh --workdir, or pass --allow_config_change to continue the checkpoint with the new values")
+        "fresh --workdir, or pass --allow_config_change to continue the checkpoint with the new values"
+    )
     assert _files(tmp_path) == before  # the check writes nothing
     # allowed: every difference is returned, bookkeeping ones included
     assert run_record.check_resume(str(tmp_path), new, allow_change=True) == [
-        "log_every_steps: 5 -> 1", "model.num_register_tokens: 0 -> 4", "optim.total_steps: 40 -> 80"]
+        "log_every_steps: 5 -> 1",
+        "model.num_register_tokens: 0 -> 4",
+        "optim.total_steps: 40 -> 80",
+    ]
 
 
 def test_bookkeeping_changes_resume_freely(tmp_path):
@@ -55,8 +59,11 @@ def test_every_start_is_kept(tmp_path):
     assert (tmp_path / "config.json").read_text() == first
     starts = [json.loads(line) for line in (tmp_path / "starts.jsonl").read_text().splitlines()]
     assert [(s["step"], s["previous_config"], s["changes"]) for s in starts] == [
-        (0, None, []), (20, None, []), (30, "config.1.json", ["optim.lr_heads: 0.001 -> 0.002"]),
-        (40, "config.2.json", ["optim.lr_heads: 0.002 -> 0.001"])]
+        (0, None, []),
+        (20, None, []),
+        (30, "config.1.json", ["optim.lr_heads: 0.001 -> 0.002"]),
+        (40, "config.2.json", ["optim.lr_heads: 0.002 -> 0.001"]),
+    ]
 
 
 def test_unreadable_stored_config_is_named(tmp_path):
@@ -82,5 +89,6 @@ def test_rows_of_replayed_steps_are_set_aside(tmp_path):
     assert mw.read_metrics(tmp_path) == rows[:2]
     replaced = [json.loads(line) for line in (tmp_path / mw.REPLACED_FILE).read_text().splitlines()]
     assert replaced == [{**r, "replaced_on_resume_from_step": 2} for r in rows[2:]] + [
-        {"unparsable_row": '{"step": 5, "lo', "replaced_on_resume_from_step": 2}]
+        {"unparsable_row": '{"step": 5, "lo', "replaced_on_resume_from_step": 2}
+    ]
     assert mw.set_aside_rows_after(tmp_path, 2) == 0 and mw.read_metrics(tmp_path) == rows[:2]

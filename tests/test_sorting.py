@@ -1,10 +1,10 @@
 """Sorting networks vs diffsort 0.2.0 (the package NeCo pins): networks, P, values and gradients."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import jax
-import jax.numpy as jnp
 from diffsort import DiffSortNet
 from diffsort.networks import bitonic_network, odd_even_network
 
@@ -80,8 +80,9 @@ def test_sort_equals_diffsort(n, network):
         ref = _diffsort(x64, w64, network, steepness, distribution, torch.float64)
         theirs32 = _diffsort(x64, w64, network, steepness, distribution, torch.float32)
         ours = _ours(x32, w32, network, steepness, distribution)
-        for name, o, t32, r, tol in zip(("P", "values", "grad P", "grad values"), ours, theirs32, ref,
-                                        (1e-5, 1e-5, 1e-4, 1e-4)):
+        for name, o, t32, r, tol in zip(
+            ("P", "values", "grad P", "grad values"), ours, theirs32, ref, (1e-5, 1e-5, 1e-4, 1e-4)
+        ):
             bound = max(tol, 4 * _rel(t32, r))
             assert _rel(o, r) <= bound, (distribution, name, _rel(o, r), _rel(t32, r))
 

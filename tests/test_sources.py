@@ -35,6 +35,7 @@ def _write(path, data=None):
 
 # ---- decoding ----------------------------------------------------------------------------------------------
 
+
 def test_rgb_roundtrip_and_arrays():
     arr = _rgb()
     np.testing.assert_array_equal(np.asarray(decode_rgb(_png(arr))), arr)
@@ -92,6 +93,7 @@ def test_corrupt_and_truncated_bytes_raise_undecodable():
 
 
 # ---- folder layouts -----------------------------------------------------------------------------------------
+
 
 def test_flat_and_nested_folders(tmp_path):
     _write(tmp_path / "b.jpg")
@@ -201,6 +203,7 @@ def test_file_list(tmp_path):
 
 # ---- TFDS ---------------------------------------------------------------------------------------------------
 
+
 def test_tfds_array_record_source(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     images = [_rgb(8 + i, 10, seed=i) for i in range(5)]
@@ -209,9 +212,15 @@ def test_tfds_array_record_source(tmp_path):
         VERSION = tfds.core.Version("1.0.0")
 
         def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "photo": tfds.features.Image(shape=(None, None, 3)),
-                "label": tfds.features.ClassLabel(num_classes=2)}))
+            return tfds.core.DatasetInfo(
+                builder=self,
+                features=tfds.features.FeaturesDict(
+                    {
+                        "photo": tfds.features.Image(shape=(None, None, 3)),
+                        "label": tfds.features.ClassLabel(num_classes=2),
+                    }
+                ),
+            )
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
@@ -235,6 +244,7 @@ def test_tfds_array_record_source(tmp_path):
 
 
 # ---- bundled samples ----------------------------------------------------------------------------------------
+
 
 def test_bundled_sample_photos(caplog):
     with caplog.at_level(logging.WARNING):

@@ -43,8 +43,11 @@ def test_prefetch_keeps_batches_ahead_in_order():
 def _run_sums(losses, norms, cap, start=10, run=0):
     sums = step_feed.empty_sums(run)
     for i, (loss, norm) in enumerate(zip(losses, norms)):
-        metrics = {"loss": jnp.float32(loss), "grad_norm": jnp.float32(norm),
-                   "finite": jnp.bool_(np.isfinite(loss) & np.isfinite(norm))}
+        metrics = {
+            "loss": jnp.float32(loss),
+            "grad_norm": jnp.float32(norm),
+            "finite": jnp.bool_(np.isfinite(loss) & np.isfinite(norm)),
+        }
         sums = step_feed.accumulate(sums, metrics, start + i, cap)
     return jax.device_get(sums)
 
@@ -78,8 +81,10 @@ def test_training_loop_fetches_only_at_log_and_checkpoint_steps(tmp_path, monkey
     from neco_jax import train as train_lib
     from neco_jax.metrics_writer import read_metrics
 
-    c = base.set_fields(demo.get_config(), {"optim.total_steps": 10, "log_every_steps": 5,
-                                            "checkpoint_every_steps": 1000, "export_at_end": False})
+    c = base.set_fields(
+        demo.get_config(),
+        {"optim.total_steps": 10, "log_every_steps": 5, "checkpoint_every_steps": 1000, "export_at_end": False},
+    )
     fetches = []
     real_copy = train_lib.distributed.host_copy
     monkeypatch.setattr(train_lib.distributed, "host_copy", lambda x: fetches.append(x) or real_copy(x))

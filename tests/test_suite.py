@@ -3,22 +3,42 @@ published table as data, and the data discovery."""
 
 import json
 
+import eval_fixtures
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
 
-import eval_fixtures
 from evaluation import published, suite
 
 SMALL = [
-    "image_size=56", "mask_size=28", "batch_size=4", "num_threads=2", "num_visualize=0",
-    "linear.epochs=1", "linear.batch_size=4", "linear.train_mask_size=28", "linear.eval_mask_size=56",
-    "overcluster.ks=(21, 40)", "overcluster.seeds=(0,)", "overcluster.iters=5", "overcluster.restarts=1",
-    "overcluster.pca_dim=16", "hummingbird.memory_size=0", "hummingbird.passes=1", "hummingbird.memory_chunk=256",
-    "cbfe.pca_dim=8", "cbfe.k_fg=24", "cbfe.kmeans_iters=5", "cbfe.kmeans_restarts=1", "cbfe.num_runs=2",
-    "cbfe.evaluate_cbfe=False", "cbfe.k_community=8", "cbfe.markov_time=1.0", "cbfe.weight_threshold=0.02",
-]  # fmt: skip
+    "image_size=56",
+    "mask_size=28",
+    "batch_size=4",
+    "num_threads=2",
+    "num_visualize=0",
+    "linear.epochs=1",
+    "linear.batch_size=4",
+    "linear.train_mask_size=28",
+    "linear.eval_mask_size=56",
+    "overcluster.ks=(21, 40)",
+    "overcluster.seeds=(0,)",
+    "overcluster.iters=5",
+    "overcluster.restarts=1",
+    "overcluster.pca_dim=16",
+    "hummingbird.memory_size=0",
+    "hummingbird.passes=1",
+    "hummingbird.memory_chunk=256",
+    "cbfe.pca_dim=8",
+    "cbfe.k_fg=24",
+    "cbfe.kmeans_iters=5",
+    "cbfe.kmeans_restarts=1",
+    "cbfe.num_runs=2",
+    "cbfe.evaluate_cbfe=False",
+    "cbfe.k_community=8",
+    "cbfe.markov_time=1.0",
+    "cbfe.weight_threshold=0.02",
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +65,13 @@ def test_suite_runs_every_protocol_on_a_voc_tree(tmp_path, tiny_checkpoint):
     skipped = [j for j in saved["jobs"] if j["status"] == "skipped"]
     assert skipped and all("no " in j["reason"] for j in skipped)  # COCO, ADE20k, Cityscapes are absent
     by_label = {e["label"]: e for e in saved["results"]}
-    assert set(by_label) == {"linear", "overclustering K=21", "overclustering K=40", "dense NN retrieval 1/1",
-                             "CBFE + CD"}
+    assert set(by_label) == {
+        "linear",
+        "overclustering K=21",
+        "overclustering K=40",
+        "dense NN retrieval 1/1",
+        "CBFE + CD",
+    }
     for e in saved["results"]:
         assert 0.0 <= e["miou"] <= 1.0
         job = json.loads((out / f"{e['dataset']}_{e['protocol']}" / "results.json").read_text())

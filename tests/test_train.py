@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from train_fixtures import tiny_config
 
 from configs import base
 from input_pipeline import augment
@@ -24,7 +25,6 @@ from neco_jax import train as train_lib
 from neco_jax import train_state as ts
 from neco_jax.metrics_writer import read_metrics
 from neco_jax.models import VisionTransformer, get_arch
-from train_fixtures import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,8 +45,9 @@ def _max_diff(a, b):
 def test_optimizer_groups_of_the_real_model():
     c = tiny_config()
     student, _ = train_lib.random_params(c, 0)
-    labels = {jax.tree_util.keystr(p): v
-              for p, v in jax.tree_util.tree_flatten_with_path(optim.param_labels(student))[0]}
+    labels = {
+        jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(optim.param_labels(student))[0]
+    }
     expected = {}
     for key, value in _flat(student).items():
         head = key.startswith("['head']")
@@ -95,16 +96,21 @@ def test_init_from_a_neco_lightning_checkpoint_restores_student_teacher_and_head
         head = head_to_torch(train_lib._flat(jax.device_get(params["head"])))
         state.update({f"{prefix}projection_head.{k}": v for k, v in head.items()})
     path = tmp_path / "neco.ckpt"
-    torch.save({"epoch": 1, "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}},
-               path)
+    torch.save({"epoch": 1, "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, path)
     c = base.set_fields(c, {"model.init": str(path)})
     got_student, got_teacher, desc = train_lib.initial_params(c)
     assert _max_diff(got_student, student) == 0.0 and _max_diff(got_teacher, teacher) == 0.0
     assert "student and teacher of a NeCo checkpoint" in desc and desc.count("head loaded") == 2
     # A plain backbone file still goes into both models, heads random (the original's cls_token branch).
     plain = tmp_path / "backbone.pth"
-    torch.save({k[len("model."):]: torch.from_numpy(np.array(v)) for k, v in state.items()
-                if k.startswith("model.") and "projection_head" not in k}, plain)
+    torch.save(
+        {
+            k[len("model.") :]: torch.from_numpy(np.array(v))
+            for k, v in state.items()
+            if k.startswith("model.") and "projection_head" not in k
+        },
+        plain,
+    )
     s2, t2, desc2 = train_lib.initial_params(base.set_fields(c, {"model.init": str(plain)}))
     assert _max_diff(s2["backbone"], student["backbone"]) == 0.0 and _max_diff(t2["backbone"], student["backbone"]) == 0
     assert "one backbone into both models" in desc2 and desc2.count("head random") == 2
@@ -117,7 +123,9 @@ def test_init_with_nonfinite_weights_is_named(tmp_path):
     bias = model.blocks[1].attn.proj.bias
     bias.set_value(bias.get_value().at[3].set(jnp.nan))
     save_backbone(model, tmp_path / "w")
-    with pytest.raises(train_lib.TrainConfigError, match=r"holds NaN or infinite values in \['blocks/1/attn/proj/bias'\]"):
+    with pytest.raises(
+        train_lib.TrainConfigError, match=r"holds NaN or infinite values in \['blocks/1/attn/proj/bias'\]"
+    ):
         train_lib.initial_params(tiny_config(**{"model.init": str(tmp_path / "w")}))
 
 
@@ -151,8 +159,9 @@ def _batches(config, n):
 def _run_steps(config, devices, batches):
     models, labels, tx, state = _setup(config)
     mesh = sharding.make_mesh(devices)
-    step = train_lib.jit_train_step(train_lib.make_train_step(config, models, labels, tx,
-                                                              config.optim.total_steps), mesh)
+    step = train_lib.jit_train_step(
+        train_lib.make_train_step(config, models, labels, tx, config.optim.total_steps), mesh
+    )
     state = jax.device_put(state, sharding.replicated(mesh))
     losses = []
     for b in batches:
@@ -244,8 +253,15 @@ def test_exact_resume(tmp_path, caplog):
     with a config that changes the computation is refused and leaves the record as it was."""
     from evaluation.features import _int_keys, load_from_workdir
 
-    c = tiny_config(**{"optim.total_steps": 4, "checkpoint_every_steps": 2, "data.dataset_name": "folder",
-                 "data.data_dir": _photo_folder(tmp_path / "photos"), "data.max_bad_fraction": 0.5})
+    c = tiny_config(
+        **{
+            "optim.total_steps": 4,
+            "checkpoint_every_steps": 2,
+            "data.dataset_name": "folder",
+            "data.data_dir": _photo_folder(tmp_path / "photos"),
+            "data.max_bad_fraction": 0.5,
+        }
+    )
     straight = train_lib.train_and_evaluate(c, tmp_path / "a")["state"]
     first = train_lib.train_and_evaluate(c, tmp_path / "b", stop_after=3)
     assert first["step"] == 3 and first["stopped_by_signal"] is None
@@ -255,8 +271,11 @@ def test_exact_resume(tmp_path, caplog):
     bad_file = r"b/checkpoints/3/state/(ocdbt.process_0/)?d/[0-9a-f]+: Requested byte range"
 
     teacher = ts.split(load_from_workdir(tmp_path / "b", "teacher"))[1]
-    assert re.search(r"checkpoint .*/b/checkpoints/3 is damaged \(.*" + bad_file + r".*\); using step 2, the newest "
-                     r"intact checkpoint. Remove the damaged one with: rm -r .*/b/checkpoints/3", caplog.text)
+    assert re.search(
+        r"checkpoint .*/b/checkpoints/3 is damaged \(.*" + bad_file + r".*\); using step 2, the newest "
+        r"intact checkpoint. Remove the damaged one with: rm -r .*/b/checkpoints/3",
+        caplog.text,
+    )
     step2 = _int_keys(_restored_state(tmp_path / "b", 2)["teacher"]["backbone"])
     assert _max_diff(teacher, step2) == 0.0
     assert (ckpts / "3").is_dir()  # evaluation only reads
@@ -264,13 +283,18 @@ def test_exact_resume(tmp_path, caplog):
 
     resumed = train_lib.train_and_evaluate(c, tmp_path / "b")["state"]
     aside = tmp_path / "b" / "checkpoints.corrupt" / "3"
-    assert re.search(r"checkpoint .*/b/checkpoints/3 is damaged \(.*" + bad_file + r".*\); resuming from step 2, "
-                     r"the newest intact checkpoint. The damaged one was moved to .*/b/checkpoints.corrupt/3; delete "
-                     r"it with: rm -r .*/b/checkpoints.corrupt/3", caplog.text)
+    assert re.search(
+        r"checkpoint .*/b/checkpoints/3 is damaged \(.*" + bad_file + r".*\); resuming from step 2, "
+        r"the newest intact checkpoint. The damaged one was moved to .*/b/checkpoints.corrupt/3; delete "
+        r"it with: rm -r .*/b/checkpoints.corrupt/3",
+        caplog.text,
+    )
     assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == damaged_bytes
     assert damaged and sorted(p.name for p in ckpts.iterdir()) == ["2", "4"]
-    err = max(_max_diff(jax.device_get(getattr(straight, p)), jax.device_get(getattr(resumed, p)))
-              for p in ("student", "teacher", "opt_state", "queue", "rng", "step"))
+    err = max(
+        _max_diff(jax.device_get(getattr(straight, p)), jax.device_get(getattr(resumed, p)))
+        for p in ("student", "teacher", "opt_state", "queue", "rng", "step")
+    )
     print(f"resume: max |diff| over params/teacher/optimizer/queue/rng = {err:.3g}")
     assert err <= 1e-6
     rows_a, rows_b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
@@ -287,12 +311,24 @@ def test_exact_resume(tmp_path, caplog):
 
     record = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()}
     checkpoints = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
-    changed = base.set_fields(tiny_config(**{"optim.total_steps": 4, "checkpoint_every_steps": 2, "data.dataset_name":
-                                       "folder", "data.data_dir": c.data.data_dir, "data.max_bad_fraction": 0.5}),
-                              {"optim.lr_backbone": 1e-3, "loss.sort_net": "odd_even", "log_every_steps": 2})
-    with pytest.raises(run_record.ConfigChangedError, match=r"differs from this config in fields that change the "
-                       r"computation: loss.sort_net: 'bitonic' -> 'odd_even'; optim.lr_backbone: 0.0005 -> 0.001\. "
-                       r"Resume with the stored config.*--allow_config_change"):
+    changed = base.set_fields(
+        tiny_config(
+            **{
+                "optim.total_steps": 4,
+                "checkpoint_every_steps": 2,
+                "data.dataset_name": "folder",
+                "data.data_dir": c.data.data_dir,
+                "data.max_bad_fraction": 0.5,
+            }
+        ),
+        {"optim.lr_backbone": 1e-3, "loss.sort_net": "odd_even", "log_every_steps": 2},
+    )
+    with pytest.raises(
+        run_record.ConfigChangedError,
+        match=r"differs from this config in fields that change the "
+        r"computation: loss.sort_net: 'bitonic' -> 'odd_even'; optim.lr_backbone: 0.0005 -> 0.001\. "
+        r"Resume with the stored config.*--allow_config_change",
+    ):
         train_lib.train_and_evaluate(changed, tmp_path / "b")
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir() if p.is_file()} == record
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == checkpoints
@@ -314,8 +350,20 @@ def test_it_learns_on_the_bundled_photos(tmp_path):
     assert after < before - 0.05 * abs(before)
 
 
-RECIPE_RUNS = [(n, "") for n in ("dinov2_s14", "dinov2r_s14", "dinov2r_xr_s14", "dinov2_b14", "dinov2r_b14",
-                                 "dinov2r_xr_b14", "dino_s16", "timet_s16", "leopart_s16")]
+RECIPE_RUNS = [
+    (n, "")
+    for n in (
+        "dinov2_s14",
+        "dinov2r_s14",
+        "dinov2r_xr_s14",
+        "dinov2_b14",
+        "dinov2r_b14",
+        "dinov2r_xr_b14",
+        "dino_s16",
+        "timet_s16",
+        "leopart_s16",
+    )
+]
 # Ablations with a code path of their own in the step (attention masks; the student as its own teacher).
 # The sorter-only ablations (odd_even, steepness pairs) change arguments that test_sorting covers.
 RECIPE_RUNS += [("dinov2r_xr_s14", a) for a in ("fg", "no_teacher")]
@@ -329,10 +377,21 @@ def test_every_recipe_runs_one_step(name, arg, tmp_path):
     patch = get_arch(c.model.arch).patch_size
     with c.unlocked():
         c.model.arch_overrides = {"depth": 1, "embed_dim": 32, "num_heads": 2}
-    base.set_fields(c, {
-        "model.init": "random", "head.hidden_dim": 32, "head.out_dim": 16, "data.dataset_name": "sample",
-        "data.size_crops": (4 * patch, 2 * patch), "data.num_workers": 0, "optim.batch_size": 4,
-        "optim.total_steps": 1, "loss.queue_length": 256, "export_at_end": False})
+    base.set_fields(
+        c,
+        {
+            "model.init": "random",
+            "head.hidden_dim": 32,
+            "head.out_dim": 16,
+            "data.dataset_name": "sample",
+            "data.size_crops": (4 * patch, 2 * patch),
+            "data.num_workers": 0,
+            "optim.batch_size": 4,
+            "optim.total_steps": 1,
+            "loss.queue_length": 256,
+            "export_at_end": False,
+        },
+    )
     out = train_lib.train_and_evaluate(c, tmp_path)
     assert out["step"] == 1 and np.isfinite(out["loss"])
     state = jax.device_get(out["state"])
@@ -342,8 +401,9 @@ def test_every_recipe_runs_one_step(name, arg, tmp_path):
 
 @pytest.mark.slow
 def test_nonfinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    c = tiny_config(**{"optim.total_steps": 4, "optim.lr_backbone": 1e30, "optim.lr_heads": 1e30,
-                 "checkpoint_every_steps": 1})
+    c = tiny_config(
+        **{"optim.total_steps": 4, "optim.lr_backbone": 1e30, "optim.lr_heads": 1e30, "checkpoint_every_steps": 1}
+    )
     with pytest.raises(train_lib.NonFiniteError, match=r"^step (\d+): the loss") as info:
         train_lib.train_and_evaluate(c, tmp_path)
     bad = int(info.value.args[0].split(":")[0].split()[1])
@@ -366,11 +426,21 @@ def test_skip_stops_after_the_cap_and_saves_only_finite_state(tmp_path, monkeypa
     run naming it, and neither the checkpoints nor an export ever hold a non-finite value."""
     real = optim.make_optimizer
     monkeypatch.setattr(train_lib.optim, "make_optimizer", lambda *a: _nan_updates(real(*a)))
-    c = tiny_config(**{"optim.total_steps": 4, "optim.on_nonfinite": "skip", "optim.max_consecutive_skips": 2,
-                 "checkpoint_every_steps": 1, "export_at_end": True})
-    with pytest.raises(train_lib.NonFiniteError, match=r"^step 2: 2 non-finite steps in a row, the update \(loss "
-                       r"[0-9.]+, gradient norm [0-9.]+\) made the weights, teacher, optimizer state or queue "
-                       r"non-finite; the update was not applied") as info:
+    c = tiny_config(
+        **{
+            "optim.total_steps": 4,
+            "optim.on_nonfinite": "skip",
+            "optim.max_consecutive_skips": 2,
+            "checkpoint_every_steps": 1,
+            "export_at_end": True,
+        }
+    )
+    with pytest.raises(
+        train_lib.NonFiniteError,
+        match=r"^step 2: 2 non-finite steps in a row, the update \(loss "
+        r"[0-9.]+, gradient norm [0-9.]+\) made the weights, teacher, optimizer state or queue "
+        r"non-finite; the update was not applied",
+    ) as info:
         train_lib.train_and_evaluate(c, tmp_path)
     assert "optim.max_consecutive_skips=2" in str(info.value)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
@@ -404,8 +474,18 @@ def test_demo_command_end_to_end_with_sigterm_and_resume(tmp_path):
     assert "resumed from" in done.stderr
     rows = read_metrics(workdir)
     assert rows[-1]["step"] == 40 and all(np.isfinite(r["loss"]) for r in rows)
-    assert {"images_per_s", "data_wait_s", "compute_s", "lr_backbone", "lr_heads", "weight_decay", "momentum",
-            "grad_norm", "skipped_images", "eta_s"} <= rows[-1].keys()
+    assert {
+        "images_per_s",
+        "data_wait_s",
+        "compute_s",
+        "lr_backbone",
+        "lr_heads",
+        "weight_decay",
+        "momentum",
+        "grad_norm",
+        "skipped_images",
+        "eta_s",
+    } <= rows[-1].keys()
     assert max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == 40
     import torch
 

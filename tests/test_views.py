@@ -91,13 +91,21 @@ def test_pair_boxes_match_a_loop_reference():
         f = np.float32
         for g in range(2):
             for v in range(6):
-                inter = [max(boxes[g][0], boxes[v][0]), max(boxes[g][1], boxes[v][1]),
-                         min(boxes[g][2], boxes[v][2]), min(boxes[g][3], boxes[v][3])]
+                inter = [
+                    max(boxes[g][0], boxes[v][0]),
+                    max(boxes[g][1], boxes[v][1]),
+                    min(boxes[g][2], boxes[v][2]),
+                    min(boxes[g][3], boxes[v][3]),
+                ]
                 for frame, out in ((g, gc[g, v]), (v, all_[v, g])):
                     size = f(56 if frame < 2 else 28)
                     x1, y1, x2, y2 = (f(c) for c in boxes[frame])
-                    ref = [size * ((f(inter[0]) - x1) / (x2 - x1)), size * ((f(inter[1]) - y1) / (y2 - y1)),
-                           size * ((f(inter[2]) - x1) / (x2 - x1)), size * ((f(inter[3]) - y1) / (y2 - y1))]
+                    ref = [
+                        size * ((f(inter[0]) - x1) / (x2 - x1)),
+                        size * ((f(inter[1]) - y1) / (y2 - y1)),
+                        size * ((f(inter[2]) - x1) / (x2 - x1)),
+                        size * ((f(inter[3]) - y1) / (y2 - y1)),
+                    ]
                     np.testing.assert_array_equal(out, np.array(ref, np.float32))
         np.testing.assert_array_equal(gc[0, 0], [0, 0, 56, 56])
 
@@ -225,8 +233,7 @@ def test_colour_pipeline_matches_torchvision(photo, order, gray, blur):
 def test_resize_and_normalisation_match_torchvision(photo):
     for box, size in (((3, 5, 40, 30), 56), ((10, 0, 64, 48), 28), ((0, 0, 20, 9), 98)):
         left, top, right, bottom = box
-        ref = TF.resized_crop(photo, top, left, bottom - top, right - left, [size, size],
-                              T.InterpolationMode.BILINEAR)
+        ref = TF.resized_crop(photo, top, left, bottom - top, right - left, [size, size], T.InterpolationMode.BILINEAR)
         got = resized_crop(photo, box, size)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
         ref_t = T.Normalize(IMAGENET_MEAN.tolist(), IMAGENET_STD.tolist())(TF.to_tensor(ref))
@@ -257,8 +264,10 @@ def test_host_mode_applies_the_same_draws(photo):
         host = make_views(photo, np.random.default_rng(seed), host_cfg)
         assert set(host) == {"global_crops", "local_crops", "boxes_gc", "boxes_all"}
         for group in ("global", "local"):
-            want = [normalize(apply_colour_pil(Image.fromarray(c), p.astype(np.float64)))
-                    for c, p in zip(device[f"{group}_crops"], device[f"{group}_colour"])]
+            want = [
+                normalize(apply_colour_pil(Image.fromarray(c), p.astype(np.float64)))
+                for c, p in zip(device[f"{group}_crops"], device[f"{group}_colour"])
+            ]
             assert host[f"{group}_crops"].dtype == np.float32
             np.testing.assert_allclose(host[f"{group}_crops"], np.stack(want), atol=1e-6, rtol=0)
         np.testing.assert_array_equal(host["boxes_gc"], device["boxes_gc"])
@@ -266,8 +275,14 @@ def test_host_mode_applies_the_same_draws(photo):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(size_crops=(56,)), dict(min_scale_crops=(0.5, 0.05), max_scale_crops=(0.4, 0.25)),
-     dict(min_intersection=1.0), dict(grayscale_prob=1.5), dict(nmb_crops=(0, 4)), dict(augment_on="gpu")],
+    [
+        dict(size_crops=(56,)),
+        dict(min_scale_crops=(0.5, 0.05), max_scale_crops=(0.4, 0.25)),
+        dict(min_intersection=1.0),
+        dict(grayscale_prob=1.5),
+        dict(nmb_crops=(0, 4)),
+        dict(augment_on="gpu"),
+    ],
 )
 def test_bad_view_settings_are_user_errors(kwargs):
     with pytest.raises(DataConfigError) as info:

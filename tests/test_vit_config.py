@@ -14,7 +14,12 @@ def test_registry_names_and_sizes():
     assert set(ARCHS) == expected
     giant = get_arch("vit_giant_patch14_reg4_dinov2")
     assert (giant.embed_dim, giant.depth, giant.num_heads, giant.ffn_layer, giant.num_register_tokens) == (
-        1536, 40, 24, "swiglu", 4)
+        1536,
+        40,
+        24,
+        "swiglu",
+        4,
+    )
     assert giant.mlp_hidden_dim == 4096
     dino8 = get_arch("vit_base_patch8_dino")
     assert (dino8.pos_grid, dino8.layerscale, dino8.has_mask_token) == (28, False, False)
@@ -25,8 +30,13 @@ def test_registry_names_and_sizes():
 
 
 def test_overrides_and_dict_round_trip():
-    cfg = get_arch("vit_small_patch14_reg4_dinov2", interpolate_offset=0.0, interpolate_antialias=True,
-                   drop_path_rate=0.1, dtype="bfloat16")
+    cfg = get_arch(
+        "vit_small_patch14_reg4_dinov2",
+        interpolate_offset=0.0,
+        interpolate_antialias=True,
+        drop_path_rate=0.1,
+        dtype="bfloat16",
+    )
     assert ViTConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.arch == "vit_small_patch14_reg4_dinov2" and cfg.interpolate_antialias
 

@@ -63,8 +63,10 @@ def _check_dinov2(ref, model, hw):
     with torch.no_grad():
         expected = ref.forward_features(_nchw(x))
     out = _jax_forward(model, x)
-    errors = {name: relative_error(out[name], expected[name])
-              for name in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm")}
+    errors = {
+        name: relative_error(out[name], expected[name])
+        for name in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm")
+    }
     print(f"{hw}: {errors}")
     assert out["x_norm_patchtokens"].shape == expected["x_norm_patchtokens"].shape
     assert out["x_norm_regtokens"].shape == (1, 0, model.config.embed_dim)
@@ -172,8 +174,9 @@ def test_registers_at_other_sizes_match_torch_interpolation(timm_reg4, hw, hub_r
     grid_hw = (hw[0] // 14, hw[1] // 14)
     with torch.no_grad():
         table = ref.pos_embed.detach()
-        table = (_torch_resample(table, grid_hw, antialias=True) if hub_rule
-                 else _torch_resample(table, grid_hw, offset=0.1))
+        table = (
+            _torch_resample(table, grid_hw, antialias=True) if hub_rule else _torch_resample(table, grid_hw, offset=0.1)
+        )
     resized = _timm_at_size(ref, "vit_small_patch14_reg4_dinov2", hw, table, seed=3)
     overrides = dict(interpolate_offset=0.0, interpolate_antialias=True) if hub_rule else {}
     model = _pair("vit_small_patch14_reg4_dinov2", ref, "timm", **overrides)
@@ -213,8 +216,16 @@ def test_swiglu_matches_official():
     """ViT-g's feed-forward (SwiGLUFFNFused, DINOv2's hidden-width rule) on a tiny DINOv2 model."""
     from dinov2.models.vision_transformer import DinoVisionTransformer
 
-    ref = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=1.0,
-                                block_chunks=0, ffn_layer="swiglufused")
+    ref = DinoVisionTransformer(
+        img_size=56,
+        patch_size=14,
+        embed_dim=48,
+        depth=2,
+        num_heads=2,
+        init_values=1.0,
+        block_chunks=0,
+        ffn_layer="swiglufused",
+    )
     ref = randomize(ref, seed=7).eval()
     model = _pair("vit_tiny_test", ref, "dinov2", embed_dim=48, ffn_layer="swiglu")
     for hw in [(56, 56), (70, 42)]:
@@ -231,19 +242,28 @@ def test_parameter_shapes_match_references(size):
     """Every DINOv2 hub size (official code) and its timm register variant map one-to-one onto our tree."""
     from dinov2.models import vision_transformer as dinov2_vit
 
-    build = {"small": dinov2_vit.vit_small, "base": dinov2_vit.vit_base,
-             "large": dinov2_vit.vit_large, "giant": dinov2_vit.vit_giant2}[size]
+    build = {
+        "small": dinov2_vit.vit_small,
+        "base": dinov2_vit.vit_base,
+        "large": dinov2_vit.vit_large,
+        "giant": dinov2_vit.vit_giant2,
+    }[size]
     ffn = "swiglufused" if size == "giant" else "mlp"
-    hub = _meta_state(lambda: build(img_size=518, patch_size=14, init_values=1.0, block_chunks=0,
-                                    ffn_layer=ffn, drop_path_uniform=True))
+    hub = _meta_state(
+        lambda: build(
+            img_size=518, patch_size=14, init_values=1.0, block_chunks=0, ffn_layer=ffn, drop_path_uniform=True
+        )
+    )
     import timm
 
     reg = _meta_state(lambda: timm.create_model(f"vit_{size}_patch14_reg4_dinov2", pretrained=False, num_classes=0))
     if size == "giant":  # timm names DINOv2's SwiGLU w12 / w3 as fc1 / fc2
         reg = {k.replace("mlp.fc1", "mlp.w12").replace("mlp.fc2", "mlp.w3"): v for k, v in reg.items()}
-    for arch, state, layout in [(f"vit_{size}_patch14_dinov2", hub, "dinov2"),
-                                (f"vit_{size}_patch14_reg4_dinov2", reg, "timm")]:
-        abstract = nnx.eval_shape(lambda: VisionTransformer(get_arch(arch), rngs=nnx.Rngs(0)))
+    for arch, state, layout in [
+        (f"vit_{size}_patch14_dinov2", hub, "dinov2"),
+        (f"vit_{size}_patch14_reg4_dinov2", reg, "timm"),
+    ]:
+        abstract = nnx.eval_shape(lambda arch=arch: VisionTransformer(get_arch(arch), rngs=nnx.Rngs(0)))
         ours = param_shapes(abstract)
         theirs = {path: value.shape for path, value in torch_params(state, layout=layout).items()}
         if layout == "timm":  # timm has no mask_token
@@ -268,8 +288,9 @@ def test_gradients_match_official():
     """Parameter gradients of a loss on patch and CLS tokens, through the pos-embed resampling (70x42 input)."""
     from dinov2.models.vision_transformer import DinoVisionTransformer
 
-    ref = DinoVisionTransformer(img_size=56, patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=1.0,
-                                block_chunks=0)
+    ref = DinoVisionTransformer(
+        img_size=56, patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=1.0, block_chunks=0
+    )
     ref = randomize(ref, seed=9).eval()
     model = _pair("vit_tiny_test", ref, "dinov2", embed_dim=48)
     x = _image((70, 42), seed=10, batch=2)
@@ -279,10 +300,13 @@ def test_gradients_match_official():
 
     out = ref.forward_features(_nchw(x))
     loss = (out["x_norm_patchtokens"] * torch.from_numpy(w_patch)).sum() + (
-        out["x_norm_clstoken"] * torch.from_numpy(w_cls)).sum()
+        out["x_norm_clstoken"] * torch.from_numpy(w_cls)
+    ).sum()
     loss.backward()
-    expected = torch_params({name: p.grad if p.grad is not None else torch.zeros_like(p)
-                             for name, p in ref.named_parameters()}, layout="dinov2")
+    expected = torch_params(
+        {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in ref.named_parameters()},
+        layout="dinov2",
+    )
 
     def jax_loss(m):
         o = m(x)

@@ -44,10 +44,15 @@ class HeadConfig:
         unknown, missing = sorted(set(values) - set(known)), [k for k in known if k not in values]
         bad = [k for k in known if k in values and (type(values[k]) is not int or values[k] <= 0)]
         if unknown or missing or bad:
-            problems = [f"{name} field(s) {keys}" for name, keys in
-                        (("unknown", unknown), ("missing", missing), ("non-positive or non-integer", bad)) if keys]
-            raise UserError(f"{what} is not a projection head config: {'; '.join(problems)} (fields: {known}); "
-                            "save the backbone again")
+            problems = [
+                f"{name} field(s) {keys}"
+                for name, keys in (("unknown", unknown), ("missing", missing), ("non-positive or non-integer", bad))
+                if keys
+            ]
+            raise UserError(
+                f"{what} is not a projection head config: {'; '.join(problems)} (fields: {known}); "
+                "save the backbone again"
+            )
         return cls(**values)
 
 
@@ -86,8 +91,12 @@ def config_for(
     if arch is not None:
         return resolve_arch(arch, has_mask_token=has_mask)
     if recorded is not None:
-        arch_record.check_fits(recorded, state_dict, f"{what}: the architecture recorded in the file",
-                               "Name the right architecture with --arch / arch=.")
+        arch_record.check_fits(
+            recorded,
+            state_dict,
+            f"{what}: the architecture recorded in the file",
+            "Name the right architecture with --arch / arch=.",
+        )
         return resolve_arch(recorded, has_mask_token=has_mask)
     fields = infer.infer_fields(state_dict)
     return resolve_arch(infer.family_arch_name(fields), **fields)
@@ -106,12 +115,20 @@ def abstract_module(config: ViTConfig | HeadConfig):
     from neco_jax.models.vit import VisionTransformer
 
     if isinstance(config, HeadConfig):
+
         def factory():
-            return ProjectionHead(config.in_dim, hidden_dim=config.hidden_dim, out_dim=config.out_dim,
-                                  num_layers=config.num_layers, rngs=nnx.Rngs(0))
+            return ProjectionHead(
+                config.in_dim,
+                hidden_dim=config.hidden_dim,
+                out_dim=config.out_dim,
+                num_layers=config.num_layers,
+                rngs=nnx.Rngs(0),
+            )
     else:
+
         def factory():
             return VisionTransformer(config, rngs=nnx.Rngs(0))
+
     return nnx.split(nnx.eval_shape(factory), nnx.Param, ...)
 
 
@@ -157,8 +174,9 @@ def head_config_for(state_dict: Mapping[str, np.ndarray], what: str) -> HeadConf
         raise UserError(f"{what}: projection_head keys {sorted(state_dict)} are not a stack of Linear layers")
     first, last = state_dict[weights[0]].shape, state_dict[weights[-1]].shape
     # A one-layer head has no hidden width; the field then keeps ProjectionHead's default.
-    return HeadConfig(in_dim=first[1], hidden_dim=first[0] if len(weights) > 1 else 2048,
-                      out_dim=last[0], num_layers=len(weights))
+    return HeadConfig(
+        in_dim=first[1], hidden_dim=first[0] if len(weights) > 1 else 2048, out_dim=last[0], num_layers=len(weights)
+    )
 
 
 def head_to_jax(state_dict: Mapping[str, np.ndarray], config: HeadConfig, what: str) -> dict[str, np.ndarray]:
@@ -167,8 +185,9 @@ def head_to_jax(state_dict: Mapping[str, np.ndarray], config: HeadConfig, what: 
     keys = _head_torch_keys(shapes)
     expected = {keys[p]: (s[::-1] if p.endswith("kernel") else s) for p, s in shapes.items()}
     keymap.check_keys(state_dict, expected, f"{what} (projection head)", "The head is not NeCo's D->hidden->out MLP.")
-    return {p: np.ascontiguousarray(state_dict[keys[p]].T if p.endswith("kernel") else state_dict[keys[p]])
-            for p in shapes}
+    return {
+        p: np.ascontiguousarray(state_dict[keys[p]].T if p.endswith("kernel") else state_dict[keys[p]]) for p in shapes
+    }
 
 
 def head_to_torch(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -190,23 +209,27 @@ def backbone_to_jax(
     """
     state_dict = keymap.normalize_keys(state_dict)
     config = config_for(state_dict, arch, recorded, what)
-    hint = ("Name the right architecture with --arch / arch=, or drop it to infer one from the shapes."
-            if arch is not None else "Name the architecture with --arch / arch=.")
+    hint = (
+        "Name the right architecture with --arch / arch=, or drop it to infer one from the shapes."
+        if arch is not None
+        else "Name the architecture with --arch / arch=."
+    )
     params = keymap.to_jax(state_dict, param_shapes(config), keymap.detect_layout(state_dict), what=what, hint=hint)
     return config, {p: v.astype(np.float32, copy=False) for p, v in params.items()}
 
 
-def read_checkpoint(
-    path: str | Path, arch: str | ViTConfig | None = None
-) -> dict[str, Converted]:
+def read_checkpoint(path: str | Path, arch: str | ViTConfig | None = None) -> dict[str, Converted]:
     """Every ViT in a weight file, converted: ``{"backbone": ...}`` for a plain state dict,
     ``{"student": ..., "teacher": ...}`` for a NeCo Lightning checkpoint; heads attached."""
     state_dict, metadata = torch_io.read_weights(path)
     recorded = arch_record.recorded_config(metadata, str(path))
     backbones, heads, leftover = torch_io.split_parts(state_dict)
     if leftover:
-        raise keymap.KeyMismatchError(keymap.mismatch_message(
-            str(path), [], sorted(leftover), [], "These keys belong to no ViT (no matching cls_token prefix)."))
+        raise keymap.KeyMismatchError(
+            keymap.mismatch_message(
+                str(path), [], sorted(leftover), [], "These keys belong to no ViT (no matching cls_token prefix)."
+            )
+        )
     out = {}
     for name, sd in backbones.items():
         what = str(path) if name == "backbone" else f"{path} [{name}]"

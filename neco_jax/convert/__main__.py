@@ -24,8 +24,10 @@ def _describe(converted) -> str:
     n = sum(v.size for v in converted.params.values())
     head = f", projection head -> {converted.head_config.out_dim}" if converted.head_config else ""
     cfg = converted.config.to_dict()
-    return (f"{n / 1e6:.1f}M parameters, dim {cfg['embed_dim']}, depth {cfg['depth']}, "
-            f"patch {cfg['patch_size']}, {cfg['num_register_tokens']} registers{head}")
+    return (
+        f"{n / 1e6:.1f}M parameters, dim {cfg['embed_dim']}, depth {cfg['depth']}, "
+        f"patch {cfg['patch_size']}, {cfg['num_register_tokens']} registers{head}"
+    )
 
 
 def to_jax(source: str, out: Path, arch: str | None) -> None:
@@ -33,13 +35,17 @@ def to_jax(source: str, out: Path, arch: str | None) -> None:
     from neco_jax.convert import hf, read_checkpoint
 
     if Path(source).is_dir() and not hf.is_hf_folder(source):
-        raise UserError(f"{source} is a folder but no transformers DINOv2 folder; to-jax reads a weight file, a URL, "
-                        "a known pretrained name or a folder with a transformers config.json")
+        raise UserError(
+            f"{source} is a folder but no transformers DINOv2 folder; to-jax reads a weight file, a URL, "
+            "a known pretrained name or a folder with a transformers config.json"
+        )
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is an existing file; to-jax writes a folder: choose another name")
     if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out {out} is a folder that is not empty; to-jax writes only into a new or empty folder, "
-                        "so nothing there is overwritten: choose another name or remove it")
+        raise UserError(
+            f"--out {out} is a folder that is not empty; to-jax writes only into a new or empty folder, "
+            "so nothing there is overwritten: choose another name or remove it"
+        )
     if Path(source).is_dir():
         parts = {"backbone": hf.read_folder(source, arch)}
     else:
@@ -56,8 +62,9 @@ def to_torch(folder: Path, out: Path, layout: str) -> None:
     from neco_jax.convert import export_file, hf, keymap
 
     if out.exists():
-        raise UserError(f"--out {out} already exists; to-torch never overwrites a file: choose another name or "
-                        "remove it first")
+        raise UserError(
+            f"--out {out} already exists; to-torch never overwrites a file: choose another name or remove it first"
+        )
     converted = backbone_io.load_converted(folder)
     if layout == hf.LAYOUT:
         notes = hf.write_folder(converted, out)
@@ -66,23 +73,30 @@ def to_torch(folder: Path, out: Path, layout: str) -> None:
     export_file(converted.config, converted.params, layout, out)
     dropped = keymap.dropped_paths(converted.params, layout)
     note = f"; left out, no place in the {layout} layout: {', '.join(dropped)}" if dropped else ""
-    print(f"wrote {out} ({len(converted.params) - len(dropped)} tensors, {layout} layout, "
-          f"architecture recorded in the file{note})")
+    print(
+        f"wrote {out} ({len(converted.params) - len(dropped)} tensors, {layout} layout, "
+        f"architecture recorded in the file{note})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neco_jax.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("to-jax", help="PyTorch file, URL or pretrained name -> neco_jax folder")
-    p.add_argument("source", help="weight file (.pth/.pt/.ckpt/.safetensors), URL, pretrained name, or "
-                   "transformers folder")
+    p.add_argument(
+        "source", help="weight file (.pth/.pt/.ckpt/.safetensors), URL, pretrained name, or transformers folder"
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--arch", help="architecture name (neco_jax.models.get_arch); inferred when omitted")
     p = sub.add_parser("to-torch", help="neco_jax folder -> PyTorch state dict")
     p.add_argument("folder", type=Path, help="folder written by to-jax or neco_jax.save_backbone")
     p.add_argument("--out", required=True, type=Path, help="output .pth, .pt or .safetensors file (folder for hf)")
-    p.add_argument("--layout", required=True, choices=["dinov2", "timm", "hf"],
-                   help="key layout of the output (hf: a Hugging Face transformers folder)")
+    p.add_argument(
+        "--layout",
+        required=True,
+        choices=["dinov2", "timm", "hf"],
+        help="key layout of the output (hf: a Hugging Face transformers folder)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "to-jax":

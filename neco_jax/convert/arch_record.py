@@ -65,8 +65,11 @@ def check_fits(config: ViTConfig, state_dict: Mapping[str, np.ndarray], what: st
         fields = infer.shape_fields(state_dict)
     except infer.ArchInferenceError:
         return
-    differ = [f"{k} {getattr(config, k)!r} (weights: {v!r})" for k, v in fields.items()
-              if k not in ("mlp_ratio", "has_mask_token") and getattr(config, k) != v]
+    differ = [
+        f"{k} {getattr(config, k)!r} (weights: {v!r})"
+        for k, v in fields.items()
+        if k not in ("mlp_ratio", "has_mask_token") and getattr(config, k) != v
+    ]
     weights_mlp = dataclasses.replace(config, mlp_ratio=fields["mlp_ratio"])
     if not differ and config.mlp_hidden_dim != weights_mlp.mlp_hidden_dim:
         differ.append(f"mlp_ratio {config.mlp_ratio!r} (weights: {fields['mlp_ratio']!r})")

@@ -38,25 +38,38 @@ SHARD_INDEX_FILE = "model.safetensors.index.json"
 PICKLE_WEIGHTS_FILE = "pytorch_model.bin"
 RECORD_KEY = "neco_jax_vit_config"
 # model_type -> (model class, the config class's defaults for the fields read here).
-_COMMON = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, image_size=224,
-               num_channels=3, hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True, use_swiglu_ffn=False)
+_COMMON = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    mlp_ratio=4,
+    image_size=224,
+    num_channels=3,
+    hidden_act="gelu",
+    layer_norm_eps=1e-6,
+    qkv_bias=True,
+    use_swiglu_ffn=False,
+)
 MODEL_TYPES = {
     "dinov2": ("Dinov2Model", {**_COMMON, "patch_size": 14, "use_mask_token": True}),
     "dinov2_with_registers": ("Dinov2WithRegistersModel", {**_COMMON, "patch_size": 16, "num_register_tokens": 4}),
 }
 # What neco_jax's ViT fixes: a transformers config with another value describes a model it cannot run.
 _FIXED = dict(num_channels=3, hidden_act="gelu", layer_norm_eps=1e-6, qkv_bias=True)
-_RENAMES = [(re.compile(p), r) for p, r in (
-    (r"^(cls_token|mask_token|register_tokens)$", r"embeddings.\1"),
-    (r"^pos_embed$", "embeddings.position_embeddings"),
-    (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
-    (r"^norm\.", "layernorm."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.output.dense."),
-    (r"^blocks\.(\d+)\.ls([12])\.gamma$", r"encoder.layer.\1.layer_scale\2.lambda1"),
-    (r"^blocks\.(\d+)\.mlp\.w12\.", r"encoder.layer.\1.mlp.weights_in."),
-    (r"^blocks\.(\d+)\.mlp\.w3\.", r"encoder.layer.\1.mlp.weights_out."),
-    (r"^blocks\.(\d+)\.", r"encoder.layer.\1."),  # norm1, norm2, mlp.fc1, mlp.fc2 keep their names
-)]
+_RENAMES = [
+    (re.compile(p), r)
+    for p, r in (
+        (r"^(cls_token|mask_token|register_tokens)$", r"embeddings.\1"),
+        (r"^pos_embed$", "embeddings.position_embeddings"),
+        (r"^patch_embed\.proj\.", "embeddings.patch_embeddings.projection."),
+        (r"^norm\.", "layernorm."),
+        (r"^blocks\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.output.dense."),
+        (r"^blocks\.(\d+)\.ls([12])\.gamma$", r"encoder.layer.\1.layer_scale\2.lambda1"),
+        (r"^blocks\.(\d+)\.mlp\.w12\.", r"encoder.layer.\1.mlp.weights_in."),
+        (r"^blocks\.(\d+)\.mlp\.w3\.", r"encoder.layer.\1.mlp.weights_out."),
+        (r"^blocks\.(\d+)\.", r"encoder.layer.\1."),  # norm1, norm2, mlp.fc1, mlp.fc2 keep their names
+    )
+]
 _QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
 
 
@@ -106,8 +119,12 @@ def hf_to_hub(hf: Mapping[str, np.ndarray], hub_shapes: Mapping[str, tuple], wha
     """transformers checkpoint -> DINOv2-hub state dict with exactly the keys of ``hub_shapes``, strictly."""
     views = {k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in hub_shapes.items()}
     expected = {k: v.shape for k, v in hub_to_hf(views).items()}
-    keymap.check_keys(hf, expected, what, "Is it a Dinov2Model / Dinov2WithRegistersModel checkpoint whose "
-                      "config.json matches its weights?")
+    keymap.check_keys(
+        hf,
+        expected,
+        what,
+        "Is it a Dinov2Model / Dinov2WithRegistersModel checkpoint whose config.json matches its weights?",
+    )
     return {key: np.concatenate([hf[name] for name in _hf_keys(key)], axis=0) for key in hub_shapes}
 
 
@@ -136,12 +153,18 @@ def vit_config(hf: Mapping[str, Any], what: str) -> ViTConfig:
     patch = _square(values["patch_size"], "patch_size", what)
     registers = values["num_register_tokens"] if model_type == "dinov2_with_registers" else 0
     fields = dict(
-        patch_size=patch, embed_dim=values["hidden_size"], depth=values["num_hidden_layers"],
-        num_heads=values["num_attention_heads"], mlp_ratio=float(values["mlp_ratio"]),
-        ffn_layer="swiglu" if values["use_swiglu_ffn"] else "mlp", num_register_tokens=registers, layerscale=True,
+        patch_size=patch,
+        embed_dim=values["hidden_size"],
+        depth=values["num_hidden_layers"],
+        num_heads=values["num_attention_heads"],
+        mlp_ratio=float(values["mlp_ratio"]),
+        ffn_layer="swiglu" if values["use_swiglu_ffn"] else "mlp",
+        num_register_tokens=registers,
+        layerscale=True,
         pos_grid=_square(values["image_size"], "image_size", what) // patch,
         has_mask_token=bool(registers or values["use_mask_token"]),
-        interpolate_offset=0.0, interpolate_antialias=bool(registers),
+        interpolate_offset=0.0,
+        interpolate_antialias=bool(registers),
     )
     config = resolve_arch(infer.family_arch_name(fields), **fields)
     if RECORD_KEY not in hf:
@@ -149,30 +172,57 @@ def vit_config(hf: Mapping[str, Any], what: str) -> ViTConfig:
     try:
         recorded = ViTConfig.from_dict(hf[RECORD_KEY])
     except (TypeError, UserError) as err:
-        raise HFConfigError(f"{what}: {RECORD_KEY} is not a ViTConfig ({err}); remove it to use the "
-                            "transformers fields alone") from err
-    shape_fields = ("patch_size", "embed_dim", "depth", "num_heads", "ffn_layer", "num_register_tokens",
-                    "pos_grid", "mlp_hidden_dim")
-    differ = [f"{f} {getattr(recorded, f)!r} vs {getattr(config, f)!r}" for f in shape_fields
-              if getattr(recorded, f) != getattr(config, f)]
+        raise HFConfigError(
+            f"{what}: {RECORD_KEY} is not a ViTConfig ({err}); remove it to use the transformers fields alone"
+        ) from err
+    shape_fields = (
+        "patch_size",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "ffn_layer",
+        "num_register_tokens",
+        "pos_grid",
+        "mlp_hidden_dim",
+    )
+    differ = [
+        f"{f} {getattr(recorded, f)!r} vs {getattr(config, f)!r}"
+        for f in shape_fields
+        if getattr(recorded, f) != getattr(config, f)
+    ]
     if differ:
-        raise HFConfigError(f"{what}: {RECORD_KEY} disagrees with the transformers fields ({', '.join(differ)}); "
-                            f"remove {RECORD_KEY} to use the transformers fields alone")
+        raise HFConfigError(
+            f"{what}: {RECORD_KEY} disagrees with the transformers fields ({', '.join(differ)}); "
+            f"remove {RECORD_KEY} to use the transformers fields alone"
+        )
     return recorded
 
 
 def hf_config(config: ViTConfig) -> dict[str, Any]:
     """transformers config.json values for ``config`` (plus the ViTConfig itself under ``RECORD_KEY``)."""
     if config.mlp_ratio != int(config.mlp_ratio):
-        raise UserError(f"mlp_ratio {config.mlp_ratio} has no place in the hf layout (transformers' DINOv2 config "
-                        "takes a whole number); export to the dinov2 or timm layout instead")
+        raise UserError(
+            f"mlp_ratio {config.mlp_ratio} has no place in the hf layout (transformers' DINOv2 config "
+            "takes a whole number); export to the dinov2 or timm layout instead"
+        )
     model_type = "dinov2_with_registers" if config.num_register_tokens else "dinov2"
     out = dict(
-        architectures=[MODEL_TYPES[model_type][0]], model_type=model_type, hidden_size=config.embed_dim,
-        num_hidden_layers=config.depth, num_attention_heads=config.num_heads, mlp_ratio=int(config.mlp_ratio),
-        use_swiglu_ffn=config.ffn_layer == "swiglu", image_size=config.pos_grid * config.patch_size,
-        patch_size=config.patch_size, layerscale_value=1.0, drop_path_rate=0.0, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, initializer_range=0.02, dtype="float32", **_FIXED,
+        architectures=[MODEL_TYPES[model_type][0]],
+        model_type=model_type,
+        hidden_size=config.embed_dim,
+        num_hidden_layers=config.depth,
+        num_attention_heads=config.num_heads,
+        mlp_ratio=int(config.mlp_ratio),
+        use_swiglu_ffn=config.ffn_layer == "swiglu",
+        image_size=config.pos_grid * config.patch_size,
+        patch_size=config.patch_size,
+        layerscale_value=1.0,
+        drop_path_rate=0.0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        initializer_range=0.02,
+        dtype="float32",
+        **_FIXED,
     )
     if config.num_register_tokens:
         out["num_register_tokens"] = config.num_register_tokens
@@ -184,8 +234,9 @@ def hf_config(config: ViTConfig) -> dict[str, Any]:
 
 def _hf_shaped(config: ViTConfig) -> ViTConfig:
     """The architecture as transformers stores it: layer scales always, a mask token with registers."""
-    return dataclasses.replace(config, layerscale=True,
-                               has_mask_token=config.has_mask_token or bool(config.num_register_tokens))
+    return dataclasses.replace(
+        config, layerscale=True, has_mask_token=config.has_mask_token or bool(config.num_register_tokens)
+    )
 
 
 # --- folders ------------------------------------------------------------------------------------------
@@ -209,8 +260,9 @@ def write_folder(converted: Converted, folder: str | Path) -> list[str]:
         raise UserError(f"--out {folder}: the hf layout is a folder (config.json + {WEIGHTS_FILE}); name a folder")
     config = converted.config
     values = hf_config(config)
-    torch_io.write_state_dict(to_hf_state_dict(config, converted.params), folder / WEIGHTS_FILE,
-                              metadata={"format": "pt"})
+    torch_io.write_state_dict(
+        to_hf_state_dict(config, converted.params), folder / WEIGHTS_FILE, metadata={"format": "pt"}
+    )
     (folder / CONFIG_FILE).write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     notes = []
     if not config.layerscale:
@@ -234,8 +286,9 @@ def _read_weights(folder: Path) -> dict[str, np.ndarray]:
         return {k: v for shard in shards for k, v in torch_io.read_state_dict(folder / shard).items()}
     if (folder / PICKLE_WEIGHTS_FILE).is_file():
         return torch_io.read_state_dict(folder / PICKLE_WEIGHTS_FILE)
-    raise UserError(f"{folder} has a transformers {CONFIG_FILE} but no {WEIGHTS_FILE}, {SHARD_INDEX_FILE} or "
-                    f"{PICKLE_WEIGHTS_FILE}")
+    raise UserError(
+        f"{folder} has a transformers {CONFIG_FILE} but no {WEIGHTS_FILE}, {SHARD_INDEX_FILE} or {PICKLE_WEIGHTS_FILE}"
+    )
 
 
 def read_folder(folder: str | Path, arch: str | ViTConfig | None = None) -> Converted:
@@ -253,8 +306,10 @@ def read_folder(folder: str | Path, arch: str | ViTConfig | None = None) -> Conv
     if not config.layerscale:
         scales = [k for k in hub if k.endswith(".gamma")]
         if any(np.any(hub[k] != 1) for k in scales):
-            raise HFConfigError(f"{what}: the architecture has no layer scales but the file's are not all 1; "
-                                "name an architecture with layerscale=True")
+            raise HFConfigError(
+                f"{what}: the architecture has no layer scales but the file's are not all 1; "
+                "name an architecture with layerscale=True"
+            )
         hub = {k: v for k, v in hub.items() if k not in scales}
     if not config.has_mask_token:
         hub.pop("mask_token", None)

@@ -142,8 +142,9 @@ def mismatch_message(
         more = f" ... (+{len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
         return f"{name} ({len(keys)}): {', '.join(keys[:_SHOWN])}{more}"
 
-    parts = [_list(n, k) for n, k in (("missing", missing), ("unexpected", unexpected),
-                                       ("shape mismatch", mismatched)) if k]
+    parts = [
+        _list(n, k) for n, k in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)) if k
+    ]
     return f"{what} does not fit the architecture: " + "; ".join(parts) + f". {hint}"
 
 
@@ -151,8 +152,11 @@ def check_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple], w
     """Raise one KeyMismatchError unless ``state`` has exactly the ``expected`` keys and shapes."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}"
-                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k])}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k])
+    ]
     if missing or unexpected or mismatched:
         raise KeyMismatchError(mismatch_message(what, missing, unexpected, mismatched, hint))
 

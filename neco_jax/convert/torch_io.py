@@ -183,8 +183,14 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
         ) from err
     state = _find_state_dict(loaded, path)
     torch = _import_torch()
-    _refuse_non_float(path, {str(k): str(v.dtype).removeprefix("torch.") for k, v in state.items()
-                             if isinstance(v, torch.Tensor) and (v.is_complex() or not v.is_floating_point())})
+    _refuse_non_float(
+        path,
+        {
+            str(k): str(v.dtype).removeprefix("torch.")
+            for k, v in state.items()
+            if isinstance(v, torch.Tensor) and (v.is_complex() or not v.is_floating_point())
+        },
+    )
     metadata = (getattr(state, "_metadata", None) or {}).get(METADATA_MODULE)
     metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {}
     return {str(k): _to_numpy(str(k), v, path) for k, v in state.items()}, metadata
@@ -234,8 +240,7 @@ def write_state_dict(
 
         return atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata or None))
     torch = _import_torch()
-    tensors = collections.OrderedDict(
-        (k, torch.from_numpy(np.require(v, requirements="W"))) for k, v in arrays.items())
+    tensors = collections.OrderedDict((k, torch.from_numpy(np.require(v, requirements="W"))) for k, v in arrays.items())
     if metadata:
         tensors._metadata = collections.OrderedDict({METADATA_MODULE: metadata})
     return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
@@ -265,9 +270,9 @@ def split_parts(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, dict], 
             leftover.append(key)
             continue
         name = "backbone" if single else NECO_PREFIXES.get(prefix, prefix.rstrip("."))
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if rest.startswith(HEAD_PREFIX):
-            heads.setdefault(name, {})[rest[len(HEAD_PREFIX):]] = value
+            heads.setdefault(name, {})[rest[len(HEAD_PREFIX) :]] = value
         else:
             backbones.setdefault(name, {})[rest] = value
     return backbones, heads, leftover

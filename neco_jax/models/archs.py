@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from neco_jax.models.vit import ModelConfigError, ViTConfig
 
 _DINOV2_SIZES = {
@@ -17,7 +16,9 @@ _DINO_SIZES = {
 }
 # Width -> heads in the DINO and DINOv2 families (64-wide heads at every size): the only widths whose head
 # count a state dict without a recorded architecture may be read with.
-FAMILY_HEADS: dict[int, int] = {d["embed_dim"]: d["num_heads"] for d in (*_DINOV2_SIZES.values(), *_DINO_SIZES.values())}
+FAMILY_HEADS: dict[int, int] = {
+    d["embed_dim"]: d["num_heads"] for d in (*_DINOV2_SIZES.values(), *_DINO_SIZES.values())
+}
 
 
 def _build() -> dict[str, ViTConfig]:

@@ -9,7 +9,7 @@ drop_path_rate=0.1 exactly the last block takes the batch-subset path. DINO-arch
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +30,9 @@ def drop_path_schedule(rate: float, depth: int) -> tuple[float, ...]:
     start, end = np.float32(0.0), np.float32(rate)
     step = np.float64((end - start) / np.float32(depth - 1))
     halfway = depth // 2
-    rates = [np.float64(start) + step * i if i < halfway else np.float64(end) - step * (depth - 1 - i)
-             for i in range(depth)]
+    rates = [
+        np.float64(start) + step * i if i < halfway else np.float64(end) - step * (depth - 1 - i) for i in range(depth)
+    ]
     return tuple(float(np.float32(r)) for r in rates)
 
 

@@ -81,9 +81,7 @@ def resize_matrix(in_size: int, out_size: int, scale_factor: float | None, antia
     return _bicubic_matrix(in_size, out_size, scale_factor)
 
 
-def resample_grid(
-    grid: jax.Array, out_hw: tuple[int, int], *, offset: float, antialias: bool
-) -> jax.Array:
+def resample_grid(grid: jax.Array, out_hw: tuple[int, int], *, offset: float, antialias: bool) -> jax.Array:
     """Resize a (G, G, D) table to (h, w, D) exactly as DINOv2's `interpolate_pos_encoding` does.
 
     offset > 0: `scale_factor=((h + offset) / G, (w + offset) / G)` (DINOv2, DINO, NeCo; offset 0.1).
