@@ -83,10 +83,14 @@ def main(argv: list[str]) -> None:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter would bury the progress
+    # Imported after the flags are parsed: a bad command line is answered before JAX loads.
+    from evaluation.monitor import make_monitor
     from neco_jax import train
 
     try:
-        result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+        result = train.train_and_evaluate(
+            _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value, make_monitor=make_monitor
+        )
     except UserError as err:
         _fail(str(err))
     if result["stopped_by_signal"] is not None:  # a scheduler sees "stopped, resumable", not "finished"

@@ -1,6 +1,19 @@
-"""Grain input pipeline: image sources, NeCo's multi-crop views with their boxes, and the training loader."""
+"""Grain input pipeline: image sources, NeCo's multi-crop views with their boxes, and the training loader.
 
-from input_pipeline.loader import TrainLoader, make_train_loader
-from input_pipeline.views import ViewConfig
+The package import stays light (its errors module holds the root of every user error, which `neco_jax`
+imports): the loader (and with it Grain and JAX) loads on first use of ``make_train_loader`` etc.
+"""
 
 __all__ = ["TrainLoader", "ViewConfig", "make_train_loader"]
+
+
+def __getattr__(name: str):
+    if name in ("TrainLoader", "make_train_loader"):
+        from input_pipeline import loader
+
+        return getattr(loader, name)
+    if name == "ViewConfig":
+        from input_pipeline import views
+
+        return views.ViewConfig
+    raise AttributeError(f"module 'input_pipeline' has no attribute {name!r}")

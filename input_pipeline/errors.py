@@ -1,6 +1,15 @@
-"""Input errors a user can fix (bad data folder, too many unreadable images), as `UserError`s."""
+"""The root of every error a user can cause and fix, and the input pipeline's own.
 
-from neco_jax.errors import UserError
+The packages are layered: `input_pipeline` (lowest) <- `neco_jax` <- `evaluation`, with `configs`, `main.py`,
+`bench` and the tests on top (tests/test_imports.py asserts it). The root `UserError` lives here, in the
+lowest layer, so that the input pipeline raises user errors without importing the trainer's package;
+`neco_jax.errors` re-exports it with the other shared errors, and every other module imports them from there.
+A CLI prints a `UserError` as one line without a traceback and exits with status 2.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input (file, layout, config value) whose message names the thing and the fix."""
 
 
 class DatasetError(UserError):

@@ -20,7 +20,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -37,7 +37,6 @@ from neco_jax import queue as queue_lib
 from neco_jax import train_state as ts
 from neco_jax.errors import UserError
 from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
-from neco_jax.monitor import make_monitor
 from neco_jax.precision import true_float32
 
 log = logging.getLogger(__name__)
@@ -511,16 +510,24 @@ def train_and_evaluate(
     devices=None,
     stop_after: int | None = None,
     allow_config_change: bool = False,
+    make_monitor: Callable[[ml_collections.ConfigDict, str, int], Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training in `workdir`; returns the last logged metrics, the step reached and
     `stopped_by_signal` (the signal number when SIGTERM/SIGINT stopped it early, else None).
 
     devices: the devices of the mesh (default all); stop_after: stop (with a checkpoint) once this many
     steps are done, as a pre-empted job would (tests of exact resume); allow_config_change: resume a
-    checkpoint under a config that changes the computation (see neco_jax.run_record).
+    checkpoint under a config that changes the computation (see neco_jax.run_record); make_monitor: builds
+    the evaluation of `config.eval` from (config, workdir, steps per epoch), i.e. evaluation.monitor's (main.py
+    passes it: this package does not import the evaluation package), needed when config.eval.every_epochs > 0.
     """
     workdir = os.fspath(workdir)
     check_config(config)
+    if make_monitor is None and config.eval.every_epochs:
+        raise TrainConfigError(
+            f"config.eval.every_epochs={config.eval.every_epochs} needs an evaluation monitor: train with main.py "
+            "(or pass make_monitor=evaluation.monitor.make_monitor to train_and_evaluate)"
+        )
     distributed.initialize(config)  # before anything touches a device
     distributed.check_same_config(config, workdir)
     run_record.prepare_workdir(workdir)
@@ -550,7 +557,7 @@ def train_and_evaluate(
         loader.steps_per_epoch,
         total_steps,
     )
-    monitor = make_monitor(config, workdir, loader.steps_per_epoch)  # None unless config.eval.every_epochs
+    monitor = make_monitor(config, workdir, loader.steps_per_epoch) if make_monitor else None
 
     # ---- restore or init
     checkpointer = ckpt_lib.Checkpointer(

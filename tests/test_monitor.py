@@ -8,7 +8,7 @@ import jax
 import pytest
 from train_fixtures import tiny_config
 
-from neco_jax import monitor
+from evaluation import monitor
 from neco_jax import train as train_lib
 from neco_jax.metrics_writer import read_metrics
 
@@ -48,7 +48,9 @@ def test_every_epoch_evaluates_the_teacher_into_the_metrics(tmp_path):
 
     voc = eval_fixtures.make_voc_dataset(tmp_path / "voc", num_train=2, num_val=4)
     c = tiny_config(**{"optim.total_steps": 2, "eval.every_epochs": 1, "eval.data_dir": str(voc), "eval.set": EVAL_SET})
-    out = train_lib.train_and_evaluate(c, tmp_path / "run")
+    with pytest.raises(train_lib.TrainConfigError, match="needs an evaluation monitor"):
+        train_lib.train_and_evaluate(c, tmp_path / "run")  # the trainer does not import the evaluation package
+    out = train_lib.train_and_evaluate(c, tmp_path / "run", make_monitor=monitor.make_monitor)
     rows = [r for r in read_metrics(tmp_path / "run") if "eval_miou" in r]
     assert [(r["step"], r["eval_epoch"]) for r in rows] == [(2, 1)]  # 9 photos, batch 4: 2 steps an epoch
     assert all(0.0 <= r["eval_miou"] <= 1.0 and r["eval_s"] > 0 for r in rows)

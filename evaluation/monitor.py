@@ -4,7 +4,8 @@ The original logs a validation score after every training epoch; here `eval.ever
 evaluation job config (`configs/eval/*.py`, e.g. VOC overclustering on a val tree) on the teacher backbone at
 the end of every n-th epoch, through the same runner as `python -m evaluation`, writes its results under
 `workdir/eval/epoch_<e>/` and logs `eval_miou` to metrics.jsonl. Off by default (0), and then nothing of
-this module is built or imported by the step loop.
+this module is built. The trainer does not import the evaluation package: main.py hands `make_monitor` to
+`neco_jax.train.train_and_evaluate`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from evaluation import runner, suite
+from neco_jax import save_backbone
 from neco_jax.errors import UserError
 
 
@@ -29,8 +32,6 @@ class EvalMonitor:
     """Builds and checks the evaluation job once (before training), then runs it when an epoch ends."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, steps_per_epoch: int):
-        from evaluation import runner, suite
-
         e = config.eval
         if jax.process_count() > 1:
             raise MonitorConfigError("config.eval.every_epochs runs in single-process training only; set it to 0")
@@ -52,9 +53,6 @@ class EvalMonitor:
 
     def run(self, teacher_backbone, step: int) -> dict[str, Any]:
         """Evaluate the teacher backbone (an NNX module) at the end of the epoch that `step` closes."""
-        from evaluation import runner
-        from neco_jax import save_backbone
-
         epoch = step // self.steps_per_epoch
         start = time.perf_counter()
         folder = self.workdir / f"epoch_{epoch:03d}"
