@@ -18,7 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from neco_jax.errors import UserError
+from neco_jax.errors import UserError, cli, print_error
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/*.py[:arg]).", lock_config=True
@@ -34,8 +34,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(print_error(message))
 
 
 def _innermost_text(err: BaseException) -> str:
@@ -78,6 +77,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(_config_error(err, argv))
 
 
+@cli  # a UserError from training: one line, exit status 2
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -87,12 +87,9 @@ def main(argv: list[str]) -> None:
     from evaluation.monitor import make_monitor
     from neco_jax import train
 
-    try:
-        result = train.train_and_evaluate(
-            _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value, make_monitor=make_monitor
-        )
-    except UserError as err:
-        _fail(str(err))
+    result = train.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value, make_monitor=make_monitor
+    )
     if result["stopped_by_signal"] is not None:  # a scheduler sees "stopped, resumable", not "finished"
         sys.exit(128 + result["stopped_by_signal"])
 

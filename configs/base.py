@@ -8,11 +8,7 @@ argument of any recipe (`--config=configs/dinov2_s14.py:odd_even`) or field by f
 
 import ml_collections
 
-from neco_jax.errors import UserError
-
-
-class ConfigArgError(UserError):
-    """An unknown config-file argument (`--config=recipe.py:ARG`)."""
+from neco_jax.errors import ConfigError
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -181,6 +177,6 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None) -> ml_collecti
     if not arg:
         return config
     if arg not in ABLATIONS:
-        raise ConfigArgError(f"unknown config argument {arg!r}; choose one of {', '.join(sorted(ABLATIONS))}")
+        raise ConfigError(f"unknown config argument {arg!r}; choose one of {', '.join(sorted(ABLATIONS))}")
     set_fields(config, _ABLATION_BASE)
     return set_fields(config, ABLATIONS[arg])

@@ -48,11 +48,7 @@ from evaluation.features import iterate_batches, nearest_indices, nearest_resize
 from evaluation.kmeans import kmeans
 from evaluation.metrics import confusion_matrix, match_clusters, miou
 from evaluation.pca import standardize_and_project
-from neco_jax.errors import UserError
-
-
-class CbfeError(UserError):
-    """A CBFE + CD setting that cannot work on the given data."""
+from neco_jax.errors import ConfigError, DatasetError, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +177,7 @@ def choose_threshold(
     for start in range(int(cut_range[0] * k), int(cut_range[1] * k)):
         cuts.append((start, float(sorted_precisions[start]), foreground_jaccard(gt, cluster_rank >= start)))
     if not cuts:
-        raise CbfeError(f"k_fg={k} leaves no background cut in {cut_range}; use more clusters")
+        raise ConfigError(f"k_fg={k} leaves no background cut in {cut_range}; use more clusters")
     ious = np.array([c[2] for c in cuts])
     best = cuts[int(np.flatnonzero(ious == ious.max())[-1])]
     grid = np.arange(0, 1, 0.05)
@@ -207,7 +203,9 @@ def cluster_foreground(
     img, r, c = np.nonzero(foreground)
     points = features[img, rows[r], cols[c]]
     if len(points) < k:
-        raise CbfeError(f"only {len(points)} foreground pixels for {k} clusters; lower k_community or check the masks")
+        raise ConfigError(
+            f"only {len(points)} foreground pixels for {k} clusters; lower k_community or check the masks"
+        )
     result = kmeans(
         points,
         k,
@@ -228,21 +226,23 @@ def read_attention_file(path: Path, count: int) -> np.ndarray:
     """Binary (N, s, s) noisy foreground masks of the reference's ``attn_<split>.pt`` (a torch tensor (N, 1, s, s)
     of 0/1 floats, as ``experiments/utils.py::process_and_store_attentions`` writes it)."""
     if not path.is_file():
-        raise CbfeError(f"attention file {path} does not exist; put attn_train.pt and attn_val.pt in that folder")
+        raise DatasetError(f"attention file {path} does not exist; put attn_train.pt and attn_val.pt in that folder")
     try:
         import torch
     except ImportError as e:
-        raise CbfeError(f"reading {path} needs torch; install the torch extra (pip install -e .[torch])") from e
+        raise UserError(f"reading {path} needs torch; install the torch extra (pip install -e .[torch])") from e
     try:
         masks = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a damaged or foreign file
-        raise CbfeError(f"cannot read {path} as a torch tensor ({type(e).__name__}: {e})") from e
+        raise DatasetError(f"cannot read {path} as a torch tensor ({type(e).__name__}: {e})") from e
     masks = np.asarray(masks.float().numpy()) if hasattr(masks, "numpy") else None
     if masks is None or masks.ndim not in (3, 4) or (masks.ndim == 4 and masks.shape[1] != 1):
-        raise CbfeError(f"{path} must hold one tensor of shape (N, 1, s, s) or (N, s, s)")
+        raise DatasetError(f"{path} must hold one tensor of shape (N, 1, s, s) or (N, s, s)")
     masks = masks.reshape(masks.shape[0], *masks.shape[-2:])
     if len(masks) != count:
-        raise CbfeError(f"{path} holds {len(masks)} masks but the split has {count} images; use the split's own file")
+        raise DatasetError(
+            f"{path} holds {len(masks)} masks but the split has {count} images; use the split's own file"
+        )
     return masks > 0.5
 
 
@@ -273,7 +273,7 @@ def noisy_masks(s: CbfeSettings, train_attn, val_attn, n_train: int, n_val: int)
         parts = [read_attention_file(folder / f"attn_{split}.pt", n) for split, n in counts.items()]
         return np.concatenate([nearest_resize(p, s.eval_size) for p in parts]), f"files in {folder}"
     if train_attn is None:
-        raise CbfeError("the feature function returned no attention; give attention files with cbfe.attention_dir")
+        raise ConfigError("the feature function returned no attention; give attention files with cbfe.attention_dir")
     noisy = noisy_foreground(
         np.concatenate([train_attn, val_attn]),
         keep=s.attention_keep,
@@ -289,16 +289,16 @@ def cd_parameters(s: CbfeSettings) -> tuple[tuple[int, float, float] | None, str
     given = (s.k_community, s.markov_time, s.weight_threshold)
     if s.cd_preset:
         if s.cd_preset not in cd_search.LEOPART_VALUES:
-            raise CbfeError(f"cd_preset={s.cd_preset!r}; use one of {', '.join(cd_search.LEOPART_VALUES)} or ''")
+            raise ConfigError(f"cd_preset={s.cd_preset!r}; use one of {', '.join(cd_search.LEOPART_VALUES)} or ''")
         if any(given):
-            raise CbfeError("give either cd_preset or k_community/markov_time/weight_threshold, not both")
+            raise ConfigError("give either cd_preset or k_community/markov_time/weight_threshold, not both")
         return cd_search.LEOPART_VALUES[s.cd_preset], f"Leopart README ({s.cd_preset})"
     if all(given):
         if not 1 <= s.k_community <= 255:
-            raise CbfeError(f"k_community={s.k_community}: the co-occurrence graph supports 1 to 255 clusters")
+            raise ConfigError(f"k_community={s.k_community}: the co-occurrence graph supports 1 to 255 clusters")
         return given, "given"
     if any(given):
-        raise CbfeError(
+        raise ConfigError(
             "set all three of k_community, markov_time and weight_threshold (or none of them, to search them)"
         )
     return None, "found by search"
@@ -312,11 +312,11 @@ def _search_space(s: CbfeSettings) -> dict:
     }
     for name, (low, high, step) in space.items():
         if not 0 < low <= high or step <= 0:
-            raise CbfeError(f"search range of {name} is {(low, high, step)}; need 0 < low <= high and step > 0")
+            raise ConfigError(f"search range of {name} is {(low, high, step)}; need 0 < low <= high and step > 0")
     if space["k_community"][1] > 255:
-        raise CbfeError(f"search_k goes up to {space['k_community'][1]}; the co-occurrence graph supports 255")
+        raise ConfigError(f"search_k goes up to {space['k_community'][1]}; the co-occurrence graph supports 255")
     if s.search_trials < 1:
-        raise CbfeError(f"search_trials={s.search_trials}; the search needs at least one trial")
+        raise ConfigError(f"search_trials={s.search_trials}; the search needs at least one trial")
     return space
 
 
@@ -465,7 +465,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> CbfeSettings:
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """The protocol entry of ``python -m evaluation`` (see configs/eval/voc_cbfe.py)."""
-    from evaluation.runner import ConfigError, make_extractor, open_split
+    from evaluation.runner import make_extractor, open_split
     from evaluation.visualize import save_segmentation_panels
 
     if config.dataset != "voc":

@@ -26,7 +26,7 @@ import numpy as np
 
 from evaluation import community
 from evaluation.metrics import confusion_matrix, match_clusters, miou_from_confusion, miou_from_mapping
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError
 
 # Search space in the order the reference suggests the parameters (TPE's draws depend on it):
 # name -> (low, high, step). NeCo widened Leopart's k range [99, 249] to [69, 249].
@@ -47,10 +47,6 @@ LEOPART_VALUES = {
 
 class InvalidTrial(Exception):
     """A trial the reference drops: one of its assertions (caught by ``study.optimize(catch=...)``) fails."""
-
-
-class SearchError(UserError):
-    """The hyper-parameter search cannot produce a result."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +208,7 @@ def search(
         rows.append(row)
     done = [r for r in rows if r["state"] == "COMPLETE"]
     if not done:
-        raise SearchError(
+        raise ConfigError(
             f"all {trials} community-detection trials were dropped (a fine cluster missing from a split, or more "
             "segments than classes); widen the search ranges or fix the values with --config.cbfe.k_community=..."
         )

@@ -27,12 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from neco_jax.errors import UserError
-
-
-class DatasetError(UserError):
-    """A dataset folder, list or file is missing or inconsistent."""
-
+from neco_jax.errors import DatasetError
 
 VOC_CLASSES = (
     "background",

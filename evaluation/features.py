@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from evaluation.datasets import SegmentationDataset
 from neco_jax import sharding
-from neco_jax.errors import UserError
+from neco_jax.errors import CheckpointError, NonFiniteError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +35,6 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 FeaturesFn = Callable[[np.ndarray], np.ndarray]
-
-
-class CheckpointError(UserError):
-    """The checkpoint or workdir given to an evaluation cannot be loaded."""
-
-
-class NonFiniteModelError(UserError):
-    """The model's weights or features hold NaN or infinity: any score computed from them would mean nothing."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,7 +250,7 @@ def _check_finite_weights(model, name: str) -> None:
         if not bool(jnp.isfinite(var.get_value()).all())
     ]
     if bad:
-        raise NonFiniteModelError(
+        raise NonFiniteError(
             f"{name} has non-finite weights (NaN or inf) in {len(bad)} parameter(s), e.g. {', '.join(bad[:4])}; "
             "no score is computed from it: evaluate an earlier checkpoint"
         )
@@ -317,7 +309,7 @@ class FeatureExtractor:
             broken |= ~np.isfinite(a.reshape(b, -1)).all(axis=1)
         if broken.any():
             hint = "; try dtype=float32" if self.dtype == "bfloat16" else ""
-            raise NonFiniteModelError(
+            raise NonFiniteError(
                 f"{self.name} gives non-finite features (NaN or inf) for {broken.sum()} of {b} images of a batch "
                 f"although its weights are finite (an overflow{hint}); no score is computed from them"
             )

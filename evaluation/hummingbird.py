@@ -28,6 +28,7 @@ from evaluation.datasets import VOC_CLASSES
 from evaluation.features import FeaturesFn, iterate_batches, nearest_resize, resize_image
 from evaluation.label_transfer import predict_segmentation
 from evaluation.metrics import confusion_matrix, miou_from_confusion
+from neco_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +164,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> RetrievalSettings
 
 def train_split_for(config: ml_collections.ConfigDict):
     """The memory's train images: the whole train split, or the released 1/n list of ``config.hummingbird``."""
-    from evaluation.runner import ConfigError, open_split
+    from evaluation.runner import open_split
 
     h = config.hummingbird
     if h.fraction not in mb.FRACTIONS:

@@ -40,13 +40,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError
 from neco_jax.sharding import DATA_AXIS as AXIS
 from neco_jax.sharding import make_mesh as data_mesh
-
-
-class KnnConfigError(UserError):
-    """A k-NN setting that cannot work with the given data."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +89,9 @@ def shard_keys(
 def key_layout(num_keys: int, num_devices: int, *, memory_chunk: int, bin_size: int, k: int) -> tuple[int, int]:
     """(keys per chunk, padded keys per device) of ``shard_keys``."""
     if num_keys < k:
-        raise KnnConfigError(f"the memory holds {num_keys} keys but k={k}; use a larger memory or a smaller k")
+        raise ConfigError(f"the memory holds {num_keys} keys but k={k}; use a larger memory or a smaller k")
     if memory_chunk <= 0 or bin_size < 0:
-        raise KnnConfigError(f"memory_chunk must be > 0 and bin_size >= 0, got {memory_chunk} and {bin_size}")
+        raise ConfigError(f"memory_chunk must be > 0 and bin_size >= 0, got {memory_chunk} and {bin_size}")
     per_device = -(-num_keys // num_devices)
     chunk = min(memory_chunk, per_device)
     if bin_size:
@@ -200,9 +196,9 @@ def search_block(
 ) -> tuple[jax.Array, jax.Array]:
     """Exact top-k keys of one query block (Q, D): fp32 scores (Q, k) and int32 key indices (Q, k)."""
     if bin_size and store.chunk % bin_size:
-        raise KnnConfigError(f"bin_size {bin_size} must divide the key chunk {store.chunk}; build the keys with it")
+        raise ConfigError(f"bin_size {bin_size} must divide the key chunk {store.chunk}; build the keys with it")
     if queries.shape[-1] != store.dim:
-        raise KnnConfigError(f"queries have dimension {queries.shape[-1]} but the keys have {store.dim}")
+        raise ConfigError(f"queries have dimension {queries.shape[-1]} but the keys have {store.dim}")
     search = _compiled_search(store.mesh, k, store.chunk, str(jnp.dtype(topk_dtype)), bin_size)
     return search(jnp.asarray(queries), store.array, jnp.int32(store.num_valid))
 

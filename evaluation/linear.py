@@ -33,7 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from evaluation import metrics
-from evaluation.datasets import DatasetError, SegmentationDataset
+from evaluation.datasets import SegmentationDataset
 from evaluation.features import (
     FeaturesFn,
     extract_features,
@@ -42,6 +42,7 @@ from evaluation.features import (
     resize_image,
 )
 from input_pipeline.views import random_resized_crop_params
+from neco_jax.errors import ConfigError, DatasetError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +381,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     """The protocol entry of `python -m evaluation` (configs/eval/<dataset>_linear.py)."""
     from pathlib import Path
 
-    from evaluation.runner import ConfigError, make_extractor, open_split
+    from evaluation.runner import make_extractor, open_split
     from evaluation.visualize import save_segmentation_panels
 
     settings = settings_from_config(config)

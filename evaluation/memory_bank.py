@@ -28,16 +28,12 @@ from PIL import Image, ImageEnhance
 
 from evaluation.features import IMAGENET_STD, FeaturesFn, iterate_batches, nearest_indices
 from input_pipeline.views import adjust_hue, random_resized_crop_params
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError, DatasetError
 
 HBIRD_TYPO_STD = np.array([0.229, 0.224, 0.255], dtype=np.float32)
 CROP_SCALE = (0.5, 2.0)  # area fraction; above 1 cannot fit, so torchvision's fallback crop takes over
 CROP_RATIO = (3 / 4, 4 / 3)
 FRACTIONS = (1, 8, 64, 128)  # 1/n of the train set; n > 1 reads a released list file
-
-
-class MemoryBankError(UserError):
-    """A memory-bank setting or file-list problem the user can fix."""
 
 
 def restandardise(images: np.ndarray, reproduce_std_typo: bool) -> np.ndarray:
@@ -55,14 +51,14 @@ def fraction_list_path(file_sets_dir: str | Path, dataset: str, fraction: int, s
     """Released list file for 1/``fraction`` of the train set, in open-hummingbird-eval's ``file_sets`` layout."""
     split = {"voc": "trainaug", "ade20k": "training"}.get(dataset)
     if split is None:
-        raise MemoryBankError(f"data fractions exist for voc and ade20k only, not {dataset!r}; set fraction=1")
+        raise ConfigError(f"data fractions exist for voc and ade20k only, not {dataset!r}; set fraction=1")
     return Path(file_sets_dir) / dataset / f"1_div_{fraction}" / f"{split}_{fraction}_{seed}.txt"
 
 
 def read_fraction_list(path: Path) -> list[str]:
     """Image names (no extension) of a fraction list file."""
     if not path.is_file():
-        raise MemoryBankError(
+        raise DatasetError(
             f"fraction list {path} does not exist; copy file_sets/ from open-hummingbird-eval and point "
             "--config.file_sets_dir at it"
         )
@@ -74,7 +70,7 @@ def subset_by_names(dataset, names: list[str]):
     position = {Path(p).stem: i for i, p in enumerate(dataset.image_paths)}
     missing = [n for n in names if n not in position]
     if missing:
-        raise MemoryBankError(
+        raise DatasetError(
             f"{len(missing)} images of the fraction list are not in the {dataset.name} {dataset.split} split "
             f"(first: {missing[0]}); check --config.data_dir and the list file"
         )
@@ -148,7 +144,7 @@ def patch_label_counts(masks: np.ndarray, patch_size: int, num_classes: int) -> 
     """Per-patch class pixel counts (B, S*S, C) of masks (B, H, W); 255 counts as class 0 (as the reference)."""
     masks = np.where(masks == 255, 0, masks).astype(np.int64)
     if masks.max(initial=0) >= num_classes:
-        raise MemoryBankError(f"a mask holds label {masks.max()} but the dataset has {num_classes} classes")
+        raise DatasetError(f"a mask holds label {masks.max()} but the dataset has {num_classes} classes")
     b, h, w = masks.shape
     s_h, s_w = h // patch_size, w // patch_size
     patches = masks.reshape(b, s_h, patch_size, s_w, patch_size).transpose(0, 1, 3, 2, 4).reshape(b, s_h * s_w, -1)
@@ -168,7 +164,7 @@ def patches_per_image(memory_size: int | None, num_images: int, passes: int, pat
         return None
     n = memory_size // (num_images * passes)
     if n < 1:
-        raise MemoryBankError(
+        raise ConfigError(
             f"memory_size {memory_size} is smaller than {num_images} images x {passes} passes; raise memory_size"
         )
     return None if n >= patches else n
@@ -225,7 +221,7 @@ def build_memory_bank(
     from its own generator seeded by (seed, pass, index), so threads do not change the result.
     """
     if input_size % patch_size:
-        raise MemoryBankError(f"input_size {input_size} is not a multiple of the patch size {patch_size}")
+        raise ConfigError(f"input_size {input_size} is not a multiple of the patch size {patch_size}")
     grid = input_size // patch_size
     per_image = patches_per_image(memory_size, len(dataset), passes, grid * grid)
     total = passes * len(dataset) * (grid * grid if per_image is None else per_image)

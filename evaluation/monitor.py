@@ -21,11 +21,7 @@ import ml_collections
 
 from evaluation import runner, suite
 from neco_jax import save_backbone
-from neco_jax.errors import UserError
-
-
-class MonitorConfigError(UserError):
-    """`config.eval` names a job that cannot run."""
+from neco_jax.errors import ConfigError
 
 
 class EvalMonitor:
@@ -34,7 +30,7 @@ class EvalMonitor:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, steps_per_epoch: int):
         e = config.eval
         if jax.process_count() > 1:
-            raise MonitorConfigError("config.eval.every_epochs runs in single-process training only; set it to 0")
+            raise ConfigError("config.eval.every_epochs runs in single-process training only; set it to 0")
         self.every = int(e.every_epochs)
         self.steps_per_epoch = steps_per_epoch
         self.workdir = Path(workdir) / "eval"
@@ -44,7 +40,7 @@ class EvalMonitor:
         try:
             self.job.update_from_flattened_dict(values)
         except (TypeError, ValueError, KeyError, AttributeError) as err:
-            raise MonitorConfigError(f"config.eval.set does not fit {e.config}: {' '.join(str(err).split())}") from err
+            raise ConfigError(f"config.eval.set does not fit {e.config}: {' '.join(str(err).split())}") from err
         runner.validate(self.job)
         suite.check_job_data(self.job)  # a missing data folder stops now, not after the first epoch
 
@@ -70,5 +66,5 @@ class EvalMonitor:
 def make_monitor(config: ml_collections.ConfigDict, workdir, steps_per_epoch: int) -> EvalMonitor | None:
     """The monitor of `config.eval`, or None when it is off (every_epochs = 0)."""
     if config.eval.every_epochs < 0:
-        raise MonitorConfigError(f"config.eval.every_epochs={config.eval.every_epochs} must be >= 0 (0 = off)")
+        raise ConfigError(f"config.eval.every_epochs={config.eval.every_epochs} must be >= 0 (0 = off)")
     return EvalMonitor(config, workdir, steps_per_epoch) if config.eval.every_epochs else None

@@ -21,7 +21,7 @@ from evaluation.datasets import SegmentationDataset
 from evaluation.features import FeaturesFn, extract_features, nearest_resize, resize_image
 from evaluation.kmeans import kmeans
 from evaluation.pca import standardize_and_project
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +167,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> OverclusterSettin
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """The protocol entry of `python -m evaluation` (configs/eval/<dataset>_overcluster.py)."""
-    from evaluation.runner import ConfigError, make_extractor, open_split
+    from evaluation.runner import make_extractor, open_split
 
     oc = config.overcluster
     if oc.init not in ("random", "kmeans++"):

@@ -17,14 +17,10 @@ import ml_collections
 
 from evaluation import datasets as datasets_lib
 from evaluation import features as features_lib
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError, cli
 from neco_jax.precision import true_float32
 
 PROTOCOLS = ("linear", "overcluster", "hummingbird", "cbfe")
-
-
-class ConfigError(UserError):
-    """An evaluation config value is missing or invalid."""
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -126,6 +122,7 @@ def _json(value):
     return str(value)
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     """CLI: `python -m evaluation --config=configs/eval/<dataset>_<protocol>.py --config.<field>=...`."""
     from absl import flags
@@ -140,16 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         "config", None, "evaluation job config file", flag_values=flag_values, sys_argv=argv
     )
     try:
-        try:
-            flag_values(argv)
-            config = config_flag.value
-            if config is None:
-                raise ConfigError("no config given; pass --config=configs/eval/<dataset>_<protocol>.py")
-            config.protocol  # noqa: B018  (config files load lazily: surface a bad file here)
-        except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
-            raise ConfigError("bad command line: " + " ".join(str(e).split())) from e
-        run_job(config)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        flag_values(argv)
+        config = config_flag.value
+        if config is None:
+            raise ConfigError("no config given; pass --config=configs/eval/<dataset>_<protocol>.py")
+        config.protocol  # noqa: B018  (config files load lazily: surface a bad file here)
+    except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError("bad command line: " + " ".join(str(e).split())) from e
+    run_job(config)
     return 0

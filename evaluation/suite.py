@@ -28,14 +28,10 @@ from pathlib import Path
 from evaluation import published
 from evaluation.datasets import DATASET_NAMES
 from evaluation.runner import PROTOCOLS
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError, DatasetError, UserError, cli, print_error
 from neco_jax.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class SuiteError(UserError):
-    """The suite's command line or data folder cannot be used."""
 
 
 def _has(root: Path, *parts: str) -> bool:
@@ -73,7 +69,7 @@ def load_config_file(path: str | os.PathLike):
     if not path.is_file() and (REPO / path).is_file():
         path = REPO / path
     if not path.is_file():
-        raise SuiteError(f"evaluation config {path} does not exist; use one of configs/eval/*.py")
+        raise ConfigError(f"evaluation config {path} does not exist; use one of configs/eval/*.py")
     if str(REPO) not in sys.path:  # config files import `configs.eval.base`
         sys.path.insert(0, str(REPO))
     spec = importlib.util.spec_from_file_location(f"_eval_config_{path.stem}", path)
@@ -96,7 +92,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
-            raise SuiteError(f"--set {pair!r} is not FIELD=VALUE; e.g. --set=linear.epochs=5")
+            raise ConfigError(f"--set {pair!r} is not FIELD=VALUE; e.g. --set=linear.epochs=5")
         try:
             out[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -120,7 +116,7 @@ def job_config(protocol, dataset, *, checkpoint, data_dir, workdir, overrides):
     try:
         config.update_from_flattened_dict(values)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise SuiteError(f"cannot apply --set to {dataset}_{protocol}: {' '.join(str(e).split())}") from e
+        raise ConfigError(f"cannot apply --set to {dataset}_{protocol}: {' '.join(str(e).split())}") from e
     return config
 
 
@@ -177,12 +173,12 @@ def run_suite(
 
     root = Path(data_root)
     if not root.is_dir():
-        raise SuiteError(f"data_dir {root} does not exist; pass --data_dir=<folder holding the datasets>")
+        raise DatasetError(f"data_dir {root} does not exist; pass --data_dir=<folder holding the datasets>")
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or not protocols:
-        raise SuiteError(f"--protocols={','.join(protocols)}: use a comma-separated subset of {','.join(PROTOCOLS)}")
+        raise ConfigError(f"--protocols={','.join(protocols)}: use a comma-separated subset of {','.join(PROTOCOLS)}")
     if paper_row and paper_row not in published.NECO_README:
-        raise SuiteError(f"--paper_row={paper_row}: use one of {', '.join(published.NECO_README)}")
+        raise ConfigError(f"--paper_row={paper_row}: use one of {', '.join(published.NECO_README)}")
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
     which = overrides.get("checkpoint_model", "teacher")
@@ -255,6 +251,7 @@ def run_suite(
     return summary
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.suite", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="anything --config.checkpoint accepts")
@@ -267,21 +264,16 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
-    try:
-        summary = run_suite(
-            args.checkpoint,
-            args.data_dir,
-            args.workdir,
-            [p for p in args.protocols.split(",") if p],
-            parse_overrides(args.set),
-            args.paper_row,
-        )
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = run_suite(
+        args.checkpoint,
+        args.data_dir,
+        args.workdir,
+        [p for p in args.protocols.split(",") if p],
+        parse_overrides(args.set),
+        args.paper_row,
+    )
     if not summary["results"]:
-        print(f"error: no protocol ran; see {Path(args.workdir) / 'results.json'} for the reasons", file=sys.stderr)
-        return 2
+        return print_error(f"no protocol ran; see {Path(args.workdir) / 'results.json'} for the reasons")
     return 1 if any(j["status"] == "error" for j in summary["jobs"]) else 0
 
 

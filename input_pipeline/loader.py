@@ -19,7 +19,7 @@ import grain
 import numpy as np
 
 from input_pipeline.decode import decode_rgb
-from input_pipeline.errors import DataConfigError, DatasetError, TooManyBadImagesError, UndecodableImageError
+from input_pipeline.errors import ConfigError, DatasetError, UndecodableImageError
 from input_pipeline.sample_data import sample_source
 from input_pipeline.sources import make_source
 from input_pipeline.views import ViewConfig, make_views
@@ -111,7 +111,7 @@ class _MakeExample:
             except (OSError, UndecodableImageError) as exc:
                 errors.append(f"{self.source.describe(used)} ({exc})")
         else:
-            raise TooManyBadImagesError(
+            raise DatasetError(
                 f"{len(errors)} consecutive records could not be decoded, e.g. {'; '.join(errors[:3])}; "
                 "check the data folder (corrupt copy? wrong dataset_name?)"
             )
@@ -197,7 +197,7 @@ class TrainLoader:
                     self.recent_bad.append(name)
                     _log.warning("skipped unreadable image %s", name)
             if self.bad_files > self.max_bad_fraction * max(self.files_read, MIN_FILES_FOR_BAD_FRACTION):
-                raise TooManyBadImagesError(
+                raise DatasetError(
                     f"{self.bad_files} of {self.files_read} images read so far could not be decoded "
                     f"(more than config.data.max_bad_fraction={self.max_bad_fraction}), e.g. "
                     f"{', '.join(self.recent_bad)}; fix or remove them, or raise max_bad_fraction"
@@ -265,7 +265,7 @@ def make_train_loader(
         worker_count = int(_get(data_cfg, "num_workers", _get(config, "num_workers", 0)))
     max_bad_fraction = float(_get(data_cfg, "max_bad_fraction", 0.01))
     if batch_size < 1 or worker_count < 0 or seed < 0 or not 0 <= max_bad_fraction <= 1:
-        raise DataConfigError(
+        raise ConfigError(
             f"batch_size={batch_size} must be >= 1, num_workers={worker_count} >= 0, seed={seed} >= 0 and "
             f"max_bad_fraction={max_bad_fraction} in [0, 1]"
         )

@@ -28,7 +28,7 @@ import math
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from input_pipeline.errors import DataConfigError
+from input_pipeline.errors import ConfigError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -74,33 +74,33 @@ class ViewConfig:
     def __post_init__(self):
         n = len(self.size_crops)
         if not 1 <= n <= 2 or not (len(self.nmb_crops) == len(self.min_scale_crops) == len(self.max_scale_crops) == n):
-            raise DataConfigError(
+            raise ConfigError(
                 "config.data.size_crops, nmb_samples, min_scale_crops and max_scale_crops must have the same "
                 f"length, 1 (globals only) or 2 (globals, locals); got {self.size_crops}, {self.nmb_crops}, "
                 f"{self.min_scale_crops}, {self.max_scale_crops}"
             )
         if self.nmb_crops[0] < 1 or any(c < 0 for c in self.nmb_crops) or any(s < 1 for s in self.size_crops):
-            raise DataConfigError(
+            raise ConfigError(
                 f"config.data.nmb_samples {self.nmb_crops} / size_crops {self.size_crops}: need >= 1 global crop, "
                 "non-negative counts and positive sizes"
             )
         for lo, hi in zip(self.min_scale_crops, self.max_scale_crops):
             if not 0 < lo <= hi <= 1:
-                raise DataConfigError(f"crop scale range ({lo}, {hi}) must satisfy 0 < min <= max <= 1")
+                raise ConfigError(f"crop scale range ({lo}, {hi}) must satisfy 0 < min <= max <= 1")
         if not 0 < self.min_intersection < 1:
-            raise DataConfigError(f"config.data.min_intersection_crops={self.min_intersection} must be in (0, 1)")
+            raise ConfigError(f"config.data.min_intersection_crops={self.min_intersection} must be in (0, 1)")
         if not 0 <= self.jitter_strength <= 2.5 or self.blur_strength < 0:
-            raise DataConfigError(
+            raise ConfigError(
                 f"jitter_strength={self.jitter_strength} must be in [0, 2.5] (hue range 0.2 s <= 0.5) and "
                 f"blur_strength={self.blur_strength} >= 0"
             )
         for name in ("jitter_prob", "grayscale_prob", "blur_prob"):
             if not 0 <= getattr(self, name) <= 1:
-                raise DataConfigError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
+                raise ConfigError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
         if self.max_resample_tries < 0:
-            raise DataConfigError(f"max_resample_tries={self.max_resample_tries} must be >= 0")
+            raise ConfigError(f"max_resample_tries={self.max_resample_tries} must be >= 0")
         if self.augment_on not in AUGMENT_ON:
-            raise DataConfigError(f"config.data.augment_on={self.augment_on!r} must be one of {AUGMENT_ON}")
+            raise ConfigError(f"config.data.augment_on={self.augment_on!r} must be one of {AUGMENT_ON}")
 
     @property
     def num_global(self) -> int:

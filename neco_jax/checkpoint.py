@@ -24,13 +24,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from neco_jax.errors import UserError
+from neco_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(UserError):
-    """A checkpoint that does not fit the configured run, or none that can be read."""
 
 
 _JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")  # orbax's JSON files in a step

@@ -18,22 +18,17 @@ import hashlib
 import logging
 import os
 import socket
-import sys
 import threading
 from typing import Any
 
 import jax
 import numpy as np
 
-from neco_jax.errors import UserError
+from neco_jax.errors import DistributedError, print_error
 
 log = logging.getLogger(__name__)
 
 ADDRESS, NUM_PROCESSES, PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
-
-
-class DistributedError(UserError):
-    """Processes that cannot start together: an unreachable coordinator, missing variables, different configs."""
 
 
 def _launched_by_cluster() -> bool:
@@ -91,14 +86,13 @@ def initialize(config) -> None:
         where = f"{ADDRESS}={address} ({NUM_PROCESSES}={num}, {PROCESS_ID}={pid})"
         kwargs = {"coordinator_address": address, "num_processes": num, "process_id": pid}
 
-    def give_up():
-        sys.stderr.write(
-            f"error: the processes did not all reach the coordinator at {where} within {timeout_s} s "
+    def give_up():  # runs on a timer thread, where raising would not end the process
+        status = print_error(
+            f"the processes did not all reach the coordinator at {where} within {timeout_s} s "
             "(config.init_timeout_s): start every process with the same address (host:port of process 0, "
-            f"reachable from every host) and {NUM_PROCESSES}, and distinct {PROCESS_ID}s 0..N-1\n"
+            f"reachable from every host) and {NUM_PROCESSES}, and distinct {PROCESS_ID}s 0..N-1"
         )
-        sys.stderr.flush()
-        os._exit(2)
+        os._exit(status)
 
     if explicit is not None and explicit[2] == 0:
         _check_port_free(explicit[0], where)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from neco_jax import queue as queue_lib
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError
 from neco_jax.roi_align import roi_align
 from neco_jax.sorting import sort
 
@@ -32,10 +32,6 @@ LOG_FLOOR = float(np.finfo(np.float32).tiny)
 # the rounding of bilinear weights that sum to exactly 1 (torchvision itself drops ~0.2% of such cells).
 MASK_ONE = 1.0 - 1e-6
 HP = jax.lax.Precision.HIGHEST
-
-
-class LossConfigError(UserError):
-    """A loss option or input shape that does not exist or does not fit."""
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -60,7 +56,7 @@ def similarity_matrix(queries: jax.Array, references: jax.Array, similarity: str
         sq = jnp.sum(queries**2, -1)[..., :, None] + jnp.sum(references**2, -1)[..., None, :]
         sq = sq - 2.0 * jnp.einsum("...qd,...rd->...qr", queries, references, precision=HP)
         return jnp.sqrt(jnp.maximum(sq, 1e-30))
-    raise LossConfigError(f"unknown similarity {similarity!r}; use one of {SIMILARITIES}")
+    raise ConfigError(f"unknown similarity {similarity!r}; use one of {SIMILARITIES}")
 
 
 def _cross_entropy(
@@ -147,20 +143,20 @@ def _check_inputs(student_global, student_local, teacher_global, boxes_gc, boxes
     batch, num_global = student_global.shape[:2]
     num_views = num_global + student_local.shape[1]
     if teacher_global.shape[:2] != (batch, num_global) or teacher_global.shape[-1] != student_global.shape[-1]:
-        raise LossConfigError(
+        raise ConfigError(
             f"teacher_global {teacher_global.shape} must match student_global {student_global.shape} in batch, "
             "crop count and feature size"
         )
     if boxes_gc.shape != (batch, num_global, num_views, 4) or boxes_all.shape != (batch, num_views, num_global, 4):
-        raise LossConfigError(
+        raise ConfigError(
             f"boxes_gc {boxes_gc.shape} / boxes_all {boxes_all.shape} must be ({batch}, {num_global}, {num_views}, 4)"
             f" / ({batch}, {num_views}, {num_global}, 4) for {num_global} global and {num_views - num_global}"
             " local crops"
         )
     if loss_mask not in LOSS_MASKS:
-        raise LossConfigError(f"unknown loss_mask {loss_mask!r}; use one of {LOSS_MASKS}")
+        raise ConfigError(f"unknown loss_mask {loss_mask!r}; use one of {LOSS_MASKS}")
     if loss_mask != "all" and fg_mask is None:
-        raise LossConfigError(f"loss_mask={loss_mask!r} needs fg_mask (see neco_jax.fg_mask.attention_fg_mask)")
+        raise ConfigError(f"loss_mask={loss_mask!r} needs fg_mask (see neco_jax.fg_mask.attention_fg_mask)")
 
 
 def neco_loss(

@@ -18,16 +18,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError
 
 GROUPS = ("backbone_decay", "backbone_no_decay", "head_decay", "head_no_decay")
 FROZEN = "frozen"
 # Backbone parameters that no forward pass of training reads, hence never get a gradient.
 NEVER_TRAINED = ("mask_token",)
-
-
-class ConfigError(UserError):
-    """A bad optimizer field in the config."""
 
 
 def cosine_schedule(base: float, final: float, total_steps: int) -> Callable[[Any], jax.Array]:

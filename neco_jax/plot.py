@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from neco_jax.errors import UserError
+from neco_jax.errors import UserError, cli
 from neco_jax.files import atomic_write
 from neco_jax.metrics_writer import METRICS_FILE
 from neco_jax.run_record import STARTS_FILE
@@ -104,16 +104,13 @@ def write_plot(workdir: str | os.PathLike, out: str | os.PathLike | None = None)
     return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neco_jax.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", type=Path, help="training workdir (holds metrics.jsonl)")
     parser.add_argument("--out", type=Path, help=f"output .png (default WORKDIR/{PLOT_FILE})")
     args = parser.parse_args(argv)
-    try:
-        print(f"wrote {write_plot(args.workdir, args.out)}")
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    print(f"wrote {write_plot(args.workdir, args.out)}")
     return 0
 
 

@@ -21,17 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from neco_jax.errors import UserError
+from neco_jax.errors import DownloadError, UserError
 
 CACHE_ENV = "NECO_JAX_CACHE"
 _DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
 _DINO = "https://dl.fbaipublicfiles.com/dino"
 _NECO = "https://huggingface.co/FunAILab/NeCo/resolve/main"
 _HUB_REGISTER_RULE = {"interpolate_offset": 0.0, "interpolate_antialias": True}
-
-
-class DownloadError(UserError):
-    """A pretrained file could not be fetched (offline, moved, or a bad URL)."""
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from neco_jax.errors import UserError
-
-
-class QueueError(UserError):
-    """A queue length or reference count that cannot work."""
+from neco_jax.errors import ConfigError
 
 
 class QueueState(NamedTuple):
@@ -34,7 +30,7 @@ class QueueState(NamedTuple):
 def init(num_anchors: int, length: int, dim: int) -> QueueState:
     """Zero queues, as the original (``torch.zeros(len(crops_for_assign), queue_length // gpus, dim)``)."""
     if length <= 0:
-        raise QueueError(f"queue length must be positive, got {length}; set queue_length > 0 or disable the queue")
+        raise ConfigError(f"queue length must be positive, got {length}; set queue_length > 0 or disable the queue")
     return QueueState(jnp.zeros((num_anchors, length, dim), jnp.float32), jnp.zeros((num_anchors,), jnp.int32))
 
 
@@ -95,7 +91,7 @@ def sample(state: QueueState, anchor: int, count: int, key: jax.Array) -> jax.Ar
     """
     length = state.vectors.shape[1]
     if count > length:
-        raise QueueError(
+        raise ConfigError(
             f"a pair needs {count} reference vectors but the queue holds {length}; "
             "use queue_length >= batch_size * output_size**2"
         )

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigChangedError, WorkdirError
 from neco_jax.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
@@ -42,14 +42,6 @@ BOOKKEEPING = frozenset(
     }
 )
 BOOKKEEPING_SECTIONS = ("eval.",)
-
-
-class WorkdirError(UserError):
-    """The workdir cannot be created or written."""
-
-
-class ConfigChangedError(UserError):
-    """A resume with a config that changes the computation of the stored run."""
 
 
 def prepare_workdir(workdir: str) -> None:

@@ -10,13 +10,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError
 
 DATA_AXIS = "data"
-
-
-class ShardingError(UserError):
-    """A batch that cannot be split over the devices."""
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -37,7 +33,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     n = mesh.devices.size
     if global_batch_size % n or global_batch_size % jax.process_count():
-        raise ShardingError(
+        raise ConfigError(
             f"optim.batch_size={global_batch_size} is not divisible by the {n} devices "
             f"({jax.process_count()} processes); choose a multiple of {n}"
         )

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError
 
 NETWORKS = ("bitonic", "odd_even")
 DISTRIBUTIONS = ("cauchy", "logistic", "logistic_phi", "gaussian", "reciprocal", "optimal")
@@ -33,10 +33,6 @@ EXECUTORS = ("gather", "dense")
 # A comparator: input wires (a, b) and the wires receiving the min and the max.
 # An identity comparator (a == b) passes one wire through; diffsort writes it with 0.5/0.5 weights.
 Comparator = tuple[int, int, int, int]
-
-
-class SortingConfigError(UserError):
-    """A sorting network, relaxation or executor name that does not exist."""
 
 
 def bitonic_comparators(n: int) -> list[list[Comparator]]:
@@ -91,7 +87,7 @@ def comparators(network: str, n: int) -> list[list[Comparator]]:
         return bitonic_comparators(n)
     if network == "odd_even":
         return odd_even_comparators(n)
-    raise SortingConfigError(f"unknown sorting network {network!r}; use one of {NETWORKS}")
+    raise ConfigError(f"unknown sorting network {network!r}; use one of {NETWORKS}")
 
 
 def network_matrices(network: str, n: int) -> list[tuple[np.ndarray, ...]]:
@@ -177,7 +173,7 @@ def swap_probability(diff: jax.Array, steepness, distribution: str, art_lambda: 
         v = steepness * diff
         outside = (v > 0.25).astype(v.dtype) - (v < -0.25).astype(v.dtype)
         return jnp.clip(v, -0.25, 0.25) + 0.5 + outside * (0.25 - 1.0 / 16.0 / (jnp.abs(v) + 1e-10))
-    raise SortingConfigError(f"unknown relaxation {distribution!r}; use one of {DISTRIBUTIONS}")
+    raise ConfigError(f"unknown relaxation {distribution!r}; use one of {DISTRIBUTIONS}")
 
 
 def _execute_gather(x: jax.Array, network: str, steepness, distribution: str, art_lambda: float):
@@ -268,11 +264,11 @@ def sort(
       (x_sorted (..., n), P (..., n, n)) in float32 with P[..., i, j] = P(input i at rank j).
     """
     if network not in NETWORKS:
-        raise SortingConfigError(f"unknown sorting network {network!r}; use one of {NETWORKS}")
+        raise ConfigError(f"unknown sorting network {network!r}; use one of {NETWORKS}")
     if distribution not in DISTRIBUTIONS:
-        raise SortingConfigError(f"unknown relaxation {distribution!r}; use one of {DISTRIBUTIONS}")
+        raise ConfigError(f"unknown relaxation {distribution!r}; use one of {DISTRIBUTIONS}")
     if executor not in EXECUTORS:
-        raise SortingConfigError(f"unknown sort executor {executor!r}; use one of {EXECUTORS}")
+        raise ConfigError(f"unknown sort executor {executor!r}; use one of {EXECUTORS}")
     x = jnp.asarray(x, jnp.float32)
     *batch, n = x.shape
     run = _execute_gather if executor == "gather" else _execute_dense

@@ -35,7 +35,7 @@ from neco_jax import distributed, ema, optim, plot, run_record, sharding, step_f
 from neco_jax import metrics_writer as mw
 from neco_jax import queue as queue_lib
 from neco_jax import train_state as ts
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError, NonFiniteError
 from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
 from neco_jax.precision import true_float32
 
@@ -47,14 +47,6 @@ DEVICE_KEYS = ("global_crops", "local_crops", "boxes_gc", "boxes_all", "global_c
 PREFETCH_BATCHES = 2  # batches placed on the devices ahead of the step
 
 
-class TrainConfigError(UserError):
-    """A config value the trainer cannot use."""
-
-
-class NonFiniteError(UserError):
-    """The loss or the gradients became NaN/inf; the last good checkpoint is kept."""
-
-
 # --------------------------------------------------------------------------- config checks
 
 
@@ -62,13 +54,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     """Reject values the run cannot use, naming the field and the fix, before anything is built."""
     m, o, loss = config.model, config.optim, config.loss
     if not m.init:
-        raise TrainConfigError(
+        raise ConfigError(
             "config.model.init is empty: name the initial weights, e.g. "
             "--config.model.init=/path/to/checkpoint.pth (or a pretrained name, or 'random')"
         )
     d = config.data
     if not d.data_dir and d.dataset_name != "sample" and not d.dataset_name.startswith("tfds:"):
-        raise TrainConfigError(
+        raise ConfigError(
             f"config.data.data_dir is empty: set --config.data.data_dir=/path/to/the/"
             f"{d.dataset_name} images (the bundled sample photos train only with "
             "data.dataset_name='sample', as configs/demo.py does)"
@@ -82,7 +74,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
-            raise TrainConfigError(f"config.{name}={value!r} is not one of {allowed}")
+            raise ConfigError(f"config.{name}={value!r} is not one of {allowed}")
     _check_finite(config.to_dict(), "config")
     positive = {
         "optim.batch_size": o.batch_size,
@@ -101,7 +93,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     }
     for name, value in positive.items():
         if value < 1:
-            raise TrainConfigError(f"config.{name}={value} must be >= 1")
+            raise ConfigError(f"config.{name}={value} must be >= 1")
     for name in (
         "lr_backbone",
         "lr_heads",
@@ -112,19 +104,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "grad_clip_norm",
     ):
         if o[name] < 0:
-            raise TrainConfigError(f"config.optim.{name}={o[name]} must be >= 0")
+            raise ConfigError(f"config.optim.{name}={o[name]} must be >= 0")
     if m.num_register_tokens < 0:
-        raise TrainConfigError(f"config.model.num_register_tokens={m.num_register_tokens} must be >= 0")
+        raise ConfigError(f"config.model.num_register_tokens={m.num_register_tokens} must be >= 0")
     if not 0 <= m.drop_path_rate < 1:
-        raise TrainConfigError(f"config.model.drop_path_rate={m.drop_path_rate} must lie in [0, 1)")
+        raise ConfigError(f"config.model.drop_path_rate={m.drop_path_rate} must lie in [0, 1)")
     if not 0 <= config.ema.momentum <= 1 or not 0 <= config.ema.momentum_end <= 1:
-        raise TrainConfigError(
+        raise ConfigError(
             f"config.ema.momentum={config.ema.momentum} and momentum_end={config.ema.momentum_end} must lie in [0, 1]"
         )
     if loss.student_steepness <= 0 or loss.teacher_steepness <= 0:
-        raise TrainConfigError("config.loss.student_steepness and teacher_steepness must be > 0")
+        raise ConfigError("config.loss.student_steepness and teacher_steepness must be > 0")
     if tuple(loss.crops_for_assign) != tuple(range(config.data.nmb_samples[0])):
-        raise TrainConfigError(
+        raise ConfigError(
             f"config.loss.crops_for_assign={tuple(loss.crops_for_assign)} must list every global "
             f"crop, 0..{config.data.nmb_samples[0] - 1}"
         )
@@ -139,7 +131,7 @@ def _check_finite(node: Any, name: str) -> None:
         for i, value in enumerate(node):
             _check_finite(value, f"{name}[{i}]")
     elif isinstance(node, float) and not math.isfinite(node):
-        raise TrainConfigError(f"{name}={node} is not a finite number")
+        raise ConfigError(f"{name}={node} is not a finite number")
 
 
 # --------------------------------------------------------------------------- models
@@ -246,13 +238,13 @@ def _fill(template: dict, loaded: Mapping[str, Any], config, what: str) -> tuple
     )
     if missing or mismatched:
         fix = "choose the recipe that matches these weights" if what == "backbone" else "set config.head.* to match"
-        raise TrainConfigError(
+        raise ConfigError(
             f"{config.model.init} does not fit the {what} of config.model.arch={config.model.arch!r} with "
             f"{config.model.num_register_tokens} registers: missing {missing}, shape mismatch {mismatched}; {fix}"
         )
     nonfinite = sorted(p for p in wanted if not np.all(np.isfinite(np.asarray(loaded[p]))))
     if nonfinite:  # the step would skip every update and the first checkpoint would hold them
-        raise TrainConfigError(
+        raise NonFiniteError(
             f"{config.model.init} holds NaN or infinite values in {nonfinite}; start from intact weights"
         )
     return _unflat_like(template, dict(loaded)), sorted(p for p in loaded if p not in wanted)
@@ -524,7 +516,7 @@ def train_and_evaluate(
     workdir = os.fspath(workdir)
     check_config(config)
     if make_monitor is None and config.eval.every_epochs:
-        raise TrainConfigError(
+        raise ConfigError(
             f"config.eval.every_epochs={config.eval.every_epochs} needs an evaluation monitor: train with main.py "
             "(or pass make_monitor=evaluation.monitor.make_monitor to train_and_evaluate)"
         )

@@ -13,6 +13,7 @@ from torchvision.transforms import GaussianBlur
 from evaluation import cbfe, cd_search, community, datasets
 from evaluation.features import nearest_resize
 from evaluation.kmeans import kmeans
+from neco_jax import errors
 
 
 def reference_process_attentions(attn, keep=0.65, sigma=0.6):
@@ -388,14 +389,14 @@ def test_cd_parameters_sources():
         (dict(cd_preset="vit_huge"), "leopart_vits16"),
         (dict(k_community=300, markov_time=1.0, weight_threshold=0.1), "255"),
     ]:
-        with pytest.raises(cbfe.CbfeError, match=message):
+        with pytest.raises(errors.ConfigError, match=message):
             cbfe.cd_parameters(cbfe.CbfeSettings(**bad))
     for bad, message in [
         (dict(search_k=(69, 299, 10)), "255"),
         (dict(search_markov_time=(0.0, 2.0, 0.1)), "0 < low"),
         (dict(search_trials=0), "at least one trial"),
     ]:
-        with pytest.raises(cbfe.CbfeError, match=message):
+        with pytest.raises(errors.ConfigError, match=message):
             cbfe._search_space(cbfe.CbfeSettings(**bad))
 
 
@@ -413,9 +414,9 @@ def test_attention_files_replace_the_models_attention(tmp_path):
     own, own_source = cbfe.noisy_masks(cbfe.CbfeSettings(eval_size=14), model_attn[:3], model_attn[3:], 3, 2)
     np.testing.assert_array_equal(own, nearest_resize(cbfe.noisy_foreground(model_attn), 14))
     assert own_source == "the evaluated model's CLS attention"
-    with pytest.raises(cbfe.CbfeError, match="holds 3 masks but the split has 4"):
+    with pytest.raises(errors.DatasetError, match="holds 3 masks but the split has 4"):
         cbfe.noisy_masks(s, None, None, 4, 2)
-    with pytest.raises(cbfe.CbfeError, match="attn_train.pt does not exist"):
+    with pytest.raises(errors.DatasetError, match="attn_train.pt does not exist"):
         cbfe.noisy_masks(cbfe.CbfeSettings(attention_dir=str(tmp_path / "none")), None, None, 3, 2)
 
 

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from neco_jax import checkpoint as ckpt_lib
+from neco_jax import errors
 
 TS_ERROR = (
     'OUT_OF_RANGE: Error reading "a/.zarray" in OCDBT database at local file "/w/checkpoints/4/state/": '
@@ -38,7 +39,7 @@ def test_falls_back_past_damaged_steps_naming_each():
 
 
 def test_no_intact_checkpoint_is_one_error_listing_them():
-    with pytest.raises(ckpt_lib.CheckpointError) as info:
+    with pytest.raises(errors.CheckpointError) as info:
         ckpt_lib.newest_intact(
             "/w/checkpoints",
             [3, 4],
@@ -53,8 +54,8 @@ def test_no_intact_checkpoint_is_one_error_listing_them():
 
 
 def test_a_checkpoint_that_does_not_fit_the_run_is_not_skipped():
-    misfit = ckpt_lib.CheckpointError("does not match this run's model")
-    with pytest.raises(ckpt_lib.CheckpointError, match="does not match"):
+    misfit = errors.CheckpointError("does not match this run's model")
+    with pytest.raises(errors.CheckpointError, match="does not match"):
         ckpt_lib.newest_intact(
             "/w/checkpoints", [3, 4], _restore({4: misfit, 3: "three"}), lambda *a: pytest.fail("no fallback")
         )
@@ -92,7 +93,7 @@ def test_orbax_checkpoints_damaged_and_misfit(tmp_path, caplog):
     checkpointer = _saved(tmp_path, [1, 2, 3])
     ckpts = tmp_path / "checkpoints"
     with pytest.raises(
-        ckpt_lib.CheckpointError,
+        errors.CheckpointError,
         match=r"checkpoints/3 does not match this run's model/optimizer "
         r"\(arrays only in the checkpoint: \{\(\(64, 8\), 'float32'\): 1\}, only in this run: "
         r"\{\(\(64, 9\), 'float32'\): 1\}\)",

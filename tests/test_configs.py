@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from configs import base
-from neco_jax import train
+from neco_jax import errors, train
 
 RECIPES = [
     "dinov2_s14",
@@ -95,7 +95,7 @@ def test_dino_recipes(name, init):
 
 
 def test_user_checkpoint_recipes_need_an_init():
-    with pytest.raises(train.TrainConfigError, match="--config.model.init="):
+    with pytest.raises(errors.ConfigError, match="--config.model.init="):
         train.check_config(_cfg("timet_s16"))
 
 
@@ -126,7 +126,7 @@ def test_ablation_presets(arg, fields):
 
 
 def test_unknown_ablation_is_named():
-    with pytest.raises(base.ConfigArgError, match="unknown config argument 'odd-even'"):
+    with pytest.raises(errors.ConfigError, match="unknown config argument 'odd-even'"):
         _cfg("dinov2_s14", "odd-even")
 
 
@@ -142,7 +142,7 @@ def test_every_recipe_passes_the_checks(name):
 
 def test_real_recipe_without_data_dir_is_refused():
     """The bundled sample photos train only when asked for (the demo, dataset_name="sample")."""
-    with pytest.raises(train.TrainConfigError, match=r"^config.data.data_dir is empty: set --config.data.data_dir="):
+    with pytest.raises(errors.ConfigError, match=r"^config.data.data_dir is empty: set --config.data.data_dir="):
         train.check_config(_cfg("dinov2_s14"))
     assert _cfg("demo").data.dataset_name == "sample"
     c = base.set_fields(_cfg("dinov2_s14"), {"data.dataset_name": "sample"})
@@ -172,7 +172,7 @@ def test_real_recipe_without_data_dir_is_refused():
 def test_bad_values_are_named(field, value, match):
     c = _cfg("demo")
     base.set_fields(c, {field: value})
-    with pytest.raises(train.TrainConfigError, match=match):
+    with pytest.raises(errors.ConfigError, match=match):
         train.check_config(c)
 
 

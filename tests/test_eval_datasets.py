@@ -9,7 +9,7 @@ from eval_fixtures import make_voc_dataset
 from PIL import Image
 
 from evaluation import datasets
-from evaluation.datasets import DatasetError
+from neco_jax.errors import DatasetError
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from flax import nnx
 from PIL import Image
 
 from evaluation import datasets, features, linear, overcluster, runner
+from neco_jax import errors
 
 REPO = Path(__file__).resolve().parents[1]
 PATCH = 14
@@ -319,7 +320,7 @@ def test_training_workdir_student_and_teacher(tmp_path):
             np.asarray(model(jnp.asarray(images))["x_norm_patchtokens"]),
             np.asarray(expected(jnp.asarray(images))["x_norm_patchtokens"]),
         )
-    with pytest.raises(features.CheckpointError, match="student"):
+    with pytest.raises(errors.CheckpointError, match="student"):
         features.load_model(str(tmp_path), which="ema")
 
 

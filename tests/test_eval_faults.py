@@ -10,6 +10,7 @@ from flax import nnx
 
 import neco_jax
 from evaluation import features, runner
+from neco_jax import errors
 from neco_jax.models import VisionTransformer, get_arch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def test_non_finite_features_from_finite_weights_are_refused():
     extractor = features.FeatureExtractor(model, name="big.safetensors")
     images = np.random.default_rng(0).normal(size=(3, 56, 56, 3)).astype(np.float32)
     with pytest.raises(
-        features.NonFiniteModelError,
+        errors.NonFiniteError,
         match=r"big.safetensors gives non-finite features \(NaN or inf\) for 3 of 3 images",
     ):
         extractor(images)

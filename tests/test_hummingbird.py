@@ -12,6 +12,7 @@ from PIL import Image
 from evaluation import datasets
 from evaluation import hummingbird as hb
 from evaluation import memory_bank as mb
+from neco_jax import errors
 
 # ----------------------------------------------------------------------------- patch labels and selection
 
@@ -80,7 +81,7 @@ def test_patches_per_image_and_the_unbounded_fallback(num_images, expected):
 
 
 def test_a_memory_smaller_than_one_patch_per_image_is_a_user_error():
-    with pytest.raises(mb.MemoryBankError, match="raise memory_size"):
+    with pytest.raises(errors.ConfigError, match="raise memory_size"):
         mb.patches_per_image(100, 80, 2, 1296)
 
 
@@ -147,14 +148,14 @@ def test_fraction_lists_select_the_named_images(voc, tmp_path):
     _, train, _ = voc
     path = mb.fraction_list_path(tmp_path, "voc", 128, 42)
     assert path.as_posix().endswith("voc/1_div_128/trainaug_128_42.txt")
-    with pytest.raises(mb.MemoryBankError, match="file_sets_dir"):
+    with pytest.raises(errors.DatasetError, match="file_sets_dir"):
         mb.read_fraction_list(path)
     path.parent.mkdir(parents=True)
     names = [train.image_paths[5].stem, train.image_paths[2].stem]
     path.write_text("\n".join(names) + "\n")
     subset = mb.subset_by_names(train, mb.read_fraction_list(path))
     assert [p.stem for p in subset.image_paths] == names
-    with pytest.raises(mb.MemoryBankError, match="not in the voc"):
+    with pytest.raises(errors.DatasetError, match="not in the voc"):
         mb.subset_by_names(train, ["2099_000000"])
 
 

@@ -7,6 +7,7 @@ import torch
 
 from evaluation import knn as knn_lib
 from evaluation.label_transfer import transfer_labels, upsample_labels
+from neco_jax import errors
 
 
 def brute_force(queries, keys, k):
@@ -123,7 +124,7 @@ def test_upsampling_matches_torch_bilinear():
 
 def test_k_larger_than_the_memory_is_a_user_error(data):
     queries, keys = data
-    with pytest.raises(knn_lib.KnnConfigError, match="k=30"):
+    with pytest.raises(errors.ConfigError, match="k=30"):
         knn_lib.knn(queries, keys[:20], k=30)
 
 

@@ -9,6 +9,7 @@ import pytest
 from train_fixtures import tiny_config
 
 from evaluation import monitor
+from neco_jax import errors
 from neco_jax import train as train_lib
 from neco_jax.metrics_writer import read_metrics
 
@@ -22,22 +23,20 @@ def test_off_by_default_builds_nothing(tmp_path):
     c = tiny_config()
     assert c.eval.every_epochs == 0
     assert monitor.make_monitor(c, tmp_path, steps_per_epoch=2) is None
-    with pytest.raises(monitor.MonitorConfigError, match="every_epochs=-1"):
+    with pytest.raises(errors.ConfigError, match="every_epochs=-1"):
         monitor.make_monitor(tiny_config(**{"eval.every_epochs": -1}), tmp_path, 2)
 
 
 def test_a_bad_eval_setup_fails_before_training(tmp_path):
-    from evaluation.datasets import DatasetError
-
     voc = eval_fixtures.make_voc_dataset(tmp_path / "voc", num_train=2, num_val=2)
     fields = {"eval.every_epochs": 1, "eval.data_dir": str(voc), "eval.set": EVAL_SET}
     m = monitor.make_monitor(tiny_config(**fields), tmp_path / "run", steps_per_epoch=3)
     assert [s for s in range(1, 10) if m.due(s)] == [3, 6, 9]
     m2 = monitor.make_monitor(tiny_config(**{**fields, "eval.every_epochs": 2}), tmp_path / "run", steps_per_epoch=3)
     assert [s for s in range(1, 13) if m2.due(s)] == [6, 12]
-    with pytest.raises(DatasetError):
+    with pytest.raises(errors.DatasetError):
         monitor.make_monitor(tiny_config(**{**fields, "eval.data_dir": str(tmp_path / "none")}), tmp_path, 3)
-    with pytest.raises(monitor.MonitorConfigError, match="config.eval.set"):
+    with pytest.raises(errors.ConfigError, match="config.eval.set"):
         monitor.make_monitor(tiny_config(**{**fields, "eval.set": "overcluster.nope=1"}), tmp_path, 3)
 
 
@@ -48,7 +47,7 @@ def test_every_epoch_evaluates_the_teacher_into_the_metrics(tmp_path):
 
     voc = eval_fixtures.make_voc_dataset(tmp_path / "voc", num_train=2, num_val=4)
     c = tiny_config(**{"optim.total_steps": 2, "eval.every_epochs": 1, "eval.data_dir": str(voc), "eval.set": EVAL_SET})
-    with pytest.raises(train_lib.TrainConfigError, match="needs an evaluation monitor"):
+    with pytest.raises(errors.ConfigError, match="needs an evaluation monitor"):
         train_lib.train_and_evaluate(c, tmp_path / "run")  # the trainer does not import the evaluation package
     out = train_lib.train_and_evaluate(c, tmp_path / "run", make_monitor=monitor.make_monitor)
     rows = [r for r in read_metrics(tmp_path / "run") if "eval_miou" in r]

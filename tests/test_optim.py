@@ -10,7 +10,7 @@ import optax
 import pytest
 import torch
 
-from neco_jax import optim
+from neco_jax import errors, optim
 
 TOTAL = 6
 
@@ -166,9 +166,9 @@ def test_parse_trainable_blocks():
     assert optim.parse_trainable_blocks("-2", 12) == {10, 11}
     assert optim.parse_trainable_blocks("9", 12) == {9, 10, 11}
     assert optim.parse_trainable_blocks("0,3", 12) == {0, 3}
-    with pytest.raises(optim.ConfigError, match="blocks 0..11"):
+    with pytest.raises(errors.ConfigError, match="blocks 0..11"):
         optim.parse_trainable_blocks("3,12", 12)
-    with pytest.raises(optim.ConfigError, match="trainable_blocks"):
+    with pytest.raises(errors.ConfigError, match="trainable_blocks"):
         optim.parse_trainable_blocks("last", 12)
 
 
@@ -186,5 +186,5 @@ def test_schedules_match_the_original():
 
 
 def test_negative_clip_is_an_error():
-    with pytest.raises(optim.ConfigError, match="grad_clip_norm"):
+    with pytest.raises(errors.ConfigError, match="grad_clip_norm"):
         optim.make_optimizer(_cfg(grad_clip_norm=-1.0), optim.param_labels(_params()), TOTAL)

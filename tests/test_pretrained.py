@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import neco_jax
-from neco_jax import pretrained
+from neco_jax import errors, pretrained
 from neco_jax.convert import __main__ as cli
 from neco_jax.errors import UserError
 from neco_jax.models import ARCHS, get_arch
@@ -134,7 +134,7 @@ def test_cli_to_jax_from_a_known_name(tiny_release, tmp_path):
 def test_offline_download_names_url_and_manual_placement(monkeypatch, cache):
     url = "http://127.0.0.1:9/dinov2_vits14_pretrain.pth"
     monkeypatch.setitem(pretrained.PRETRAINED, "dinov2_vits14", pretrained.Pretrained(url, "vit_small_patch14_dinov2"))
-    with pytest.raises(pretrained.DownloadError) as info:
+    with pytest.raises(errors.DownloadError) as info:
         neco_jax.load_backbone("dinov2_vits14")
     message = str(info.value)
     assert f"could not download dinov2_vits14 from {url}" in message
@@ -170,7 +170,7 @@ def test_connection_cut_mid_file_leaves_nothing_in_the_cache(cache, monkeypatch)
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}/w.pth"
     try:
-        with pytest.raises(pretrained.DownloadError, match="after 10 of 1000 bytes"):
+        with pytest.raises(errors.DownloadError, match="after 10 of 1000 bytes"):
             pretrained.fetch(url)
     finally:
         thread.join(timeout=10)

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from neco_jax import errors
 from neco_jax import queue as queue_lib
 
 B, A, H, D, LENGTH = 4, 2, 4, 5, 100  # 10*B = 40 of 64 vectors per push; full after 3 pushes
@@ -56,7 +57,7 @@ def test_masked_push_and_errors():
     assert np.asarray(state.filled).tolist() == [2, 2]
     vec = np.asarray(state.vectors)
     assert set(vec[0, :2, 0].tolist()) == set(_teacher(0)[0, 0, 0, :2, 0].tolist()) and (vec[0, 2:] == 0).all()
-    with pytest.raises(queue_lib.QueueError):
+    with pytest.raises(errors.ConfigError):
         queue_lib.sample(state, 0, LENGTH + 1, jax.random.PRNGKey(0))
-    with pytest.raises(queue_lib.QueueError):
+    with pytest.raises(errors.ConfigError):
         queue_lib.init(A, 0, D)

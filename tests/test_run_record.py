@@ -6,8 +6,8 @@ import json
 import pytest
 
 from configs import demo
+from neco_jax import errors, run_record
 from neco_jax import metrics_writer as mw
-from neco_jax import run_record
 
 
 def _files(folder):
@@ -20,7 +20,7 @@ def test_resume_with_a_computation_change_is_refused_and_listed(tmp_path):
     before = _files(tmp_path)
     new = demo.get_config()
     new.optim.total_steps, new.model.num_register_tokens, new.log_every_steps = 80, 4, 1
-    with pytest.raises(run_record.ConfigChangedError) as info:
+    with pytest.raises(errors.ConfigChangedError) as info:
         run_record.check_resume(str(tmp_path), new, allow_change=False)
     assert str(info.value) == (
         f"{tmp_path}/config.json differs from this config in fields that change the computation: "
@@ -68,14 +68,14 @@ def test_every_start_is_kept(tmp_path):
 
 def test_unreadable_stored_config_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(run_record.ConfigChangedError, match=r"config.json cannot be read .*move it away"):
+    with pytest.raises(errors.ConfigChangedError, match=r"config.json cannot be read .*move it away"):
         run_record.check_resume(str(tmp_path), demo.get_config(), allow_change=False)
     assert (tmp_path / "config.json").read_text() == "{not json"
 
 
 def test_unwritable_workdir_is_named(tmp_path):
     (tmp_path / "file").write_text("kept")
-    with pytest.raises(run_record.WorkdirError, match=r"^cannot write to the workdir .*file/run \(Not a directory\)"):
+    with pytest.raises(errors.WorkdirError, match=r"^cannot write to the workdir .*file/run \(Not a directory\)"):
         run_record.prepare_workdir(str(tmp_path / "file" / "run"))
     assert (tmp_path / "file").read_text() == "kept"
     run_record.prepare_workdir(str(tmp_path / "ok"))

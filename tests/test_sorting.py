@@ -8,7 +8,7 @@ import torch
 from diffsort import DiffSortNet
 from diffsort.networks import bitonic_network, odd_even_network
 
-from neco_jax import sorting
+from neco_jax import errors, sorting
 
 SIZES = (2, 5, 16, 49, 64)
 NETWORKS = ("bitonic", "odd_even")
@@ -121,7 +121,7 @@ def test_float32_batching_and_vmap():
 
 
 def test_unknown_names_raise_user_errors():
-    with pytest.raises(sorting.SortingConfigError, match="network"):
+    with pytest.raises(errors.ConfigError, match="network"):
         sorting.sort(np.zeros((1, 4)), network="merge")
-    with pytest.raises(sorting.SortingConfigError, match="relaxation"):
+    with pytest.raises(errors.ConfigError, match="relaxation"):
         sorting.sort(np.zeros((1, 4)), distribution="softmax")

@@ -20,7 +20,7 @@ from train_fixtures import tiny_config
 
 from configs import base
 from input_pipeline import augment
-from neco_jax import optim, run_record, sharding
+from neco_jax import errors, optim, sharding
 from neco_jax import train as train_lib
 from neco_jax import train_state as ts
 from neco_jax.metrics_writer import read_metrics
@@ -123,9 +123,7 @@ def test_init_with_nonfinite_weights_is_named(tmp_path):
     bias = model.blocks[1].attn.proj.bias
     bias.set_value(bias.get_value().at[3].set(jnp.nan))
     save_backbone(model, tmp_path / "w")
-    with pytest.raises(
-        train_lib.TrainConfigError, match=r"holds NaN or infinite values in \['blocks/1/attn/proj/bias'\]"
-    ):
+    with pytest.raises(errors.NonFiniteError, match=r"holds NaN or infinite values in \['blocks/1/attn/proj/bias'\]"):
         train_lib.initial_params(tiny_config(**{"model.init": str(tmp_path / "w")}))
 
 
@@ -134,7 +132,7 @@ def test_init_that_does_not_fit_is_named(tmp_path):
 
     save_backbone(VisionTransformer(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0)), tmp_path / "w")
     c = tiny_config(**{"model.init": str(tmp_path / "w"), "model.num_register_tokens": 4})
-    with pytest.raises(train_lib.TrainConfigError, match="missing \\['register_tokens'\\]"):
+    with pytest.raises(errors.ConfigError, match="missing \\['register_tokens'\\]"):
         train_lib.initial_params(c)
 
 
@@ -324,7 +322,7 @@ def test_exact_resume(tmp_path, caplog):
         {"optim.lr_backbone": 1e-3, "loss.sort_net": "odd_even", "log_every_steps": 2},
     )
     with pytest.raises(
-        run_record.ConfigChangedError,
+        errors.ConfigChangedError,
         match=r"differs from this config in fields that change the "
         r"computation: loss.sort_net: 'bitonic' -> 'odd_even'; optim.lr_backbone: 0.0005 -> 0.001\. "
         r"Resume with the stored config.*--allow_config_change",
@@ -404,7 +402,7 @@ def test_nonfinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path)
     c = tiny_config(
         **{"optim.total_steps": 4, "optim.lr_backbone": 1e30, "optim.lr_heads": 1e30, "checkpoint_every_steps": 1}
     )
-    with pytest.raises(train_lib.NonFiniteError, match=r"^step (\d+): the loss") as info:
+    with pytest.raises(errors.NonFiniteError, match=r"^step (\d+): the loss") as info:
         train_lib.train_and_evaluate(c, tmp_path)
     bad = int(info.value.args[0].split(":")[0].split()[1])
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -436,7 +434,7 @@ def test_skip_stops_after_the_cap_and_saves_only_finite_state(tmp_path, monkeypa
         }
     )
     with pytest.raises(
-        train_lib.NonFiniteError,
+        errors.NonFiniteError,
         match=r"^step 2: 2 non-finite steps in a row, the update \(loss "
         r"[0-9.]+, gradient norm [0-9.]+\) made the weights, teacher, optimizer state or queue "
         r"non-finite; the update was not applied",

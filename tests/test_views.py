@@ -8,7 +8,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
-from input_pipeline.errors import DataConfigError
+from input_pipeline.errors import ConfigError
 from input_pipeline.views import (
     COLOUR_PARAMS,
     ViewConfig,
@@ -285,6 +285,6 @@ def test_host_mode_applies_the_same_draws(photo):
     ],
 )
 def test_bad_view_settings_are_user_errors(kwargs):
-    with pytest.raises(DataConfigError) as info:
+    with pytest.raises(ConfigError) as info:
         ViewConfig(**kwargs)
     assert isinstance(info.value, UserError)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neco_jax.convert import arch_record, infer, keymap, torch_io
-from neco_jax.errors import UserError
+from neco_jax.errors import CheckpointError, UserError
 
 if TYPE_CHECKING:
     from neco_jax.models.vit import ViTConfig
@@ -225,7 +225,7 @@ def read_checkpoint(path: str | Path, arch: str | ViTConfig | None = None) -> di
     recorded = arch_record.recorded_config(metadata, str(path))
     backbones, heads, leftover = torch_io.split_parts(state_dict)
     if leftover:
-        raise keymap.KeyMismatchError(
+        raise CheckpointError(
             keymap.mismatch_message(
                 str(path), [], sorted(leftover), [], "These keys belong to no ViT (no matching cls_token prefix)."
             )

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from neco_jax.errors import UserError
+from neco_jax.errors import UserError, cli
 
 
 def _describe(converted) -> str:
@@ -79,6 +79,7 @@ def to_torch(folder: Path, out: Path, layout: str) -> None:
     )
 
 
+@cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neco_jax.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,14 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         help="key layout of the output (hf: a Hugging Face transformers folder)",
     )
     args = parser.parse_args(argv)
-    try:
-        if args.command == "to-jax":
-            to_jax(args.source, args.out, args.arch)
-        else:
-            to_torch(args.folder, args.out, args.layout)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "to-jax":
+        to_jax(args.source, args.out, args.arch)
+    else:
+        to_torch(args.folder, args.out, args.layout)
     return 0
 
 

@@ -18,16 +18,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from neco_jax.convert import infer
-from neco_jax.errors import UserError
+from neco_jax.errors import CheckpointError, UserError
 
 if TYPE_CHECKING:
     from neco_jax.models.vit import ViTConfig
 
 METADATA_KEY = "neco_jax_vit_config"
-
-
-class ArchMismatchError(UserError):
-    """A config that came with the weights disagrees with their shapes."""
 
 
 def metadata_for(config: ViTConfig) -> dict[str, str]:
@@ -48,7 +44,7 @@ def recorded_config(metadata: Mapping[str, str], what: str) -> ViTConfig | None:
             raise ValueError(f"a JSON {type(values).__name__}, not an object")
         return ViTConfig.from_dict(values)
     except (ValueError, TypeError, UserError) as err:
-        raise ArchMismatchError(
+        raise CheckpointError(
             f"{what}: the architecture recorded in the file ({METADATA_KEY}) is not a ViTConfig ({err}); "
             "name the architecture with --arch / arch="
         ) from err
@@ -63,7 +59,7 @@ def check_fits(config: ViTConfig, state_dict: Mapping[str, np.ndarray], what: st
     """
     try:
         fields = infer.shape_fields(state_dict)
-    except infer.ArchInferenceError:
+    except CheckpointError:  # shapes that determine no architecture
         return
     differ = [
         f"{k} {getattr(config, k)!r} (weights: {v!r})"
@@ -74,4 +70,4 @@ def check_fits(config: ViTConfig, state_dict: Mapping[str, np.ndarray], what: st
     if not differ and config.mlp_hidden_dim != weights_mlp.mlp_hidden_dim:
         differ.append(f"mlp_ratio {config.mlp_ratio!r} (weights: {fields['mlp_ratio']!r})")
     if differ:
-        raise ArchMismatchError(f"{what} disagrees with the weights: {', '.join(differ)}. {fix}")
+        raise CheckpointError(f"{what} disagrees with the weights: {', '.join(differ)}. {fix}")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from neco_jax.convert import Converted, backbone_to_jax, infer, keymap, param_shapes, resolve_arch, torch_io
-from neco_jax.errors import UserError
+from neco_jax.errors import CheckpointError, UserError
 
 if TYPE_CHECKING:
     from neco_jax.models.vit import ViTConfig
@@ -71,10 +71,6 @@ _RENAMES = [
     )
 ]
 _QKV = re.compile(r"^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
-
-
-class HFConfigError(UserError):
-    """A transformers config.json that neco_jax's ViT cannot represent, or that disagrees with itself."""
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any] | None:
@@ -134,10 +130,10 @@ def hf_to_hub(hf: Mapping[str, np.ndarray], hub_shapes: Mapping[str, tuple], wha
 def _square(value: Any, name: str, what: str) -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
-            raise HFConfigError(f"{what}: {name} {value} is not square; neco_jax's ViT needs a square {name}")
+            raise CheckpointError(f"{what}: {name} {value} is not square; neco_jax's ViT needs a square {name}")
         value = value[0]
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise HFConfigError(f"{what}: {name} must be a positive integer, got {value!r}")
+        raise CheckpointError(f"{what}: {name} must be a positive integer, got {value!r}")
     return value
 
 
@@ -149,7 +145,7 @@ def vit_config(hf: Mapping[str, Any], what: str) -> ViTConfig:
     values = {**MODEL_TYPES[model_type][1], **hf}
     for name, fixed in _FIXED.items():
         if values[name] != fixed:
-            raise HFConfigError(f"{what}: {name} is {values[name]!r}; neco_jax's ViT has {name}={fixed!r} only")
+            raise CheckpointError(f"{what}: {name} is {values[name]!r}; neco_jax's ViT has {name}={fixed!r} only")
     patch = _square(values["patch_size"], "patch_size", what)
     registers = values["num_register_tokens"] if model_type == "dinov2_with_registers" else 0
     fields = dict(
@@ -172,7 +168,7 @@ def vit_config(hf: Mapping[str, Any], what: str) -> ViTConfig:
     try:
         recorded = ViTConfig.from_dict(hf[RECORD_KEY])
     except (TypeError, UserError) as err:
-        raise HFConfigError(
+        raise CheckpointError(
             f"{what}: {RECORD_KEY} is not a ViTConfig ({err}); remove it to use the transformers fields alone"
         ) from err
     shape_fields = (
@@ -191,7 +187,7 @@ def vit_config(hf: Mapping[str, Any], what: str) -> ViTConfig:
         if getattr(recorded, f) != getattr(config, f)
     ]
     if differ:
-        raise HFConfigError(
+        raise CheckpointError(
             f"{what}: {RECORD_KEY} disagrees with the transformers fields ({', '.join(differ)}); "
             f"remove {RECORD_KEY} to use the transformers fields alone"
         )
@@ -306,7 +302,7 @@ def read_folder(folder: str | Path, arch: str | ViTConfig | None = None) -> Conv
     if not config.layerscale:
         scales = [k for k in hub if k.endswith(".gamma")]
         if any(np.any(hub[k] != 1) for k in scales):
-            raise HFConfigError(
+            raise CheckpointError(
                 f"{what}: the architecture has no layer scales but the file's are not all 1; "
                 "name an architecture with layerscale=True"
             )

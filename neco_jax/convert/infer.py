@@ -17,19 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from neco_jax.errors import UserError
+from neco_jax.errors import CheckpointError
 
 _SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-class ArchInferenceError(UserError):
-    """The state dict's shapes do not determine an architecture; the user must name one."""
-
-
 def _shape(state_dict: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
     if key not in state_dict:
-        raise ArchInferenceError(
+        raise CheckpointError(
             f"cannot infer the architecture: the state dict has no {key!r} "
             "(is this a DINO/DINOv2/timm ViT?); name it with --arch / arch="
         )
@@ -48,7 +44,7 @@ def infer_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     fields = shape_fields(state_dict)
     dim = fields["embed_dim"]
     if dim not in FAMILY_HEADS:
-        raise ArchInferenceError(
+        raise CheckpointError(
             f"the weights record no architecture and their width {dim} is none of the DINO/DINOv2 sizes "
             f"({', '.join(map(str, sorted(FAMILY_HEADS)))}), so their number of heads is unknown; "
             "name the architecture with --arch / arch= (a name, or a ViTConfig with num_heads), or where neither "
@@ -63,10 +59,10 @@ def shape_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     dim = _shape(state_dict, "cls_token")[-1]
     proj = _shape(state_dict, "patch_embed.proj.weight")
     if len(proj) != 4 or proj[2] != proj[3] or proj[1] != 3:
-        raise ArchInferenceError(f"patch_embed.proj.weight has shape {proj}; expected (D, 3, p, p)")
+        raise CheckpointError(f"patch_embed.proj.weight has shape {proj}; expected (D, 3, p, p)")
     blocks = {int(m.group(1)) for k in state_dict if (m := _BLOCK.match(k))}
     if not blocks:
-        raise ArchInferenceError("cannot infer the architecture: the state dict has no 'blocks.N.' keys")
+        raise CheckpointError("cannot infer the architecture: the state dict has no 'blocks.N.' keys")
 
     registers = 0
     for key in ("register_tokens", "reg_token"):
@@ -75,7 +71,7 @@ def shape_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     pos_rows = _shape(state_dict, "pos_embed")[1]
     grid = _square_side(pos_rows - 1) or _square_side(pos_rows)  # timm reg layout has no class row
     if grid is None:
-        raise ArchInferenceError(f"pos_embed has {pos_rows} rows, which is no square grid (+1 class row)")
+        raise CheckpointError(f"pos_embed has {pos_rows} rows, which is no square grid (+1 class row)")
 
     fc1_key = "blocks.0.mlp.w12.weight" if "blocks.0.mlp.w12.weight" in state_dict else "blocks.0.mlp.fc1.weight"
     fc2_key = fc1_key.replace("w12", "w3").replace("fc1", "fc2")
@@ -101,7 +97,7 @@ def _swiglu_ratio(dim: int, hidden: int) -> float:
 
     ratio = 1.5 * hidden / dim
     if swiglu_hidden_dim(dim, ratio) != hidden:
-        raise ArchInferenceError(
+        raise CheckpointError(
             f"SwiGLU width {hidden} at dim {dim} fits no mlp_ratio of DINOv2's width rule; name the architecture"
         )
     return ratio

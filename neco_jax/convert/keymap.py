@@ -21,17 +21,13 @@ from typing import Literal
 
 import numpy as np
 
-from neco_jax.errors import UserError
+from neco_jax.errors import CheckpointError, UserError
 
 Layout = Literal["dinov2", "timm"]
 LAYOUTS: tuple[str, ...] = ("dinov2", "timm")
 
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 _SHOWN = 12  # keys listed per category in a mismatch message
-
-
-class KeyMismatchError(UserError):
-    """The state dict does not fit the architecture: lists missing, unexpected and mismatched keys."""
 
 
 def _check_layout(layout: str) -> None:
@@ -149,7 +145,7 @@ def mismatch_message(
 
 
 def check_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple], what: str, hint: str) -> None:
-    """Raise one KeyMismatchError unless ``state`` has exactly the ``expected`` keys and shapes."""
+    """Raise one CheckpointError unless ``state`` has exactly the ``expected`` keys and shapes."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -158,7 +154,7 @@ def check_keys(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple], w
         if k in state and tuple(state[k].shape) != tuple(expected[k])
     ]
     if missing or unexpected or mismatched:
-        raise KeyMismatchError(mismatch_message(what, missing, unexpected, mismatched, hint))
+        raise CheckpointError(mismatch_message(what, missing, unexpected, mismatched, hint))
 
 
 def to_jax(
@@ -172,7 +168,7 @@ def to_jax(
     """PyTorch state dict -> NNX parameters, strict: every key used, every parameter filled.
 
     ``jax_shapes`` is the target model's parameter tree (path -> shape). Any missing, unexpected or
-    wrongly shaped key raises one :class:`KeyMismatchError` that lists all of them.
+    wrongly shaped key raises one :class:`CheckpointError` that lists all of them.
     """
     _check_layout(layout)
     check_keys(state_dict, expected_torch_shapes(jax_shapes, layout), what, hint)
@@ -188,8 +184,6 @@ def to_jax(
         key = _torch_key(path, layout, swiglu)
         if key is None:
             # No place in this layout (mask_token from timm): the architecture must not have it.
-            raise KeyMismatchError(
-                f"{what}: the {layout} layout has no {path!r} but the architecture needs one. {hint}"
-            )
+            raise CheckpointError(f"{what}: the {layout} layout has no {path!r} but the architecture needs one. {hint}")
         params[path] = np.ascontiguousarray(_to_jax_array(np.asarray(source[key]), path))
     return params

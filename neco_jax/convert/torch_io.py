@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neco_jax.errors import UserError
+from neco_jax.errors import CheckpointError, UserError
 from neco_jax.files import atomic_write
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -30,10 +30,6 @@ METADATA_MODULE = "neco_jax"
 HEAD_PREFIX = "projection_head."
 # Prefixes of the two ViTs in a NeCo Lightning checkpoint, and what they are called here.
 NECO_PREFIXES = {"model.": "student", "teacher.": "teacher"}
-
-
-class CheckpointReadError(UserError):
-    """A weight file that is missing, truncated, or not a checkpoint at all."""
 
 
 def _import_torch():
@@ -99,8 +95,8 @@ def _refusal_detail(message: str) -> str:
     return lines[0].removeprefix("WeightsUnpickler error: ") if lines else "an object torch refuses"
 
 
-def _code_error(path: Path, what: str) -> CheckpointReadError:
-    return CheckpointReadError(
+def _code_error(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
         f"{path} holds pickled objects other than tensors ({what}); loading them would run code from the file, "
         "so it is not read. If you trust its source, load it with torch.load(weights_only=False) and save "
         "model.state_dict() (tensors only) instead"
@@ -112,7 +108,7 @@ def _to_numpy(name: str, value, path: Path) -> np.ndarray:
     if hasattr(value, "pickled_name"):
         raise _code_error(path, f"entry {name!r} is a pickled {value.pickled_name}")
     if not isinstance(value, torch.Tensor):
-        raise CheckpointReadError(
+        raise CheckpointError(
             f"{path}: entry {name!r} of the state dict is a {type(value).__name__}, not a tensor; "
             "pass a file whose state dict holds only tensors"
         )
@@ -127,9 +123,7 @@ def _find_state_dict(obj, path: Path) -> Mapping:
     if hasattr(obj, "pickled_name"):
         raise _code_error(path, f"a pickled {obj.pickled_name}, not a state dict")
     if not isinstance(obj, Mapping):
-        raise CheckpointReadError(
-            f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead"
-        )
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead")
     for container in ("state_dict", "model"):
         inner = obj.get(container)
         if isinstance(inner, Mapping) and any(str(k).endswith("cls_token") for k in inner):
@@ -142,7 +136,7 @@ def _refuse_non_float(path: Path, bad: Mapping[str, str]) -> None:
     bad = [f"{k!r} ({d})" for k, d in bad.items()]
     if bad:
         shown = ", ".join(bad[:8]) + (f" ... (+{len(bad) - 8} more)" if len(bad) > 8 else "")
-        raise CheckpointReadError(
+        raise CheckpointError(
             f"{path} holds tensors that are not floating point: {shown}; a ViT's weights are floating point and "
             "these would change if cast to float32. Remove them from the file (save only the model's weights)"
         )
@@ -162,12 +156,12 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointReadError(f"weight file {path} does not exist (or is not a file)")
+        raise CheckpointError(f"weight file {path} does not exist (or is not a file)")
     suffix = path.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:
         return read_safetensors(path, "Download it again or check the path.")
     if suffix not in PICKLE_SUFFIXES:
-        raise CheckpointReadError(
+        raise CheckpointError(
             f"{path}: unknown weight file type {suffix!r}; expected one of "
             f"{', '.join(PICKLE_SUFFIXES + (SAFETENSORS_SUFFIX,))}"
         )
@@ -177,7 +171,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
         raise
     except Exception as err:  # torch raises many types for damaged files; all mean the same here
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointReadError(
+        raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated download or not a weight file?): "
             f"{reason}. Download it again or check the path."
         ) from err
@@ -212,7 +206,7 @@ def read_safetensors(path: Path, fix: str) -> tuple[dict[str, np.ndarray], dict[
             arrays = {k: f.get_tensor(k) for k in dtypes}
             metadata = dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointReadError(
+        raise CheckpointError(
             f"{path} is not a readable safetensors file (truncated or another format?): {err}. {fix}"
         ) from err
     widen = {k for k, d in dtypes.items() if d not in ("F64", "F32", "F16")}
@@ -256,7 +250,7 @@ def split_parts(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, dict], 
     """
     prefixes = sorted({k[: -len("cls_token")] for k in state_dict if k.endswith("cls_token")}, key=len)
     if not prefixes:
-        raise CheckpointReadError(
+        raise CheckpointError(
             "no 'cls_token' among the keys, so this is not a ViT state dict "
             f"(first keys: {', '.join(list(state_dict)[:5]) or 'none'})"
         )

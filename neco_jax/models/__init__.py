@@ -2,6 +2,6 @@
 
 from neco_jax.models.archs import ARCHS, get_arch
 from neco_jax.models.head import ProjectionHead
-from neco_jax.models.vit import ModelConfigError, VisionTransformer, ViTConfig
+from neco_jax.models.vit import VisionTransformer, ViTConfig
 
-__all__ = ["ARCHS", "get_arch", "ModelConfigError", "ProjectionHead", "ViTConfig", "VisionTransformer"]
+__all__ = ["ARCHS", "get_arch", "ProjectionHead", "ViTConfig", "VisionTransformer"]

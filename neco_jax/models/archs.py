@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from neco_jax.models.vit import ModelConfigError, ViTConfig
+from neco_jax.errors import ConfigError
+from neco_jax.models.vit import ViTConfig
 
 _DINOV2_SIZES = {
     "small": dict(embed_dim=384, depth=12, num_heads=6),
@@ -53,5 +54,5 @@ ARCHS: dict[str, ViTConfig] = _build()
 def get_arch(name: str, **overrides) -> ViTConfig:
     """The named architecture's config, with any field replaced by `overrides` (e.g. drop_path_rate=0.1)."""
     if name not in ARCHS:
-        raise ModelConfigError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHS))}")
+        raise ConfigError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHS))}")
     return ViTConfig.from_dict({**ARCHS[name].to_dict(), **overrides})

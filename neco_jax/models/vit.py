@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from neco_jax.errors import UserError
+from neco_jax.errors import ConfigError
 from neco_jax.models.drop_path import (
     BATCH_SUBSET_THRESHOLD,
     add_residual_on_subset,
@@ -40,10 +40,6 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _FFN_LAYERS = ("mlp", "swiglu")
 _FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
 _DROP_PATH_MODES = ("dinov2", "per_sample")
-
-
-class ModelConfigError(UserError):
-    """A ViT configuration value or field that cannot be used."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,28 +89,26 @@ class ViTConfig:
             value = getattr(self, field.name)
             allowed = _FIELD_TYPES[field.type]
             if not isinstance(value, allowed) or (field.type != "bool" and isinstance(value, bool)):
-                raise ModelConfigError(f"ViTConfig.{field.name} must be {field.type}, got {value!r}")
+                raise ConfigError(f"ViTConfig.{field.name} must be {field.type}, got {value!r}")
         for name in ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid"):
             if getattr(self, name) <= 0:
-                raise ModelConfigError(f"ViTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"ViTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.embed_dim % self.num_heads:
-            raise ModelConfigError(
-                f"ViTConfig.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
-            )
+            raise ConfigError(f"ViTConfig.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.ffn_layer not in _FFN_LAYERS:
-            raise ModelConfigError(f"ViTConfig.ffn_layer must be one of {_FFN_LAYERS}, got {self.ffn_layer!r}")
+            raise ConfigError(f"ViTConfig.ffn_layer must be one of {_FFN_LAYERS}, got {self.ffn_layer!r}")
         if self.dtype not in _DTYPES:
-            raise ModelConfigError(f"ViTConfig.dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"ViTConfig.dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
         if self.num_register_tokens < 0:
-            raise ModelConfigError(f"ViTConfig.num_register_tokens must be >= 0, got {self.num_register_tokens}")
+            raise ConfigError(f"ViTConfig.num_register_tokens must be >= 0, got {self.num_register_tokens}")
         if self.drop_path_mode not in _DROP_PATH_MODES:
-            raise ModelConfigError(
+            raise ConfigError(
                 f"ViTConfig.drop_path_mode must be one of {_DROP_PATH_MODES}, got {self.drop_path_mode!r}"
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ModelConfigError(f"ViTConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+            raise ConfigError(f"ViTConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.interpolate_offset < 0:
-            raise ModelConfigError(f"ViTConfig.interpolate_offset must be >= 0, got {self.interpolate_offset}")
+            raise ConfigError(f"ViTConfig.interpolate_offset must be >= 0, got {self.interpolate_offset}")
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -133,7 +127,7 @@ class ViTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ModelConfigError(f"unknown ViTConfig field(s) {unknown}; known fields are {sorted(known)}")
+            raise ConfigError(f"unknown ViTConfig field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**values)
 
 
