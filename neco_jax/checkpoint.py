@@ -80,13 +80,13 @@ def _shapes(tree: Any) -> collections.Counter:
 
 
 class Checkpointer:
-    """`workdir/checkpoints/<step>/{state,data}`: periodic, asynchronous, keeping the last N."""
+    """`workdir/checkpoints/<step>/{state,data}`: asynchronous, keeping the last N. The training loop decides
+    which steps are saved (`checkpoint_every_steps`, the last step, a stop signal)."""
 
-    def __init__(self, directory: str | os.PathLike, *, every_steps: int, keep: int):
-        if every_steps < 1 or keep < 1:
-            raise CheckpointError(f"checkpoint_every_steps={every_steps} and keep_checkpoints={keep} must be >= 1")
+    def __init__(self, directory: str | os.PathLike, *, keep: int):
+        if keep < 1:
+            raise CheckpointError(f"keep_checkpoints={keep} must be >= 1")
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every_steps,
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
             enable_async_checkpointing=True,
             create=True,
@@ -99,12 +99,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
-        """Start saving (if `step` is due, or `force`); returns whether a save was started."""
-        return self._manager.save(
+    def save(self, step: int, state: Any, data_state: dict) -> None:
+        """Start saving `step`; returns once the arrays are copied to host (force: orbax's own save policy,
+        which could skip a step, is not consulted)."""
+        self._manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-            force=force,
+            force=True,
         )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -161,10 +162,6 @@ class Checkpointer:
             multihost_utils.sync_global_devices("checkpoints_moved_aside")
         self._manager.reload()
         return step, state, data
-
-    def wait(self) -> None:
-        """Block until every started save is on disk."""
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()

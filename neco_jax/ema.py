@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import optax
 
 from neco_jax.optim import cosine_schedule
 
@@ -29,8 +30,6 @@ def ema_rate_schedule(momentum: float, momentum_end: float, total_steps: int) ->
 
 
 def ema_update(teacher: Any, student: Any, rate: jax.Array) -> Any:
-    """`teacher * (1 - rate) + rate * student` leaf by leaf (rate = 1 - momentum), in each leaf's dtype."""
-    keep = 1.0 - rate
-    return jax.tree.map(
-        lambda t, s: (t * keep.astype(t.dtype) + rate.astype(t.dtype) * s).astype(t.dtype), teacher, student
-    )
+    """`rate * student + (1 - rate) * teacher` leaf by leaf (rate = 1 - momentum): optax's Polyak average,
+    student as the new and teacher as the old tensors."""
+    return optax.incremental_update(student, teacher, rate)

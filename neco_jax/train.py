@@ -552,9 +552,7 @@ def train_and_evaluate(
     monitor = make_monitor(config, workdir, loader.steps_per_epoch) if make_monitor else None
 
     # ---- restore or init
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
-    )
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is not None:  # resume: shapes and dtypes only (nothing allocated), values from the checkpoint
         run_record.check_resume(workdir, config, allow_change=allow_config_change)
@@ -661,7 +659,7 @@ def train_and_evaluate(
                 run = settle(step_no, metrics, sums, fed.data_state["bad_files"], log_due)
                 sums = step_feed.empty_sums(run)
             if ckpt_due:
-                checkpointer.save(step_no, state, distributed.global_loader_state(fed.data_state), force=True)
+                checkpointer.save(step_no, state, distributed.global_loader_state(fed.data_state))
             clock.step_done()
             # An epoch ended: evaluate the teacher (not when stopping: the scheduler's grace period is for the save).
             if monitor is not None and stopping is None and monitor.due(step_no):

@@ -64,11 +64,11 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_not_skipped():
 def _saved(tmp_path, steps):
     import jax.numpy as jnp
 
-    checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=5)
+    checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints", keep=5)
     for s in steps:
         checkpointer.save(s, {"w": jnp.full((64, 8), float(s)), "step": jnp.int32(s)}, {"next_batch": s})
     checkpointer.close()
-    return ckpt_lib.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=5)
+    return ckpt_lib.Checkpointer(tmp_path / "checkpoints", keep=5)
 
 
 def _abstract(shape):

@@ -308,8 +308,8 @@ def test_training_workdir_student_and_teacher(tmp_path):
     config = demo.get_config()
     student, teacher = train.random_params(config, 0)
     teacher = jax.tree.map(lambda x: x * 0.5, teacher)  # make the two distinguishable
-    checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints", every_steps=1, keep=1)
-    checkpointer.save(3, ts.create(student, teacher, {}, {}, 0), {"epoch": 0}, force=True)
+    checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints", keep=1)
+    checkpointer.save(3, ts.create(student, teacher, {}, {}, 0), {"epoch": 0})
     checkpointer.close()
     (tmp_path / "config.json").write_text(config.to_json_best_effort())
     images = np.random.default_rng(0).normal(size=(2, 56, 56, 3)).astype(np.float32)
