@@ -44,10 +44,13 @@ from tqdm import tqdm
 
 from evaluation import cd_search
 from evaluation.datasets import VOC_CLASSES
-from evaluation.features import iterate_batches, nearest_indices, nearest_resize
+from evaluation.features import iterate_batches, nearest_indices, nearest_resize, resize_image
 from evaluation.kmeans import kmeans
 from evaluation.metrics import confusion_matrix, match_clusters, miou
 from evaluation.pca import standardize_and_project
+from evaluation.plots import save_search_history
+from evaluation.runner import make_extractor, open_split
+from evaluation.visualize import label_colors, save_segmentation_panels
 from neco_jax.errors import ConfigError, DatasetError, UserError
 
 
@@ -228,7 +231,7 @@ def read_attention_file(path: Path, count: int) -> np.ndarray:
     if not path.is_file():
         raise DatasetError(f"attention file {path} does not exist; put attn_train.pt and attn_val.pt in that folder")
     try:
-        import torch
+        import torch  # the optional torch extra, only for these files
     except ImportError as e:
         raise UserError(f"reading {path} needs torch; install the torch extra (pip install -e .[torch])") from e
     try:
@@ -434,8 +437,6 @@ def _examples(dataset, gt: np.ndarray, segments: np.ndarray, s: CbfeSettings) ->
     """(image, ground truth, segments as matched classes, overlay) for the first ``num_visualize`` val images."""
     if not s.num_visualize:
         return []
-    from evaluation.features import resize_image
-    from evaluation.visualize import label_colors
 
     conf = confusion_matrix(segments, gt, num_classes=21, num_pred=max(21, int(segments.max()) + 1), ignore_index=255)
     as_classes = match_clusters(conf, "hungarian")[segments]
@@ -465,9 +466,6 @@ def settings_from_config(config: ml_collections.ConfigDict) -> CbfeSettings:
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """The protocol entry of ``python -m evaluation`` (see configs/eval/voc_cbfe.py)."""
-    from evaluation.runner import make_extractor, open_split
-    from evaluation.visualize import save_segmentation_panels
-
     if config.dataset != "voc":
         raise ConfigError(f"CBFE + CD is defined on Pascal VOC only, not {config.dataset!r}")
     settings = settings_from_config(config)
@@ -488,7 +486,5 @@ def run(config: ml_collections.ConfigDict) -> dict:
             titles=["image", "ground truth", "CBFE + CD (matched)", "overlay"],
         )
     if "search" in results:
-        from evaluation.plots import save_search_history
-
         save_search_history(results["search"], folder / "search_history.png")
     return {**results, "class_names": list(VOC_CLASSES)}

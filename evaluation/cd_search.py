@@ -180,7 +180,7 @@ def search(
     """Maximise ``objective(k_community, markov_time, weight_threshold)`` with Optuna TPE (the reference's
     sampler, seed and suggestion order); trials raising ``InvalidTrial`` are dropped as the reference's
     ``catch=(AssertionError,)`` does. Returns the best values and one row per trial."""
-    import optuna
+    import optuna  # the optional eval extra, and a slow import: only when a search runs
 
     space = dict(SEARCH_SPACE if space is None else space)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # dropped trials are in the table, not logged one by one

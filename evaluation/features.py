@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
 from evaluation.datasets import SegmentationDataset
-from neco_jax import sharding
+from neco_jax import load_backbone, sharding
 from neco_jax.errors import CheckpointError, NonFiniteError, UserError
 
 log = logging.getLogger(__name__)
@@ -145,16 +147,11 @@ def load_from_workdir(workdir: str | Path, which: str = "teacher"):
     workdir = Path(workdir)
     exported = workdir / "export" / which
     if exported.is_dir():
-        from neco_jax import load_backbone
-
         return load_backbone(exported)
     config_file = workdir / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing; {workdir} is not a complete training workdir")
-    import json
-
-    import ml_collections
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # orbax and the trainer (slow imports): only for a training workdir
 
     from neco_jax import checkpoint as ckpt_lib
     from neco_jax import train
@@ -209,8 +206,6 @@ def load_model(source: str, *, arch: str | None = None, which: str = "teacher"):
     path = Path(source)
     if path.is_dir() and (path / "checkpoints").is_dir():
         return load_from_workdir(path, which)
-    from neco_jax import load_backbone  # the conversion package; imported late so datasets/metrics work without it
-
     return load_backbone(source, arch=arch or None, which=which)  # `which` picks the model of NeCo checkpoints
 
 

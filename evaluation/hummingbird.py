@@ -28,6 +28,8 @@ from evaluation.datasets import VOC_CLASSES
 from evaluation.features import FeaturesFn, iterate_batches, nearest_resize, resize_image
 from evaluation.label_transfer import predict_segmentation
 from evaluation.metrics import confusion_matrix, miou_from_confusion
+from evaluation.runner import make_extractor, open_split
+from evaluation.visualize import save_segmentation_panels
 from neco_jax.errors import ConfigError
 
 
@@ -164,8 +166,6 @@ def settings_from_config(config: ml_collections.ConfigDict) -> RetrievalSettings
 
 def train_split_for(config: ml_collections.ConfigDict):
     """The memory's train images: the whole train split, or the released 1/n list of ``config.hummingbird``."""
-    from evaluation.runner import open_split
-
     h = config.hummingbird
     if h.fraction not in mb.FRACTIONS:
         raise ConfigError(f"config.hummingbird.fraction={h.fraction}; use one of {mb.FRACTIONS} (1/n of the train set)")
@@ -179,9 +179,6 @@ def train_split_for(config: ml_collections.ConfigDict):
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """The protocol entry of ``python -m evaluation`` (see configs/eval/voc_hummingbird.py)."""
-    from evaluation.runner import make_extractor, open_split
-    from evaluation.visualize import save_segmentation_panels
-
     extractor = make_extractor(config)
     train = train_split_for(config)
     val = open_split(config, config.val_split)

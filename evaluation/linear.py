@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +42,8 @@ from evaluation.features import (
     nearest_resize,
     resize_image,
 )
+from evaluation.runner import make_extractor, open_split
+from evaluation.visualize import save_segmentation_panels
 from input_pipeline.views import random_resized_crop_params
 from neco_jax.errors import ConfigError, DatasetError
 
@@ -379,11 +382,6 @@ def settings_from_config(config: ml_collections.ConfigDict) -> LinearSettings:
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """The protocol entry of `python -m evaluation` (configs/eval/<dataset>_linear.py)."""
-    from pathlib import Path
-
-    from evaluation.runner import make_extractor, open_split
-    from evaluation.visualize import save_segmentation_panels
-
     settings = settings_from_config(config)
     lo, hi = settings.crop_scale
     if not 0 < lo <= hi <= 1:

@@ -21,6 +21,8 @@ from evaluation.datasets import SegmentationDataset
 from evaluation.features import FeaturesFn, extract_features, nearest_resize, resize_image
 from evaluation.kmeans import kmeans
 from evaluation.pca import standardize_and_project
+from evaluation.runner import make_extractor, open_split
+from evaluation.visualize import cluster_colors, pca_rgb, save_panel_row
 from neco_jax.errors import ConfigError, UserError
 
 
@@ -124,8 +126,6 @@ def evaluate(
 def save_pictures(results: dict, dataset: SegmentationDataset, folder: Path, *, image_size: int, count: int) -> None:
     """folder/example_<i>.png: image | ground truth | clusters mapped to classes | raw clusters | PCA of features,
     for the largest K and its first seed."""
-    from evaluation.visualize import cluster_colors, pca_rgb, save_panel_row
-
     k = results["headline_k"]
     clusters, masks = results["cluster_maps"][k], results["masks"]
     count = min(count, len(clusters))
@@ -167,8 +167,6 @@ def settings_from_config(config: ml_collections.ConfigDict) -> OverclusterSettin
 
 def run(config: ml_collections.ConfigDict) -> dict:
     """The protocol entry of `python -m evaluation` (configs/eval/<dataset>_overcluster.py)."""
-    from evaluation.runner import make_extractor, open_split
-
     oc = config.overcluster
     if oc.init not in ("random", "kmeans++"):
         raise ConfigError(f"config.overcluster.init={oc.init!r}; use 'random' or 'kmeans++'")

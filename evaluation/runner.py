@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from evaluation import datasets as datasets_lib
 from evaluation import features as features_lib
@@ -125,9 +127,6 @@ def _json(value):
 @cli
 def main(argv: list[str] | None = None) -> int:
     """CLI: `python -m evaluation --config=configs/eval/<dataset>_<protocol>.py --config.<field>=...`."""
-    from absl import flags
-    from ml_collections import config_flags
-
     repo = Path(__file__).resolve().parents[1]
     if str(repo) not in sys.path:  # config files import `configs.eval.base`
         sys.path.insert(0, str(repo))

@@ -25,9 +25,10 @@ import time
 import traceback
 from pathlib import Path
 
-from evaluation import published
+from evaluation import features, published
 from evaluation.datasets import DATASET_NAMES
-from evaluation.runner import PROTOCOLS
+from evaluation.plots import save_bar_chart
+from evaluation.runner import PROTOCOLS, open_split, run_job
 from neco_jax.errors import ConfigError, DatasetError, UserError, cli, print_error
 from neco_jax.files import atomic_write_text
 
@@ -80,8 +81,6 @@ def load_config_file(path: str | os.PathLike):
 
 def check_job_data(config) -> None:
     """Open the splits the job's protocol reads (overclustering: val only); a DatasetError names what is missing."""
-    from evaluation.runner import open_split
-
     for split in [config.val_split] + ([] if config.protocol == "overcluster" else [config.train_split]):
         open_split(config, split)
 
@@ -167,10 +166,6 @@ def run_suite(
     checkpoint: str, data_root: str, workdir: str, protocols: list[str], overrides: dict, paper_row: str = ""
 ) -> dict:
     """Run the jobs, write OUT/results.json, OUT/table.md and OUT/results.png; returns the results dict."""
-    from evaluation import features
-    from evaluation.plots import save_bar_chart
-    from evaluation.runner import run_job
-
     root = Path(data_root)
     if not root.is_dir():
         raise DatasetError(f"data_dir {root} does not exist; pass --data_dir=<folder holding the datasets>")

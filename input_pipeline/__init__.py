@@ -9,11 +9,11 @@ __all__ = ["TrainLoader", "ViewConfig", "make_train_loader"]
 
 def __getattr__(name: str):
     if name in ("TrainLoader", "make_train_loader"):
-        from input_pipeline import loader
+        from input_pipeline import loader  # Grain and JAX: on first use, not with the errors module
 
         return getattr(loader, name)
     if name == "ViewConfig":
-        from input_pipeline import views
+        from input_pipeline import views  # PIL and NumPy: on first use
 
         return views.ViewConfig
     raise AttributeError(f"module 'input_pipeline' has no attribute {name!r}")

@@ -16,7 +16,9 @@ import dataclasses
 import logging
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from input_pipeline.decode import decode_rgb
 from input_pipeline.errors import ConfigError, DatasetError, UndecodableImageError
@@ -172,8 +174,6 @@ class TrainLoader:
         if self._iterator is None:
             ds = self._batches[self._next_batch :].to_iter_dataset(self._read)
             if self._worker_count > 0:
-                from absl import flags
-
                 if not flags.FLAGS.is_parsed():
                     flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
                 ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
@@ -258,8 +258,6 @@ def make_train_loader(
     """
     data_cfg = _get(config, "data", None) or config
     if process_index is None or process_count is None:
-        import jax
-
         process_index, process_count = jax.process_index(), jax.process_count()
     if worker_count is None:  # the original keeps num_workers at the top level of its config
         worker_count = int(_get(data_cfg, "num_workers", _get(config, "num_workers", 0)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+import skimage.data
+
 from input_pipeline.errors import DatasetError
 from input_pipeline.sources import FileSource
 
@@ -28,8 +30,6 @@ SAMPLE_FILES = (
 
 
 def sample_image_paths() -> list[str]:
-    import skimage.data
-
     folder = os.path.dirname(skimage.data.__file__)
     paths = [os.path.join(folder, f) for f in SAMPLE_FILES if os.path.isfile(os.path.join(folder, f))]
     if not paths:

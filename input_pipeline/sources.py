@@ -19,6 +19,7 @@ import os
 from collections.abc import Sequence
 
 from input_pipeline.errors import DatasetError
+from input_pipeline.tfds_source import TfdsSource
 
 _log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif")
@@ -244,8 +245,6 @@ def make_source(dataset_name: str, data_dir: str, *, tfds_split: str = "train", 
     sources = []
     for name, root in zip(names, dirs):
         if name.startswith("tfds:"):
-            from input_pipeline.tfds_source import TfdsSource
-
             sources.append(TfdsSource(name[len("tfds:") :], data_dir=root, split=tfds_split, image_key=tfds_image_key))
         elif name in _BUILDERS:
             sources.append(_BUILDERS[name](root))

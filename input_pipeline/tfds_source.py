@@ -13,7 +13,7 @@ class TfdsSource:
     """`source[i]` returns the encoded image of record i of `name` (e.g. "coco/2017") in `split`."""
 
     def __init__(self, name: str, *, data_dir: str | None, split: str = "train", image_key: str = "image"):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # TensorFlow: a slow import, only for tfds: datasets
 
         self.name, self.split, self.image_key = name, split, image_key
         try:

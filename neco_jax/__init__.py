@@ -11,7 +11,7 @@ __all__ = ["UserError", "load_backbone", "save_backbone"]
 
 def __getattr__(name: str):
     if name in ("load_backbone", "save_backbone"):
-        from neco_jax import backbone_io
+        from neco_jax import backbone_io  # on first use, so that `import neco_jax` stays light
 
         return getattr(backbone_io, name)
     raise AttributeError(f"module 'neco_jax' has no attribute {name!r}")

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from neco_jax import pretrained
 from neco_jax.convert import (
     Converted,
     HeadConfig,
@@ -24,6 +26,7 @@ from neco_jax.convert import (
     flat_params,
     head_config_for,
     head_to_torch,
+    hf,
     join_path,
     keymap,
     param_shapes,
@@ -78,8 +81,6 @@ def load_converted(
     ``arch``: an architecture name or ViTConfig; inferred from the weights when omitted.
     ``which``: ``student`` or ``teacher``, for NeCo training checkpoints that hold both.
     """
-    from neco_jax.convert import hf
-
     path = Path(os.fspath(source))
     if hf.is_hf_folder(path):
         return hf.read_folder(path, arch)
@@ -104,8 +105,6 @@ def load_parts(source: str | os.PathLike, *, arch: str | ViTConfig | None = None
 def locate(source: str | os.PathLike, arch: str | ViTConfig | None = None) -> tuple[Path, Any]:
     """The local weight file for a file path, URL or known name (downloaded once into the cache),
     and the architecture to read it with (a known name brings its own unless ``arch`` is given)."""
-    from neco_jax import pretrained
-
     text = os.fspath(source)
     path = Path(text)
     if path.is_file():
@@ -155,7 +154,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_folder(folder: Path, arch: str | ViTConfig | None) -> Converted:
-    from neco_jax.models.vit import ViTConfig
+    from neco_jax.models.vit import ViTConfig  # Flax: reading a folder runs without JAX
 
     values = _read_json(folder / CONFIG_FILE)
     try:
@@ -189,7 +188,7 @@ def build(config: ViTConfig | HeadConfig, params: Mapping[str, np.ndarray]) -> V
 
     Nothing is randomly initialised: the module is traced abstractly and every parameter is filled.
     """
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # JAX/Flax only when a model is built (the converter reads files without them)
     from flax import nnx
 
     keymap.check_keys(params, param_shapes(config), "the parameters", "They were made for another architecture.")
@@ -203,8 +202,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _write_arrays(path: Path, arrays: Mapping[str, Any]) -> None:
-    from safetensors.numpy import save_file
-
     contiguous = {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
     atomic_write(path, lambda tmp: save_file(contiguous, tmp))
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from neco_jax.errors import CheckpointError
 
@@ -157,8 +158,6 @@ class Checkpointer:
             self.directory, self._manager.all_steps(), lambda s: self.restore(s, abstract_state), on_damaged
         )
         if jax.process_count() > 1:  # every process lists the steps only once process 0 has moved them
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("checkpoints_moved_aside")
         self._manager.reload()
         return step, state, data

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from neco_jax.errors import DistributedError, print_error
 
@@ -137,8 +138,6 @@ def _check_port_free(address: str, where: str) -> None:
 
 def _allgather(values: np.ndarray) -> np.ndarray:
     """(process_count, *values.shape): every process's `values`, on every process (a collective)."""
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(values))
 
 

@@ -68,7 +68,7 @@ def _scalar(v: Any) -> Any:
 def _tensorboard_writer(logdir: str):
     """tensorboardX's event-file writer (pure Python + protobuf), or None without the `tensorboard` extra."""
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # the optional tensorboard extra
     except ImportError:
         return None
     return SummaryWriter(logdir)
@@ -162,6 +162,6 @@ def progress_line(step: int, total: int, metrics: dict[str, Any]) -> str:
 
 def log_parameter_overview(params: Any, name: str) -> None:
     """clu's table of every parameter (shape, size, mean, std) plus the total, to the log."""
-    from clu import parameter_overview
+    from clu import parameter_overview  # a slow import, for this table only (plot.py imports this module too)
 
     log.info("%s parameters:\n%s", name, parameter_overview.get_parameter_overview(params, include_stats=False))

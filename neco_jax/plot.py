@@ -52,7 +52,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def make_figure(rows: Sequence[dict[str, Any]], resumes: Sequence[int], title: str = ""):
     """The six-panel matplotlib Figure for ``rows`` (metrics.jsonl rows), with ``resumes`` marked."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # a slow import: only when a figure is drawn
 
     fig = Figure(figsize=(12, 6.5), dpi=80, layout="constrained")
     axes = fig.subplots(2, 3, sharex=True).ravel()

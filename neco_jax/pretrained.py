@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from neco_jax.errors import DownloadError, UserError
 
 CACHE_ENV = "NECO_JAX_CACHE"
@@ -148,8 +150,6 @@ def fetch(name_or_url: str) -> Path:
 
 def download(url: str, target: Path, *, label: str, timeout_s: float = 60.0) -> Path:
     """Stream ``url`` into ``target`` with a progress bar; the file appears only when complete."""
-    from tqdm import tqdm
-
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
     try:

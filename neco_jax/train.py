@@ -30,12 +30,17 @@ import numpy as np
 import optax
 from flax import nnx
 
+from input_pipeline import augment, make_train_loader
 from neco_jax import checkpoint as ckpt_lib
-from neco_jax import distributed, ema, optim, plot, run_record, sharding, step_feed
+from neco_jax import distributed, ema, optim, plot, run_record, save_backbone, sharding, step_feed
+from neco_jax import loss as loss_lib
 from neco_jax import metrics_writer as mw
 from neco_jax import queue as queue_lib
 from neco_jax import train_state as ts
+from neco_jax.backbone_io import load_parts
+from neco_jax.convert import export_file
 from neco_jax.errors import ConfigError, NonFiniteError
+from neco_jax.fg_mask import attention_fg_mask
 from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
 from neco_jax.precision import true_float32
 
@@ -207,8 +212,6 @@ def initial_params(config) -> tuple[dict, dict, str]:
     if config.model.init == "random":
         student, teacher = random_params(config, config.seed)
         return student, teacher, f"random init (seed {config.seed})"
-    from neco_jax.backbone_io import load_parts
-
     parts = load_parts(config.model.init)
     both = {"student", "teacher"} <= set(parts)
     first = parts["student"] if both else next(iter(parts.values()))
@@ -281,12 +284,8 @@ def _forward(
 
 def neco_step_loss(lcfg, patch_size: int, s_glob, s_loc, t_glob, attn, batch, queue, key):
     """`neco_jax.loss.neco_loss` with the config's options -> (loss, (queue, aux)); `queue` is {} without one."""
-    from neco_jax import loss as loss_lib
-
     fg = None
     if lcfg.loss_mask != "all":
-        from neco_jax.fg_mask import attention_fg_mask
-
         fg = attention_fg_mask(attn, t_glob.shape[2:4])
     loss, aux, new_queue = loss_lib.neco_loss(
         s_glob,
@@ -352,8 +351,6 @@ def make_loss_fn(config, models: ts.Models, labels: Any):
 def make_train_step(config, models: ts.Models, labels: Any, tx: optax.GradientTransformation, total_steps: int):
     """The pure step `(state, batch) -> (state, metrics)`; jit it with `jit_train_step`. A batch of uint8 crops
     (data.augment_on="device") gets its colour augmentation and normalisation first, inside the step."""
-    from input_pipeline import augment
-
     use_teacher = config.loss.use_teacher
     rate_fn = ema.ema_rate_schedule(config.ema.momentum, config.ema.momentum_end, total_steps)
     loss_fn = make_loss_fn(config, models, labels)
@@ -443,11 +440,8 @@ def export_backbones(config, models: ts.Models, state: ts.TrainState, folder: st
     `torch.hub.load('facebookresearch/dinov2', ...)` / `timm.create_model(...)` load them with strict=True;
     without torch installed they are written as .safetensors.
     """
-    from neco_jax import save_backbone
-    from neco_jax.convert import export_file
-
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401  (optional and heavy: only to choose the file type)
 
         suffix = ".pth"
     except ImportError:
@@ -537,8 +531,6 @@ def train_and_evaluate(
     )
 
     # ---- input
-    from input_pipeline import make_train_loader
-
     loader = make_train_loader(
         config, batch_size=global_batch // jax.process_count(), seed=config.seed, worker_count=config.data.num_workers
     )

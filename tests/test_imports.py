@@ -85,3 +85,32 @@ def test_allowed_imports_pass():
         violations("evaluation", {"evaluation.mod": "from neco_jax import checkpoint\nimport input_pipeline\n"}) == []
     )
     assert violations("configs", {"configs.base": "from neco_jax.errors import UserError\n"}) == []
+
+
+def unexplained_local_imports(source: str, module: str) -> list[str]:
+    """Function-local imports without a comment saying why (a slow or optional import, or a cycle), on their
+    line or the line above; one comment covers the imports right below it."""
+    lines = source.split("\n")
+    local = set()
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            local |= {n.lineno for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    explained, bad = set(), []
+    for line in sorted(local):
+        above = line - 1
+        while above > 0 and not lines[above - 1].strip():
+            above -= 1
+        if "#" in lines[line - 1] or above in explained or lines[above - 1].strip().startswith("#"):
+            explained.add(line)
+        else:
+            bad.append(f"{module}:{line}: {lines[line - 1].strip()}")
+    return bad
+
+
+def test_function_local_imports_say_why():
+    sources = {m: s for package in LAYERS for m, s in package_sources(package).items()}
+    sources["main"] = (ROOT / "main.py").read_text()
+    assert [b for m, s in sorted(sources.items()) for b in unexplained_local_imports(s, m)] == []
+    example = "def f():\n    import torch  # optional\n\n    import optuna\n\n\ndef g():\n    import json\n"
+    assert unexplained_local_imports(example, "m") == ["m:8: import json"]
+    assert unexplained_local_imports("def g():\n    # slow\n    import jax\n    import flax\n", "m") == []

@@ -68,7 +68,7 @@ class Converted:
 
 def resolve_arch(arch: str | ViTConfig, **overrides: Any) -> ViTConfig:
     """A ViTConfig from a name (``neco_jax.models.get_arch``) or an existing config."""
-    from neco_jax.models import get_arch
+    from neco_jax.models import get_arch  # Flax: reading weights runs without JAX
 
     if isinstance(arch, str):
         return get_arch(arch, **overrides)
@@ -109,7 +109,7 @@ def abstract_module(config: ViTConfig | HeadConfig):
     Tracing a model's construction is the slow part of loading (seconds for ViT-g), so it is done
     once per config; callers fill the abstract parameters and ``nnx.merge``.
     """
-    from flax import nnx
+    from flax import nnx  # JAX/Flax only when a model is built: reading weights runs without them
 
     from neco_jax.models.head import ProjectionHead
     from neco_jax.models.vit import VisionTransformer
@@ -134,7 +134,7 @@ def abstract_module(config: ViTConfig | HeadConfig):
 
 def param_shapes(config: ViTConfig | HeadConfig) -> dict[str, tuple[int, ...]]:
     """'/'-joined NNX parameter path -> shape, for the ViT (or head) with this config."""
-    from flax import nnx
+    from flax import nnx  # JAX/Flax: see abstract_module
 
     _, params, _ = abstract_module(config)
     return {join_path(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(params)}
@@ -147,7 +147,7 @@ def join_path(path) -> str:
 
 def flat_params(module) -> dict[str, Any]:
     """'/'-joined path -> value of every ``nnx.Param`` of a module."""
-    from flax import nnx
+    from flax import nnx  # JAX/Flax: see abstract_module
 
     return {join_path(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 

@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from neco_jax import backbone_io
+from neco_jax.convert import export_file, hf, keymap, read_checkpoint
 from neco_jax.errors import UserError, cli
 
 
@@ -31,9 +33,6 @@ def _describe(converted) -> str:
 
 
 def to_jax(source: str, out: Path, arch: str | None) -> None:
-    from neco_jax import backbone_io
-    from neco_jax.convert import hf, read_checkpoint
-
     if Path(source).is_dir() and not hf.is_hf_folder(source):
         raise UserError(
             f"{source} is a folder but no transformers DINOv2 folder; to-jax reads a weight file, a URL, "
@@ -58,9 +57,6 @@ def to_jax(source: str, out: Path, arch: str | None) -> None:
 
 
 def to_torch(folder: Path, out: Path, layout: str) -> None:
-    from neco_jax import backbone_io
-    from neco_jax.convert import export_file, hf, keymap
-
     if out.exists():
         raise UserError(
             f"--out {out} already exists; to-torch never overwrites a file: choose another name or remove it first"

@@ -33,7 +33,7 @@ def metadata_for(config: ViTConfig) -> dict[str, str]:
 
 def recorded_config(metadata: Mapping[str, str], what: str) -> ViTConfig | None:
     """The ViTConfig recorded in a weight file's metadata, or None for a file without one."""
-    from neco_jax.models.vit import ViTConfig
+    from neco_jax.models.vit import ViTConfig  # Flax: reading weights runs without JAX
 
     text = metadata.get(METADATA_KEY)
     if text is None:

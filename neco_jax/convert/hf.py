@@ -139,7 +139,7 @@ def _square(value: Any, name: str, what: str) -> int:
 
 def vit_config(hf: Mapping[str, Any], what: str) -> ViTConfig:
     """The ViTConfig for a transformers DINOv2 config (its position rule; the exported record if present)."""
-    from neco_jax.models.vit import ViTConfig
+    from neco_jax.models.vit import ViTConfig  # Flax: reading weights runs without JAX
 
     model_type = hf["model_type"]
     values = {**MODEL_TYPES[model_type][1], **hf}

@@ -39,7 +39,7 @@ def _square_side(n: int) -> int | None:
 
 def infer_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """ViTConfig field values implied by the tensors (keys in DINOv2 or timm layout), heads included."""
-    from neco_jax.models.archs import FAMILY_HEADS
+    from neco_jax.models.archs import FAMILY_HEADS  # Flax: reading weights runs without JAX
 
     fields = shape_fields(state_dict)
     dim = fields["embed_dim"]
@@ -93,7 +93,7 @@ def shape_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def _swiglu_ratio(dim: int, hidden: int) -> float:
     """An mlp_ratio whose DINOv2 SwiGLU width rule gives ``hidden`` (4.0 for ViT-g's 4096 at 1536)."""
-    from neco_jax.models.layers import swiglu_hidden_dim
+    from neco_jax.models.layers import swiglu_hidden_dim  # Flax: reading weights runs without JAX
 
     ratio = 1.5 * hidden / dim
     if swiglu_hidden_dim(dim, ratio) != hidden:

@@ -17,7 +17,10 @@ import types
 from collections.abc import Mapping
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 with NumPy)
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from neco_jax.errors import CheckpointError, UserError
 from neco_jax.files import atomic_write
@@ -34,7 +37,7 @@ NECO_PREFIXES = {"model.": "student", "teacher.": "teacher"}
 
 def _import_torch():
     try:
-        import torch
+        import torch  # the optional torch extra, and a slow import: only for .pth/.pt/.ckpt files
     except ImportError:
         raise UserError(
             "reading or writing .pth/.pt/.ckpt files needs PyTorch: pip install 'neco-jax[torch]' "
@@ -45,7 +48,7 @@ def _import_torch():
 
 def _tolerant_pickle_module():
     """A pickle module whose Unpickler resolves only torch's allow-listed globals."""
-    from torch._weights_only_unpickler import _get_allowed_globals
+    from torch._weights_only_unpickler import _get_allowed_globals  # torch: see _import_torch
 
     allowed = set(_get_allowed_globals())
 
@@ -196,9 +199,6 @@ def read_safetensors(path: Path, fix: str) -> tuple[dict[str, np.ndarray], dict[
     ``fix`` ends the message for a damaged file. Reading needs no torch and no JAX: ml_dtypes gives
     NumPy the bfloat16 and float8 types that safetensors' NumPy reader asks for.
     """
-    import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 with NumPy)
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="np") as f:
             dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
@@ -230,8 +230,6 @@ def write_state_dict(
     metadata = dict(metadata or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == SAFETENSORS_SUFFIX:
-        from safetensors.numpy import save_file
-
         return atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata or None))
     torch = _import_torch()
     tensors = collections.OrderedDict((k, torch.from_numpy(np.require(v, requirements="W"))) for k, v in arrays.items())
