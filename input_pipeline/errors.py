@@ -3,8 +3,9 @@
 The packages are layered: `input_pipeline` (lowest) <- `neco_jax` <- `evaluation` <- `configs`, with `main.py`,
 `bench` and the tests on top (tests/test_imports.py asserts it). The root `UserError` and the two kinds every
 layer raises (a bad setting, bad data) live here, in the lowest layer, so that the input pipeline raises them
-without importing the trainer's package. `neco_jax.errors` re-exports them beside the other kinds and is where
-every other module imports them from: one hierarchy, each error defined once.
+without importing the trainer's package. `neco_jax.errors` re-exports them beside the other kinds, and every
+module above the input pipeline imports them from there: one hierarchy, each error defined once
+(tests/test_errors.py asserts it).
 """
 
 

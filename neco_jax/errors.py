@@ -2,7 +2,7 @@
 
 `UserError` (the root), `ConfigError` and `DatasetError` are defined in `input_pipeline.errors` (the lowest
 layer, which must not import this package; see its docstring) and re-exported here with the kinds that only
-this package and the ones above it raise. Import them from here.
+this package and the ones above it raise; every module above the input pipeline imports them from here.
 """
 
 import functools
