@@ -222,7 +222,7 @@ def time_forward_part(config, built: Built, state, batch, warmup: int, iters: in
 
 def augmented(config):
     """The step's first part alone, jitted: colour augmentation and normalisation of the uint8 crops."""
-    return jax.jit(lambda batch: augment.apply_batch(batch, radius=augment.blur_radius(config.data.blur_strength)))
+    return jax.jit(augment.from_config(config.data))
 
 
 def time_augment_part(config, batch, warmup: int, iters: int) -> dict:

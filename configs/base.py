@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.grayscale_prob = 0.2  # probability of grayscale.
     c.data.blur_prob = 0.5  # probability of the Gaussian blur.
     c.data.augment_on = "device"  # colour jitter/grayscale/blur in the train step ("device") or with PIL ("host").
+    c.data.augment_numerics = "pil"  # device ops: PIL's uint8 rounding between ops (the original's) or "tensor".
     c.data.max_resample_tries = 100  # overlap-rule redraws before the overlapping-by-construction fallback.
     c.data.exif_transpose = True  # apply EXIF orientation (False: the original, which ignores it).
     c.data.max_bad_fraction = 0.01  # stop when more than this share of the files read is unreadable.

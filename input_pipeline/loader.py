@@ -55,6 +55,7 @@ def view_config_from(data_cfg) -> ViewConfig:
         blur_prob=float(_get(data_cfg, "blur_prob", d.blur_prob)),
         max_resample_tries=int(_get(data_cfg, "max_resample_tries", d.max_resample_tries)),
         augment_on=str(_get(data_cfg, "augment_on", d.augment_on)),
+        augment_numerics=str(_get(data_cfg, "augment_numerics", d.augment_numerics)),
     )
 
 

@@ -33,6 +33,7 @@ from input_pipeline.errors import ConfigError
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 AUGMENT_ON = ("device", "host")
+AUGMENT_NUMERICS = ("pil", "tensor")  # input_pipeline.augment's two rounding modes
 # One crop's colour parameters, as the columns of the batch's `global_colour` / `local_colour` arrays:
 # jitter applied (0/1); the jitter's op order (0 brightness, 1 contrast, 2 saturation, 3 hue); its factors
 # (identity 1, 1, 1, 0 when not applied); grayscale (0/1); blur sigma (0 = no blur).
@@ -70,6 +71,7 @@ class ViewConfig:
     blur_prob: float = 0.5
     max_resample_tries: int = 100  # redraws per crop before the fallback box (the original has no limit)
     augment_on: str = "device"  # colour ops in the train step ("device") or with PIL in the workers ("host")
+    augment_numerics: str = "pil"  # device ops' rounding: PIL's uint8 between ops ("pil") or float ("tensor")
 
     def __post_init__(self):
         n = len(self.size_crops)
@@ -101,6 +103,10 @@ class ViewConfig:
             raise ConfigError(f"max_resample_tries={self.max_resample_tries} must be >= 0")
         if self.augment_on not in AUGMENT_ON:
             raise ConfigError(f"config.data.augment_on={self.augment_on!r} must be one of {AUGMENT_ON}")
+        if self.augment_numerics not in AUGMENT_NUMERICS:
+            raise ConfigError(
+                f"config.data.augment_numerics={self.augment_numerics!r} must be one of {AUGMENT_NUMERICS}"
+            )
 
     @property
     def num_global(self) -> int:

@@ -354,10 +354,10 @@ def make_train_step(config, models: ts.Models, labels: Any, tx: optax.GradientTr
     use_teacher = config.loss.use_teacher
     rate_fn = ema.ema_rate_schedule(config.ema.momentum, config.ema.momentum_end, total_steps)
     loss_fn = make_loss_fn(config, models, labels)
-    blur_radius = augment.blur_radius(config.data.blur_strength)
+    colour = augment.from_config(config.data)
 
     def step(state: ts.TrainState, batch: dict) -> tuple[ts.TrainState, dict]:
-        batch = augment.apply_batch(batch, radius=blur_radius)
+        batch = colour(batch)
         key, rng = jax.random.split(state.rng)
         (loss, (queue, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.student, state.teacher, state.queue, batch, key
