@@ -2,6 +2,7 @@
 CLI turns a UserError into one line and exit status 2."""
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ PACKAGES = ("input_pipeline", "neco_jax", "evaluation", "configs")
 ERRORS_MODULES = (Path("input_pipeline/errors.py"), Path("neco_jax/errors.py"))
 
 
+@functools.cache
 def exception_classes() -> dict[str, list[tuple[Path, list[str]]]]:
     """name -> [(file, base names)] of every class in the packages (and main.py) whose name ends in Error or
     that derives from a class named *Error, *Exception or from another such class."""

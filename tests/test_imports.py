@@ -3,6 +3,7 @@ on top. Read from the source with `ast` (module-level and function-local imports
 of a literal name), so a forbidden import fails here even where no test executes it."""
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def violations(package: str, modules: dict[str, str], forbidden=FORBIDDEN) -> li
     return sorted(set(bad))
 
 
+@functools.cache
 def package_sources(package: str) -> dict[str, str]:
     sources = {}
     for path in (ROOT / package).rglob("*.py"):
