@@ -1,4 +1,4 @@
-"""Model FLOPs of the ViT forward and of one NeCo training step (jax_notes E.1), and bf16 peaks for MFU.
+"""Model FLOPs of the ViT forward and of one NeCo training step (docs/flops.md), and bf16 peaks for MFU.
 
 The analytic count is what MFU is defined on: matmul MACs of the backbone blocks (qkv, attention scores and
 values, projection, MLP) and the patch embedding, plus the projection head; LayerNorm, softmax, GELU, the
@@ -17,7 +17,7 @@ import numpy as np
 # Dense bf16 tensor-core peaks in TFLOP/s, matched against `device.device_kind` (first match wins).
 BF16_PEAK_TFLOPS = (
     ("H100 PCIe", 756.0),
-    ("H100 NVL", None),  # a different part (835 TFLOP/s quoted), not in jax_notes: report n/a, don't guess
+    ("H100 NVL", None),  # a different part (835 TFLOP/s quoted), no data-sheet peak here: report n/a, don't guess
     ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
     ("H200", 989.0),
     ("A100", 312.0),
@@ -53,9 +53,9 @@ def head_macs_per_token(in_dim: int, hidden_dim: int, out_dim: int, num_layers: 
 def neco_image_flops(
     cfg: Any, head: dict, size_crops: tuple[int, int], nmb_samples: tuple[int, int], *, head_on_all_tokens: bool = False
 ) -> float:
-    """Model FLOPs per image of one NeCo step (jax_notes E.1 bookkeeping): the student's forward and backward
+    """Model FLOPs per image of one NeCo step (docs/flops.md): the student's forward and backward
     (3x forward) on every crop, the teacher's forward on the global crops (the no-teacher ablation's second
-    student forward costs the same), the head on every patch token (the step's work; jax_notes' 158/523
+    student forward costs the same), the head on every patch token (the step's work; docs/flops.md's 158/523
     GFLOPs also put CLS and registers through the head: `head_on_all_tokens`).
 
     head: {"hidden_dim", "out_dim", "num_layers"} of the projection head."""

@@ -27,7 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from evaluation import knn as knn_lib  # noqa: E402
 from evaluation import memory_bank as mb  # noqa: E402
 from evaluation.features import FeatureExtractor  # noqa: E402
+from evaluation.hummingbird import RetrievalSettings  # noqa: E402
 from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
+from neco_jax.normalize import l2_normalize  # noqa: E402
 
 VOC_TRAIN_VIEWS = 2 * 10_582
 VOC_VAL_IMAGES = 1_449
@@ -63,7 +65,7 @@ def random_keys(num_keys: int, dim: int, *, memory_chunk: int, bin_size: int, dt
 
     def make(key):  # the same keys whatever the chunk: draw num_keys rows, then pad
         x = jax.random.normal(key, (num_keys, dim), jnp.float32)
-        x = (x / jnp.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
+        x = l2_normalize(x).astype(dtype)
         return jnp.pad(x, ((0, ndev * per_device - num_keys), (0, 0)))
 
     make = jax.jit(make, out_shardings=NamedSharding(mesh, P(knn_lib.AXIS, None)))
@@ -90,13 +92,17 @@ def bench_memory_bank(num_images: int, *, arch: str, input_size: int, batch_size
     extractor = FeatureExtractor(model, dtype="bfloat16" if jax.default_backend() != "cpu" else "float32")
     data = SyntheticSegmentation(num_images)
     kwargs = dict(
-        input_size=input_size, patch_size=extractor.patch_size, memory_size=memory_size, batch_size=batch_size
+        input_size=input_size,
+        patch_size=extractor.patch_size,
+        memory_size=memory_size,
+        batch_size=batch_size,
+        jitter=RetrievalSettings.jitter,
     )
     mb.build_memory_bank(data.__class__(batch_size), extractor, passes=1, **kwargs)  # compile
     start = time.perf_counter()
-    bank = mb.build_memory_bank(data, extractor, passes=2, **kwargs)
+    bank = mb.build_memory_bank(data, extractor, passes=RetrievalSettings.passes, **kwargs)
     seconds = time.perf_counter() - start
-    views = 2 * num_images
+    views = RetrievalSettings.passes * num_images
     return {
         "views": views,
         "seconds": seconds,

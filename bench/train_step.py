@@ -42,6 +42,7 @@ from input_pipeline.views import draw_colour_params  # noqa: E402
 from neco_jax import sharding  # noqa: E402
 from neco_jax import train as train_lib  # noqa: E402
 from neco_jax import train_state as ts  # noqa: E402
+from neco_jax.normalize import l2_normalize  # noqa: E402
 
 COCO_TRAIN_IMAGES = 118_287  # the original's 25-epoch COCO run: 25 * (118287 // 64) = 46,200 steps
 EPOCHS = 25
@@ -193,8 +194,7 @@ def time_loss_part(config, models, queue, batch, warmup: int, iters: int) -> dic
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
 
     def unit(key, shape):
-        x = jax.random.normal(key, shape, jnp.float32)
-        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+        return l2_normalize(jax.random.normal(key, shape, jnp.float32))
 
     s_glob = unit(keys[0], (b, n_g, s_g // p, s_g // p, dim))
     s_loc = unit(keys[1], (b, n_l, s_l // p, s_l // p, dim))

@@ -1,4 +1,4 @@
-"""Values shared by every NeCo recipe (neco_method.md section 4), each field documented where it is set.
+"""Values shared by every NeCo recipe (docs/method.md), each field documented where it is set.
 
 A recipe file calls `base.get_config()` and overrides the few fields of its row of the results table.
 Ablations of the original (`experiments/configs/ablations/*`) are named presets, reachable as the config
@@ -92,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.queue_length = 8192  # per anchor crop (the original divides it by the number of GPUs: one here).
     # False: sample references from each queue's filled part only. True: the original's shared fill counter,
     # bumped once per anchor crop (twice per step), so early steps also draw never-written zero slots
-    # (neco_method.md 1.2); for side-by-side comparisons with the original's first ~12 steps.
+    # (`update_queue` in vpariza/NeCo src/neco.py); for side-by-side comparisons with the original's first ~12 steps.
     c.loss.queue_original_counter = False
     c.loss.crops_for_assign = (0, 1)  # global crops used as teacher anchors.
 

@@ -1,6 +1,7 @@
 """Fully unsupervised VOC segmentation: cluster-based foreground extraction (CBFE) + community detection (CD).
 
-Leopart's ``fully_unsup_seg.py`` as NeCo runs it (reference/evaluation_protocols.md section 3):
+Leopart's ``fully_unsup_seg.py`` as NeCo runs it (vpariza/NeCo ``experiments/fully_unsup_seg/fully_unsup_seg.py``
+and ``experiments/utils.py``; docs/evaluation.md):
 1. final-norm patch tokens of VOC ``train`` (1,464) and ``val`` (1,449) at 448 px, standardised and
    projected to 50 dims by a PCA fitted on both splits together;
 2. noisy foreground masks from the last block's CLS attention: heads averaged, GaussianBlur(7,
@@ -35,11 +36,12 @@ the reference stops at an assertion.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
-from skimage.measure import label as connected_components
 from tqdm import tqdm
 
 from evaluation import cd_search
@@ -50,92 +52,112 @@ from evaluation.metrics import confusion_matrix, match_clusters, miou
 from evaluation.pca import standardize_and_project
 from evaluation.plots import save_search_history
 from evaluation.runner import make_extractor, open_split
+from evaluation.settings import from_config, top_level
 from evaluation.visualize import label_colors, save_segmentation_panels
 from neco_jax.errors import ConfigError, DatasetError, UserError
+from neco_jax.fg_mask import attention_fg_mask
 
 
 @dataclasses.dataclass(frozen=True)
 class CbfeSettings:
-    """Defaults: NeCo's ``fully_unsup_seg.py`` values (configs/eval/voc_cbfe.py documents each field)."""
+    """The protocol's knobs; the defaults are NeCo's ``experiments/fully_unsup_seg/fully_unsup_seg.py`` values.
 
+    The job config's ``config.cbfe`` is built from these defaults, except the fields of ``TOP_LEVEL``, which
+    the config keeps at its top level (see ``evaluation.settings``).
+    """
+
+    # Input size of the backbone, and the evaluation size of cluster maps, masks and ground truth.
     image_size: int = 448
     eval_size: int = 100
+    # Images per feature-extraction batch and decoding threads.
     batch_size: int = 64
     num_threads: int = 8
+    # Standardise + PCA to pca_dim over train + val (faiss PCAMatrix subsample: pca_max_points_per_dim * D vectors).
     pca_dim: int = 50
     pca_max_points_per_dim: int = 1000
+    # Noisy foreground from the last block's CLS attention: share of attention mass kept, GaussianBlur size/sigma,
+    # and the smallest 8-connected component kept (smaller ones are removed; the reference drops <= 2 patches).
     attention_keep: float = 0.65
     blur_size: int = 7
     blur_sigma: float = 0.6
     min_component: int = 3
+    # CBFE: spherical k-means clusters.
     k_fg: int = 200
+    # k-means (faiss defaults of the reference): Lloyd iterations, restarts, training subsample per centroid, seed.
     kmeans_iters: int = 100
     kmeans_restarts: int = 5
     max_points_per_centroid: int = 256
     seed: int = 0
+    # The background cut tries the lowest cut_range share of clusters.
     cut_range: tuple[float, float] = (0.55, 0.75)
-    # CD hyper-parameters: all three given, a Leopart preset, or (all zero, no preset) found by the search.
+    # Community detection: foreground clusters, Infomap Markov time, edge weight threshold. All three 0 (default):
+    # found by NeCo's search (below). All three given: used as they are. Or cd_preset="leopart_vits16" (149, 2, 0.09)
+    # / "leopart_vitb8" (109, 0.4, 0.07): Leopart's published values (MkuuWaUjinga/leopart README).
     k_community: int = 0
     markov_time: float = 0.0
     weight_threshold: float = 0.0
     cd_preset: str = ""
+    # The search (evaluation.cd_search): Optuna TPE with this seed and number of trials, maximising the mean CD
+    # mIoU on train; ranges (low, high, step) as NeCo's script.
     search_trials: int = cd_search.SEARCH_TRIALS
     search_seed: int = cd_search.SEARCH_SEED
     search_weight_threshold: tuple[float, float, float] = cd_search.SEARCH_SPACE["weight_threshold"]
     search_markov_time: tuple[float, float, float] = cd_search.SEARCH_SPACE["markov_time"]
     search_k: tuple[int, int, int] = cd_search.SEARCH_SPACE["k_community"]
+    # Folder with the original's precomputed noisy masks attn_train.pt / attn_val.pt ("" = the evaluated model's
+    # own CLS attention), to reproduce the original where it differs from the default.
     attention_dir: str = ""
+    # Also report the original's compute_upper_bound (fine clusters matched many-to-one by precision).
     compute_upper_bound: bool = False
+    # Infomap runs (results averaged) and its preferred number of modules (VOC object classes).
     num_runs: int = 10
     num_objects: int = 20
+    # Also score CBFE alone (num_objects foreground clusters, cbfe_seeds k-means seeds, Hungarian), as NeCo does.
     evaluate_cbfe: bool = True
     cbfe_seeds: int = 5
+    # How many (image, ground truth, segments, overlay) examples are returned for pictures.
     num_visualize: int = 0
+
+
+# Settings fields the job config keeps at its top level, shared with the other protocols (field -> config key).
+TOP_LEVEL = {
+    "image_size": "image_size",
+    "eval_size": "mask_size",
+    "batch_size": "batch_size",
+    "num_threads": "num_threads",
+    "num_visualize": "num_visualize",
+}
 
 
 # ----------------------------------------------------------------------------- noisy foreground from attention
 
 
-def gaussian_blur(maps: np.ndarray, size: int, sigma: float) -> np.ndarray:
-    """torchvision ``GaussianBlur(size, sigma)`` on (N, H, W) float maps: separable kernel, reflect padding."""
-    half = (size - 1) * 0.5
-    x = np.linspace(-half, half, size, dtype=np.float32)
-    kernel = np.exp(-0.5 * (x / np.float32(sigma)) ** 2)
-    kernel = (kernel / kernel.sum()).astype(np.float32)
-    pad = size // 2
-    padded = np.pad(maps.astype(np.float32), ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
-    h, w = maps.shape[1:]
-    rows = sum(kernel[i] * padded[:, i : i + h, :] for i in range(size))
-    return sum(kernel[i] * rows[:, :, i : i + w] for i in range(size)).astype(np.float32)
+def noisy_foreground(attention: np.ndarray, settings: CbfeSettings, chunk: int = 16) -> np.ndarray:
+    """Binary (N, h, w) foreground of CLS attention (N, heads, h, w), as Leopart's ``process_attentions``.
 
-
-def noisy_foreground(
-    attention: np.ndarray,
-    *,
-    keep: float = 0.65,
-    blur_size: int = 7,
-    blur_sigma: float = 0.6,
-    min_component: int = 3,
-) -> np.ndarray:
-    """Binary (N, h, w) foreground of CLS attention (N, heads, h, w), as Leopart's ``process_attentions``."""
-    mean = attention.astype(np.float32).mean(axis=1)
-    blurred = gaussian_blur(mean, blur_size, blur_sigma)
-    n, h, w = blurred.shape
-    flat = blurred.reshape(n, h * w)
-    order = np.argsort(flat, axis=1, kind="stable")
-    values = np.take_along_axis(flat, order, axis=1)
-    cumulative = np.cumsum(values / values.sum(axis=1, keepdims=True), axis=1)
-    kept_sorted = cumulative > (1 - keep)
-    mask = np.zeros_like(kept_sorted)
-    np.put_along_axis(mask, order, kept_sorted, axis=1)
-    mask = mask.reshape(n, h, w)
-    for i in range(n):
-        components = connected_components(mask[i], connectivity=2)
-        sizes = np.bincount(components.ravel())
-        small = sizes < min_component
-        small[0] = False
-        mask[i][small[components]] = False
-    return mask
+    The training's implementation (``neco_jax.fg_mask.attention_fg_mask``) with the settings' mass kept, blur and
+    smallest component, run on ``chunk`` images at a time (the last chunk padded, so it compiles once; its
+    component sizes take (h*w)^2 memory per image).
+    """
+    n, heads, h, w = attention.shape
+    fn = jax.jit(
+        functools.partial(
+            attention_fg_mask,
+            grid=(h, w),
+            threshold=settings.attention_keep,
+            blur_size=settings.blur_size,
+            blur_sigma=settings.blur_sigma,
+            min_component=settings.min_component,
+        )
+    )
+    flat = np.asarray(attention, np.float32).reshape(n, heads, h * w)
+    size = min(chunk, n)
+    masks = []
+    for start in range(0, n, size):
+        part = flat[start : start + size]
+        padded = np.pad(part, ((0, size - len(part)), (0, 0), (0, 0)), mode="edge")
+        masks.append(np.asarray(fn(padded))[: len(part)] > 0)
+    return np.concatenate(masks)
 
 
 # ----------------------------------------------------------------------------- CBFE
@@ -277,13 +299,7 @@ def noisy_masks(s: CbfeSettings, train_attn, val_attn, n_train: int, n_val: int)
         return np.concatenate([nearest_resize(p, s.eval_size) for p in parts]), f"files in {folder}"
     if train_attn is None:
         raise ConfigError("the feature function returned no attention; give attention files with cbfe.attention_dir")
-    noisy = noisy_foreground(
-        np.concatenate([train_attn, val_attn]),
-        keep=s.attention_keep,
-        blur_size=s.blur_size,
-        blur_sigma=s.blur_sigma,
-        min_component=s.min_component,
-    )
+    noisy = noisy_foreground(np.concatenate([train_attn, val_attn]), s)
     return nearest_resize(noisy, s.eval_size), "the evaluated model's CLS attention"
 
 
@@ -450,18 +466,7 @@ def _examples(dataset, gt: np.ndarray, segments: np.ndarray, s: CbfeSettings) ->
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> CbfeSettings:
-    values = config.cbfe.to_dict()
-    values.pop("registers")  # a model-building switch, used by `run`
-    for name in ("cut_range", "search_k", "search_markov_time", "search_weight_threshold"):
-        values[name] = tuple(values[name])
-    return CbfeSettings(
-        image_size=config.image_size,
-        eval_size=config.mask_size,
-        batch_size=config.batch_size,
-        num_threads=config.num_threads,
-        num_visualize=config.num_visualize,
-        **values,
-    )
+    return from_config(CbfeSettings, config.cbfe, **top_level(config, TOP_LEVEL))
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

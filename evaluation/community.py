@@ -3,7 +3,7 @@
 The fine foreground clusters (plus the background label) are nodes; two clusters are linked when
 each is, on average over the images it appears in, a frequent spatial neighbour of the other.
 Infomap's modules then merge clusters into object-level segments. Details follow Leopart's
-``fully_unsup_seg.py`` (reference/evaluation_protocols.md section 3, step 4):
+``experiments/fully_unsup_seg/fully_unsup_seg.py`` (MkuuWaUjinga/leopart, copied by vpariza/NeCo):
 - per image, skimage's grey-level co-occurrence matrix of the cluster map at distances 1 and 2
   and the 8 angles the reference lists (including its 4*pi/3, sic), summed, diagonal zeroed,
   rows normalised; summed over images and divided by the number of images in which each cluster

@@ -6,7 +6,7 @@ RGB uint8, masks as their raw indices (never through an RGB conversion). Everyth
 missing folder, a list naming a missing file, a mask whose size differs from its image) is a `DatasetError`
 naming the file.
 
-Layouts (see reference/evaluation_protocols.md section 6):
+Layouts (those of NeCo's `data/` readers in vpariza/NeCo; docs/evaluation.md):
 - voc:          data_dir/VOCSegmentation/{images/*.jpg, SegmentationClass/*.png, SegmentationClassAug/*.png,
                 sets/{trainaug,train,val}.txt}; train lists read SegmentationClassAug, val reads SegmentationClass.
 - coco_things / coco_stuff: data_dir/images/{train,val}2017/*.jpg; things masks data_dir/annotations/{split}2017/*.png

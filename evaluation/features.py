@@ -28,13 +28,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from evaluation.datasets import SegmentationDataset
+from input_pipeline.views import normalize
 from neco_jax import load_backbone, sharding
+from neco_jax.convert import flat_params
 from neco_jax.errors import CheckpointError, NonFiniteError, UserError
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 FeaturesFn = Callable[[np.ndarray], np.ndarray]
 
@@ -68,11 +67,6 @@ def nearest_resize(x: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     rows = nearest_indices(x.shape[-2], h)
     cols = nearest_indices(x.shape[-1], w)
     return x[..., rows[:, None], cols[None, :]]
-
-
-def normalize(images: np.ndarray) -> np.ndarray:
-    """uint8 (..., 3) -> float32 ImageNet-normalised (ToTensor then Normalize with std 0.225)."""
-    return (images.astype(np.float32) / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,11 +233,7 @@ def without_registers(model):
 
 def _check_finite_weights(model, name: str) -> None:
     """Refuse a model with a NaN or infinite parameter (a diverged run), naming the parameters."""
-    bad = [
-        "/".join(map(str, path))
-        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
-        if not bool(jnp.isfinite(var.get_value()).all())
-    ]
+    bad = [path for path, value in flat_params(model).items() if not bool(jnp.isfinite(value).all())]
     if bad:
         raise NonFiniteError(
             f"{name} has non-finite weights (NaN or inf) in {len(bad)} parameter(s), e.g. {', '.join(bad[:4])}; "

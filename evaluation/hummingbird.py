@@ -29,29 +29,61 @@ from evaluation.features import FeaturesFn, iterate_batches, nearest_resize, res
 from evaluation.label_transfer import predict_segmentation
 from evaluation.metrics import confusion_matrix, miou_from_confusion
 from evaluation.runner import make_extractor, open_split
+from evaluation.settings import from_config, top_level
 from evaluation.visualize import save_segmentation_panels
 from neco_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalSettings:
-    """The protocol's knobs (defaults: open-hummingbird-eval 2.0 with the paper's memory size)."""
+    """The protocol's knobs; the defaults are open-hummingbird-eval 2.0's (``vpariza/open-hummingbird-eval``)
+    with the paper's memory of 10,240,000 patches (Balazevic et al., "Towards In-context Scene Understanding",
+    NeurIPS 2023).
 
+    The job configs' ``config.hummingbird`` is built from these defaults, except the fields of ``TOP_LEVEL``,
+    which the configs keep at their top level (see ``evaluation.settings``).
+    """
+
+    # Square input size (504 = 36 x 14; use 512 for /16 backbones); predictions and masks are compared at it.
     input_size: int = 504
+    # Neighbours per query and the softmax temperature of the label transfer.
     k: int = 30
     temperature: float = 0.02
+    # Augmented passes over the train images (the reference's augmentation_epoch).
     passes: int = 2
-    memory_size: int | None = 10_240_000
+    # Memory patches in total (each image keeps memory_size // (images * passes)); 0 = every patch. When the
+    # per-image share reaches the patches per image (small fractions), every patch is kept.
+    memory_size: int = 10_240_000
+    # Images per feature-extraction batch.
     batch_size: int = 16
+    # The reference normalises with std (0.229, 0.224, 0.255), a typo for 0.225. Off: 0.225 (ImageNet's value).
+    # On: the typo, to compare with published numbers.
     reproduce_std_typo: bool = False
+    # Colour-jitter range of brightness, contrast, saturation and hue on memory images (0 = none).
     jitter: float = 0.1
+    # Search precision: keys/queries stored and multiplied in search_dtype, scores ranked in topk_dtype
+    # ("float32" or "bfloat16"); neighbour weights always use fp32 cosines.
     search_dtype: str = "bfloat16"
     topk_dtype: str = "float32"
+    # Keys scored per step on each device (bounds device memory), and the bin-max prefilter, which is exact
+    # (b > 0 ranks bins of b keys by their best score and selects only inside the best k bins; 0 = plain top-k
+    # over every score; see evaluation/knn.py and bench/retrieval.py for the speed of each).
     memory_chunk: int = 65536
     bin_size: int = 128
+    # Seed of the augmentation and of the patch selection.
     seed: int = 0
+    # Image decoding threads, and how many (image, ground truth, prediction) examples are returned for pictures.
     num_threads: int = 8
     num_visualize: int = 0
+
+
+# Settings fields the job configs keep at their top level, shared with the other protocols (field -> config key).
+TOP_LEVEL = {
+    "input_size": "image_size",
+    "batch_size": "batch_size",
+    "num_threads": "num_threads",
+    "num_visualize": "num_visualize",
+}
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "size", "temperature", "patch_area"))
@@ -87,7 +119,7 @@ def evaluate_retrieval(
         input_size=s.input_size,
         patch_size=patch_size,
         passes=s.passes,
-        memory_size=s.memory_size,
+        memory_size=s.memory_size or None,
         batch_size=s.batch_size,
         reproduce_std_typo=s.reproduce_std_typo,
         jitter=s.jitter,
@@ -144,24 +176,7 @@ def evaluate_retrieval(
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> RetrievalSettings:
-    h = config.hummingbird
-    return RetrievalSettings(
-        input_size=config.image_size,
-        k=h.k,
-        temperature=h.temperature,
-        passes=h.passes,
-        memory_size=h.memory_size or None,
-        batch_size=config.batch_size,
-        reproduce_std_typo=h.reproduce_std_typo,
-        jitter=h.jitter,
-        search_dtype=h.search_dtype,
-        topk_dtype=h.topk_dtype,
-        memory_chunk=h.memory_chunk,
-        bin_size=h.bin_size,
-        seed=h.seed,
-        num_threads=config.num_threads,
-        num_visualize=config.num_visualize,
-    )
+    return from_config(RetrievalSettings, config.hummingbird, **top_level(config, TOP_LEVEL))
 
 
 def train_split_for(config: ml_collections.ConfigDict):

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from neco_jax.normalize import l2_normalize
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _SPLIT_EPS = 1.0 / 1024.0
 
@@ -96,17 +98,13 @@ def _split_empty(centroids: jax.Array, counts: jax.Array) -> jax.Array:
     return jax.lax.cond(jnp.any(counts == 0), split_all, lambda c: c, centroids)
 
 
-def _unit_rows(c: jax.Array) -> jax.Array:
-    return c / jnp.maximum(jnp.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-
-
 @functools.partial(jax.jit, static_argnames=("iters", "spherical"))
 def _lloyd(xs, ws, centroids, iters: int, spherical: bool = False):
     def step(_, centroids):
         sums, counts, _ = _assign_stats(xs, ws, centroids)
         new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centroids)
         new = _split_empty(new, counts)
-        return _unit_rows(new) if spherical else new  # faiss post_process_centroids
+        return l2_normalize(new) if spherical else new  # faiss post_process_centroids
 
     centroids = jax.lax.fori_loop(0, iters, step, centroids)
     return centroids, _assign_stats(xs, ws, centroids)[2]
@@ -195,7 +193,7 @@ def kmeans(
     for r in range(restarts):
         c0 = _init_centroids(jax.random.fold_in(key, r), train, k, init)
         if spherical:
-            c0 = _unit_rows(c0)
+            c0 = l2_normalize(c0)
         cents, obj = _lloyd(xs, ws, c0, iters, spherical)
         obj = float(obj)
         if best is None or obj < best[1]:

@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from neco_jax.errors import ConfigError
+from neco_jax.normalize import l2_normalize
 from neco_jax.sharding import DATA_AXIS as AXIS
 from neco_jax.sharding import make_mesh as data_mesh
 
@@ -166,10 +167,8 @@ def _device_cosines(queries, keys, indices):
     local = indices - jax.lax.axis_index(AXIS) * per_device
     mine = (local >= 0) & (local < per_device)
     neighbours = jnp.take(keys, jnp.clip(local, 0, per_device - 1), axis=0).astype(jnp.float32)
-    q = queries.astype(jnp.float32)
-    dots = jnp.einsum("qd,qkd->qk", q, neighbours)
-    norms = jnp.linalg.norm(q, axis=-1, keepdims=True) * jnp.linalg.norm(neighbours, axis=-1)
-    cos = jnp.where(mine, dots / jnp.maximum(norms, 1e-12), 0.0)
+    cos = jnp.einsum("qd,qkd->qk", l2_normalize(queries.astype(jnp.float32)), l2_normalize(neighbours))
+    cos = jnp.where(mine, cos, 0.0)
     return jax.lax.psum(cos, AXIS)
 
 

@@ -43,30 +43,46 @@ from evaluation.features import (
     resize_image,
 )
 from evaluation.runner import make_extractor, open_split
+from evaluation.settings import from_config
 from evaluation.visualize import save_segmentation_panels
-from input_pipeline.views import random_resized_crop_params
+from input_pipeline.views import CROP_RATIO, random_resized_crop_params
 from neco_jax.errors import ConfigError, DatasetError
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearSettings:
-    """The protocol's knobs; defaults are the reference's (configs/eval/base.py documents each)."""
+    """The protocol's knobs; the defaults are the reference's (NeCo ``experiments/linear_segmentation``).
 
+    The job configs' ``config.linear`` is built from these defaults (see ``evaluation.settings``).
+    """
+
+    # SGD on the 1x1 head: lr, momentum, weight decay (added to the gradient, as torch.optim.SGD).
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # Epochs, and StepLR: lr x lr_gamma every lr_step_epochs epochs.
     epochs: int = 25
     lr_step_epochs: int = 20
     lr_gamma: float = 0.1
+    # Head batch size, and whether the last partial batch of an epoch is dropped (the reference VOC and COCO
+    # loaders drop it, its ADE20k and Cityscapes loaders keep it).
     batch_size: int = 128
     drop_last: bool = True
+    # Shuffle the training set each epoch (the reference VOC and ADE20k loaders do not; COCO's does).
     shuffle: bool = False
+    # Paired RandomResizedCrop(image_size, scale) and horizontal flip with probability hflip.
     crop_scale: tuple[float, float] = (0.8, 1.0)
     hflip: float = 0.5
+    # Training loss resolution (features bilinearly upsampled, masks nearest) and final evaluation resolution.
     train_mask_size: int = 100
     eval_mask_size: int = 448
+    # Compute backbone features once (no augmentation then) instead of on every augmented batch.
     cache_features: bool = False
+    # Seed of the head init, crops, flips and shuffling (the reference seeds 400).
     seed: int = 400
+    # Which head is scored: False = the last epoch's; True = the epoch with the best val mIoU measured after every
+    # epoch at select_mask_size, as the reference's ModelCheckpoint(monitor="miou_val") keeps it (this selects on
+    # the evaluation set). select_drop_last scores only whole batches of val images (the reference VOC loader).
     select_best: bool = False
     select_mask_size: int = 100
     select_drop_last: bool = False
@@ -74,8 +90,6 @@ class LinearSettings:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Paired augmentation (torchvision RandomResizedCrop.get_params + PIL resizes, horizontal flip).
-
-CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 
 
 def augmented_example(dataset, i, *, crop, flip: bool, size: int, mask_size: int):
@@ -373,11 +387,7 @@ def selection_score(
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> LinearSettings:
-    lin = config.linear
-    fields = {f.name for f in dataclasses.fields(LinearSettings)}
-    values = {k: lin[k] for k in fields}
-    values["crop_scale"] = tuple(float(s) for s in lin.crop_scale)
-    return LinearSettings(**values)
+    return from_config(LinearSettings, config.linear)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

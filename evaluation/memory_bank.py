@@ -1,6 +1,7 @@
 """The Hummingbird memory bank: augmented train patches as L2-normalised keys with soft class labels.
 
-Follows open-hummingbird-eval 2.0 (reference/evaluation_protocols.md section 1.1):
+Follows open-hummingbird-eval 2.0 (vpariza/open-hummingbird-eval `hbird/hbird_eval.py` and
+`hbird/utils/transforms.py`; docs/evaluation.md):
 - each pass over the train set (2 passes by default) draws, per image, colour jitter on the
   full-resolution image (brightness, contrast, saturation, hue, range 0.1 each, each applied with
   p=0.5, in that order), then a paired random resized crop (scale (0.5, 2.0), ratio (3/4, 4/3),
@@ -23,16 +24,17 @@ import dataclasses
 import functools
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from evaluation.features import IMAGENET_STD, FeaturesFn, iterate_batches, nearest_indices
-from input_pipeline.views import adjust_hue, random_resized_crop_params
+from evaluation.features import FeaturesFn, iterate_batches, nearest_indices
+from input_pipeline.views import CROP_RATIO, IMAGENET_STD, adjust_hue, random_resized_crop_params
 from neco_jax.errors import ConfigError, DatasetError
+from neco_jax.normalize import l2_normalize
 
 HBIRD_TYPO_STD = np.array([0.229, 0.224, 0.255], dtype=np.float32)
 CROP_SCALE = (0.5, 2.0)  # area fraction; above 1 cannot fit, so torchvision's fallback crop takes over
-CROP_RATIO = (3 / 4, 4 / 3)
 FRACTIONS = (1, 8, 64, 128)  # 1/n of the train set; n > 1 reads a released list file
 
 
@@ -80,7 +82,7 @@ def subset_by_names(dataset, names: list[str]):
 # ----------------------------------------------------------------------------- augmentation
 
 
-def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 0.1, p: float = 0.5) -> np.ndarray:
+def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float, p: float = 0.5) -> np.ndarray:
     """Brightness, contrast, saturation, hue jitter (each with probability ``p``, fixed order) on uint8 RGB.
 
     Uses the PIL operations torchvision's ``ColorJitter`` calls on PIL images, so the pixels match it.
@@ -119,12 +121,12 @@ def resize_weights(in_size: int, out_size: int) -> np.ndarray:
 
 
 def train_view(
-    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, size: int, jitter: float = 0.1
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, *, size: int, jitter: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """One augmented pair: image (size, size, 3) float32 on the 0..255 scale and mask (size, size) uint8.
 
     The reference resizes the already normalised image; resampling is linear with unit-sum weights,
-    so resizing first and normalising afterwards (``features.normalize``) gives the same values.
+    so resizing first and normalising afterwards (``input_pipeline.views.normalize``) gives the same values.
     """
     jittered = color_jitter(image, rng, jitter)  # whole image: contrast uses its mean grey level
     top, left, h, w = random_resized_crop_params(rng, image.shape[1], image.shape[0], CROP_SCALE, CROP_RATIO)
@@ -205,19 +207,20 @@ def build_memory_bank(
     *,
     input_size: int,
     patch_size: int,
-    passes: int = 2,
-    memory_size: int | None = 10_240_000,
+    passes: int,
+    memory_size: int | None,
+    jitter: float,
     batch_size: int = 16,
     reproduce_std_typo: bool = False,
-    jitter: float = 0.1,
     seed: int = 0,
     num_threads: int = 8,
 ) -> MemoryBank:
     """Runs ``passes`` augmented passes over ``dataset`` and keeps the selected patches.
 
     ``dataset[i]`` gives (RGB uint8, labels uint8); ``features_fn`` maps normalised images
-    (B, input_size, input_size, 3) to patch tokens (B, h, w, D). ``jitter`` is the colour-jitter
-    range (0.1 in the reference; 0 switches it off, e.g. for features that read colours). Each image's randomness comes
+    (B, input_size, input_size, 3) to patch tokens (B, h, w, D). ``passes``, ``memory_size`` (None: every
+    patch) and ``jitter`` (the colour-jitter range; 0 switches it off, e.g. for features that read colours) have
+    the protocol's values in ``evaluation.hummingbird.RetrievalSettings``. Each image's randomness comes
     from its own generator seeded by (seed, pass, index), so threads do not change the result.
     """
     if input_size % patch_size:
@@ -244,9 +247,8 @@ def build_memory_bank(
         )
         for batch in batches:
             images = restandardise(batch.images, reproduce_std_typo)
-            feats = np.asarray(features_fn(images), dtype=np.float32)
-            feats = feats.reshape(feats.shape[0], -1, feats.shape[-1])
-            feats = feats / np.linalg.norm(feats, axis=-1, keepdims=True)  # per patch (v2.0 fix; v1 used dim=1)
+            feats = l2_normalize(jnp.asarray(features_fn(images), jnp.float32))  # per patch (v2.0; v1 used dim=1)
+            feats = np.asarray(feats).reshape(feats.shape[0], -1, feats.shape[-1])
             counts = patch_label_counts(batch.masks, patch_size, dataset.num_classes)
             if keys is None:  # preallocated: 10,240,000 keys must not be copied by a final concatenate
                 keys = np.empty((total, feats.shape[-1]), np.float32)

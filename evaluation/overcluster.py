@@ -22,21 +22,35 @@ from evaluation.features import FeaturesFn, extract_features, nearest_resize, re
 from evaluation.kmeans import kmeans
 from evaluation.pca import standardize_and_project
 from evaluation.runner import make_extractor, open_split
+from evaluation.settings import from_config
 from evaluation.visualize import cluster_colors, pca_rgb, save_panel_row
 from neco_jax.errors import ConfigError, UserError
 
 
+def default_ks(num_classes: int) -> tuple[int, ...]:
+    """The reference's cluster counts: the class count (Hungarian matching), 300 and 500 (many-to-one)."""
+    return (num_classes, 300, 500)
+
+
 @dataclasses.dataclass(frozen=True)
 class OverclusterSettings:
-    """The protocol's knobs; defaults are the reference's (configs/eval/base.py documents each)."""
+    """The protocol's knobs; the defaults are the reference's (NeCo ``eval_overcluster.py`` with faiss's k-means).
 
+    The job configs' ``config.overcluster`` is built from these defaults (see ``evaluation.settings``).
+    """
+
+    # Cluster counts (`default_ks`); K == num_classes uses Hungarian matching, larger K many-to-one by precision.
     ks: Sequence[int]
+    # k-means seeds (results averaged), restarts per seed (best objective kept), Lloyd iterations.
     seeds: Sequence[int] = (0, 1, 2, 3, 4)
     restarts: int = 5
     iters: int = 100
+    # Centroid init: "random" (distinct random points, as faiss) or "kmeans++".
     init: str = "random"
+    # PCA target dimension, and faiss's training subsample: at most pca_max_points_per_dim * D vectors (0 = all).
     pca_dim: int = 50
     pca_max_points_per_dim: int = 1000
+    # faiss's k-means training subsample: at most max_points_per_centroid * K points (0 = all points).
     max_points_per_centroid: int = 256
 
 
@@ -152,17 +166,7 @@ def save_pictures(results: dict, dataset: SegmentationDataset, folder: Path, *, 
 
 
 def settings_from_config(config: ml_collections.ConfigDict) -> OverclusterSettings:
-    oc = config.overcluster
-    return OverclusterSettings(
-        ks=tuple(int(k) for k in oc.ks),
-        seeds=tuple(int(s) for s in oc.seeds),
-        restarts=oc.restarts,
-        iters=oc.iters,
-        init=oc.init,
-        pca_dim=oc.pca_dim,
-        pca_max_points_per_dim=oc.pca_max_points_per_dim,
-        max_points_per_centroid=oc.max_points_per_centroid,
-    )
+    return from_config(OverclusterSettings, config.overcluster)
 
 
 def run(config: ml_collections.ConfigDict) -> dict:

@@ -2,7 +2,7 @@
 
 Every source returns the stored image (encoded bytes, or a uint8 array for TFDS) from `source[i]` and a
 human-readable name from `source.describe(i)`, so errors and skip reports can point at the file.
-Layouts (reference: neco_method.md section 6.5):
+Layouts (the original's `DATASET.md` and `data/` readers in vpariza/NeCo; docs/method.md):
   coco          data_dir/train2017/*  (data_dir may also be the train2017 folder itself)
   imagenet100   data_dir/imagenet100.txt (one wnid per line) + data_dir/train/<wnid>/*  (alias imagenet100k)
   imagenet      data_dir/train/<wnid>/*  (every class folder)

@@ -1,6 +1,6 @@
 """NeCo's multi-crop views: crop geometry with the overlap rule, colour pipeline, and the crop-pair boxes.
 
-Follows the original `NeCoTransforms` (reference: neco_method.md section 2) operation for operation on PIL
+Follows the original `NeCoTransforms` (vpariza/NeCo `src/neco_transforms.py`; docs/method.md) operation for operation on PIL
 images: torchvision `RandomResizedCrop.get_params` semantics (integer boxes, 10 tries, central-crop fallback),
 PIL crop + bilinear resize (PIL widens the filter when downsampling, i.e. antialiased), torchvision's PIL
 colour ops, and `calculate_bboxes` in float32. Randomness comes from a NumPy `Generator` the caller seeds, so
@@ -30,8 +30,11 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from input_pipeline.errors import ConfigError
 
+# ImageNet mean and std of RGB in [0, 1] (torchvision's Normalize values used by DINO, NeCo and the evaluations).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# RandomResizedCrop's default aspect-ratio range (w/h), used by the training views and the evaluations' crops.
+CROP_RATIO = (3 / 4, 4 / 3)
 AUGMENT_ON = ("device", "host")
 AUGMENT_NUMERICS = ("pil", "tensor")  # input_pipeline.augment's two rounding modes
 # One crop's colour parameters, as the columns of the batch's `global_colour` / `local_colour` arrays:
@@ -62,7 +65,7 @@ class ViewConfig:
     nmb_crops: tuple[int, ...] = (2, 4)  # number of global, local crops
     min_scale_crops: tuple[float, ...] = (0.25, 0.05)  # RandomResizedCrop area fraction, lower bound
     max_scale_crops: tuple[float, ...] = (1.0, 0.25)  # ... upper bound
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect-ratio range (torchvision default)
+    ratio: tuple[float, float] = CROP_RATIO  # aspect-ratio range (torchvision default)
     min_intersection: float = 0.01  # overlap with each earlier global crop > int(W*H*this) (x2 between globals)
     jitter_strength: float = 1.0  # ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s)
     blur_strength: float = 1.0  # blur sigma ~ U(0.1 s, 2 s)
@@ -266,8 +269,11 @@ def color_augment(img: Image.Image, rng, cfg: ViewConfig) -> Image.Image:
     return apply_colour_pil(img, draw_colour_params(rng, cfg))
 
 
-def normalize(img: Image.Image) -> np.ndarray:
-    """ToTensor + Normalize(ImageNet) in float32 with torchvision's operation order, as HWC."""
+def normalize(img: Image.Image | np.ndarray) -> np.ndarray:
+    """ToTensor + Normalize(ImageNet) in float32 with torchvision's operation order, channels last.
+
+    Takes a PIL image or uint8 pixels of any leading shape (..., 3), e.g. a batch of evaluation images.
+    """
     x = np.array(img, dtype=np.float32)  # in-place from here: same float32 ops, fewer temporaries
     x /= np.float32(255)
     x -= IMAGENET_MEAN

@@ -1,10 +1,11 @@
-"""Foreground masks from the teacher's CLS attention, for NeCo's fg/bg loss ablation.
+"""Foreground masks from CLS attention: NeCo's fg/bg loss ablation and the CBFE evaluation's noisy foreground.
 
 The original (``process_attentions``, adapted from DINO's attention visualisation) averages the heads of
 the last block's CLS->patch attention, blurs it with torchvision's ``GaussianBlur(7, sigma=0.6)``
 (reflect padding), keeps the patches holding the top 60% of the attention mass and removes 8-connected
-components of at most 2 patches. Here every step is a static-shape array program, so it runs inside
-the jitted train step.
+components of at most 2 patches (``process_attentions`` in ``experiments/utils.py`` of ``vpariza/NeCo``, taken from Leopart). Here every
+step is a static-shape array program, so it runs inside the jitted train step; ``evaluation.cbfe`` runs the
+same function on the evaluated model's attention.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def _gaussian_kernel(size: int, sigma: float) -> np.ndarray:
     return (k / k.sum()).astype(np.float32)
 
 
-def _blur(maps: jax.Array, size: int, sigma: float) -> jax.Array:
+def gaussian_blur(maps: jax.Array, size: int, sigma: float) -> jax.Array:
     """Separable Gaussian blur of (B, h, w) with reflect padding, as torchvision's tensor GaussianBlur."""
     kernel = _gaussian_kernel(size, sigma)
     half = size // 2
@@ -75,7 +76,7 @@ def attention_fg_mask(
     attn_cls = jnp.asarray(attn_cls, jnp.float32)
     lead = attn_cls.shape[:-2]
     attn = jnp.mean(attn_cls, axis=-2).reshape(-1, height, width)
-    attn = _blur(attn, blur_size, blur_sigma).reshape(attn.shape[0], -1)
+    attn = gaussian_blur(attn, blur_size, blur_sigma).reshape(attn.shape[0], -1)
     order = jnp.argsort(attn, axis=1)
     values = jnp.take_along_axis(attn, order, axis=1)
     cumulative = jnp.cumsum(values / jnp.sum(values, axis=1, keepdims=True), axis=1)

@@ -5,7 +5,7 @@ the 7x7 grid of their overlap. Each aligned patch ranks the same 49 reference ve
 teacher vectors, or a shuffled pool of the pair's aligned teacher features) by cosine similarity with a
 differentiable sorting network; the loss is the cross-entropy between the teacher's and the student's
 relaxed permutation matrices (sum over ranks, mean over image, query patch and reference), averaged over
-the V - 1 crops of an anchor and over the anchors. Facts: reference/neco_method.md section 1.
+the V - 1 crops of an anchor and over the anchors. Original: vpariza/NeCo src/neco.py (`knn_loss`); docs/method.md.
 
 All pairs of a step go through one student sort and one teacher sort (stacked rows): one network in the
 compiled step instead of twenty, and better-shaped kernels.
@@ -21,6 +21,7 @@ import numpy as np
 
 from neco_jax import queue as queue_lib
 from neco_jax.errors import ConfigError
+from neco_jax.normalize import l2_normalize
 from neco_jax.roi_align import roi_align
 from neco_jax.sorting import sort
 
@@ -34,12 +35,6 @@ MASK_ONE = 1.0 - 1e-6
 HP = jax.lax.Precision.HIGHEST
 
 
-def _normalize(x: jax.Array) -> jax.Array:
-    """``F.normalize``: x / max(|x|, 1e-12), with a finite gradient at x = 0 (zero queue slots)."""
-    sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    safe = jnp.where(sq > 0, sq, 1.0)
-    norm = jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
-    return x / jnp.maximum(norm, 1e-12)
 
 
 def similarity_matrix(queries: jax.Array, references: jax.Array, similarity: str = "cosine") -> jax.Array:
@@ -50,7 +45,7 @@ def similarity_matrix(queries: jax.Array, references: jax.Array, similarity: str
     queries = jnp.asarray(queries, jnp.float32)
     references = jnp.asarray(references, jnp.float32)
     if similarity == "cosine":
-        return jnp.einsum("...qd,...rd->...qr", _normalize(queries), _normalize(references), precision=HP)
+        return jnp.einsum("...qd,...rd->...qr", l2_normalize(queries), l2_normalize(references), precision=HP)
     if similarity == "euclidean":
         # cdist's matmul path: sqrt(clamp_min(|q|^2 + |r|^2 - 2 q.r, 1e-30)).
         sq = jnp.sum(queries**2, -1)[..., :, None] + jnp.sum(references**2, -1)[..., None, :]

@@ -6,7 +6,8 @@ B * h * w grid at the front; ``sample`` then draws ``randperm(length)[:count] mo
 is usable from the first step.
 
 The original keeps one fill counter for all queues and increments it once per queue, so it grows by
-2 * 10 * B per step and indexes never-written zero slots during the first steps (neco_method.md 1.2).
+2 * 10 * B per step and indexes never-written zero slots during the first steps (`update_queue` and `knn_loss`
+in vpariza/NeCo src/neco.py).
 ``original_counter=True`` reproduces that; the default counts each queue's real entries.
 """
 

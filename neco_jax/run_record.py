@@ -19,6 +19,7 @@ import tempfile
 from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
 from neco_jax.errors import ConfigChangedError, WorkdirError
 from neco_jax.files import atomic_write_text
@@ -61,13 +62,10 @@ def _as_json(config: ml_collections.ConfigDict) -> str:
     return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: node}
+def _flatten(config: dict) -> dict[str, Any]:
+    """'a.b' -> value of a config dict; an empty section stays a field holding {}."""
+    flat = traverse_util.flatten_dict(config, keep_empty_nodes=True, sep=".")
+    return {k: {} if v is traverse_util.empty_node else v for k, v in flat.items()}
 
 
 def config_changes(old: dict, new: dict) -> list[str]:

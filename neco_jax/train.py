@@ -38,7 +38,7 @@ from neco_jax import metrics_writer as mw
 from neco_jax import queue as queue_lib
 from neco_jax import train_state as ts
 from neco_jax.backbone_io import load_parts
-from neco_jax.convert import export_file
+from neco_jax.convert import export_file, flatten_params, unflatten_params_like
 from neco_jax.errors import ConfigError, NonFiniteError
 from neco_jax.fg_mask import attention_fg_mask
 from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
@@ -188,17 +188,6 @@ def random_params(config, seed: int, has_mask_token: bool | None = None) -> tupl
     return jax.jit(init)(jax.random.PRNGKey(seed))
 
 
-def _flat(tree: dict) -> dict[str, Any]:
-    return {
-        "/".join(str(getattr(k, "key", k)) for k in path): v
-        for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-
-
-def _unflat_like(template: dict, flat: dict[str, Any]) -> dict:
-    return jax.tree.unflatten(jax.tree.structure(template), [jnp.asarray(flat[p]) for p in _flat(template)])
-
-
 def initial_params(config) -> tuple[dict, dict, str]:
     """(student, teacher, description) from `config.model.init`: "random", or weights.
 
@@ -224,7 +213,9 @@ def initial_params(config) -> tuple[dict, dict, str]:
         if both and converted.head_params is not None:
             head, head_note = _fill(params["head"], converted.head_params, config, "head")[0], "head loaded"
         out[name] = {**params, "backbone": backbone, "head": head}
-        note = f"{name}: {len(_flat(backbone))} of {len(converted.params)} backbone tensors loaded, {head_note}"
+        note = (
+            f"{name}: {len(flatten_params(backbone))} of {len(converted.params)} backbone tensors loaded, {head_note}"
+        )
         notes.append(note + (f", dropped (not in this model): {', '.join(dropped)}" if dropped else ""))
     source = "student and teacher of a NeCo checkpoint" if both else "one backbone into both models"
     return out["student"], out["teacher"], f"{config.model.init} ({source}): " + "; ".join(notes)
@@ -232,7 +223,7 @@ def initial_params(config) -> tuple[dict, dict, str]:
 
 def _fill(template: dict, loaded: Mapping[str, Any], config, what: str) -> tuple[dict, list[str]]:
     """`template`'s tree with the values of `loaded` ('/'-joined paths), and the loaded paths it has no place for."""
-    wanted = _flat(template)
+    wanted = flatten_params(template)
     missing = sorted(p for p in wanted if p not in loaded)
     mismatched = sorted(
         f"{p} {loaded[p].shape} vs {wanted[p].shape}"
@@ -250,7 +241,8 @@ def _fill(template: dict, loaded: Mapping[str, Any], config, what: str) -> tuple
         raise NonFiniteError(
             f"{config.model.init} holds NaN or infinite values in {nonfinite}; start from intact weights"
         )
-    return _unflat_like(template, dict(loaded)), sorted(p for p in loaded if p not in wanted)
+    values = {p: jnp.asarray(loaded[p]) for p in wanted}
+    return unflatten_params_like(template, values), sorted(p for p in loaded if p not in wanted)
 
 
 # --------------------------------------------------------------------------- the step
@@ -456,7 +448,7 @@ def export_backbones(config, models: ts.Models, state: ts.TrainState, folder: st
         backbone, head = backbone_def.merge(params["backbone"]), models.head.merge(params["head"])
         written.append(str(save_backbone(backbone, os.path.join(folder, name), head=head)))
         path = os.path.join(folder, f"{name}_{layout}{suffix}")
-        written.append(str(export_file(backbone.config, _flat(params["backbone"]), layout, path)))
+        written.append(str(export_file(backbone.config, flatten_params(params["backbone"]), layout, path)))
     return written
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from input_pipeline.views import IMAGENET_MEAN, IMAGENET_STD
+
 NUM_CLASSES = 21
 CLASS_COLORS = np.array(list(itertools.product((20, 127, 234), repeat=3))[:NUM_CLASSES], dtype=np.uint8)
-_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 _SIZES = ((112, 112), (96, 128), (128, 100), (120, 120))  # (H, W); varied so that resizing is exercised
 
 
@@ -92,7 +92,7 @@ def make_voc_dataset(data_dir: str | Path, *, num_train: int = 8, num_val: int =
 
 def pixel_classes(images: np.ndarray) -> np.ndarray:
     """Class of every pixel of ImageNet-normalised images (B, H, W, 3), by the nearest class colour."""
-    rgb = (images * _STD + _MEAN) * 255.0
+    rgb = (images * IMAGENET_STD + IMAGENET_MEAN) * 255.0
     d = ((rgb[..., None, :] - CLASS_COLORS.astype(np.float32)) ** 2).sum(-1)
     return d.argmin(-1)
 

@@ -1,4 +1,4 @@
-"""The benchmark scripts: the FLOP formula against jax_notes E.1's table and against the matmuls of the model's
+"""The benchmark scripts: the FLOP formula against the table of docs/flops.md and against the matmuls of the model's
 own traced code, and each bench run with --small in a subprocess, checking the JSON it writes."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# jax_notes E.1: forward GMACs as printed there (the ViT-g row is timm's model card, 1784.2, which the
+# docs/flops.md: forward GMACs as printed there (the ViT-g row is timm's model card, 1784.2, which the
 # formula gives as ~1783 since it leaves out LayerNorm and the like).
 TABLE_GMACS = [
     ("vit_small_patch16_dino", 224, "4.60"),

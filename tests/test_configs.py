@@ -1,4 +1,4 @@
-"""Recipe configs: the original's values (neco_method.md section 4), ablation presets, and config errors."""
+"""Recipe configs: the original's values (vpariza/NeCo experiments/configs/; docs/method.md), ablation presets, and config errors."""
 
 import importlib
 import os

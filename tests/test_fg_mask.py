@@ -6,7 +6,7 @@ import torch
 from skimage.measure import label
 from torchvision.transforms import GaussianBlur
 
-from neco_jax.fg_mask import attention_fg_mask
+from neco_jax.fg_mask import attention_fg_mask, gaussian_blur
 
 
 def reference_mask(attn_cls, side, threshold=0.6, sigma=0.6):
@@ -43,3 +43,9 @@ def test_mask_equals_original_recipe():
     spiky = np.full((1, 1, side * side), 1e-4, np.float32)
     spiky[0, 0, [0, 40]] = 1.0
     assert float(np.asarray(attention_fg_mask(spiky, (side, side), threshold=0.2, blur_sigma=0.1)).sum()) == 0
+
+
+def test_gaussian_blur_matches_torchvision():
+    maps = np.random.default_rng(0).random((3, 9, 9)).astype(np.float32)
+    ref = GaussianBlur(7, sigma=0.6)(torch.from_numpy(maps)[:, None])[:, 0].numpy()
+    np.testing.assert_allclose(np.asarray(gaussian_blur(jax.numpy.asarray(maps), 7, 0.6)), ref, rtol=1e-5, atol=1e-7)

@@ -91,7 +91,7 @@ def test_a_memory_smaller_than_one_patch_per_image_is_a_user_error():
 def test_color_jitter_matches_torchvision_ops_with_the_same_draws():
     img = (np.random.default_rng(2).random((24, 30, 3)) * 255).astype(np.uint8)
     for seed in range(6):
-        ours = mb.color_jitter(img, np.random.default_rng(seed))
+        ours = mb.color_jitter(img, np.random.default_rng(seed), 0.1)
         rng = np.random.default_rng(seed)
         ref = Image.fromarray(img)
         for op in (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation):
@@ -164,7 +164,7 @@ def test_small_fraction_falls_back_to_the_unbounded_memory(voc):
     two = train.subset([0, 1])
     fn = functools.partial(noise_features, patch_size=4)
     # 2 images x 2 passes; 10,240,000 // 4 is far above the 196 patches of a 56 px view: keep them all.
-    common = dict(input_size=56, patch_size=4, batch_size=4, num_threads=2)
+    common = dict(input_size=56, patch_size=4, passes=2, jitter=0.1, batch_size=4, num_threads=2)
     bank = mb.build_memory_bank(two, fn, memory_size=10_240_000, **common)
     assert len(bank) == 2 * 2 * 196
     bounded = mb.build_memory_bank(two, fn, memory_size=200, **common)
@@ -189,7 +189,7 @@ def test_retrieval_is_near_perfect_for_separable_features(voc):
 
 def test_retrieval_is_near_chance_for_noise(voc):
     _, train, val = voc
-    settings = hb.RetrievalSettings(**SMALL, memory_size=None)
+    settings = hb.RetrievalSettings(**SMALL, memory_size=0)
     noise = functools.partial(noise_features, patch_size=4)
     out = hb.evaluate_retrieval(train, val, noise, patch_size=4, settings=settings)
     assert 0.0 <= out["miou"] < 0.15

@@ -52,7 +52,7 @@ def data():
 
 
 def _torch_loss(d, refs_fn, steep_s, steep_t, net, masks=None):
-    """The original's knn_loss (neco_method.md 1.3), with the references supplied per pair by refs_fn."""
+    """The original's knn_loss (vpariza/NeCo src/neco.py), with the references supplied per pair by refs_fn."""
     sg, sl, tg = (torch.tensor(d[k], dtype=torch.float64) for k in ("sg", "sl", "tg"))
     sorter_s = DiffSortNet(net, K * K, steepness=steep_s)
     sorter_t = DiffSortNet(net, K * K, steepness=steep_t)

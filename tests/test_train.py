@@ -84,16 +84,16 @@ def test_init_from_a_neco_lightning_checkpoint_restores_student_teacher_and_head
     """As the original's only_load_weights: model.* and teacher.* with their projection heads, both restored."""
     import torch
 
-    from neco_jax.convert import export_state_dict, head_to_torch
+    from neco_jax.convert import export_state_dict, flatten_params, head_to_torch
 
     c = tiny_config(**{"model.arch": "vit_small_patch14_dinov2", "model.arch_overrides": {"depth": 1}})
     student, _ = train_lib.random_params(c, 1)
     _, teacher = train_lib.random_params(c, 2)  # a different backbone and head: nothing may be mixed up
     state = {}
     for prefix, params in (("model.", student), ("teacher.", teacher)):
-        flat = train_lib._flat(jax.device_get(params["backbone"]))
+        flat = flatten_params(jax.device_get(params["backbone"]))
         state.update({prefix + k: v for k, v in export_state_dict(flat, "dinov2").items()})
-        head = head_to_torch(train_lib._flat(jax.device_get(params["head"])))
+        head = head_to_torch(flatten_params(jax.device_get(params["head"])))
         state.update({f"{prefix}projection_head.{k}": v for k, v in head.items()})
     path = tmp_path / "neco.ckpt"
     torch.save({"epoch": 1, "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, path)

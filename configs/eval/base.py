@@ -1,10 +1,16 @@
 """Shared fields of every evaluation job; `configs/eval/<dataset>_<protocol>.py` call `get_eval_config`.
 
-Values are the reference protocols' (reference/evaluation_protocols.md sections 2 and 6). The returned config
-is locked: overriding a field that does not exist (`--config.typo=1`) is an error.
+A protocol's section (`config.linear`, `config.overcluster`, ...) is built from the defaults of its settings
+dataclass (`evaluation.linear.LinearSettings`, `evaluation.overcluster.OverclusterSettings`, ...), where each
+field is documented and its default written once; the job files change only what a dataset's reference
+loader does differently. docs/evaluation.md lists the protocols' settings and their sources. The returned
+config is locked: overriding a field that does not exist (`--config.typo=1`) is an error.
 """
 
 import ml_collections
+
+from evaluation import linear, overcluster
+from evaluation.settings import config_section
 
 # dataset -> (train split, val split, number of classes, ignore index) as the readers name them.
 DATASETS = {
@@ -66,59 +72,15 @@ def common_fields(dataset: str, protocol: str) -> ml_collections.ConfigDict:
 
 
 def linear_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Linear segmentation (Leopart/NeCo linear_finetune.py + eval_linear.py)."""
-    c.linear = ml_collections.ConfigDict()
-    lin = c.linear
-    # SGD on the 1x1 head: lr, momentum, weight decay (added to the gradient, as torch.optim.SGD).
-    lin.lr = 0.01
-    lin.momentum = 0.9
-    lin.weight_decay = 1e-4
-    # Epochs, and StepLR: lr x lr_gamma every lr_step_epochs epochs.
-    lin.epochs = 25
-    lin.lr_step_epochs = 20
-    lin.lr_gamma = 0.1
-    # Head batch size, and whether the last partial batch of an epoch is dropped (the reference VOC and COCO
-    # loaders drop it, its ADE20k and Cityscapes loaders keep it).
-    lin.batch_size = 128
-    lin.drop_last = True
-    # Shuffle the training set each epoch (the reference VOC and ADE20k loaders do not; COCO's does).
-    lin.shuffle = False
-    # Paired RandomResizedCrop(image_size, scale) and horizontal flip with probability hflip.
-    lin.crop_scale = (0.8, 1.0)
-    lin.hflip = 0.5
-    # Training loss resolution (features bilinearly upsampled, masks nearest) and final evaluation resolution.
-    lin.train_mask_size = 100
-    lin.eval_mask_size = 448
-    # Compute backbone features once (no augmentation then) instead of on every augmented batch.
-    lin.cache_features = False
-    # Seed of the head init, crops, flips and shuffling (the reference seeds 400).
-    lin.seed = 400
-    # Which head is scored: False = the last epoch's; True = the epoch with the best val mIoU measured after every
-    # epoch at select_mask_size, as the reference's ModelCheckpoint(monitor="miou_val") keeps it (this selects on
-    # the evaluation set). select_drop_last scores only whole batches of val images (the reference VOC loader).
-    lin.select_best = False
-    lin.select_mask_size = 100
-    lin.select_drop_last = False
+    """Linear segmentation (NeCo linear_finetune.py + eval_linear.py): `evaluation.linear.LinearSettings`."""
+    c.linear = config_section(linear.LinearSettings())
     return c
 
 
 def overcluster_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Overclustering (NeCo eval_overcluster.py): standardise, PCA, k-means on the val features themselves."""
-    c.overcluster = ml_collections.ConfigDict()
-    oc = c.overcluster
-    # Cluster counts; K == num_classes uses Hungarian matching, larger K many-to-one by precision.
-    oc.ks = (c.num_classes, 300, 500)
-    # k-means seeds (results averaged), restarts per seed (best objective kept), Lloyd iterations.
-    oc.seeds = (0, 1, 2, 3, 4)
-    oc.restarts = 5
-    oc.iters = 100
-    # Centroid init: "random" (distinct random points, as faiss) or "kmeans++".
-    oc.init = "random"
-    # PCA target dimension, and faiss's training subsample: at most max_points_per_dim * D vectors (0 = all).
-    oc.pca_dim = 50
-    oc.pca_max_points_per_dim = 1000
-    # faiss's k-means training subsample: at most max_points_per_centroid * K points (0 = all points).
-    oc.max_points_per_centroid = 256
-    # Keep only a multiple of this many images (the reference VOC loader's drop_last with batch 32; 0 = all).
-    oc.drop_remainder = 0
+    """Overclustering (NeCo eval_overcluster.py): `evaluation.overcluster.OverclusterSettings`, and
+    drop_remainder: keep only a multiple of this many images (the reference VOC loader's drop_last with batch 32;
+    0 = all)."""
+    defaults = overcluster.OverclusterSettings(ks=overcluster.default_ks(c.num_classes))
+    c.overcluster = config_section(defaults, drop_remainder=0)
     return c

@@ -145,11 +145,26 @@ def join_path(path) -> str:
     return "/".join(str(p) for p in path)
 
 
+def flatten_params(tree: Mapping) -> dict[str, Any]:
+    """'/'-joined path -> leaf of nested parameter dicts (``nnx.to_pure_dict``'s layout, list indices as ints)."""
+    from flax import traverse_util
+
+    return {join_path(path): value for path, value in traverse_util.flatten_dict(tree).items()}
+
+
+def unflatten_params_like(template: Mapping, flat: Mapping[str, Any]) -> dict:
+    """Nested parameter dicts shaped as ``template``, each leaf taken from ``flat`` ('/'-joined paths)."""
+    from flax import traverse_util
+
+    paths = traverse_util.flatten_dict(template)
+    return traverse_util.unflatten_dict({path: flat[join_path(path)] for path in paths})
+
+
 def flat_params(module) -> dict[str, Any]:
     """'/'-joined path -> value of every ``nnx.Param`` of a module."""
     from flax import nnx  # JAX/Flax: see abstract_module
 
-    return {join_path(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    return flatten_params(nnx.to_pure_dict(nnx.state(module, nnx.Param)))
 
 
 def _head_torch_keys(jax_paths) -> dict[str, str]:

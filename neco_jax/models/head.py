@@ -7,15 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neco_jax.models.layers import LINEAR_INIT
-
-# F.normalize's eps: x / max(||x||, eps), so an all-zero vector stays zero instead of becoming NaN.
-NORMALIZE_EPS = 1e-12
-
-
-def l2_normalize(x: jax.Array, eps: float = NORMALIZE_EPS) -> jax.Array:
-    """`torch.nn.functional.normalize(x, dim=-1)`."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+from neco_jax.normalize import l2_normalize
 
 
 class ProjectionHead(nnx.Module):
