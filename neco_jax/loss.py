@@ -35,8 +35,6 @@ MASK_ONE = 1.0 - 1e-6
 HP = jax.lax.Precision.HIGHEST
 
 
-
-
 def similarity_matrix(queries: jax.Array, references: jax.Array, similarity: str = "cosine") -> jax.Array:
     """(..., Q, D) x (..., R, D) -> (..., Q, R): cosine similarity, or Euclidean distance as ``torch.cdist``.
 

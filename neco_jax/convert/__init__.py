@@ -147,14 +147,14 @@ def join_path(path) -> str:
 
 def flatten_params(tree: Mapping) -> dict[str, Any]:
     """'/'-joined path -> leaf of nested parameter dicts (``nnx.to_pure_dict``'s layout, list indices as ints)."""
-    from flax import traverse_util
+    from flax import traverse_util  # JAX/Flax: see abstract_module
 
     return {join_path(path): value for path, value in traverse_util.flatten_dict(tree).items()}
 
 
 def unflatten_params_like(template: Mapping, flat: Mapping[str, Any]) -> dict:
     """Nested parameter dicts shaped as ``template``, each leaf taken from ``flat`` ('/'-joined paths)."""
-    from flax import traverse_util
+    from flax import traverse_util  # JAX/Flax: see abstract_module
 
     paths = traverse_util.flatten_dict(template)
     return traverse_util.unflatten_dict({path: flat[join_path(path)] for path in paths})
