@@ -4,6 +4,7 @@ of the sorting + ROI-align loss part, for the recipes' shapes with synthetic bat
     python bench/train_step.py                       # accelerator cases, most important first
     python bench/train_step.py --small               # CPU / CI: the demo recipe's tiny ViT at 56/28 px
     python bench/train_step.py --small --loop --cases ""   # the demo's training loop vs its step alone
+    python bench/train_step.py --small --compile-only      # trace + compile time of each case, nothing run
     python bench/train_step.py --cases s14_518_b64_bf16 --isolate --budget-s 360 --profile s14_518_b64_bf16
 Cases: dinov2_s14 at 518/98 and 224/98 (batch 64), dinov2_b14 at 518/98 (batch 16); fp32 and bf16 compute;
 with and without rematerialisation. The step is the trainer's own (`neco_jax.train.make_train_step`, jitted
@@ -98,6 +99,7 @@ SMALL = _cases(
         ("demo", (56, 28), 2, "bfloat16", False),
         ("demo", (56, 28), 2, "float32", True),
         ("dinov2_s14", S518, 1, "float32", True),
+        ("dinov2_s14", S518, 1, "float32", False),
     ]
 )  # the recipe's shapes at a CPU-sized batch and memory
 COLUMNS = (
@@ -115,7 +117,9 @@ COLUMNS = (
     ("compiled_memory_gib", "XLA GiB"),
     ("coco_25ep_hours", "COCO 25ep h"),
     ("finite", "finite"),
+    ("lower_s", "trace s"),
     ("compile_s", "compile s"),
+    ("compile_cpu_s", "compile CPU s"),
 )
 
 
@@ -232,12 +236,14 @@ def time_augment_part(config, batch, warmup: int, iters: int) -> dict:
     return {"augment_ms": 1e3 * timing["median_s"], "augment_timing": timing}
 
 
-def run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: bool = False) -> dict:
+def run_case(
+    case: Case, warmup: int, iters: int, peak: float | None, profile: bool = False, compile_only: bool = False
+) -> dict:
     with common.attention_implementation(case.attention):
-        return _run_case(case, warmup, iters, peak, profile)
+        return _run_case(case, warmup, iters, peak, profile, compile_only)
 
 
-def _run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: bool) -> dict:
+def _run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: bool, compile_only: bool) -> dict:
     config = case_config(case)
     row = {"case": case.name, **dataclasses.asdict(case), "status": "ok"}
     mesh = sharding.make_mesh(jax.devices()[:1])
@@ -246,11 +252,16 @@ def _run_case(case: Case, warmup: int, iters: int, peak: float | None, profile: 
     batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
     if profile:  # every matmul XLA is given, sorting and remat recomputation included
         row["matmul_tflop_traced"] = matmul_flops(step_fn, state, batch) / 1e12
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    row["compile_s"] = time.perf_counter() - start
+    start, start_cpu = time.perf_counter(), time.process_time()
+    lowered = step.lower(state, batch)
+    row["lower_s"] = time.perf_counter() - start  # tracing and lowering to StableHLO
+    compiled = lowered.compile()
+    row["compile_s"] = time.perf_counter() - start  # the whole of it: lowering and XLA's compilation
+    row["compile_cpu_s"] = time.process_time() - start_cpu  # all threads; steadier on a shared machine
     mem = common.compiled_memory_bytes(compiled)
     row["compiled_memory_gib"] = None if mem is None else mem / 2**30
+    if compile_only:
+        return row
     holder = {"state": state}
 
     def call():
@@ -376,6 +387,7 @@ def run_isolated(name: str, args, remaining_s: float | None) -> tuple[list[dict]
         cmd += ["--small"] if args.small else []
         cmd += ["--iters", str(args.iters)] if args.iters else []
         cmd += ["--profile", args.profile] if args.profile else []
+        cmd += ["--compile-only"] if args.compile_only else []
         limit = None if remaining_s is None else max(remaining_s, 60.0)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
@@ -401,6 +413,9 @@ def main() -> None:
         default="",
         help="comma-separated cases to profile as well: the loss part "
         "(ROI-align + sorting) and the forward alone timed, the step's matmuls counted",
+    )
+    parser.add_argument(
+        "--compile-only", action="store_true", help="only trace and compile each case's step (no step is run)"
     )
     parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/train_step[_small].json)")
@@ -440,7 +455,8 @@ def main() -> None:
             device = device or case_device
         else:
             try:
-                rows.append(run_case(plan[name], warmup, iters, peak, name in args.profile.split(",")))
+                profile = name in args.profile.split(",")
+                rows.append(run_case(plan[name], warmup, iters, peak, profile, args.compile_only))
             except Exception as err:  # noqa: BLE001 - an OOM or unsupported option is a result, not a crash
                 traceback.print_exc()
                 rows.append(
@@ -455,7 +471,9 @@ def main() -> None:
             f"  {name}: {r['status']}"
             + (
                 f", {r['step_ms']:.1f} ms/step, {r['images_per_s']:.1f} img/s"
-                if r["status"] == "ok"
+                if "step_ms" in r
+                else f", compiled in {r['compile_s']:.1f} s"
+                if "compile_s" in r
                 else f" {r.get('error', '')}"
             ),
             flush=True,

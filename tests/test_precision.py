@@ -26,15 +26,20 @@ def _matmul_lines(dtype: str, wrapped: bool) -> list[str]:
     return [line for line in text.splitlines() if re.search(r"stablehlo\.(dot_general|convolution)", line)]
 
 
+# The patch embedding and the six matmuls of a block (qkv, q k^T, attention x v, proj, fc1, fc2): the blocks
+# run under one scan, so the StableHLO text holds one block's matmuls whatever the depth.
+MATMULS = 7
+
+
 def test_float32_forward_is_highest_precision_only_under_true_float32():
     wrapped = _matmul_lines("float32", True)
-    assert len(wrapped) >= 10 and all("HIGHEST" in line and "DEFAULT" not in line for line in wrapped)
+    assert len(wrapped) >= MATMULS and all("HIGHEST" in line and "DEFAULT" not in line for line in wrapped)
     assert any("DEFAULT" in line for line in _matmul_lines("float32", False))  # what JAX would do by itself
 
 
 def test_bfloat16_is_the_fast_option():
     lines = _matmul_lines("bfloat16", True)
-    assert sum("bf16" in line for line in lines) >= 8  # the block matmuls take bf16 operands
+    assert sum("bf16" in line for line in lines) >= MATMULS  # the block matmuls take bf16 operands
 
 
 def test_training_and_evaluation_entry_points_run_under_true_float32():

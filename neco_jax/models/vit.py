@@ -7,6 +7,13 @@ Parameter tree (nnx.state paths, what the converters map to): `cls_token` (1,1,D
 Forward numerics follow `dinov2/models/vision_transformer.py`: CLS prepended, position embedding added
 (the G x G table resampled for other grids, see `pos_embed.py`), then register tokens inserted after CLS
 (they get no position embedding), pre-norm blocks with layer scale, final LayerNorm.
+
+The blocks run under `nnx.scan`, so one block is traced and compiled however deep the model is. Their
+parameters stay per block (`blocks/{i}/...` above): checkpoints, converters, optimizer labels and
+`trainable_blocks` see the same tree as a Python loop would, and each forward pass stacks the blocks' weights
+(one copy of them) to scan over. Blocks whose calls differ in static form run in separate scans: DINOv2's
+batch-subset drop path takes a static subset size per block, and the last `n_last_blocks` also return their
+outputs.
 """
 
 from __future__ import annotations
@@ -154,16 +161,28 @@ class Block(nnx.Module):
         out = self.mlp(self.norm2(x)).astype(jnp.float32)
         return self.ls2(out) if self.ls2 is not None else out
 
+    def drop_variant(self, drop_rate: float) -> str:
+        """How this block drops paths at `drop_rate`: "none", "per_sample" or "batch_subset" (DINOv2 above 0.1)."""
+        if drop_rate <= 0.0:
+            return "none"
+        return "batch_subset" if self.batch_subset and drop_rate > BATCH_SUBSET_THRESHOLD else "per_sample"
+
     def __call__(
         self,
         x: jax.Array,
         *,
-        drop_rate: float = 0.0,
+        drop_rate: float | jax.Array = 0.0,
         key: jax.Array | None = None,
         return_attention: bool = False,
+        variant: str | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
-        """x (B, N, D) fp32 -> (x, CLS attention row (B, heads, N) or None). drop_rate > 0 needs `key`."""
-        if self.batch_subset and drop_rate > BATCH_SUBSET_THRESHOLD:
+        """x (B, N, D) fp32 -> (x, CLS attention row (B, heads, N) or None). drop_rate > 0 needs `key`.
+
+        `variant` is `drop_variant(drop_rate)` unless given; give it when drop_rate is a traced per-sample rate
+        (a scanned per-block input), which `drop_variant` cannot look at.
+        """
+        variant = variant or self.drop_variant(drop_rate)
+        if variant == "batch_subset":
             if return_attention:
                 raise ValueError("return_attention is not available in a block trained with batch-subset drop path")
             key_attn, key_mlp = jax.random.split(key)
@@ -171,7 +190,7 @@ class Block(nnx.Module):
             x = add_residual_on_subset(x, self._mlp_residual, drop_rate, key_mlp)
             return x, None
         residual, attn = self._attn_residual(x, return_attention)
-        if drop_rate > 0.0:
+        if variant == "per_sample":
             key_attn, key_mlp = jax.random.split(key)
             x = x + drop_path(residual, drop_rate, key_attn)
             x = x + drop_path(self._mlp_residual(x), drop_rate, key_mlp)
@@ -179,16 +198,6 @@ class Block(nnx.Module):
             x = x + residual
             x = x + self._mlp_residual(x)
         return x, attn
-
-
-def _block_fn(drop_rate: float, return_attention: bool):
-    """One block as a positional function of (module, tokens, key), the form `nnx.remat` wraps; the static
-    settings are closed over."""
-
-    def run(block: Block, tokens: jax.Array, key: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
-        return block(tokens, drop_rate=drop_rate, key=key, return_attention=return_attention)
-
-    return run
 
 
 class VisionTransformer(nnx.Module):
@@ -260,16 +269,12 @@ class VisionTransformer(nnx.Module):
             raise ValueError("deterministic=False with drop_path_rate > 0 needs a PRNG `key`")
         tokens = self._embed(x)
         outputs, attn = [], None
-        for i, block in enumerate(self.blocks):
-            rate = self.drop_rates[i] if training else 0.0
-            block_key = jax.random.fold_in(key, i) if rate > 0 else None
-            last = i == depth - 1
-            run = _block_fn(rate, return_attention and last)
-            if cfg.remat:
-                run = nnx.remat(run)
-            tokens, attn = run(block, tokens, block_key)
-            if i >= depth - n_last_blocks:
-                outputs.append(tokens)
+        for start, stop, variant, collect in self._segments(training, n_last_blocks):
+            if return_attention and stop == depth:  # carried through the scan: the last block's remains
+                attn = jnp.zeros((tokens.shape[0], cfg.num_heads, tokens.shape[1]), jnp.float32)
+            tokens, attn, stacked = self._scan_blocks(start, stop, variant, tokens, attn, key, collect=collect)
+            if collect:
+                outputs.extend(stacked)
         normed = self.norm(tokens)
         first_patch = 1 + cfg.num_register_tokens
         result = {
@@ -283,3 +288,67 @@ class VisionTransformer(nnx.Module):
         if n_last_blocks:
             result["blocks"] = tuple(self.norm(out) for out in outputs)
         return result
+
+    def _segments(self, training: bool, n_last_blocks: int) -> list[tuple[int, int, str, bool]]:
+        """Runs of consecutive blocks called alike, as (start, stop, drop variant, outputs returned?): one scan
+        each.
+
+        In training a rate of 0 (block 0) runs as per-sample drop path, which then keeps every sample with
+        scale 1, the numbers of no drop path; a batch-subset block runs alone (its rate is static). A run is
+        also cut where the last `n_last_blocks` (whose outputs are returned) begin.
+        """
+        depth = len(self.blocks)
+        kinds = []
+        for i, block in enumerate(self.blocks):
+            variant = block.drop_variant(self.drop_rates[i]) if training else "none"
+            if training and variant == "none":
+                variant = "per_sample"
+            kinds.append((variant, i if variant == "batch_subset" else None, i >= depth - n_last_blocks))
+        segments, start = [], 0
+        for i in range(1, depth + 1):
+            if i == depth or kinds[i] != kinds[start]:
+                segments.append((start, i, kinds[start][0], kinds[start][2]))
+                start = i
+        return segments
+
+    def _scan_blocks(
+        self,
+        start: int,
+        stop: int,
+        variant: str,
+        tokens: jax.Array,
+        attn: jax.Array | None,
+        key: jax.Array | None,
+        *,
+        collect: bool,
+    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+        """Blocks start..stop-1 under one `nnx.scan` (each rematerialised if configured).
+
+        Returns (tokens, the last block's CLS attention if `attn` was given, the blocks' outputs stacked
+        (stop - start, B, N, D) if `collect`, else None). Per-block inputs: the block index (its PRNG stream is
+        `fold_in(key, index)`) and its drop rate; a batch-subset block's rate is static.
+        """
+        graphdef, _ = nnx.split(self.blocks[start])
+        states = [nnx.state(self.blocks[i]) for i in range(start, stop)]
+        stacked = nnx.merge(graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states))
+        static_rate = self.drop_rates[start] if variant == "batch_subset" else None
+        rates = jnp.asarray(self.drop_rates[start:stop], jnp.float32)
+
+        def body(block: Block, carry, inputs):
+            tokens, attn = carry
+            index, rate = inputs
+            block_key = None if variant == "none" else jax.random.fold_in(key, index)
+            tokens, attn = block(
+                tokens,
+                drop_rate=rate if static_rate is None else static_rate,
+                key=block_key,
+                return_attention=attn is not None,
+                variant=variant,
+            )
+            return (tokens, attn), (tokens if collect else None)
+
+        if self.config.remat:  # the scan already keeps XLA from merging the recomputation into the forward
+            body = nnx.remat(body, prevent_cse=False)
+        scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+        (tokens, attn), outputs = scan(stacked, (tokens, attn), (jnp.arange(start, stop), rates))
+        return tokens, attn, outputs
