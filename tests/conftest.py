@@ -1,10 +1,26 @@
-"""Test-wide setup: four simulated CPU devices (set before JAX is imported) and the GPU marker."""
+"""Test-wide setup: four simulated CPU devices, one XLA compilation cache for the whole session, and the GPU
+marker.
+
+Both the devices and the cache are set in the environment before JAX is imported, so that the processes the
+tests start (main.py, the multi-process workers, the bench scripts, the evaluation CLI) inherit them: the
+demo's train step compiled here is not compiled again by `main.py --config=configs/demo.py`, nor the workers'
+programs by every test that starts them. The cache is a fresh folder for each session (removed at its end),
+so the suite's time is what a clean clone sees; NECO_TEST_JAX_CACHE names a folder to keep between sessions.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+_OWN_CACHE = "NECO_TEST_JAX_CACHE" not in os.environ
+if _OWN_CACHE:
+    os.environ["NECO_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="neco_jax_test_xla_cache_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["NECO_TEST_JAX_CACHE"]
+# Every program, however quick to compile: the tests build the same small ones over and over.
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
-import jax  # noqa: E402  (after XLA_FLAGS)
+import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -19,7 +35,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# Tests build many models of the same shapes (every recipe at reduced size, the demo, resume runs); a
-# persistent compilation cache for the session lets XLA compile each distinct program once.
-jax.config.update("jax_compilation_cache_dir", os.environ.get("NECO_TEST_JAX_CACHE", "/tmp/neco_jax_test_xla_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+def pytest_unconfigure(config):
+    if _OWN_CACHE:  # only in the process that made it (pytest-xdist's workers inherit the variable)
+        shutil.rmtree(os.environ["NECO_TEST_JAX_CACHE"], ignore_errors=True)
