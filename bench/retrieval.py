@@ -61,7 +61,9 @@ def random_keys(num_keys: int, dim: int, *, memory_chunk: int, bin_size: int, dt
     """Unit-norm random keys generated on the devices (no 15 GB host array), laid out as ``shard_keys`` does."""
     mesh = knn_lib.data_mesh()
     ndev = mesh.devices.size
-    chunk, per_device = knn_lib.key_layout(num_keys, ndev, memory_chunk=memory_chunk, bin_size=bin_size, k=30)
+    chunk, per_device = knn_lib.key_layout(
+        num_keys, ndev, memory_chunk=memory_chunk, bin_size=bin_size, k=RetrievalSettings.k
+    )
 
     def make(key):  # the same keys whatever the chunk: draw num_keys rows, then pad
         x = jax.random.normal(key, (num_keys, dim), jnp.float32)
@@ -75,7 +77,9 @@ def random_keys(num_keys: int, dim: int, *, memory_chunk: int, bin_size: int, dt
 def bench_search(store, *, block: int, reps: int, topk_dtype: str, bin_size: int) -> dict:
     queries = jax.random.normal(jax.random.key(1), (block, store.dim), jnp.float32)
     run = lambda: knn_lib.cosine_similarities(  # noqa: E731
-        store, queries, knn_lib.search_block(store, queries, k=30, topk_dtype=topk_dtype, bin_size=bin_size)[1]
+        store,
+        queries,
+        knn_lib.search_block(store, queries, k=RetrievalSettings.k, topk_dtype=topk_dtype, bin_size=bin_size)[1],
     )
     run().block_until_ready()  # compile
     start = time.perf_counter()
@@ -83,7 +87,7 @@ def bench_search(store, *, block: int, reps: int, topk_dtype: str, bin_size: int
         out = run()
     out.block_until_ready()
     seconds = (time.perf_counter() - start) / reps
-    _, idx = knn_lib.search_block(store, queries, k=30, topk_dtype=topk_dtype, bin_size=bin_size)
+    _, idx = knn_lib.search_block(store, queries, k=RetrievalSettings.k, topk_dtype=topk_dtype, bin_size=bin_size)
     return {"queries_per_s": block / seconds, "seconds_per_block": seconds, "indices": np.asarray(idx)}
 
 

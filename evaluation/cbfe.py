@@ -184,7 +184,7 @@ def foreground_jaccard(gt: np.ndarray, foreground: np.ndarray) -> float:
 
 
 def choose_threshold(
-    clusters: np.ndarray, gt: np.ndarray, precisions: np.ndarray, cut_range: tuple[float, float] = (0.55, 0.75)
+    clusters: np.ndarray, gt: np.ndarray, precisions: np.ndarray, cut_range: tuple[float, float]
 ) -> tuple[float, list[tuple[int, float, float]]]:
     """The precision threshold, and every tried cut as (start, precision at the cut, train foreground IoU).
 

@@ -74,7 +74,7 @@ def graph_edges(adjacency: np.ndarray, weight_threshold: float) -> list[tuple[in
 
 
 def detect_communities(
-    edges: list[tuple[int, int, float]], *, markov_time: float, seed: int, preferred_modules: int = 20
+    edges: list[tuple[int, int, float]], *, markov_time: float, seed: int, preferred_modules: int
 ) -> dict[int, int]:
     """Infomap module id of every node that has an edge."""
     if not edges:

@@ -98,7 +98,28 @@ CITYSCAPES_CLASSES = (
     "bicycle",
 )
 
-DATASET_NAMES = ("voc", "coco_things", "coco_stuff", "ade20k", "cityscapes")
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a reader gives: the split names the evaluations fit on and score, the classes and the ignored label."""
+
+    train_split: str
+    val_split: str
+    num_classes: int
+    ignore_index: int
+
+
+DATASETS = {
+    "voc": DatasetInfo("trainaug", "val", 21, 255),
+    "coco_things": DatasetInfo("train", "val", 12, 255),
+    "coco_stuff": DatasetInfo("train", "val", 15, 255),
+    "ade20k": DatasetInfo("training", "validation", 151, 0),
+    "cityscapes": DatasetInfo("train", "val", 19, 255),
+}
+DATASET_NAMES = tuple(DATASETS)
+# COCO's training images: the reference's random 10% of train2017 (`random.shuffle` after seeding 400).
+COCO_TRAIN_FRACTION = 0.1
+COCO_SEED = 400
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,13 +208,16 @@ def _check_files(paths, what: str) -> None:
             raise DatasetError(f"{what} {p} is missing; fix the file list or restore the file")
 
 
-def _make(name, split, images, masks, num_classes, ignore_index, label_map=None, class_names=()) -> SegmentationDataset:
+def _make(name, split, images, masks, label_map=None, class_names=()) -> SegmentationDataset:
     images, masks = tuple(images), tuple(masks)
     _check_files(images, "image")
     _check_files(masks, "mask")
     if not images:
         raise DatasetError(f"{name} split {split!r} has no images; check --config.data_dir")
-    return SegmentationDataset(name, split, images, masks, num_classes, ignore_index, label_map, tuple(class_names))
+    info = DATASETS[name]
+    return SegmentationDataset(
+        name, split, images, masks, info.num_classes, info.ignore_index, label_map, tuple(class_names)
+    )
 
 
 def voc(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
@@ -211,8 +235,6 @@ def voc(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
         split,
         [image_dir / f"{n}.jpg" for n in names],
         [seg_dir / f"{n}.png" for n in names],
-        21,
-        255,
         class_names=VOC_CLASSES,
     )
 
@@ -249,7 +271,9 @@ def coco_stuff_label_map(categories: list[dict]) -> np.ndarray:
     return table
 
 
-def coco_file_lists(data_dir: str | os.PathLike, *, seed: int = 400, fraction: float = 0.1) -> tuple[list, list]:
+def coco_file_lists(
+    data_dir: str | os.PathLike, *, seed: int = COCO_SEED, fraction: float = COCO_TRAIN_FRACTION
+) -> tuple[list, list]:
     """(train subset, val) image file names as the reference draws them: `random.shuffle` of the val listing,
     then of the train listing, from one generator seeded `seed`; the first `fraction` of the shuffled train list.
 
@@ -265,7 +289,7 @@ def coco_file_lists(data_dir: str | os.PathLike, *, seed: int = 400, fraction: f
 
 
 def coco(
-    data_dir: str | os.PathLike, split: str, *, kind: str, seed: int = 400, fraction: float = 0.1
+    data_dir: str | os.PathLike, split: str, *, kind: str, seed: int = COCO_SEED, fraction: float = COCO_TRAIN_FRACTION
 ) -> SegmentationDataset:
     """COCO-Things (12 classes) or COCO-Stuff (15 classes), ignore 255; split "train" is the seeded 10% subset."""
     root = Path(data_dir)
@@ -274,12 +298,12 @@ def coco(
     if kind == "things":
         seg_dir = root / "annotations" / f"{split}2017"
         cats = _coco_categories(root / "annotations/panoptic_annotations/panoptic_val2017.json")
-        table, num_classes = coco_things_label_map(cats), 12
+        table = coco_things_label_map(cats)
         names = sorted({c["supercategory"] for c in cats if c["isthing"] == 1})
     elif kind == "stuff":
         seg_dir = root / "annotations/stuff_annotations" / f"stuff_{split}2017_pixelmaps"
         cats = _coco_categories(root / "annotations/stuff_annotations/stuff_val2017.json")
-        table, num_classes = coco_stuff_label_map(cats), 15
+        table = coco_stuff_label_map(cats)
         names = sorted({c["supercategory"] for c in cats} - {"other"})
     else:
         raise ValueError(f"kind must be 'things' or 'stuff', got {kind!r}")
@@ -288,9 +312,10 @@ def coco(
     files = train if split == "train" else sorted(val)  # train keeps the drawn order, as the reference loader
     image_dir = root / "images" / f"{split}2017"
     masks = [seg_dir / (Path(f).stem + ".png") for f in files]
+    num_classes = DATASETS[f"coco_{kind}"].num_classes
     if len(names) != num_classes:
         raise DatasetError(f"COCO-{kind} categories give {len(names)} supercategories, expected {num_classes}")
-    return _make(f"coco_{kind}", split, [image_dir / f for f in files], masks, num_classes, 255, table, names)
+    return _make(f"coco_{kind}", split, [image_dir / f for f in files], masks, table, names)
 
 
 def ade20k(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
@@ -302,7 +327,7 @@ def ade20k(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
     ann_dir = _require_dir(root / "annotations" / split, f"ADE20k annotations/{split}")
     names = sorted(p.stem for p in image_dir.iterdir() if p.suffix.lower() == ".jpg")
     images, masks = [image_dir / f"{n}.jpg" for n in names], [ann_dir / f"{n}.png" for n in names]
-    return _make("ade20k", split, images, masks, 151, 0)
+    return _make("ade20k", split, images, masks)
 
 
 def cityscapes_label_map() -> np.ndarray:
@@ -319,7 +344,7 @@ def cityscapes(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
     mask_root = _require_dir(root / "gtFine" / split, f"Cityscapes gtFine/{split}")
     images = sorted(image_root.glob("*/*_leftImg8bit.png"))
     masks = [mask_root / p.parent.name / p.name.replace("_leftImg8bit", "_gtFine_labelIds") for p in images]
-    return _make("cityscapes", split, images, masks, 19, 255, cityscapes_label_map(), CITYSCAPES_CLASSES)
+    return _make("cityscapes", split, images, masks, cityscapes_label_map(), CITYSCAPES_CLASSES)
 
 
 def open_dataset(name: str, data_dir: str | os.PathLike, split: str, **kwargs) -> SegmentationDataset:

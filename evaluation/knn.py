@@ -70,7 +70,7 @@ def shard_keys(
     memory_chunk: int = 65536,
     dtype: str = "bfloat16",
     bin_size: int = 0,
-    k: int = 30,
+    k: int,
 ) -> ShardedKeys:
     """Pads ``keys`` (M, D) and splits it over the mesh in chunks of at most ``memory_chunk`` rows.
 
@@ -189,7 +189,7 @@ def search_block(
     store: ShardedKeys,
     queries: jax.Array | np.ndarray,
     *,
-    k: int = 30,
+    k: int,
     topk_dtype: str = "float32",
     bin_size: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
@@ -206,7 +206,7 @@ def knn(
     queries: np.ndarray,
     keys: np.ndarray,
     *,
-    k: int = 30,
+    k: int,
     query_chunk: int = 4096,
     memory_chunk: int = 65536,
     dtype: str = "bfloat16",

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 
-def transfer_labels(cosines: jax.Array, neighbour_labels: jax.Array, *, temperature: float = 0.02) -> jax.Array:
+def transfer_labels(cosines: jax.Array, neighbour_labels: jax.Array, *, temperature: float) -> jax.Array:
     """Soft labels (Q, C) from query-neighbour cosines (Q, k) and the neighbours' label distributions (Q, k, C)."""
     weights = jax.nn.softmax(cosines.astype(jnp.float32) / temperature, axis=-1)
     return jnp.einsum("qk,qkc->qc", weights, neighbour_labels.astype(jnp.float32))
@@ -38,7 +38,7 @@ def predict_segmentation(
     *,
     grid: tuple[int, int],
     size: tuple[int, int],
-    temperature: float = 0.02,
+    temperature: float,
 ) -> jax.Array:
     """Per-pixel class ids (B, H, W) for B images whose B*h*w patch queries were searched (row-major)."""
     soft = transfer_labels(cosines, neighbour_labels, temperature=temperature)

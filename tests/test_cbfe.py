@@ -66,7 +66,7 @@ def test_threshold_search_matches_the_reference_loop():
     gt = np.where(rng.random((6, 10, 10)) < 0.5, 0, rng.integers(1, 21, size=(6, 10, 10)))
     gt[0, :2] = 255  # void counts as foreground
     precisions = rng.random(k)
-    threshold, cuts = cbfe.choose_threshold(clusters, gt, precisions)
+    threshold, cuts = cbfe.choose_threshold(clusters, gt, precisions, cbfe.CbfeSettings().cut_range)
     # find_good_threshold + the rounding of cluster_based_fg_extraction, restated.
     jacs = []
     sorted_args, sorted_precs = np.argsort(precisions), np.sort(precisions)

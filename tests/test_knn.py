@@ -88,7 +88,7 @@ def test_bf16_keys_with_fp32_ranking_rank_the_rounded_keys_exactly():
 
 def test_cosine_similarities_of_gathered_neighbours(data):
     queries, keys = data
-    store = knn_lib.shard_keys(keys, memory_chunk=64, dtype="float32")
+    store = knn_lib.shard_keys(keys, memory_chunk=64, dtype="float32", k=30)
     _, idx = knn_lib.search_block(store, queries, k=30)
     cos = np.asarray(knn_lib.cosine_similarities(store, queries, idx))
     q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
@@ -101,7 +101,7 @@ def test_label_transfer_matches_the_reference_cross_attention(data):
     queries, keys = data
     rng = np.random.default_rng(3)
     labels = rng.dirichlet(np.ones(5), size=len(keys)).astype(np.float32)
-    store = knn_lib.shard_keys(keys, memory_chunk=64, dtype="float32")
+    store = knn_lib.shard_keys(keys, memory_chunk=64, dtype="float32", k=30)
     _, idx = knn_lib.search_block(store, queries, k=30)
     idx = np.asarray(idx)
     soft = transfer_labels(knn_lib.cosine_similarities(store, queries, idx), labels[idx], temperature=0.02)

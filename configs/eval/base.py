@@ -9,17 +9,8 @@ config is locked: overriding a field that does not exist (`--config.typo=1`) is 
 
 import ml_collections
 
-from evaluation import linear, overcluster
+from evaluation import datasets, linear, overcluster
 from evaluation.settings import config_section
-
-# dataset -> (train split, val split, number of classes, ignore index) as the readers name them.
-DATASETS = {
-    "voc": ("trainaug", "val", 21, 255),
-    "coco_things": ("train", "val", 12, 255),
-    "coco_stuff": ("train", "val", 15, 255),
-    "ade20k": ("training", "validation", 151, 0),
-    "cityscapes": ("train", "val", 19, 255),
-}
 
 
 def get_eval_config(dataset: str, protocol: str, **protocol_overrides) -> ml_collections.ConfigDict:
@@ -33,7 +24,7 @@ def get_eval_config(dataset: str, protocol: str, **protocol_overrides) -> ml_col
 
 def common_fields(dataset: str, protocol: str) -> ml_collections.ConfigDict:
     """Fields every evaluation job has (unlocked, so a protocol file can add its own section)."""
-    train_split, val_split, num_classes, _ = DATASETS[dataset]
+    info = datasets.DATASETS[dataset]
     c = ml_collections.ConfigDict()
     # Which evaluation: the module evaluation.<protocol> runs it.
     c.protocol = protocol
@@ -41,11 +32,11 @@ def common_fields(dataset: str, protocol: str) -> ml_collections.ConfigDict:
     c.dataset = dataset
     c.data_dir = ""
     # Split names of this dataset for fitting (linear head) and for evaluation.
-    c.train_split = train_split
-    c.val_split = val_split
+    c.train_split = info.train_split
+    c.val_split = info.val_split
     # COCO only: the reference's random subset of train2017 (fraction, Python `random` seed).
-    c.coco_train_fraction = 0.1
-    c.coco_seed = 400
+    c.coco_train_fraction = datasets.COCO_TRAIN_FRACTION
+    c.coco_seed = datasets.COCO_SEED
     # Backbone: anything neco_jax.load_backbone accepts (pretrained name, .pth/.safetensors file, saved folder),
     # or a training workdir; `arch` overrides the architecture guess (empty: let load_backbone decide).
     c.checkpoint = ""
@@ -66,8 +57,8 @@ def common_fields(dataset: str, protocol: str) -> ml_collections.ConfigDict:
     c.num_images = 0
     # Number of validation images drawn as PNGs (image, ground truth, prediction, PCA of features).
     c.num_visualize = 8
-    # Fixed by the dataset; listed for reference (the reader's own count is what is used).
-    c.num_classes = num_classes
+    # Fixed by the dataset (evaluation.datasets.DATASETS, which its reader returns too); not to be overridden.
+    c.num_classes = info.num_classes
     return c
 
 
