@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # the coordinator's key-value store has no public handle
 from jax.experimental import multihost_utils
 
 from neco_jax.errors import DistributedError, print_error
@@ -157,18 +158,26 @@ def check_same_config(config, workdir: str) -> None:
         )
 
 
+STOP_CHECK_TIMEOUT_MS = 10 * 60 * 1000  # a peer this late at a stop check is stuck (its collectives would hang too)
+
+
 def agreed_stop(local_signal: int | None, step: int, every: int, last: bool = False) -> int | None:
     """The signal that asked any process to stop, agreed at the same step by all (None: carry on).
 
     One process alone acts on its own signal at once. Several exchange their flags every `every` steps
-    (and at the last step), so that they all save the same step and stop together.
+    (and at the last step), so that they all save the same step and stop together. The exchange goes through
+    the coordinator's key-value store (a flag under the step's key, then a barrier of the hosts), not through
+    the devices: the hosts wait for each other, never for their devices' queued steps.
     """
     if jax.process_count() == 1:
         return local_signal
     if step % every and not last:
         return None
-    signals = _allgather(np.asarray(local_signal or 0, np.int32))
-    return int(signals.max()) or None
+    client = jax_distributed.global_state.client
+    if local_signal:
+        client.key_value_set(f"neco_stop/{step}/{jax.process_index()}", str(int(local_signal)))
+    client.wait_at_barrier(f"neco_stop_check_{step}", STOP_CHECK_TIMEOUT_MS)
+    return max((int(v) for _, v in client.key_value_dir_get(f"neco_stop/{step}/")), default=0) or None
 
 
 def _host(x):

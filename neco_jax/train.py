@@ -393,11 +393,15 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def jit_train_step(step_fn, mesh) -> Any:
-    """jit over the mesh: state replicated and donated, batch sharded along "data", metrics replicated."""
+def jit_train_step(step_fn, mesh, carried: int = 0) -> Any:
+    """jit over the mesh: state replicated and donated, batch sharded along "data", metrics replicated;
+    `carried` more replicated arguments after the batch (step_feed.with_sums), donated and returned last."""
     repl = sharding.replicated(mesh)
     return jax.jit(
-        step_fn, in_shardings=(repl, sharding.batch_sharding(mesh)), out_shardings=(repl, repl), donate_argnums=(0,)
+        step_fn,
+        in_shardings=(repl, sharding.batch_sharding(mesh)) + (repl,) * carried,
+        out_shardings=(repl,) * (2 + carried),
+        donate_argnums=(0, *range(2, 2 + carried)),
     )
 
 
@@ -558,7 +562,10 @@ def train_and_evaluate(
         mw.log_parameter_overview(distributed.host_copy(state.student), "student")
 
     # ---- the jitted step
-    train_step = jit_train_step(make_train_step(config, models, labels, tx, total_steps), mesh)
+    # "error" stops at the first non-finite step, "skip" at the max_consecutive_skips-th in a row
+    cap = 1 if config.optim.on_nonfinite == "error" else config.optim.max_consecutive_skips
+    step_fn = step_feed.with_sums(make_train_step(config, models, labels, tx, total_steps), cap)
+    train_step = jit_train_step(step_fn, mesh, carried=1)
 
     # ---- loop
     writer = mw.MetricsWriter(workdir)
@@ -568,9 +575,8 @@ def train_and_evaluate(
     stop = _StopFlag()
     stop.install()
     feed = step_feed.prefetch(loader, lambda b: sharding.global_batch(_device_part(b), mesh), PREFETCH_BATCHES)
-    # "error" stops at the first non-finite step, "skip" at the max_consecutive_skips-th in a row
-    cap = 1 if config.optim.on_nonfinite == "error" else config.optim.max_consecutive_skips
-    sums, window, last = step_feed.empty_sums(), step_feed.LogWindow(), {}
+    # the sums placed as the step returns them (uncommitted arrays would compile the step a second time)
+    sums, window, last = jax.device_put(step_feed.empty_sums(), repl), step_feed.LogWindow(), {}
 
     def describe(loss, grad_norm) -> str:
         return (
@@ -628,11 +634,11 @@ def train_and_evaluate(
         for step_no in range(start + 1, end + 1):
             fed = next(feed)
             clock.data_ready()
-            state, metrics = train_step(state, fed.batch)
+            state, metrics, sums = train_step(state, fed.batch, sums)
+            step_feed.release(fed.batch)
             if step_no == start + 1 and jax.process_index() == 0:  # the run has started: record it
                 run_record.record_start(workdir, config, start)
                 mw.set_aside_rows_after(workdir, start)
-            sums = step_feed.accumulate(sums, metrics, step_no, cap)
             stopping = distributed.agreed_stop(stop.signum, step_no, config.stop_check_every_steps, last=step_no == end)
             if stopping is not None:  # every process stops at the same step, whichever of them got the signal
                 stop.signum = stopping
@@ -641,7 +647,7 @@ def train_and_evaluate(
             if log_due or ckpt_due:  # never checkpoint a step whose loss was not checked
                 # the loader's bad-file count (it continues across resumes) as of this step's batch
                 run = settle(step_no, metrics, sums, fed.data_state["bad_files"], log_due)
-                sums = step_feed.empty_sums(run)
+                sums = jax.device_put(step_feed.empty_sums(run), repl)
             if ckpt_due:
                 checkpointer.save(step_no, state, distributed.global_loader_state(fed.data_state))
             clock.step_done()

@@ -1,5 +1,6 @@
-"""The loop's device feed: prefetch order, lookahead and loader states; metric sums on the device against
-NumPy; and a training run that fetches from the device only at log and checkpoint steps."""
+"""The loop's device feed: prefetch order, lookahead and loader states; batch buffers released while their
+step runs; metric sums on the device against NumPy; and a training run that fetches from the device only at
+log and checkpoint steps, with one dispatch per step."""
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,22 @@ def test_prefetch_keeps_batches_ahead_in_order():
         assert isinstance(fed.batch["x"], jax.Array)
         got.append((int(fed.batch["x"][0]), fed.data_state["next_batch"]))
     assert got == [(k, k) for k in range(1, 6)]  # the state saved with batch k resumes at k + 1
+
+
+def test_release_while_the_step_runs_frees_the_batch_and_keeps_the_result():
+    """Deleting a batch's buffers right after dispatching a computation that reads them: the buffers are gone
+    for the host, the computation still sees the batch (PJRT frees them after it)."""
+    slow = jax.jit(lambda b: jax.lax.fori_loop(0, 200, lambda _, y: jnp.tanh(y @ b["x"]) + b["y"], b["y"]))
+    host = {
+        "x": np.eye(256, dtype=np.float32) * 0.5,
+        "y": np.linspace(-1, 1, 256 * 256, dtype=np.float32).reshape(256, 256),
+    }
+    want = np.asarray(slow(jax.device_put(host)))
+    batch = jax.device_put(host)
+    out = slow(batch)
+    step_feed.release(batch)
+    assert all(x.is_deleted() for x in batch.values())
+    np.testing.assert_array_equal(np.asarray(out), want)
 
 
 def _run_sums(losses, norms, cap, start=10, run=0):
@@ -85,13 +102,25 @@ def test_training_loop_fetches_only_at_log_and_checkpoint_steps(tmp_path, monkey
         demo.get_config(),
         {"optim.total_steps": 10, "log_every_steps": 5, "checkpoint_every_steps": 1000, "export_at_end": False},
     )
-    fetches = []
-    real_copy = train_lib.distributed.host_copy
+    fetches, fed, calls = [], [], []
+    real_copy, real_prefetch = train_lib.distributed.host_copy, step_feed.prefetch
     monkeypatch.setattr(train_lib.distributed, "host_copy", lambda x: fetches.append(x) or real_copy(x))
+    monkeypatch.setattr(step_feed, "prefetch", lambda *a: (fed.append(f) or f for f in real_prefetch(*a)))
+    real_accumulate, real_jit_step = step_feed.accumulate, train_lib.jit_train_step
+    monkeypatch.setattr(step_feed, "accumulate", lambda *a: calls.append("sums") or real_accumulate(*a))
+
+    def counting_jit_step(*a, **kw):
+        step = real_jit_step(*a, **kw)
+        return lambda *b: calls.append("step") or step(*b)
+
+    monkeypatch.setattr(train_lib, "jit_train_step", counting_jit_step)
     with jax.transfer_guard_device_to_host("disallow"):
         out = train_lib.train_and_evaluate(c, tmp_path)
+    monkeypatch.undo()
     rows = read_metrics(tmp_path)
     assert out["step"] == 10 and [r["step"] for r in rows] == [5, 10]
+    assert calls == ["step", "sums"] + ["step"] * 9  # the sums are traced into the step: one dispatch per step
+    assert len(fed) == 10 and all(x.is_deleted() for f in fed for x in jax.tree.leaves(f.batch))
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm_mean"]) for r in rows)
     metric_fetches = [x for x in fetches if isinstance(x, tuple) and "loss_sum" in x[0]]
     assert len(metric_fetches) == 2 and len(fetches) < 10, len(fetches)  # + start/end step, parameter overview
