@@ -17,6 +17,7 @@ returns as soon as the step completes, whatever the loop still references.
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -48,9 +49,13 @@ def prefetch(loader, put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]
         yield queue.popleft()
 
 
-def empty_sums(run: int = 0) -> dict[str, jax.Array]:
+def empty_sums(run: int = 0, sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.Array]:
     """Device-side sums over the steps since the last fetch (see `accumulate`); `run`: the non-finite steps in
-    a row that ended the previous sums (a run continues across fetches)."""
+    a row that ended the previous sums (a run continues across fetches). With `sharding`, made by a jitted
+    program with that output sharding, as the step returns them (on several processes `jax.device_put` would
+    compare the NaN entries between processes, and NaN != NaN)."""
+    if sharding is not None:
+        return jax.jit(functools.partial(empty_sums, run), out_shardings=sharding)()
     ints = {"steps": 0, "nonfinite": 0, "first_nonfinite_step": -1, "run": run, "alarm_step": -1}
     floats = {
         "loss_sum": 0.0,

@@ -576,7 +576,7 @@ def train_and_evaluate(
     stop.install()
     feed = step_feed.prefetch(loader, lambda b: sharding.global_batch(_device_part(b), mesh), PREFETCH_BATCHES)
     # the sums placed as the step returns them (uncommitted arrays would compile the step a second time)
-    sums, window, last = jax.device_put(step_feed.empty_sums(), repl), step_feed.LogWindow(), {}
+    sums, window, last = step_feed.empty_sums(0, repl), step_feed.LogWindow(), {}
 
     def describe(loss, grad_norm) -> str:
         return (
@@ -647,7 +647,7 @@ def train_and_evaluate(
             if log_due or ckpt_due:  # never checkpoint a step whose loss was not checked
                 # the loader's bad-file count (it continues across resumes) as of this step's batch
                 run = settle(step_no, metrics, sums, fed.data_state["bad_files"], log_due)
-                sums = jax.device_put(step_feed.empty_sums(run), repl)
+                sums = step_feed.empty_sums(run, repl)
             if ckpt_due:
                 checkpointer.save(step_no, state, distributed.global_loader_state(fed.data_state))
             clock.step_done()
