@@ -45,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluation import cd_search
-from evaluation.datasets import VOC_CLASSES
+from evaluation.datasets import DATASETS, VOC_CLASSES
 from evaluation.features import iterate_batches, nearest_indices, nearest_resize, resize_image
 from evaluation.kmeans import kmeans
 from evaluation.metrics import confusion_matrix, match_clusters, miou
@@ -56,6 +56,8 @@ from evaluation.settings import from_config, top_level
 from evaluation.visualize import label_colors, save_segmentation_panels
 from neco_jax.errors import ConfigError, DatasetError, UserError
 from neco_jax.fg_mask import attention_fg_mask
+
+VOC = DATASETS["voc"]  # the protocol is defined on Pascal VOC only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +391,15 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
         scores = []
         for seed in range(s.cbfe_seeds):
             maps = cluster_foreground(pca, foreground, s.num_objects, seed=seed, settings=s)
-            scores.append(miou(maps[n_train:], val_gt, num_classes=21, ignore_index=255, matching="hungarian")[0])
+            scores.append(
+                miou(
+                    maps[n_train:],
+                    val_gt,
+                    num_classes=VOC.num_classes,
+                    ignore_index=VOC.ignore_index,
+                    matching="hungarian",
+                )[0]
+            )
         results["miou_cbfe"] = float(np.mean(scores))
 
     def inputs_for(k: int) -> cd_search.CommunityInputs:
@@ -454,7 +464,10 @@ def _examples(dataset, gt: np.ndarray, segments: np.ndarray, s: CbfeSettings) ->
     if not s.num_visualize:
         return []
 
-    conf = confusion_matrix(segments, gt, num_classes=21, num_pred=max(21, int(segments.max()) + 1), ignore_index=255)
+    n = VOC.num_classes
+    conf = confusion_matrix(
+        segments, gt, num_classes=n, num_pred=max(n, int(segments.max()) + 1), ignore_index=VOC.ignore_index
+    )
     as_classes = match_clusters(conf, "hungarian")[segments]
     examples = []
     for i in range(min(s.num_visualize, len(gt))):
@@ -487,7 +500,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         save_segmentation_panels(
             examples,
             folder,
-            num_classes=21,
+            num_classes=VOC.num_classes,
             titles=["image", "ground truth", "CBFE + CD (matched)", "overlay"],
         )
     if "search" in results:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 
 from evaluation import community
+from evaluation.datasets import DATASETS
 from evaluation.metrics import confusion_matrix, match_clusters, miou_from_confusion, miou_from_mapping
 from neco_jax.errors import ConfigError
 
@@ -68,8 +69,8 @@ def community_inputs(
     gt_val: np.ndarray,
     k: int,
     *,
-    num_classes: int = 21,
-    ignore_index: int = 255,
+    num_classes: int = DATASETS["voc"].num_classes,
+    ignore_index: int = DATASETS["voc"].ignore_index,
 ) -> CommunityInputs:
     """The trial-independent work at one k, from the (N, E, E) foreground-cluster maps of train then val."""
     labels = k + 1
