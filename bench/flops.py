@@ -73,7 +73,7 @@ def neco_image_flops(
 
 def neco_step_flops(config: Any, batch_size: int | None = None) -> float:
     """Model FLOPs of one training step of a NeCo ConfigDict (global batch unless `batch_size` is given)."""
-    from neco_jax.train import vit_configs
+    from neco_jax.train_state import vit_configs
 
     student_cfg, _ = vit_configs(config)
     per_image = neco_image_flops(

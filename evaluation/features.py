@@ -145,52 +145,44 @@ def load_from_workdir(workdir: str | Path, which: str = "teacher"):
     config_file = workdir / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing; {workdir} is not a complete training workdir")
-    import orbax.checkpoint as ocp  # orbax and the trainer (slow imports): only for a training workdir
+    # orbax (through neco_jax.checkpoint) and the model: slow imports, only for a training workdir
 
     from neco_jax import checkpoint as ckpt_lib
-    from neco_jax import train
+    from neco_jax import train_state as ts
+    from neco_jax.models import VisionTransformer
 
-    manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(), item_names=("state", "data"))
-    if not manager.all_steps():
-        raise CheckpointError(f"{workdir}/checkpoints holds no finished checkpoint yet")
+    directory = workdir / "checkpoints"
+    steps = ckpt_lib.finished_steps(directory)
+    if not steps:
+        raise CheckpointError(f"{directory} holds no finished checkpoint yet")
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def restore(step: int):
+        saved = ckpt_lib.saved_tree(directory, step)  # empty if unreadable: restore_part then names the file
+        if saved and not saved[which]:
+            raise CheckpointError(
+                f"{workdir} trained without a teacher (loss.use_teacher=False); use checkpoint_model=student"
+            )
+        has_mask_token = "mask_token" in saved[which]["backbone"] if saved else None
+        _, teacher = ts.vit_configs(config, has_mask_token)  # the teacher's config: no drop path
+        graphdef, abstract = ts.split(nnx.eval_shape(lambda: VisionTransformer(teacher, rngs=nnx.Rngs(0))))
+        part = ckpt_lib.restore_part(directory, step, {which: {"backbone": ckpt_lib.abstract_like(abstract, device)}})
+        return nnx.merge(graphdef, part[which]["backbone"])
 
     def on_damaged(step: int, damage: str, good: int) -> None:
         log.warning(
-            "checkpoint %s/checkpoints/%d is damaged (%s); using step %d, the newest intact checkpoint. "
-            "Remove the damaged one with: rm -r %s/checkpoints/%d",
-            workdir,
+            "checkpoint %s/%d is damaged (%s); using step %d, the newest intact checkpoint. "
+            "Remove the damaged one with: rm -r %s/%d",
+            directory,
             step,
             damage,
             good,
-            workdir,
+            directory,
             step,
         )
 
-    try:
-        _, restored = ckpt_lib.newest_intact(
-            f"{workdir}/checkpoints",
-            manager.all_steps(),
-            lambda s: manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore())),
-            on_damaged,
-        )
-    finally:
-        manager.close()
-    params = restored.state[which]
-    if not params:
-        raise CheckpointError(
-            f"{workdir} trained without a teacher (loss.use_teacher=False); use checkpoint_model=student"
-        )
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    backbone = _int_keys(jax.device_get(params["backbone"]))
-    models = train.build_models(config, has_mask_token="mask_token" in backbone)
-    return models.teacher_backbone.merge(backbone)  # the teacher's graph: no drop path
-
-
-def _int_keys(tree):
-    """Orbax stores the integer keys of NNX lists (block indices) as strings; turn them back."""
-    if not isinstance(tree, dict):
-        return tree
-    return {int(k) if isinstance(k, str) and k.isdigit() else k: _int_keys(v) for k, v in tree.items()}
+    return ckpt_lib.newest_intact(str(directory), steps, restore, on_damaged)[1]
 
 
 def load_model(source: str, *, arch: str | None = None, which: str = "teacher"):

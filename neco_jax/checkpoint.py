@@ -7,7 +7,10 @@ mid-write leaves the previous checkpoint as the latest). The newest `keep` check
 
 A checkpoint damaged later (truncated array files, a broken metadata file) is named with its step and file,
 and the newest intact one is used instead (`newest_intact`); training moves the damaged one aside to
-`<checkpoints>.corrupt/<step>` so that the resumed run can save that step again.
+`<checkpoints>.corrupt/<step>` so that the resumed run can save that step again. Evaluation reads one model
+of the newest intact checkpoint (`restore_part`) and leaves damaged ones where they are.
+
+Every nnx.State of the train state is stored as the plain nested dict of its arrays (`train_state.to_pure`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from neco_jax.errors import CheckpointError
+from neco_jax.train_state import from_pure, to_pure
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,33 @@ def _shapes(tree: Any) -> collections.Counter:
     return collections.Counter((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
 
 
+def finished_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps of the finished checkpoints in `directory` (not those still being written)."""
+    return sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
+
+
+def saved_tree(directory: str | os.PathLike, step: int) -> dict:
+    """The stored train state of checkpoint `step` as nested dicts of array metadata (shape, dtype), in its
+    stored layout (`train_state.to_pure`), read from orbax's metadata without reading any array. Empty when
+    orbax cannot read it (damaged array files; restoring names the file)."""
+    with ocp.StandardCheckpointer() as reader:  # closed: each one holds a thread pool
+        saved = reader.metadata(os.path.join(os.path.abspath(directory), str(step), "state")).item_metadata
+    return {} if saved is None else saved.tree
+
+
+def restore_part(directory: str | os.PathLike, step: int, abstract: Any) -> Any:
+    """The part of checkpoint `step`'s train state that `abstract` names (a subtree from the root, e.g.
+    {"teacher": {"backbone": abstract nnx.State}}; leaves `jax.ShapeDtypeStruct`s with shardings), read into
+    that layout and nothing else. Read only; a damaged checkpoint raises what orbax raises."""
+    target = to_pure(abstract)
+    args = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+    )
+    with ocp.PyTreeCheckpointer() as reader:
+        part = reader.restore(os.path.join(os.path.abspath(directory), str(step), "state"), args=args)
+    return from_pure(abstract, part)
+
+
 class Checkpointer:
     """`workdir/checkpoints/<step>/{state,data}`: asynchronous, keeping the last N. The training loop decides
     which steps are saved (`checkpoint_every_steps`, the last step, a stop signal)."""
@@ -105,7 +136,7 @@ class Checkpointer:
         which could skip a step, is not consulted)."""
         self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(to_pure(state)), data=ocp.args.JsonSave(data_state)),
             force=True,
         )
 
@@ -114,11 +145,9 @@ class Checkpointer:
 
         Arrays that do not fit the run raise `CheckpointError`; a damaged checkpoint raises what orbax raises.
         """
-        with ocp.StandardCheckpointer() as reader:  # closed: each one holds a thread pool
-            saved = _shapes(
-                reader.metadata(os.path.join(os.path.abspath(self.directory), str(step), "state")).item_metadata
-            )
-        extra, missing = saved - _shapes(abstract_state), _shapes(abstract_state) - saved
+        target = to_pure(abstract_state)
+        saved = _shapes(saved_tree(self.directory, step))
+        extra, missing = saved - _shapes(target), _shapes(target) - saved
         if saved and (extra or missing):  # no shapes at all: damaged array files (the restore names one)
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} does not match this run's model/optimizer (arrays only in "
@@ -126,9 +155,9 @@ class Checkpointer:
                 "wrote it, or use a fresh --workdir"
             )
         restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
         )
-        return restored.state, restored.data
+        return from_pure(abstract_state, restored.state), restored.data
 
     def restore_newest_intact(self, abstract_state: Any) -> tuple[int, Any, dict]:
         """(step, state, data) of the newest checkpoint that can be read. Newer damaged ones are named in a

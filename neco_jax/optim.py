@@ -88,7 +88,7 @@ def param_labels(
     """A pytree like `params` ({"backbone": ..., "head": ...}) with each leaf's group name (or "frozen")."""
 
     def label(path, leaf) -> str:
-        names = [_name(k) for k in path]
+        names = [_name(k) for k in path if not isinstance(k, jax.tree_util.GetAttrKey)]  # not an nnx.Param's .value
         part = names[0]
         if part not in ("backbone", "head"):
             raise ValueError(f"parameter {'/'.join(names)} is neither under 'backbone' nor 'head'")

@@ -41,7 +41,7 @@ from neco_jax.backbone_io import load_parts
 from neco_jax.convert import export_file, flatten_params, unflatten_params_like
 from neco_jax.errors import ConfigError, NonFiniteError
 from neco_jax.fg_mask import attention_fg_mask
-from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
+from neco_jax.models import ProjectionHead, VisionTransformer
 from neco_jax.precision import true_float32
 
 log = logging.getLogger(__name__)
@@ -142,30 +142,14 @@ def _check_finite(node: Any, name: str) -> None:
 # --------------------------------------------------------------------------- models
 
 
-def vit_configs(config: ml_collections.ConfigDict, has_mask_token: bool | None = None):
-    """(student, teacher) ViTConfigs: the named arch with the recipe's registers, dtype and drop path."""
-    overrides = {
-        **config.model.arch_overrides.to_dict(),
-        "num_register_tokens": config.model.num_register_tokens,
-        "dtype": config.model.dtype,
-    }
-    if has_mask_token is not None:
-        overrides["has_mask_token"] = has_mask_token
-    if config.model.remat:
-        overrides["remat"] = True  # a ViTConfig without this field rejects it by name
-    student = get_arch(config.model.arch, drop_path_rate=config.model.drop_path_rate, **overrides)
-    teacher = get_arch(config.model.arch, drop_path_rate=0.0, **overrides)
-    return student, teacher
-
-
 def _head(config, embed_dim: int, rngs: nnx.Rngs) -> ProjectionHead:
     h = config.head
     return ProjectionHead(embed_dim, hidden_dim=h.hidden_dim, out_dim=h.out_dim, num_layers=h.num_layers, rngs=rngs)
 
 
 def build_models(config, has_mask_token: bool | None = None) -> ts.Models:
-    """The static halves (graph definitions) of student/teacher backbones and the head, nothing allocated."""
-    s_cfg, t_cfg = vit_configs(config, has_mask_token)
+    """The graph definitions of student/teacher backbones and the head, nothing allocated."""
+    s_cfg, t_cfg = ts.vit_configs(config, has_mask_token)
     defs = []
     for cfg in (s_cfg, t_cfg):
         defs.append(ts.split(nnx.eval_shape(lambda c=cfg: VisionTransformer(c, rngs=nnx.Rngs(0))))[0])
@@ -176,7 +160,7 @@ def build_models(config, has_mask_token: bool | None = None) -> ts.Models:
 def random_params(config, seed: int, has_mask_token: bool | None = None) -> tuple[dict, dict]:
     """(student, teacher) params: one random backbone for both (as both load the same weights in the
     original), and two independently initialised heads (the original never copies the head)."""
-    s_cfg, _ = vit_configs(config, has_mask_token)
+    s_cfg, _ = ts.vit_configs(config, has_mask_token)
 
     def init(key):
         kb, ks, kt = jax.random.split(key, 3)
@@ -208,11 +192,12 @@ def initial_params(config) -> tuple[dict, dict, str]:
     models = {"student": (student, first), "teacher": (teacher, parts["teacher"] if both else first)}
     out, notes = {}, []
     for name, (params, converted) in models.items():
-        backbone, dropped = _fill(params["backbone"], converted.params, config, "backbone")
-        head, head_note = params["head"], "head random"
+        pure = ts.to_pure(params)
+        backbone, dropped = _fill(pure["backbone"], converted.params, config, "backbone")
+        head, head_note = pure["head"], "head random"
         if both and converted.head_params is not None:
-            head, head_note = _fill(params["head"], converted.head_params, config, "head")[0], "head loaded"
-        out[name] = {**params, "backbone": backbone, "head": head}
+            head, head_note = _fill(pure["head"], converted.head_params, config, "head")[0], "head loaded"
+        out[name] = ts.from_pure(params, {"backbone": backbone, "head": head})
         note = (
             f"{name}: {len(flatten_params(backbone))} of {len(converted.params)} backbone tensors loaded, {head_note}"
         )
@@ -249,8 +234,8 @@ def _fill(template: dict, loaded: Mapping[str, Any], config, what: str) -> tuple
 
 
 def _forward(
-    backbone_def: ts.ModuleDef,
-    head_def: ts.ModuleDef,
+    backbone_def: nnx.GraphDef,
+    head_def: nnx.GraphDef,
     params: dict,
     crops: jax.Array,
     *,
@@ -263,8 +248,8 @@ def _forward(
     carries over without communication), as the original groups crops by resolution.
     """
     b, c, height, width, _ = crops.shape
-    backbone = backbone_def.merge(params["backbone"])
-    head = head_def.merge(params["head"])
+    backbone = nnx.merge(backbone_def, params["backbone"])
+    head = nnx.merge(head_def, params["head"])
     out = backbone(
         crops.reshape(b * c, height, width, 3), deterministic=key is None, key=key, return_attention=return_attention
     )
@@ -449,10 +434,10 @@ def export_backbones(config, models: ts.Models, state: ts.TrainState, folder: st
     written = []
     for name, (backbone_def, params) in parts.items():
         params = distributed.host_copy(params)
-        backbone, head = backbone_def.merge(params["backbone"]), models.head.merge(params["head"])
+        backbone, head = nnx.merge(backbone_def, params["backbone"]), nnx.merge(models.head, params["head"])
         written.append(str(save_backbone(backbone, os.path.join(folder, name), head=head)))
         path = os.path.join(folder, f"{name}_{layout}{suffix}")
-        written.append(str(export_file(backbone.config, flatten_params(params["backbone"]), layout, path)))
+        written.append(str(export_file(backbone.config, flatten_params(ts.to_pure(params["backbone"])), layout, path)))
     return written
 
 
@@ -559,7 +544,7 @@ def train_and_evaluate(
     log.info("init: %s", init_desc)
     log.info("optimizer groups (tensors): %s", optim.group_counts(labels))
     if jax.process_index() == 0:
-        mw.log_parameter_overview(distributed.host_copy(state.student), "student")
+        mw.log_parameter_overview(ts.to_pure(distributed.host_copy(state.student)), "student")
 
     # ---- the jitted step
     # "error" stops at the first non-finite step, "skip" at the max_consecutive_skips-th in a row
@@ -654,7 +639,9 @@ def train_and_evaluate(
             # An epoch ended: evaluate the teacher (not when stopping: the scheduler's grace period is for the save).
             if monitor is not None and stopping is None and monitor.due(step_no):
                 row = monitor.run(
-                    models.teacher_backbone.merge(distributed.host_copy((state.teacher or state.student)["backbone"])),
+                    nnx.merge(
+                        models.teacher_backbone, distributed.host_copy((state.teacher or state.student)["backbone"])
+                    ),
                     step_no,
                 )
                 writer.write(step_no, row)

@@ -1,10 +1,15 @@
-"""The training state as one pytree of plain arrays, and the NNX split/merge at its edges.
+"""The training state as one pytree of NNX states, the graph definitions it is merged with, and its plain
+(checkpoint) layout.
 
-The jitted step is a pure function of `TrainState` (donated, replicated): the student and teacher
-(backbone + head) as nested dicts of arrays, the optimizer state, the reference queue, the step, the
-RNG key and the count of skipped (non-finite) steps. Modules are rebuilt from their `ModuleDef` (graph
-definition + the abstract parameter list) inside the step, so the state itself holds no Python objects
-and checkpoints, EMA and sharding stay plain JAX.
+The jitted step is a pure function of `TrainState` (donated, replicated): the student and teacher as
+{"backbone": nnx.State, "head": nnx.State}, the optimizer state, the reference queue, the step, the RNG key
+and the count of skipped (non-finite) steps. `nnx.split` gives each module's graph definition (`Models`) and
+state; the step rebuilds the modules with `nnx.merge(graphdef, state)`, so the state holds arrays only and the
+optimizer, EMA and sharding treat it as any pytree.
+
+Checkpoints and weight files hold every `nnx.State` as the plain nested dict of its arrays (`to_pure`, with
+`nnx.to_pure_dict`; `from_pure` puts them back): these two functions are the one place where the in-memory
+layout of the parameters meets the stored one.
 """
 
 from __future__ import annotations
@@ -15,52 +20,74 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
-
-@dataclasses.dataclass(frozen=True)
-class ModuleDef:
-    """What `merge` needs to rebuild an NNX module from a nested dict of its parameters."""
-
-    graphdef: Any
-    abstract: tuple  # ((path, abstract nnx.Param), ...) in nnx.to_flat_state order
-
-    def merge(self, params: dict) -> nnx.Module:
-        flat = []
-        for path, var in self.abstract:
-            value = params
-            for key in path:
-                value = value[key]
-            flat.append((path, var.replace(value)))
-        return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
+from neco_jax.models import get_arch
 
 
-def split(module: nnx.Module) -> tuple[ModuleDef, dict]:
-    """(ModuleDef, nested dict of parameter arrays). Modules here hold nothing but nnx.Param state."""
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError(f"{type(module).__name__} holds non-parameter state {rest}; the train state cannot carry it")
-    abstract = tuple(
-        (path, var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype))) for path, var in nnx.to_flat_state(params)
-    )
-    return ModuleDef(graphdef, abstract), nnx.to_pure_dict(params)
+def split(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graph definition, parameter state); `nnx.split` refuses a module holding anything but nnx.Param, which
+    the train state could not carry."""
+    return nnx.split(module, nnx.Param)
+
+
+def _is_state(x: Any) -> bool:
+    return isinstance(x, nnx.State)
+
+
+def to_pure(tree: Any) -> Any:
+    """`tree` with every nnx.State in it as the plain nested dict of its arrays (the stored layout)."""
+    return jax.tree.map(lambda x: nnx.to_pure_dict(x) if _is_state(x) else x, tree, is_leaf=_is_state)
+
+
+def from_pure(template: Any, pure: Any) -> Any:
+    """`template` (a tree holding nnx.States, of arrays or shapes) with the values of `pure`, a tree laid out as
+    `to_pure(template)`; integer keys may come as strings, as orbax stores them."""
+
+    def fill(t: Any, p: Any) -> Any:
+        if not _is_state(t):
+            return p
+        state = jax.tree.map(lambda x: x, t)  # a new State: replace_by_pure_dict writes into it
+        nnx.replace_by_pure_dict(state, p)
+        return state
+
+    return jax.tree.map(fill, template, pure, is_leaf=_is_state)
+
+
+def vit_configs(config: ml_collections.ConfigDict, has_mask_token: bool | None = None):
+    """(student, teacher) ViTConfigs of a training config: the named arch with the recipe's registers, dtype and
+    drop path (none in the teacher)."""
+    overrides = {
+        **config.model.arch_overrides.to_dict(),
+        "num_register_tokens": config.model.num_register_tokens,
+        "dtype": config.model.dtype,
+    }
+    if has_mask_token is not None:
+        overrides["has_mask_token"] = has_mask_token
+    if config.model.remat:
+        overrides["remat"] = True  # a ViTConfig without this field rejects it by name
+    student = get_arch(config.model.arch, drop_path_rate=config.model.drop_path_rate, **overrides)
+    teacher = get_arch(config.model.arch, drop_path_rate=0.0, **overrides)
+    return student, teacher
 
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-    """Static halves of the four modules: student and teacher backbones (they differ in drop path) and heads."""
+    """Graph definitions of the four modules: student and teacher backbones (they differ in drop path) and the
+    head (the same for both)."""
 
-    student_backbone: ModuleDef
-    teacher_backbone: ModuleDef
-    head: ModuleDef
+    student_backbone: nnx.GraphDef
+    teacher_backbone: nnx.GraphDef
+    head: nnx.GraphDef
     patch_size: int
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken (the original's global_step)
-    student: dict  # {"backbone": params, "head": params}
-    teacher: dict  # same structure; the EMA of the student (unused when loss.use_teacher is False)
+    student: dict  # {"backbone": nnx.State, "head": nnx.State}
+    teacher: dict  # same structure; the EMA of the student (an empty dict when loss.use_teacher is False)
     opt_state: Any
     queue: Any  # reference queue of teacher vectors (see neco_jax.queue), or an empty dict
     rng: jax.Array  # uint32 raw PRNG key (2,), split once per step

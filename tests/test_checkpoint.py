@@ -121,3 +121,45 @@ def test_orbax_checkpoints_damaged_and_misfit(tmp_path, caplog):
         assert _files(tmp_path / "checkpoints.corrupt" / s) == before[s]
     assert checkpointer.latest_step() == 1 and sorted(p.name for p in ckpts.iterdir()) == ["1"]
     checkpointer.close()
+
+
+def test_the_stored_layout_restores_into_the_nnx_train_state(tmp_path):
+    """Checkpoints store the train state with each parameter tree as a plain nested dict (integer block keys),
+    the optimizer state laid out alike: the layout written before the state held nnx.States. Such a checkpoint,
+    built here from plain dicts and saved with orbax directly, restores into today's state value for value."""
+    import jax
+    import numpy as np
+    import optax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    from train_fixtures import tiny_config
+
+    from neco_jax import optim, sharding
+    from neco_jax import train as train_lib
+    from neco_jax import train_state as ts
+
+    c = tiny_config(**{"optim.total_steps": 2})
+    student, teacher = train_lib.random_params(c, 0)
+    student = {k: nnx.to_pure_dict(v) for k, v in student.items()}
+    teacher = jax.tree.map(lambda x: 0.5 * x, {k: nnx.to_pure_dict(v) for k, v in teacher.items()})
+    assert sorted(student["backbone"]["blocks"]) == [0, 1]
+    tx = optim.make_optimizer(c.optim, optim.param_labels(student), 2)
+    _, opt_state = tx.update(jax.tree.map(lambda x: 0.1 * x, student), tx.init(student), student)  # moments != 0
+    stored = ts.create(student, teacher, opt_state, {}, seed=7).replace(step=jax.numpy.int32(5))
+    with ocp.CheckpointManager((tmp_path / "checkpoints").resolve(), item_names=("state", "data")) as manager:
+        manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(stored), data=ocp.args.JsonSave({})))
+
+    abstract = train_lib.build_training(c, 2, *jax.eval_shape(lambda: train_lib.random_params(c, 0)))[3]
+    abstract = abstract.replace(queue={})  # the stored run had no queue
+    replicated = sharding.replicated(sharding.make_mesh(jax.devices()[:1]))
+    checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints", keep=1)
+    step, state, data = checkpointer.restore_newest_intact(ckpt_lib.abstract_like(abstract, replicated))
+    checkpointer.close()
+    assert (step, data, int(state.step)) == (5, {}, 5)
+    assert isinstance(state.student["backbone"], nnx.State) and isinstance(state.teacher["head"], nnx.State)
+    want = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(ts.to_pure(state))[0])
+    assert got.keys() == want.keys() and len(got) > 100
+    for path, value in want.items():
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=jax.tree_util.keystr(path))
+    assert float(optax.tree.norm(state.opt_state)) > 0

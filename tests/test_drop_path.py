@@ -120,7 +120,7 @@ def test_dino_recipes_build_per_sample_students():
     import sys
     from pathlib import Path
 
-    from neco_jax import train
+    from neco_jax import train_state
 
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo))
@@ -129,6 +129,6 @@ def test_dino_recipes_build_per_sample_students():
     finally:
         sys.path.remove(str(repo))
     for module in (dino_s16, timet_s16, leopart_s16):
-        student, teacher = train.vit_configs(module.get_config())
+        student, teacher = train_state.vit_configs(module.get_config())
         assert student.drop_path_mode == "per_sample" and student.drop_path_rate == 0.1
-    assert train.vit_configs(dinov2_s14.get_config())[0].drop_path_mode == "dinov2"
+    assert train_state.vit_configs(dinov2_s14.get_config())[0].drop_path_mode == "dinov2"

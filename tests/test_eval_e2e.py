@@ -315,7 +315,7 @@ def test_training_workdir_student_and_teacher(tmp_path):
     images = np.random.default_rng(0).normal(size=(2, 56, 56, 3)).astype(np.float32)
     for which, params in (("student", student), ("teacher", teacher)):
         model = features.load_model(str(tmp_path), which=which)
-        expected = train.build_models(config).teacher_backbone.merge(params["backbone"])
+        expected = nnx.merge(train.build_models(config).teacher_backbone, params["backbone"])
         np.testing.assert_array_equal(
             np.asarray(model(jnp.asarray(images))["x_norm_patchtokens"]),
             np.asarray(expected(jnp.asarray(images))["x_norm_patchtokens"]),

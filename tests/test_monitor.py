@@ -6,6 +6,7 @@ import json
 import eval_fixtures
 import jax
 import pytest
+from flax import nnx
 from train_fixtures import tiny_config
 
 from evaluation import monitor
@@ -58,7 +59,7 @@ def test_every_epoch_evaluates_the_teacher_into_the_metrics(tmp_path):
     assert not (tmp_path / "run" / "eval" / "epoch_001" / "teacher").exists()  # weights not kept twice
     # The number is the final teacher's: the same job on the teacher of the returned state.
     state = jax.device_get(out["state"])
-    teacher = train_lib.build_models(c).teacher_backbone.merge(state.teacher["backbone"])
+    teacher = nnx.merge(train_lib.build_models(c).teacher_backbone, state.teacher["backbone"])
     save_backbone(teacher, tmp_path / "teacher")
     job = suite.load_config_file(c.eval.config)
     job.update_from_flattened_dict(

@@ -45,11 +45,10 @@ def _max_diff(a, b):
 def test_optimizer_groups_of_the_real_model():
     c = tiny_config()
     student, _ = train_lib.random_params(c, 0)
-    labels = {
-        jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(optim.param_labels(student))[0]
-    }
+    labels = optim.param_labels(student)
+    labels = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(ts.to_pure(labels))[0]}
     expected = {}
-    for key, value in _flat(student).items():
+    for key, value in _flat(ts.to_pure(student)).items():
         head = key.startswith("['head']")
         if key == "['backbone']['mask_token']":
             expected[key] = optim.FROZEN
@@ -91,9 +90,9 @@ def test_init_from_a_neco_lightning_checkpoint_restores_student_teacher_and_head
     _, teacher = train_lib.random_params(c, 2)  # a different backbone and head: nothing may be mixed up
     state = {}
     for prefix, params in (("model.", student), ("teacher.", teacher)):
-        flat = flatten_params(jax.device_get(params["backbone"]))
+        flat = flatten_params(ts.to_pure(jax.device_get(params["backbone"])))
         state.update({prefix + k: v for k, v in export_state_dict(flat, "dinov2").items()})
-        head = head_to_torch(flatten_params(jax.device_get(params["head"])))
+        head = head_to_torch(flatten_params(ts.to_pure(jax.device_get(params["head"]))))
         state.update({f"{prefix}projection_head.{k}": v for k, v in head.items()})
     path = tmp_path / "neco.ckpt"
     torch.save({"epoch": 1, "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, path)
@@ -249,7 +248,7 @@ def test_exact_resume(tmp_path, caplog):
     checkpoint is named and moved aside, not lost; evaluation falls back the same way; metrics.jsonl holds
     each step once (the replayed step's first row set aside) and the skipped-image count continues. A rerun
     with a config that changes the computation is refused and leaves the record as it was."""
-    from evaluation.features import _int_keys, load_from_workdir
+    from evaluation.features import load_from_workdir
 
     c = tiny_config(
         **{
@@ -274,7 +273,7 @@ def test_exact_resume(tmp_path, caplog):
         r"intact checkpoint. Remove the damaged one with: rm -r .*/b/checkpoints/3",
         caplog.text,
     )
-    step2 = _int_keys(_restored_state(tmp_path / "b", 2)["teacher"]["backbone"])
+    step2 = ts.from_pure(teacher, _restored_state(tmp_path / "b", 2)["teacher"]["backbone"])
     assert _max_diff(teacher, step2) == 0.0
     assert (ckpts / "3").is_dir()  # evaluation only reads
     caplog.clear()
