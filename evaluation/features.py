@@ -133,8 +133,9 @@ def iterate_batches(
 def load_from_workdir(workdir: str | Path, which: str = "teacher"):
     """The student or teacher backbone of a training workdir (`python main.py --workdir=...`).
 
-    Its `export/<which>` folder when training finished and exported, else the latest orbax checkpoint under
-    `checkpoints/`, rebuilt with the architecture of the run's `config.json`.
+    Its `export/<which>` folder when training finished and exported, else the newest intact checkpoint under
+    `checkpoints/` (newer damaged ones are named in a warning and left in place), rebuilt with the architecture
+    of the run's `config.json`.
     """
     if which not in ("student", "teacher"):
         raise CheckpointError(f"checkpoint_model must be 'student' or 'teacher', got {which!r}")
@@ -145,8 +146,7 @@ def load_from_workdir(workdir: str | Path, which: str = "teacher"):
     config_file = workdir / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file} is missing; {workdir} is not a complete training workdir")
-    # orbax (through neco_jax.checkpoint) and the model: slow imports, only for a training workdir
-
+    # orbax (through neco_jax.checkpoint): a slow import, only for a training workdir
     from neco_jax import checkpoint as ckpt_lib
     from neco_jax import train_state as ts
     from neco_jax.models import VisionTransformer
