@@ -11,8 +11,10 @@ contrast and saturation are `ImageEnhance` blends (Blend.c: float32, truncated t
 the rounded mean of the `convert("L")` image, and the `convert("L")` image (Convert.c: ITU-R 601-2 in 16-bit
 fixed point, rounded); torchvision's PIL hue shift goes through `convert("HSV")` (uint8 hue, saturation and
 value) and back; the blur is `ImageFilter.GaussianBlur`: three extended-box passes per axis in 24-bit fixed
-point, each rounded to uint8, edge pixels repeated (BoxBlur.c). Equal to Pillow level for level, except for
-about one value in 10^4 of the hue shift, where Pillow rounds in double precision (tests/test_augment.py).
+point, each rounded to uint8, edge pixels repeated (BoxBlur.c). On the CPU equal to Pillow level for level,
+except for about one value in 10^4 of the hue shift, where Pillow rounds in double precision
+(tests/test_augment.py); a GPU compiler that fuses a multiply and an add rounds once instead of twice, which
+can move a value that lands on a level boundary by one level.
 
 "tensor": torchvision's functional ops on float tensors (torchvision/transforms/_functional_tensor.py):
 brightness, contrast (blend with the grayscale mean) and saturation (blend with the grayscale image) as

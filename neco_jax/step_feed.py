@@ -55,7 +55,7 @@ def empty_sums(run: int = 0, sharding: jax.sharding.Sharding | None = None) -> d
     program with that output sharding, as the step returns them (on several processes `jax.device_put` would
     compare the NaN entries between processes, and NaN != NaN)."""
     if sharding is not None:
-        return jax.jit(functools.partial(empty_sums, run), out_shardings=sharding)()
+        return _empty_sums_program(sharding)(run)
     ints = {"steps": 0, "nonfinite": 0, "first_nonfinite_step": -1, "run": run, "alarm_step": -1}
     floats = {
         "loss_sum": 0.0,
@@ -70,6 +70,12 @@ def empty_sums(run: int = 0, sharding: jax.sharding.Sharding | None = None) -> d
         **{k: jnp.array(v, jnp.int32) for k, v in ints.items()},
         **{k: jnp.array(v, jnp.float32) for k, v in floats.items()},
     }
+
+
+@functools.cache
+def _empty_sums_program(sharding: jax.sharding.Sharding) -> Callable:
+    """`empty_sums` jitted with that output sharding, once per sharding (compiled once per `run` value)."""
+    return jax.jit(empty_sums, static_argnums=0, out_shardings=sharding)
 
 
 def release(batch: dict[str, jax.Array]) -> None:
