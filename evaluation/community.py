@@ -99,8 +99,3 @@ def merge_lookup(communities: dict[int, int], size: int) -> np.ndarray:
         if cluster < size:
             lookup[cluster] = module
     return lookup
-
-
-def merge_clusters(cluster_maps: np.ndarray, communities: dict[int, int]) -> np.ndarray:
-    """Cluster maps relabelled by community; clusters outside the graph become 0."""
-    return merge_lookup(communities, int(cluster_maps.max(initial=0)) + 1)[cluster_maps]

@@ -115,10 +115,6 @@ class ViewConfig:
     def num_global(self) -> int:
         return self.nmb_crops[0]
 
-    @property
-    def num_local(self) -> int:
-        return self.nmb_crops[1] if len(self.nmb_crops) > 1 else 0
-
     def crop_group(self, i: int) -> int:
         """0 for the global crops (indices < num_global), 1 for the local ones."""
         return 0 if i < self.num_global else 1

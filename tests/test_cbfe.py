@@ -140,7 +140,7 @@ def test_edges_communities_and_merging():
     modules = community.detect_communities(strong + [(3, 4, 0.05)], markov_time=1.0, seed=1, preferred_modules=2)
     assert len({modules[i] for i in range(4)}) == 1 and len({modules[i] for i in range(4, 8)}) == 1
     assert modules[0] != modules[4]
-    merged = community.merge_clusters(np.array([[0, 4, 8]]), modules)
+    merged = community.merge_lookup(modules, 9)[np.array([[0, 4, 8]])]
     np.testing.assert_array_equal(merged, [[modules[0], modules[4], 0]])  # node 8 is not in the graph
 
 
