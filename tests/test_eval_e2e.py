@@ -324,6 +324,23 @@ def test_training_workdir_student_and_teacher(tmp_path):
         features.load_model(str(tmp_path), which="ema")
 
 
+def test_training_workdir_without_a_checkpoint_or_a_teacher_is_named(tmp_path):
+    from train_fixtures import tiny_config
+
+    from neco_jax import checkpoint as ckpt_lib
+    from neco_jax import train_state as ts
+
+    (tmp_path / "config.json").write_text(tiny_config(**{"loss.use_teacher": False}).to_json_best_effort())
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(errors.CheckpointError, match=r"checkpoints holds no finished checkpoint yet"):
+        features.load_model(str(tmp_path), which="student")
+    checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints", keep=1)
+    checkpointer.save(1, ts.create({"backbone": {"w": jnp.ones(2)}, "head": {}}, {}, {}, {}, 0), {})
+    checkpointer.close()
+    with pytest.raises(errors.CheckpointError, match=r"trained without a teacher .*use checkpoint_model=student"):
+        features.load_model(str(tmp_path), which="teacher")
+
+
 def test_cli_process_exits_2_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "evaluation", "--config=configs/eval/voc_linear.py", f"--config.workdir={tmp_path}"],
