@@ -111,9 +111,8 @@ def make_optimizer(optim_cfg, labels: Any, total_steps: int) -> optax.GradientTr
     With `grad_clip_norm > 0` the gradients of the trained params are clipped to that global norm before
     Adam sees them (unlike the original, whose clipping runs before the backward pass and never acts).
     """
-    lr_backbone = cosine_schedule(optim_cfg.lr_backbone, optim_cfg.final_lr, total_steps)
-    lr_heads = cosine_schedule(optim_cfg.lr_heads, optim_cfg.final_lr, total_steps)
-    wd = cosine_schedule(optim_cfg.weight_decay, optim_cfg.weight_decay_end, total_steps)
+    sched = schedules(optim_cfg, total_steps)
+    lr_backbone, lr_heads, wd = sched["lr_backbone"], sched["lr_heads"], sched["weight_decay"]
     adamw = optax.inject_hyperparams(optax.adamw)
 
     def group(lr, decay):
@@ -143,13 +142,18 @@ def trained_grad_norm(grads: Any, labels: Any) -> jax.Array:
     return optax.tree.norm(leaves)
 
 
+def schedules(optim_cfg, total_steps: int) -> dict[str, Callable[[Any], jax.Array]]:
+    """The learning rates and the decayed groups' weight decay as functions of the step."""
+    return {
+        "lr_backbone": cosine_schedule(optim_cfg.lr_backbone, optim_cfg.final_lr, total_steps),
+        "lr_heads": cosine_schedule(optim_cfg.lr_heads, optim_cfg.final_lr, total_steps),
+        "weight_decay": cosine_schedule(optim_cfg.weight_decay, optim_cfg.weight_decay_end, total_steps),
+    }
+
+
 def hyperparams(optim_cfg, total_steps: int, step) -> dict[str, jax.Array]:
     """The learning rates and weight decay the optimizer applies at `step` (for the metrics)."""
-    return {
-        "lr_backbone": cosine_schedule(optim_cfg.lr_backbone, optim_cfg.final_lr, total_steps)(step),
-        "lr_heads": cosine_schedule(optim_cfg.lr_heads, optim_cfg.final_lr, total_steps)(step),
-        "weight_decay": cosine_schedule(optim_cfg.weight_decay, optim_cfg.weight_decay_end, total_steps)(step),
-    }
+    return {name: schedule(step) for name, schedule in schedules(optim_cfg, total_steps).items()}
 
 
 def group_counts(labels: Any) -> dict[str, int]:
