@@ -52,32 +52,6 @@ def similarity_matrix(queries: jax.Array, references: jax.Array, similarity: str
     raise ConfigError(f"unknown similarity {similarity!r}; use one of {SIMILARITIES}")
 
 
-def _cross_entropy(
-    student: jax.Array,
-    teacher: jax.Array,
-    references: jax.Array,
-    query_mask: jax.Array | None,
-    *,
-    student_steepness,
-    teacher_steepness,
-    network: str,
-    distribution: str,
-    similarity: str,
-) -> jax.Array:
-    """Per-pair loss for stacked pairs: student/teacher (..., B, Q, D), references (..., B, R, D) -> (...)."""
-    sim_s = similarity_matrix(student, references, similarity)
-    sim_t = jax.lax.stop_gradient(similarity_matrix(teacher, references, similarity))
-    _, p_s = sort(sim_s, network=network, steepness=student_steepness, distribution=distribution)
-    _, p_t = sort(sim_t, network=network, steepness=teacher_steepness, distribution=distribution)
-    p_t = jax.lax.stop_gradient(p_t)
-    ce = -jnp.sum(p_t * jnp.log(jnp.maximum(p_s, LOG_FLOOR)), axis=-1)  # (..., B, Q, R): summed over ranks
-    if query_mask is None:
-        return jnp.mean(ce, axis=(-3, -2, -1))
-    weight = jnp.asarray(query_mask, jnp.float32)[..., None] * jnp.ones_like(ce)
-    total = jnp.sum(weight, axis=(-3, -2, -1))
-    return jnp.where(total > 0, jnp.sum(ce * weight, axis=(-3, -2, -1)) / jnp.maximum(total, 1.0), 0.0)
-
-
 def pair_loss(
     student: jax.Array,
     teacher: jax.Array,
@@ -90,28 +64,28 @@ def pair_loss(
     similarity: str = "cosine",
     query_mask: jax.Array | None = None,
 ) -> jax.Array:
-    """The original's per-pair sub-loss ``-mean_{b,ref,q} sum_rank Q log P_s``.
+    """The original's per-pair sub-loss ``-mean_{b,ref,q} sum_rank Q log P_s``, for one pair or stacked pairs.
 
     Args:
-      student, teacher: (B, Q, D) ROI-aligned features of the student crop and the teacher anchor.
-      references: (B, R, D), the same for both sides. Q (the teacher's matrix) is under stop_gradient;
+      student, teacher: (..., B, Q, D) ROI-aligned features of the student crop and the teacher anchor.
+      references: (..., B, R, D), the same for both sides. Q (the teacher's matrix) is under stop_gradient;
         whether gradients reach the references is the caller's choice.
-      query_mask: optional (B, Q) fg/bg mask: the mean is over masked-in queries only (0 if none).
+      query_mask: optional (..., B, Q) fg/bg mask: the mean is over masked-in queries only (0 if none).
 
     Returns:
-      the scalar float32 loss.
+      float32 (...): one loss per pair.
     """
-    return _cross_entropy(
-        student,
-        teacher,
-        references,
-        query_mask,
-        student_steepness=student_steepness,
-        teacher_steepness=teacher_steepness,
-        network=network,
-        distribution=distribution,
-        similarity=similarity,
-    )
+    sim_s = similarity_matrix(student, references, similarity)
+    sim_t = jax.lax.stop_gradient(similarity_matrix(teacher, references, similarity))
+    _, p_s = sort(sim_s, network=network, steepness=student_steepness, distribution=distribution)
+    _, p_t = sort(sim_t, network=network, steepness=teacher_steepness, distribution=distribution)
+    p_t = jax.lax.stop_gradient(p_t)
+    ce = -jnp.sum(p_t * jnp.log(jnp.maximum(p_s, LOG_FLOOR)), axis=-1)  # (..., B, Q, R): summed over ranks
+    if query_mask is None:
+        return jnp.mean(ce, axis=(-3, -2, -1))
+    weight = jnp.asarray(query_mask, jnp.float32)[..., None] * jnp.ones_like(ce)
+    total = jnp.sum(weight, axis=(-3, -2, -1))
+    return jnp.where(total > 0, jnp.sum(ce * weight, axis=(-3, -2, -1)) / jnp.maximum(total, 1.0), 0.0)
 
 
 def batch_pool(aligned: jax.Array, valid: jax.Array | None, key: jax.Array) -> jax.Array:
@@ -258,11 +232,11 @@ def neco_loss(
 
     references = jnp.stack(references)
     query_mask = jnp.stack(masks) if hard is not None else None
-    per_pair = _cross_entropy(
+    per_pair = pair_loss(
         jnp.stack(students),
         jnp.stack(teachers),
         references,
-        query_mask,
+        query_mask=query_mask,
         student_steepness=student_steepness,
         teacher_steepness=teacher_steepness,
         network=network,
