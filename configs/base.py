@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.drop_path_rate = 0.1  # student only (linear per-block schedule); the teacher uses 0.
     c.model.dtype = "float32"  # compute dtype of the backbone matmuls ("bfloat16" on GPUs); params stay fp32.
     c.model.remat = False  # rematerialise each ViT block in the backward pass to fit larger batches.
+    c.model.remat_policy = ""  # with remat: a jax.checkpoint_policies name of what to keep ("" keeps nothing).
 
     c.head = ml_collections.ConfigDict()
     c.head.hidden_dim = 2048  # projection_hidden_dim

@@ -38,6 +38,7 @@ BOOKKEEPING = frozenset(
         "data.num_workers",
         "model.init",
         "model.remat",
+        "model.remat_policy",
         "init_timeout_s",
         "stop_check_every_steps",
     }

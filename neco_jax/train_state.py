@@ -67,6 +67,8 @@ def vit_configs(config: ml_collections.ConfigDict, has_mask_token: bool | None =
         overrides["has_mask_token"] = has_mask_token
     if config.model.remat:
         overrides["remat"] = True  # a ViTConfig without this field rejects it by name
+    if config.model.remat_policy:
+        overrides["remat_policy"] = config.model.remat_policy
     student = get_arch(config.model.arch, drop_path_rate=config.model.drop_path_rate, **overrides)
     teacher = get_arch(config.model.arch, drop_path_rate=0.0, **overrides)
     return student, teacher

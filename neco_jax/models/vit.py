@@ -47,6 +47,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _FFN_LAYERS = ("mlp", "swiglu")
 _FIELD_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str}
 _DROP_PATH_MODES = ("dinov2", "per_sample")
+# jax.checkpoint_policies that are policies themselves (the others build one from names).
+_REMAT_POLICIES = ("", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,9 @@ class ViTConfig:
         residual stream stay float32.
     remat: recompute each block's activations in the backward pass instead of storing them (same
         numbers, less memory, about one extra forward of compute), to fit larger training batches.
+    remat_policy: with remat, what the backward pass may keep instead of recomputing: "" keeps nothing, or the
+        name of a `jax.checkpoint_policies` policy (`_REMAT_POLICIES`), e.g. "dots_with_no_batch_dims_saveable" keeps the matmul
+        outputs and recomputes only the elementwise work (more memory than "", less compute).
     """
 
     arch: str = "custom"
@@ -90,6 +95,7 @@ class ViTConfig:
     drop_path_mode: str = "dinov2"
     dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = ""
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -114,6 +120,10 @@ class ViTConfig:
             )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"ViTConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.remat_policy not in _REMAT_POLICIES:
+            raise ConfigError(f"ViTConfig.remat_policy must be one of {_REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.remat_policy and not self.remat:
+            raise ConfigError(f"ViTConfig.remat_policy {self.remat_policy!r} needs remat=True")
         if self.interpolate_offset < 0:
             raise ConfigError(f"ViTConfig.interpolate_offset must be >= 0, got {self.interpolate_offset}")
 
@@ -348,7 +358,8 @@ class VisionTransformer(nnx.Module):
             return (tokens, attn), (tokens if collect else None)
 
         if self.config.remat:  # the scan already keeps XLA from merging the recomputation into the forward
-            body = nnx.remat(body, prevent_cse=False)
+            policy = getattr(jax.checkpoint_policies, self.config.remat_policy) if self.config.remat_policy else None
+            body = nnx.remat(body, prevent_cse=False, policy=policy)
         scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
         (tokens, attn), outputs = scan(stacked, (tokens, attn), (jnp.arange(start, stop), rates))
         return tokens, attn, outputs
