@@ -7,22 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_fixtures import RECIPES
 
 from configs import base
 from neco_jax import errors, train
 
-RECIPES = [
-    "dinov2_s14",
-    "dinov2r_s14",
-    "dinov2r_xr_s14",
-    "dinov2_b14",
-    "dinov2r_b14",
-    "dinov2r_xr_b14",
-    "dino_s16",
-    "timet_s16",
-    "leopart_s16",
-    "demo",
-]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -4,6 +4,20 @@ import ml_collections
 
 from configs import base, demo
 
+# One recipe per row of the NeCo README's results table, then the demo.
+RECIPES = (
+    "dinov2_s14",
+    "dinov2r_s14",
+    "dinov2r_xr_s14",
+    "dinov2_b14",
+    "dinov2r_b14",
+    "dinov2r_xr_b14",
+    "dino_s16",
+    "timet_s16",
+    "leopart_s16",
+    "demo",
+)
+
 
 def tiny_config(**fields) -> ml_collections.ConfigDict:
     """The demo recipe, made smaller for tests: 4 images of 56/28 px, a 2-block 64-dim ViT, metrics every
