@@ -75,17 +75,21 @@ def pair_loss(
     Returns:
       float32 (...): one loss per pair.
     """
-    sim_s = similarity_matrix(student, references, similarity)
-    sim_t = jax.lax.stop_gradient(similarity_matrix(teacher, references, similarity))
+    # The image axis B goes first: `sort` flattens all leading axes into rows, and with B the outermost of
+    # them the rows stay split over the data-parallel devices. With stacked pairs in front, the partitioner
+    # could not split the merged rows and every device sorted the whole batch.
+    sim_s = jnp.moveaxis(similarity_matrix(student, references, similarity), -3, 0)
+    sim_t = jnp.moveaxis(jax.lax.stop_gradient(similarity_matrix(teacher, references, similarity)), -3, 0)
     _, p_s = sort(sim_s, network=network, steepness=student_steepness, distribution=distribution)
     _, p_t = sort(sim_t, network=network, steepness=teacher_steepness, distribution=distribution)
     p_t = jax.lax.stop_gradient(p_t)
-    ce = -jnp.sum(p_t * jnp.log(jnp.maximum(p_s, LOG_FLOOR)), axis=-1)  # (..., B, Q, R): summed over ranks
+    ce = -jnp.sum(p_t * jnp.log(jnp.maximum(p_s, LOG_FLOOR)), axis=-1)  # (B, ..., Q, R): summed over ranks
+    over = (0, -2, -1)
     if query_mask is None:
-        return jnp.mean(ce, axis=(-3, -2, -1))
-    weight = jnp.asarray(query_mask, jnp.float32)[..., None] * jnp.ones_like(ce)
-    total = jnp.sum(weight, axis=(-3, -2, -1))
-    return jnp.where(total > 0, jnp.sum(ce * weight, axis=(-3, -2, -1)) / jnp.maximum(total, 1.0), 0.0)
+        return jnp.mean(ce, axis=over)
+    weight = jnp.moveaxis(jnp.asarray(query_mask, jnp.float32), -2, 0)[..., None] * jnp.ones_like(ce)
+    total = jnp.sum(weight, axis=over)
+    return jnp.where(total > 0, jnp.sum(ce * weight, axis=over) / jnp.maximum(total, 1.0), 0.0)
 
 
 def batch_pool(aligned: jax.Array, valid: jax.Array | None, key: jax.Array) -> jax.Array:
