@@ -47,16 +47,17 @@ def test_every_epoch_evaluates_the_teacher_into_the_metrics(tmp_path):
     from neco_jax import save_backbone
 
     voc = eval_fixtures.make_voc_dataset(tmp_path / "voc", num_train=2, num_val=4)
-    c = tiny_config(**{"optim.total_steps": 2, "eval.every_epochs": 1, "eval.data_dir": str(voc), "eval.set": EVAL_SET})
+    # 4 steps, as the other tiny runs: one compiled step for all of them
+    c = tiny_config(**{"optim.total_steps": 4, "eval.every_epochs": 1, "eval.data_dir": str(voc), "eval.set": EVAL_SET})
     with pytest.raises(errors.ConfigError, match="needs an evaluation monitor"):
         train_lib.train_and_evaluate(c, tmp_path / "run")  # the trainer does not import the evaluation package
     out = train_lib.train_and_evaluate(c, tmp_path / "run", make_monitor=monitor.make_monitor)
     rows = [r for r in read_metrics(tmp_path / "run") if "eval_miou" in r]
-    assert [(r["step"], r["eval_epoch"]) for r in rows] == [(2, 1)]  # 9 photos, batch 4: 2 steps an epoch
+    assert [(r["step"], r["eval_epoch"]) for r in rows] == [(2, 1), (4, 2)]  # 9 photos, batch 4: 2 steps an epoch
     assert all(0.0 <= r["eval_miou"] <= 1.0 and r["eval_s"] > 0 for r in rows)
-    saved = json.loads((tmp_path / "run" / "eval" / "epoch_001" / "results.json").read_text())
+    saved = json.loads((tmp_path / "run" / "eval" / "epoch_002" / "results.json").read_text())
     assert saved["miou"] == rows[-1]["eval_miou"]
-    assert not (tmp_path / "run" / "eval" / "epoch_001" / "teacher").exists()  # weights not kept twice
+    assert not (tmp_path / "run" / "eval" / "epoch_002" / "teacher").exists()  # weights not kept twice
     # The number is the final teacher's: the same job on the teacher of the returned state.
     state = jax.device_get(out["state"])
     teacher = nnx.merge(train_lib.build_models(c).teacher_backbone, state.teacher["backbone"])
