@@ -390,6 +390,12 @@ def jit_train_step(step_fn, mesh, carried: int = 0) -> Any:
     )
 
 
+def nonfinite_cap(config) -> int:
+    """Non-finite steps in a row that stop training: "error" stops at the first, "skip" at the
+    max_consecutive_skips-th (the `cap` of step_feed.with_sums)."""
+    return 1 if config.optim.on_nonfinite == "error" else config.optim.max_consecutive_skips
+
+
 def build_training(config, total_steps: int, student: dict, teacher: dict):
     """(models, optimizer labels, optimizer, initial TrainState) around initial student/teacher params."""
     models = build_models(config, has_mask_token="mask_token" in student["backbone"])
@@ -547,10 +553,10 @@ def train_and_evaluate(
         mw.log_parameter_overview(ts.to_pure(distributed.host_copy(state.student)), "student")
 
     # ---- the jitted step
-    # "error" stops at the first non-finite step, "skip" at the max_consecutive_skips-th in a row
-    cap = 1 if config.optim.on_nonfinite == "error" else config.optim.max_consecutive_skips
-    step_fn = step_feed.with_sums(make_train_step(config, models, labels, tx, total_steps), cap)
-    train_step = jit_train_step(step_fn, mesh, carried=1)
+    cap = nonfinite_cap(config)
+    train_step = jit_train_step(
+        step_feed.with_sums(make_train_step(config, models, labels, tx, total_steps), cap), mesh, 1
+    )
 
     # ---- loop
     writer = mw.MetricsWriter(workdir)
