@@ -20,7 +20,7 @@ from train_fixtures import RECIPES, tiny_config
 
 from configs import base
 from input_pipeline import augment
-from neco_jax import errors, optim, sharding
+from neco_jax import errors, optim, sharding, step_feed
 from neco_jax import train as train_lib
 from neco_jax import train_state as ts
 from neco_jax.metrics_writer import read_metrics
@@ -193,22 +193,32 @@ def _nan_updates(tx):
     return optax.chain(tx, optax.scale(float("nan")))
 
 
+SKIP_RUN = {"optim.total_steps": 4, "optim.on_nonfinite": "skip", "optim.max_consecutive_skips": 2}
+
+
 def test_nonfinite_step_changes_nothing_but_the_counters():
-    """A non-finite loss (NaN input), and a finite loss whose update is non-finite (NaN learning rate): the step
-    commits neither; the second is seen only by checking the new state itself."""
-    c = tiny_config(**{"optim.total_steps": 2})
+    """A non-finite loss (NaN overlap boxes), and a finite loss whose update is non-finite (NaN learning rate):
+    the step commits neither; the second is seen only by checking the new state itself. The step is the
+    trainer's program for the skip test below (its compilation serves both)."""
+    c = tiny_config(**SKIP_RUN)
     models, labels, tx, state = _setup(c)
     tx = _nan_updates(tx)
-    state = state.replace(opt_state=tx.init(state.student))
-    step = jax.jit(train_lib.make_train_step(c, models, labels, tx, 2))
+    state = jax.device_get(state.replace(opt_state=tx.init(state.student)))
+    mesh = sharding.make_mesh()
+    step = train_lib.jit_train_step(
+        step_feed.with_sums(train_lib.make_train_step(c, models, labels, tx, 4), train_lib.nonfinite_cap(c)), mesh, 1
+    )
     batch = _batches(c, 1)[0]
-    bad = {**batch, "global_crops": np.full(batch["global_crops"].shape, np.nan, np.float32)}  # float: no augment
+    bad = {**batch, "boxes_gc": np.full_like(batch["boxes_gc"], np.nan)}
     for n, b in enumerate((bad, batch), start=1):
-        new, metrics = step(state, b)
+        repl = sharding.replicated(mesh)
+        new, metrics, _ = step(
+            jax.device_put(state, repl), sharding.global_batch(b, mesh), step_feed.empty_sums(0, repl)
+        )
         assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
         assert np.isfinite(metrics["loss"]) == (b is batch)
         for part in ("student", "teacher", "opt_state", "queue"):
-            assert _max_diff(getattr(new, part), getattr(state, part)) == 0.0, (n, part)
+            assert _max_diff(jax.device_get(getattr(new, part)), getattr(state, part)) == 0.0, (n, part)
         assert not np.array_equal(new.rng, state.rng)
 
 
@@ -412,15 +422,7 @@ def test_skip_stops_after_the_cap_and_saves_only_finite_state(tmp_path, monkeypa
     run naming it, and neither the checkpoints nor an export ever hold a non-finite value."""
     real = optim.make_optimizer
     monkeypatch.setattr(train_lib.optim, "make_optimizer", lambda *a: _nan_updates(real(*a)))
-    c = tiny_config(
-        **{
-            "optim.total_steps": 4,
-            "optim.on_nonfinite": "skip",
-            "optim.max_consecutive_skips": 2,
-            "checkpoint_every_steps": 1,
-            "export_at_end": True,
-        }
-    )
+    c = tiny_config(**SKIP_RUN, **{"checkpoint_every_steps": 1, "export_at_end": True})
     with pytest.raises(
         errors.NonFiniteError,
         match=r"^step 2: 2 non-finite steps in a row, the update \(loss "
