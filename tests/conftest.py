@@ -27,6 +27,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def pytest_collection_modifyitems(config, items):
+    # The slow tests first (in their own order, so module fixtures are still built once): the two xdist workers
+    # start on the long ones and end on short ones, instead of one worker finishing a long test alone.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if any(d.platform == "gpu" for d in jax.devices()):
         return
     skip = pytest.mark.skip(reason="needs a GPU (run bench/gpu_check.sh on one)")

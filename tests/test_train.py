@@ -196,6 +196,7 @@ def _nan_updates(tx):
 SKIP_RUN = {"optim.total_steps": 4, "optim.on_nonfinite": "skip", "optim.max_consecutive_skips": 2}
 
 
+@pytest.mark.slow
 def test_nonfinite_step_changes_nothing_but_the_counters():
     """A non-finite loss (NaN overlap boxes), and a finite loss whose update is non-finite (NaN learning rate):
     the step commits neither; the second is seen only by checking the new state itself. The step is the
