@@ -7,7 +7,7 @@ import eval_fixtures
 import jax
 import pytest
 from flax import nnx
-from train_fixtures import tiny_config
+from train_fixtures import SAME_STEP_4_TINY_STEPS, tiny_config
 
 from evaluation import monitor
 from neco_jax import errors
@@ -42,6 +42,7 @@ def test_a_bad_eval_setup_fails_before_training(tmp_path):
 
 
 @pytest.mark.slow
+@SAME_STEP_4_TINY_STEPS
 def test_every_epoch_evaluates_the_teacher_into_the_metrics(tmp_path):
     from evaluation import runner, suite
     from neco_jax import save_backbone

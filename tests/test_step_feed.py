@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_fixtures import SAME_STEP_4_TINY_STEPS
 
 from neco_jax import step_feed
 
@@ -91,6 +92,7 @@ def test_sums_match_numpy_with_nonfinite_steps():
 
 
 @pytest.mark.slow
+@SAME_STEP_4_TINY_STEPS
 def test_training_loop_fetches_only_at_log_and_checkpoint_steps(tmp_path, monkeypatch):
     """4 steps, a log line every 2: no implicit device-to-host transfer at all (the transfer guard would
     raise), and host copies only at the log steps; the log rows carry the window means."""

@@ -16,7 +16,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from train_fixtures import RECIPES, tiny_config
+from train_fixtures import (
+    RECIPES,
+    SAME_STEP_4_TINY_STEPS,
+    SAME_STEP_RECIPES,
+    SAME_STEP_SKIP_RUN,
+    tiny_config,
+)
 
 from configs import base
 from input_pipeline import augment
@@ -197,6 +203,7 @@ SKIP_RUN = {"optim.total_steps": 4, "optim.on_nonfinite": "skip", "optim.max_con
 
 
 @pytest.mark.slow
+@SAME_STEP_SKIP_RUN
 def test_nonfinite_step_changes_nothing_but_the_counters():
     """A non-finite loss (NaN overlap boxes), and a finite loss whose update is non-finite (NaN learning rate):
     the step commits neither; the second is seen only by checking the new state itself. The step is the
@@ -253,6 +260,7 @@ def _truncate_arrays(step_dir):
 
 
 @pytest.mark.slow
+@SAME_STEP_4_TINY_STEPS
 def test_exact_resume(tmp_path, caplog):
     """4 steps straight vs 3 steps whose last checkpoint is then damaged (truncated array files), resumed from
     step 2, the newest intact one: same params, teacher, queue, optimizer, RNG and data order; the damaged
@@ -350,6 +358,7 @@ RECIPE_RUNS += [("dinov2r_xr_s14", a) for a in ("fg", "no_teacher")]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,arg", RECIPE_RUNS)
+@SAME_STEP_RECIPES
 def test_every_recipe_runs_one_step(name, arg, tmp_path):
     """Each recipe with random weights at reduced shapes: 1 block, dim 32, small crops, batch 4, one step."""
     c = importlib.import_module(f"configs.{name}").get_config(arg)
@@ -397,6 +406,7 @@ class _NaNBoxesFrom:
 
 
 @pytest.mark.slow
+@SAME_STEP_4_TINY_STEPS
 def test_nonfinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     real = train_lib.make_train_loader
     monkeypatch.setattr(train_lib, "make_train_loader", lambda *a, **k: _NaNBoxesFrom(real(*a, **k), first=3))
@@ -418,6 +428,7 @@ def _restored_state(workdir, step):
 
 
 @pytest.mark.slow
+@SAME_STEP_SKIP_RUN
 def test_skip_stops_after_the_cap_and_saves_only_finite_state(tmp_path, monkeypatch):
     """on_nonfinite=skip with every update non-finite (finite loss): skipped steps are counted, the cap stops the
     run naming it, and neither the checkpoints nor an export ever hold a non-finite value."""

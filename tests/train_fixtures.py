@@ -1,6 +1,7 @@
 """Training configs shared by the tests that run the trainer."""
 
 import ml_collections
+import pytest
 
 from configs import base, demo
 
@@ -27,3 +28,10 @@ def tiny_config(**fields) -> ml_collections.ConfigDict:
     c.log_every_steps = 1
     c.export_at_end = False
     return base.set_fields(c, fields)
+
+
+# Tests that compile the same training step share it through the session's compilation cache, but only when
+# they run one after the other: each group goes to one pytest-xdist worker (`--dist loadgroup`, tests/run.sh).
+SAME_STEP_4_TINY_STEPS = pytest.mark.xdist_group("tiny_4_steps")  # tiny_config(optim.total_steps=4)
+SAME_STEP_SKIP_RUN = pytest.mark.xdist_group("tiny_skip")  # tiny_config with on_nonfinite=skip, NaN updates
+SAME_STEP_RECIPES = pytest.mark.xdist_group("recipes")  # several recipes compile to one program at reduced shapes
