@@ -360,7 +360,7 @@ def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
     # set, serves it without a second compilation).
     mesh = sharding.make_mesh()
     built = build_step(config, mesh)
-    step = train_lib.jit_train_step(step_feed.with_sums(built.step_fn, train_lib.nonfinite_cap(config)), mesh, 1)
+    step = train_lib.jit_loop_step(config, built.step_fn, mesh)
     batch = sharding.global_batch(train_lib._device_part(batches[0]), mesh)
     holder = {"state": built.state, "sums": step_feed.empty_sums(0, sharding.replicated(mesh))}
 

@@ -396,6 +396,13 @@ def nonfinite_cap(config) -> int:
     return 1 if config.optim.on_nonfinite == "error" else config.optim.max_consecutive_skips
 
 
+def jit_loop_step(config, step_fn, mesh) -> Any:
+    """The training loop's program: `step_fn` with the metric sums carried (`(state, batch, sums) -> (state,
+    metrics, sums)`), jitted over the mesh. The bench and the tests that time or probe the loop's step build it
+    here too, so they run (and the compilation cache serves) the very same program."""
+    return jit_train_step(step_feed.with_sums(step_fn, nonfinite_cap(config)), mesh, carried=1)
+
+
 def build_training(config, total_steps: int, student: dict, teacher: dict):
     """(models, optimizer labels, optimizer, initial TrainState) around initial student/teacher params."""
     models = build_models(config, has_mask_token="mask_token" in student["backbone"])
@@ -554,9 +561,7 @@ def train_and_evaluate(
 
     # ---- the jitted step
     cap = nonfinite_cap(config)
-    train_step = jit_train_step(
-        step_feed.with_sums(make_train_step(config, models, labels, tx, total_steps), cap), mesh, 1
-    )
+    train_step = jit_loop_step(config, make_train_step(config, models, labels, tx, total_steps), mesh)
 
     # ---- loop
     writer = mw.MetricsWriter(workdir)
