@@ -329,8 +329,9 @@ class InMemoryLoader:
 
 def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
     """The demo recipe's training loop (`train_and_evaluate`, data held in memory) against its jitted step
-    alone (the same program, metric sums carried) on the same batch, called back to back. The loop's step time is the mean over its log windows after
-    the first (which holds the compilation); the final checkpoint and export fall outside every window."""
+    alone (the same program, metric sums carried) on the same batch, called back to back. The loop's step time
+    is the mean over its log windows after the first (which holds the compilation); the final checkpoint and
+    export fall outside every window."""
     from configs import demo
     from input_pipeline import make_train_loader
     from neco_jax.metrics_writer import read_metrics
