@@ -28,8 +28,8 @@ from evaluation import knn as knn_lib  # noqa: E402
 from evaluation import memory_bank as mb  # noqa: E402
 from evaluation.features import FeatureExtractor  # noqa: E402
 from evaluation.hummingbird import RetrievalSettings  # noqa: E402
+from neco_jax.l2_norm import l2_normalize  # noqa: E402
 from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
-from neco_jax.normalize import l2_normalize  # noqa: E402
 
 VOC_TRAIN_VIEWS = 2 * 10_582
 VOC_VAL_IMAGES = 1_449

@@ -43,7 +43,7 @@ from input_pipeline.views import draw_colour_params  # noqa: E402
 from neco_jax import sharding, step_feed  # noqa: E402
 from neco_jax import train as train_lib  # noqa: E402
 from neco_jax import train_state as ts  # noqa: E402
-from neco_jax.normalize import l2_normalize  # noqa: E402
+from neco_jax.l2_norm import l2_normalize  # noqa: E402
 
 COCO_TRAIN_IMAGES = 118_287  # the original's 25-epoch COCO run: 25 * (118287 // 64) = 46,200 steps
 EPOCHS = 25

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from evaluation.datasets import SegmentationDataset
 from input_pipeline.views import normalize
 from neco_jax import load_backbone, sharding
-from neco_jax.convert import flat_params
+from neco_jax.convert.params import flat_params
 from neco_jax.errors import CheckpointError, NonFiniteError, UserError
 
 log = logging.getLogger(__name__)

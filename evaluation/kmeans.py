@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neco_jax.normalize import l2_normalize
+from neco_jax.l2_norm import l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _SPLIT_EPS = 1.0 / 1024.0

@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from neco_jax.errors import ConfigError
-from neco_jax.normalize import l2_normalize
+from neco_jax.l2_norm import l2_normalize
 from neco_jax.sharding import DATA_AXIS as AXIS
 from neco_jax.sharding import make_mesh as data_mesh
 

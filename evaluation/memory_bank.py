@@ -31,7 +31,7 @@ from PIL import Image, ImageEnhance
 from evaluation.features import FeaturesFn, iterate_batches, nearest_indices
 from input_pipeline.views import CROP_RATIO, IMAGENET_STD, adjust_hue, random_resized_crop_params
 from neco_jax.errors import ConfigError, DatasetError
-from neco_jax.normalize import l2_normalize
+from neco_jax.l2_norm import l2_normalize
 
 HBIRD_TYPO_STD = np.array([0.229, 0.224, 0.255], dtype=np.float32)
 CROP_SCALE = (0.5, 2.0)  # area fraction; above 1 cannot fit, so torchvision's fallback crop takes over

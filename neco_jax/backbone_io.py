@@ -18,22 +18,11 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from neco_jax import pretrained
-from neco_jax.convert import (
-    Converted,
-    HeadConfig,
-    abstract_module,
-    arch_record,
-    flat_params,
-    head_config_for,
-    head_to_torch,
-    hf,
-    join_path,
-    keymap,
-    param_shapes,
-    read_checkpoint,
-    resolve_arch,
-    torch_io,
-)
+from neco_jax.convert import arch_record, hf, keymap, torch_io
+from neco_jax.convert.backbone import resolve_arch
+from neco_jax.convert.head import head_config_for, head_to_torch
+from neco_jax.convert.params import HeadConfig, abstract_module, flat_params, join_path, param_shapes
+from neco_jax.convert.weight_files import Converted, read_checkpoint
 from neco_jax.errors import UserError
 from neco_jax.files import atomic_write
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from neco_jax import queue as queue_lib
 from neco_jax.errors import ConfigError
-from neco_jax.normalize import l2_normalize
+from neco_jax.l2_norm import l2_normalize
 from neco_jax.roi_align import roi_align
 from neco_jax.sorting import sort
 

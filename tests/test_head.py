@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from flax import nnx
 from reference_models import relative_error
 
+from neco_jax.l2_norm import l2_normalize
 from neco_jax.models import ProjectionHead
-from neco_jax.normalize import l2_normalize
 
 
 def _torch_head(head: ProjectionHead) -> torch.nn.Sequential:

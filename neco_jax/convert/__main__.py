@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from neco_jax import backbone_io
-from neco_jax.convert import export_file, hf, keymap, read_checkpoint
+from neco_jax.convert import hf, keymap
+from neco_jax.convert.weight_files import export_file, read_checkpoint
 from neco_jax.errors import UserError, cli
 
 

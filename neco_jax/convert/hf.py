@@ -25,7 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from neco_jax.convert import Converted, backbone_to_jax, infer, keymap, param_shapes, resolve_arch, torch_io
+from neco_jax.convert import infer, keymap, torch_io
+from neco_jax.convert.backbone import backbone_to_jax, resolve_arch
+from neco_jax.convert.params import param_shapes
+from neco_jax.convert.weight_files import Converted
 from neco_jax.errors import CheckpointError, UserError
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from neco_jax.l2_norm import l2_normalize
 from neco_jax.models.layers import LINEAR_INIT
-from neco_jax.normalize import l2_normalize
 
 
 class ProjectionHead(nnx.Module):
