@@ -47,11 +47,11 @@ from tqdm import tqdm
 from evaluation import cd_search
 from evaluation.datasets import DATASETS, VOC_CLASSES
 from evaluation.features import iterate_batches, nearest_indices, nearest_resize, resize_image
+from evaluation.job_inputs import make_extractor, open_split
 from evaluation.kmeans import kmeans
 from evaluation.metrics import confusion_matrix, match_clusters, miou
 from evaluation.pca import standardize_and_project
 from evaluation.plots import save_search_history
-from evaluation.runner import make_extractor, open_split
 from evaluation.settings import from_config, top_level
 from evaluation.visualize import label_colors, save_segmentation_panels
 from neco_jax.errors import ConfigError, DatasetError, UserError

@@ -26,9 +26,9 @@ from evaluation import knn as knn_lib
 from evaluation import memory_bank as mb
 from evaluation.datasets import VOC_CLASSES
 from evaluation.features import FeaturesFn, iterate_batches, nearest_resize, resize_image
+from evaluation.job_inputs import make_extractor, open_split
 from evaluation.label_transfer import predict_segmentation
 from evaluation.metrics import confusion_matrix, miou_from_confusion
-from evaluation.runner import make_extractor, open_split
 from evaluation.settings import from_config, top_level
 from evaluation.visualize import save_segmentation_panels
 from neco_jax.errors import ConfigError

@@ -42,7 +42,7 @@ from evaluation.features import (
     nearest_resize,
     resize_image,
 )
-from evaluation.runner import make_extractor, open_split
+from evaluation.job_inputs import make_extractor, open_split
 from evaluation.settings import from_config
 from evaluation.visualize import save_segmentation_panels
 from input_pipeline.views import CROP_RATIO, random_resized_crop_params

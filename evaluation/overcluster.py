@@ -19,9 +19,9 @@ from tqdm import tqdm
 from evaluation import metrics
 from evaluation.datasets import SegmentationDataset
 from evaluation.features import FeaturesFn, extract_features, nearest_resize, resize_image
+from evaluation.job_inputs import make_extractor, open_split
 from evaluation.kmeans import kmeans
 from evaluation.pca import standardize_and_project
-from evaluation.runner import make_extractor, open_split
 from evaluation.settings import from_config
 from evaluation.visualize import cluster_colors, pca_rgb, save_panel_row
 from neco_jax.errors import ConfigError, UserError

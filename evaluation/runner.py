@@ -1,13 +1,11 @@
-"""The evaluation job: validate the config, run `evaluation.<protocol>.run(config)`, write results.
+"""The evaluation job: validate the config, run its protocol (`evaluation.protocols`), write results.
 
-A protocol module exposes `run(config) -> dict` holding at least `"miou"` (a fraction in [0, 1]); it may add
-`"per_class_iou"` (list), `"class_names"` and `"runs"` (a list of flat dicts, one row each, e.g. one per K).
-The runner writes `workdir/results.json` (the dict plus the config) and `workdir/results.txt` (tables).
+The runner writes `workdir/results.json` (the protocol's results dict plus the config) and `workdir/results.txt`
+(tables).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import time
@@ -18,17 +16,14 @@ from absl import flags
 from ml_collections import config_flags
 
 from evaluation import datasets as datasets_lib
-from evaluation import features as features_lib
+from evaluation import protocols
 from neco_jax.errors import ConfigError, cli
 from neco_jax.precision import true_float32
-
-PROTOCOLS = ("linear", "overcluster", "hummingbird", "cbfe")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every field a user sets on the command line, with a message naming the field and the fix."""
-    if config.protocol not in PROTOCOLS:
-        raise ConfigError(f"config.protocol={config.protocol!r} is unknown; use one of {', '.join(PROTOCOLS)}")
+    protocols.check_name(config.protocol)
     if config.dataset not in datasets_lib.DATASET_NAMES:
         raise ConfigError(
             f"config.dataset={config.dataset!r} is unknown; use one of {', '.join(datasets_lib.DATASET_NAMES)}"
@@ -45,28 +40,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{field} must be positive, got {config[field]}")
     if config.num_images < 0:
         raise ConfigError(f"config.num_images must be >= 0 (0 = all), got {config.num_images}")
-
-
-def open_split(config: ml_collections.ConfigDict, split: str) -> datasets_lib.SegmentationDataset:
-    """The dataset split named `split`, cut to `config.num_images` when that is set."""
-    kwargs = {}
-    if config.dataset.startswith("coco"):
-        kwargs = {"seed": config.coco_seed, "fraction": config.coco_train_fraction}
-    ds = datasets_lib.open_dataset(config.dataset, config.data_dir, split, **kwargs)
-    if config.num_classes != ds.num_classes:
-        raise ConfigError(f"config.num_classes={config.num_classes} but {config.dataset} has {ds.num_classes} classes")
-    if config.num_images:
-        ds = ds.subset(range(min(config.num_images, len(ds))))
-    return ds
-
-
-def make_extractor(config: ml_collections.ConfigDict, *, registers: bool = True) -> features_lib.FeatureExtractor:
-    """The frozen backbone of `config.checkpoint`, jitted and sharded over all devices; `registers=False` builds
-    it without register tokens, as the reference's CBFE script does."""
-    model = features_lib.load_model(config.checkpoint, arch=config.arch, which=config.checkpoint_model)
-    if not registers:
-        model = features_lib.without_registers(model)
-    return features_lib.FeatureExtractor(model, dtype=config.dtype, name=config.checkpoint)
 
 
 def format_results(results: dict) -> str:
@@ -105,9 +78,8 @@ def run_job(config: ml_collections.ConfigDict) -> dict:
     validate(config)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    module = importlib.import_module(f"evaluation.{config.protocol}")
     start = time.time()
-    results = module.run(config)
+    results = protocols.protocol(config.protocol).run(config)
     if "miou" not in results:
         raise RuntimeError(f"evaluation.{config.protocol}.run returned no 'miou'")
     results = {**results, "seconds": round(time.time() - start, 1)}
@@ -127,9 +99,6 @@ def _json(value):
 @cli
 def main(argv: list[str] | None = None) -> int:
     """CLI: `python -m evaluation --config=configs/eval/<dataset>_<protocol>.py --config.<field>=...`."""
-    repo = Path(__file__).resolve().parents[1]
-    if str(repo) not in sys.path:  # config files import `configs.eval.base`
-        sys.path.insert(0, str(repo))
     argv = sys.argv if argv is None else argv
     flag_values = flags.FlagValues()
     config_flag = config_flags.DEFINE_config_file(

@@ -27,8 +27,10 @@ from pathlib import Path
 
 from evaluation import features, published
 from evaluation.datasets import DATASET_NAMES
+from evaluation.job_inputs import open_split
 from evaluation.plots import save_bar_chart
-from evaluation.runner import PROTOCOLS, open_split, run_job
+from evaluation.protocols import NAMES as PROTOCOLS
+from evaluation.runner import run_job
 from neco_jax.errors import ConfigError, DatasetError, UserError, cli, print_error
 from neco_jax.files import atomic_write_text
 
@@ -71,8 +73,6 @@ def load_config_file(path: str | os.PathLike):
         path = REPO / path
     if not path.is_file():
         raise ConfigError(f"evaluation config {path} does not exist; use one of configs/eval/*.py")
-    if str(REPO) not in sys.path:  # config files import `configs.eval.base`
-        sys.path.insert(0, str(REPO))
     spec = importlib.util.spec_from_file_location(f"_eval_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

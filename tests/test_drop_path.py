@@ -117,17 +117,9 @@ def test_dino_blocks_use_per_sample_drop_path_at_every_rate():
 
 
 def test_dino_recipes_build_per_sample_students():
-    import sys
-    from pathlib import Path
-
+    from configs import dino_s16, dinov2_s14, leopart_s16, timet_s16
     from neco_jax import train_state
 
-    repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo))
-    try:
-        from configs import dino_s16, dinov2_s14, leopart_s16, timet_s16
-    finally:
-        sys.path.remove(str(repo))
     for module in (dino_s16, timet_s16, leopart_s16):
         student, teacher = train_state.vit_configs(module.get_config())
         assert student.drop_path_mode == "per_sample" and student.drop_path_rate == 0.1

@@ -296,15 +296,11 @@ def test_cli_user_errors_are_one_line(voc_dir, saved_backbone, tmp_path, capsys,
 @pytest.mark.slow
 def test_training_workdir_student_and_teacher(tmp_path):
     """A checkpoint written by the training loop's Checkpointer is read back as either backbone."""
+    from configs import demo
     from neco_jax import checkpoint as ckpt_lib
     from neco_jax import train
     from neco_jax import train_state as ts
 
-    sys.path.insert(0, str(REPO))
-    try:
-        from configs import demo
-    finally:
-        sys.path.remove(str(REPO))
     config = demo.get_config()
     student, teacher = train.random_params(config, 0)
     teacher = jax.tree.map(lambda x: x * 0.5, teacher)  # make the two distinguishable
