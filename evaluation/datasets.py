@@ -7,8 +7,10 @@ missing folder, a list naming a missing file, a mask whose size differs from its
 naming the file.
 
 Layouts (those of NeCo's `data/` readers in vpariza/NeCo; docs/evaluation.md):
-- voc:          data_dir/VOCSegmentation/{images/*.jpg, SegmentationClass/*.png, SegmentationClassAug/*.png,
-                sets/{trainaug,train,val}.txt}; train lists read SegmentationClassAug, val reads SegmentationClass.
+- voc:          data_dir[/VOCSegmentation]/{images/*.jpg, SegmentationClass/*.png, SegmentationClassAug/*.png,
+                sets/{trainaug,train,val}.txt} (data_dir = VOCSegmentation or its parent, the rule training's reader
+                shares: input_pipeline.sources.voc_folder); train lists read SegmentationClassAug, val reads
+                SegmentationClass.
 - coco_things / coco_stuff: data_dir/images/{train,val}2017/*.jpg; things masks data_dir/annotations/{split}2017/*.png
                 with categories from annotations/panoptic_annotations/panoptic_val2017.json; stuff masks
                 annotations/stuff_annotations/stuff_{split}2017_pixelmaps/*.png with stuff_val2017.json.
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from input_pipeline.sources import voc_folder
 from neco_jax.errors import DatasetError
 
 VOC_CLASSES = (
@@ -222,7 +225,7 @@ def _make(name, split, images, masks, label_map=None, class_names=()) -> Segment
 
 def voc(data_dir: str | os.PathLike, split: str) -> SegmentationDataset:
     """Pascal VOC 2012: `split` names sets/<split>.txt (trainaug, train, val); 21 classes, ignore 255."""
-    root = _require_dir(Path(data_dir) / "VOCSegmentation", "VOC")
+    root = Path(voc_folder(data_dir))
     seg = "SegmentationClass" if split == "val" else "SegmentationClassAug"  # as the reference's VOCDataset
     image_dir = _require_dir(root / "images", "VOC images")
     seg_dir = _require_dir(root / seg, f"VOC {seg}")

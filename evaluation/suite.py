@@ -31,6 +31,7 @@ from evaluation.job_inputs import open_split
 from evaluation.plots import save_bar_chart
 from evaluation.protocols import NAMES as PROTOCOLS
 from evaluation.runner import run_job
+from input_pipeline.sources import find_voc_folder
 from neco_jax.errors import ConfigError, DatasetError, UserError, cli, print_error
 from neco_jax.files import atomic_write_text
 
@@ -43,7 +44,7 @@ def _has(root: Path, *parts: str) -> bool:
 
 # dataset -> the folders that mark its data_dir (evaluation/datasets.py layouts).
 _MARKERS = {
-    "voc": lambda r: _has(r, "VOCSegmentation"),
+    "voc": lambda r: find_voc_folder(r) is not None,
     "coco_things": lambda r: _has(r, "images/val2017", "annotations/val2017"),
     "coco_stuff": lambda r: _has(r, "images/val2017", "annotations/stuff_annotations"),
     "ade20k": lambda r: _has(r, "ADEChallengeData2016") or _has(r, "images/validation", "annotations/validation"),

@@ -6,7 +6,8 @@ Layouts (the original's `DATASET.md` and `data/` readers in vpariza/NeCo; docs/m
   coco          data_dir/train2017/*  (data_dir may also be the train2017 folder itself)
   imagenet100   data_dir/imagenet100.txt (one wnid per line) + data_dir/train/<wnid>/*  (alias imagenet100k)
   imagenet      data_dir/train/<wnid>/*  (every class folder)
-  voc           data_dir[/VOCSegmentation]/sets/<split>.txt + images/<id>.jpg  (split trainaug by default)
+  voc           data_dir[/VOCSegmentation]/sets/<split>.txt + images/<id>.jpg  (split trainaug by default;
+                `voc_folder`, which the evaluation's VOC reader shares)
   folder        any flat or nested folder of images
   filelist      a text file with one image path per line (relative paths are relative to the list file)
 Several datasets combine with commas, e.g. dataset_name "coco,imagenet100" and data_dir "/coco,/in100".
@@ -194,11 +195,33 @@ def _check_exist(paths: Sequence[str], what: str) -> None:
         )
 
 
+VOC_SUBFOLDER = "VOCSegmentation"
+
+
+def find_voc_folder(data_dir: str | os.PathLike) -> str | None:
+    """The folder holding Pascal VOC's split lists `sets/` (and `images/` beside them): `data_dir/VOCSegmentation`,
+    or `data_dir` itself (a user may name either); None when neither does."""
+    for folder in (os.path.join(data_dir, VOC_SUBFOLDER), os.fspath(data_dir)):
+        if os.path.isdir(os.path.join(folder, "sets")):
+            return folder
+    return None
+
+
+def voc_folder(data_dir: str | os.PathLike) -> str:
+    """`find_voc_folder`, or a DatasetError naming both layouts. The one VOC folder rule of training and evaluation."""
+    folder = find_voc_folder(data_dir)
+    if folder is None:
+        state = "does not exist" if not os.path.isdir(data_dir) else "holds no sets/ folder"
+        raise DatasetError(
+            f"VOC folder {data_dir} {state}; pass the folder holding {VOC_SUBFOLDER}/ (or {VOC_SUBFOLDER}/ itself), "
+            "with sets/<split>.txt and images/<id>.jpg inside"
+        )
+    return folder
+
+
 def voc_source(root: str, split: str = "trainaug") -> FileSource:
-    """Pascal VOC by list file: `[root/VOCSegmentation/]sets/<split>.txt` naming `images/<id>.jpg`."""
-    base = os.path.join(root, "VOCSegmentation")
-    if not os.path.isdir(base):
-        base = root
+    """Pascal VOC by list file: `sets/<split>.txt` naming `images/<id>.jpg`, in the folder `voc_folder` finds."""
+    base = voc_folder(root)
     list_file = os.path.join(base, "sets", f"{split}.txt")
     ids = _read_lines(list_file, "VOC split list")
     paths = [os.path.join(base, "images", f"{i}.jpg") for i in ids]

@@ -30,6 +30,9 @@ def test_voc_splits_and_mask_folders(voc_dir):
     # The palette mask holds the same indices as the grayscale one written from the same array.
     aug = np.asarray(Image.open(voc_dir / "VOCSegmentation/SegmentationClassAug" / val.mask_paths[0].name))
     np.testing.assert_array_equal(mask, aug)
+    # data_dir may also be the VOCSegmentation folder itself, as for training (input_pipeline.sources.voc_folder).
+    inner = datasets.open_dataset("voc", voc_dir / "VOCSegmentation", "val")
+    assert inner.image_paths == val.image_paths and inner.mask_paths == val.mask_paths
 
 
 def test_missing_folder(tmp_path):

@@ -166,6 +166,10 @@ def test_coco_imagenet100_voc_and_combined(tmp_path):
     assert len(make_source("imagenet", str(tmp_path / "in100"))) == 9
     v = make_source("voc", str(tmp_path / "voc"))
     assert len(v) == 2 and v.describe(1).endswith("2008_000002.jpg")
+    assert make_source("voc", str(voc)).describe(1) == v.describe(1)  # VOCSegmentation itself, as for evaluation
+    for folder, state in ((tmp_path / "coco", "holds no sets/ folder"), (tmp_path / "nowhere", "does not exist")):
+        with pytest.raises(DatasetError, match=f"VOC folder {folder} {state}.*VOCSegmentation"):
+            make_source("voc", str(folder))
 
     both = make_source("coco,imagenet100", f"{tmp_path / 'coco'},{tmp_path / 'in100'}")
     assert isinstance(both, ConcatSource) and len(both) == 9

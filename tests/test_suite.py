@@ -112,6 +112,8 @@ def test_data_discovery_and_user_errors(tmp_path, tiny_checkpoint, capsys):
     assert suite.find_data_dir("ade20k", tmp_path) == tmp_path / "ade"
     assert suite.find_data_dir("cityscapes", tmp_path) is None
     assert suite.find_data_dir("voc", tmp_path / "VOC") == tmp_path / "VOC"
+    inner = tmp_path / "VOC" / "VOCSegmentation"  # the VOCSegmentation folder itself is a VOC data_dir too
+    assert suite.find_data_dir("voc", inner) == inner
     assert suite.parse_overrides(["a.b=(1, 2)", "c=text", "d=0.5"]) == {"a.b": (1, 2), "c": "text", "d": 0.5}
     for extra, message in [
         ([f"--data_dir={tmp_path / 'none'}"], "does not exist"),
