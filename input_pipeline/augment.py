@@ -39,6 +39,7 @@ from input_pipeline.views import AUGMENT_NUMERICS, COL, IMAGENET_MEAN, IMAGENET_
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 CROP_KEYS = (("global_crops", "global_colour"), ("local_crops", "local_colour"))
+JITTER_BLENDS = ("brightness", "contrast", "saturation")  # jitter ops 0-2 (3 is the hue shift): `jitter_blend`
 
 
 def blur_radius(blur_strength: float) -> int:
@@ -55,18 +56,6 @@ def grayscale(x: jax.Array) -> jax.Array:
 def blend(x: jax.Array, other: jax.Array, factor) -> jax.Array:
     """torchvision `_blend`: factor * x + (1 - factor) * other, clamped to [0, 1]."""
     return jnp.clip(factor * x + (1.0 - factor) * other, 0.0, 1.0)
-
-
-def adjust_brightness(x, factor):
-    return blend(x, jnp.zeros_like(x), factor)
-
-
-def adjust_contrast(x, factor):
-    return blend(x, jnp.mean(grayscale(x), axis=(-3, -2, -1), keepdims=True), factor)
-
-
-def adjust_saturation(x, factor):
-    return blend(x, grayscale(x), factor)
 
 
 def rgb_to_hsv(x: jax.Array) -> jax.Array:
@@ -259,9 +248,21 @@ def pil_gaussian_blur(x: jax.Array, sigma, taps: int) -> jax.Array:
     return jax.lax.fori_loop(0, 3, lambda _, x: one_pass(x, 0), x).astype(jnp.float32)
 
 
+def jitter_blend(x: jax.Array, op: jax.Array, factor, pil: bool) -> jax.Array:
+    """Jitter op `op` of one (H, W, 3) image, an index into JITTER_BLENDS (torchvision's ColorJitter order): a
+    blend with black, the mean grey level or the grey image. `op` may be traced: the train step picks it per crop
+    from the drawn order. `pil`: Pillow's `ImageEnhance` numerics on uint8 levels, else torchvision's
+    `adjust_brightness` / `adjust_contrast` / `adjust_saturation` on [0, 1] floats."""
+    gray = pil_luma(x) if pil else grayscale(x)
+    mean = pil_mean_level(gray) if pil else jnp.mean(gray)
+    target = jnp.where(op == 1, mean, jnp.where(op == 2, gray, 0.0))
+    return pil_blend(target, x, factor) if pil else blend(x, target, factor)
+
+
 def _jitter(x: jax.Array, params: jax.Array, pil: bool) -> jax.Array:
-    """The jitter's four ops in the drawn order. Brightness, contrast and saturation are one blend with
-    different targets; the hue shift, the costly op, runs once: blends before it, hue, blends after it."""
+    """The jitter's four ops in the drawn order. Brightness, contrast and saturation are `jitter_blend`; the hue
+    shift, the costly op, runs once: blends before it, hue, blends after it (a blend with factor 1 is the
+    identity, so the loops run all four positions and leave the others unchanged)."""
     order = params[COL["order_0"] : COL["order_3"] + 1].astype(jnp.int32)
     factors = params[COL["brightness"] : COL["hue"] + 1]
     hue_at = jnp.argmax(order == 3)
@@ -269,11 +270,8 @@ def _jitter(x: jax.Array, params: jax.Array, pil: bool) -> jax.Array:
     def blends(x, active):
         def one(pos, x):
             k = order[pos]
-            gray = pil_luma(x) if pil else grayscale(x)
-            mean = pil_mean_level(gray) if pil else jnp.mean(gray)
-            target = jnp.where(k == 1, mean, jnp.where(k == 2, gray, 0.0))
             factor = jnp.where(active(pos) & (k != 3), factors[jnp.minimum(k, 2)], 1.0)
-            return pil_blend(target, x, factor) if pil else blend(x, target, factor)
+            return jitter_blend(x, k, factor, pil)
 
         # a loop, not unrolled: XLA would fuse the blends and recompute each one per channel of the next
         return jax.lax.fori_loop(0, 4, one, x)

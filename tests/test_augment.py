@@ -39,6 +39,12 @@ def images():
     return x
 
 
+def _blend_op(index: int):
+    """`augment.jitter_blend` as the train step calls it: the op index a traced int32, the same for every crop."""
+    fn = jax.vmap(augment.jitter_blend, in_axes=(0, None, None, None))
+    return jax.jit(lambda x, f, pil: fn(x, jnp.int32(index), f, pil), static_argnums=2)
+
+
 @pytest.mark.parametrize(
     "name,op,factors",
     [
@@ -49,7 +55,11 @@ def images():
     ],
 )
 def test_each_op_matches_torchvision(images, name, op, factors):
-    ours = jax.jit(jax.vmap(getattr(augment, f"adjust_{name}"), in_axes=(0, None)))
+    if name == "hue":
+        ours = jax.jit(jax.vmap(augment.adjust_hue, in_axes=(0, None)))
+    else:
+        blend = _blend_op(augment.JITTER_BLENDS.index(name))
+        ours = functools.partial(blend, pil=False)
     for f in factors:
         want = np.stack([_np(op(_t(x), f)) for x in images])
         np.testing.assert_allclose(ours(images, f), want, atol=TOL, rtol=0)
@@ -92,23 +102,15 @@ def levels():
     return np.stack([np.asarray(p.resize((48, 40), Image.BILINEAR)) for p in _photos()] + [noise])
 
 
-PIL_OPS = {
-    "brightness": (ImageEnhance.Brightness, lambda x, f: augment.pil_blend(0.0, x, f)),
-    "contrast": (
-        ImageEnhance.Contrast,
-        lambda x, f: augment.pil_blend(augment.pil_mean_level(augment.pil_luma(x)), x, f),
-    ),
-    "saturation": (ImageEnhance.Color, lambda x, f: augment.pil_blend(augment.pil_luma(x), x, f)),
-}
+PIL_OPS = {"brightness": ImageEnhance.Brightness, "contrast": ImageEnhance.Contrast, "saturation": ImageEnhance.Color}
 
 
 @pytest.mark.parametrize("name", sorted(PIL_OPS))
 def test_each_pil_blend_equals_pillow(levels, name):
-    enhance, ours = PIL_OPS[name]
-    fn = jax.jit(jax.vmap(ours, in_axes=(0, None)))
+    fn = _blend_op(augment.JITTER_BLENDS.index(name))
     for f in np.float32([0.0, 0.2, 0.77, 1.0, 1.3, 1.8]):
-        want = np.stack([np.asarray(enhance(Image.fromarray(x)).enhance(float(f))) for x in levels])
-        np.testing.assert_array_equal(fn(levels.astype(np.float32), f), want, err_msg=f"{name} {f}")
+        want = np.stack([np.asarray(PIL_OPS[name](Image.fromarray(x)).enhance(float(f))) for x in levels])
+        np.testing.assert_array_equal(fn(levels.astype(np.float32), f, True), want, err_msg=f"{name} {f}")
 
 
 def test_pil_hsv_conversions_and_luma_equal_pillow():
