@@ -1,4 +1,5 @@
-"""PNG panels for a person to look at: image | ground truth | predictions, and a PCA colouring of features."""
+"""PNG panels for a person to look at: image | ground truth | predictions, and the colourings they use (the VOC
+palette for class labels, a fixed colour per cluster id, a PCA colouring of features). Drawn by `evaluation.plots`."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 from evaluation.pca import fit_pca
+from evaluation.plots import panel_row_figure, save_figure
 
 
 def class_palette() -> np.ndarray:
@@ -49,25 +50,11 @@ def pca_rgb(features: np.ndarray) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8).reshape(n, h, w, 3)
 
 
-def _panel(array: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    rgb = label_colors(array) if array.ndim == 2 else np.asarray(array, dtype=np.uint8)
-    return Image.fromarray(rgb).resize(size, Image.NEAREST)
-
-
 def save_panel_row(arrays: Sequence[np.ndarray], path: Path, titles: Sequence[str] | None = None) -> Path:
     """One PNG with the arrays side by side at the first one's size: RGB arrays as they are, 2-D arrays as class
     labels in the VOC palette (use `cluster_colors` first for raw cluster ids)."""
-    h, w = arrays[0].shape[:2]
-    header = 14 if titles else 0
-    canvas = Image.new("RGB", (len(arrays) * (w + 4) - 4, h + header), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i, arr in enumerate(arrays):
-        canvas.paste(_panel(arr, (w, h)), (i * (w + 4), header))
-        if titles:
-            draw.text((i * (w + 4) + 2, 1), titles[i], fill=(0, 0, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    images = [label_colors(a) if a.ndim == 2 else np.asarray(a, dtype=np.uint8) for a in arrays]
+    return save_figure(panel_row_figure(images, titles), path)
 
 
 def save_segmentation_panels(

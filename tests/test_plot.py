@@ -1,5 +1,5 @@
 """neco_jax.plot: the curves drawn are the metrics.jsonl values, resumes are marked, the PNG is whole,
-and it works on a run that is still writing."""
+and it works on a run that is still writing. The evaluation's charts and panels (same matplotlib): what they show."""
 
 import json
 
@@ -84,3 +84,36 @@ def test_bad_workdir_is_one_line_exit_2(tmp_path, capsys, setup, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "metrics.png").exists()
+
+
+# ---- the evaluation's pictures (evaluation/plots.py, evaluation/visualize.py), drawn with the same matplotlib
+
+
+def test_bar_chart_draws_each_value_and_leaves_gaps():
+    from evaluation import plots
+
+    series = {"this checkpoint": [70.1, 40.2, 30.5], "paper": [81.3, None, 33.0]}
+    ax = plots.bar_chart_figure(["voc\nlinear", "voc\nK=21", "ade20k\nlinear"], series, "ckpt").axes[0]
+    ours, paper = ax.containers
+    assert [b.get_height() for b in ours] == series["this checkpoint"]
+    assert [b.get_height() for b in paper] == [81.3, 33.0]  # no bar where the paper has no number
+    assert [round(b.get_x() + b.get_width() / 2) for b in paper] == [0, 2]  # beside their own group
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["voc\nlinear", "voc\nK=21", "ade20k\nlinear"]
+
+
+def test_panel_row_shows_every_array_at_the_first_size(tmp_path):
+    from evaluation import plots, visualize
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (56, 40, 3), dtype=np.uint8)
+    labels = rng.integers(0, 21, (28, 20))
+    path = visualize.save_panel_row([image, labels], tmp_path / "row.png", ["image", "labels"])
+    fig = plots.panel_row_figure([image, visualize.label_colors(labels)], ["image", "labels"])
+    shown = [ax.get_images()[0] for ax in fig.axes]
+    np.testing.assert_array_equal(shown[0].get_array(), image)
+    np.testing.assert_array_equal(shown[1].get_array(), visualize.class_palette()[labels])  # the VOC colours
+    assert all(im.get_extent() == [0, 40, 56, 0] for im in shown)  # both at the image's size
+    assert [ax.get_title() for ax in fig.axes] == ["image", "labels"]
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.size[0] > png.size[1] > 0
+        png.load()
