@@ -54,7 +54,8 @@ from evaluation.pca import standardize_and_project
 from evaluation.plots import save_search_history
 from evaluation.settings import from_config, top_level
 from evaluation.visualize import label_colors, save_segmentation_panels
-from neco_jax.errors import ConfigError, DatasetError, UserError
+from neco_jax.convert import torch_io
+from neco_jax.errors import ConfigError, DatasetError
 from neco_jax.fg_mask import attention_fg_mask
 
 VOC = DATASETS["voc"]  # the protocol is defined on Pascal VOC only
@@ -254,14 +255,7 @@ def read_attention_file(path: Path, count: int) -> np.ndarray:
     of 0/1 floats, as ``experiments/utils.py::process_and_store_attentions`` writes it)."""
     if not path.is_file():
         raise DatasetError(f"attention file {path} does not exist; put attn_train.pt and attn_val.pt in that folder")
-    try:
-        import torch  # the optional torch extra, only for these files
-    except ImportError as e:
-        raise UserError(f"reading {path} needs torch; install the torch extra (pip install -e .[torch])") from e
-    try:
-        masks = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged or foreign file
-        raise DatasetError(f"cannot read {path} as a torch tensor ({type(e).__name__}: {e})") from e
+    masks = torch_io.load_pickled(path)  # the one allow-listed unpickler of every PyTorch file
     masks = np.asarray(masks.float().numpy()) if hasattr(masks, "numpy") else None
     if masks is None or masks.ndim not in (3, 4) or (masks.ndim == 4 and masks.shape[1] != 1):
         raise DatasetError(f"{path} must hold one tensor of shape (N, 1, s, s) or (N, s, s)")

@@ -13,6 +13,7 @@ from functools import partial
 
 import jax.numpy as jnp
 import numpy as np
+import pickle_files
 import pytest
 import timm
 import torch
@@ -248,10 +249,6 @@ def test_full_size_layouts_match_the_reference_models(build, arch, layout):
 # --- NeCo checkpoints ------------------------------------------------------------------------------------
 
 
-class LightningHyperParameters(dict):
-    """Stands for Lightning's AttributeDict: a class that weights_only loading refuses."""
-
-
 def _torch_head(in_dim, seed):
     torch.manual_seed(seed)
     return torch.nn.Sequential(
@@ -269,15 +266,7 @@ def lightning_ckpt(tmp_path_factory):
         state.update({prefix + k: v for k, v in vit.state_dict().items()})
         state.update({f"{prefix}projection_head.{k}": v for k, v in heads[prefix].state_dict().items()})
     path = tmp_path_factory.mktemp("ckpt") / "neco.ckpt"
-    torch.save(
-        {
-            "epoch": 3,
-            "global_step": 120,
-            "state_dict": state,
-            "hyper_parameters": LightningHyperParameters(lr_heads=1e-4, arch="vit-small"),
-        },
-        path,
-    )
+    pickle_files.save(pickle_files.lightning_checkpoint(state, pickle_files.neco_hyper_parameters()), path)
     return path, {"student": student, "teacher": teacher}, {"student": heads["model."], "teacher": heads["teacher."]}
 
 
@@ -328,25 +317,6 @@ def test_cli_converts_training_checkpoint_and_exports(lightning_ckpt, tmp_path, 
     # A folder of two ViTs: pick one.
     model = neco_jax.load_backbone(tmp_path / "jax", which="teacher")
     assert relative_error(_jax_tokens(model, x)[0], _torch_tokens(vits["teacher"], x)[0]) <= TOL
-
-
-class _OpensAFile:
-    """Pickles as a call to open(path, "w"): what a hostile checkpoint could make torch.load run."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
-def test_foreign_objects_in_a_checkpoint_are_never_executed(tmp_path):
-    marker = tmp_path / "should_not_exist"
-    state = dict(_dinov2(0, depth=1).state_dict())
-    torch.save({"state_dict": state, "hyper_parameters": _OpensAFile(marker)}, tmp_path / "odd.ckpt")
-    loaded = torch_io.read_state_dict(tmp_path / "odd.ckpt")
-    assert not marker.exists()
-    assert loaded.keys() == state.keys()
 
 
 def test_plain_file_with_projection_head(tmp_path):

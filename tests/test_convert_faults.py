@@ -198,11 +198,11 @@ def test_a_config_that_disagrees_with_the_weights_is_refused(tiny, tmp_path):
     assert _snapshot(tmp_path / "saved") == before
 
 
-# --- 11: pickles that hold code -----------------------------------------------------------------------------
+# --- 11: pickles that hold code (every format, protocol and place: tests/test_hostile_pickles.py) -----------
 
 
 class _RunsACommand:
-    """Pickles as a call to os.system: what the weights-only unpickler refuses outright."""
+    """Pickles as a call to os.system."""
 
     def __init__(self, marker):
         self.marker = str(marker)
@@ -218,16 +218,12 @@ def test_a_pickle_with_code_is_named_as_such(tiny, tmp_path):
     with pytest.raises(errors.CheckpointError) as info:
         neco_jax.load_backbone(tmp_path / "hostile.pth")
     message = str(info.value)
-    assert "holds pickled objects other than tensors" in message and "system" in message
-    assert "loading them would run code" in message and "truncated" not in message
+    assert f"names the Python object {os.system.__module__}.system, which is not on neco_jax's allow-list" in message
+    assert "could run code from the file" in message and "truncated" not in message
     assert not marker.exists()
-    # A whole pickled module (not its state dict): the tolerant reader sees through it and says what it is.
+    # A whole pickled module (not its state dict) is refused by its class, before anything of it is built.
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
-    with pytest.raises(
-        errors.CheckpointError,
-        match=r"a pickled torch.nn.modules.linear.Linear, not a state "
-        r"dict\); loading them would run code",
-    ):
+    with pytest.raises(errors.CheckpointError, match=r"names the Python object torch.nn.modules.linear.Linear, "):
         neco_jax.load_backbone(tmp_path / "module.pth")
 
 

@@ -1,19 +1,18 @@
 """Reading and writing PyTorch weight files as flat ``{name: np.ndarray}`` dicts.
 
 torch is imported lazily, only here, so the rest of neco_jax runs without it. ``.safetensors``
-files need no torch at all. Pickled files (``.pth``, ``.pt``, ``.ckpt``, ``.bin``) are loaded with
-``weights_only=True``; when a training checkpoint also pickled other Python objects (Lightning's
-hyper-parameters, say), it is read again with an unpickler that admits only torch's tensor
-machinery and turns every other object into an inert placeholder, so no foreign code runs and
-neither Lightning nor the original repository needs to be installed.
+files need no torch at all. Pickled files (``.pth``, ``.pt``, ``.ckpt``, ``.bin``: torch's zip and
+legacy formats, Lightning checkpoints) are read by ``torch.load`` with ``safe_pickle`` as its pickle
+module, so every object a file names must be on that module's one allow-list (tensors, plain
+containers, numbers, hyper-parameter containers rebuilt as dicts); any other name refuses the file
+before anything in it is built, and neither Lightning nor the original repository needs to be installed.
 """
 
 from __future__ import annotations
 
 import collections
 import os
-import pickle
-import types
+import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from neco_jax.convert import safe_pickle
 from neco_jax.errors import CheckpointError, UserError
 from neco_jax.files import atomic_write
 
@@ -46,70 +46,61 @@ def _import_torch():
     return torch
 
 
-def _tolerant_pickle_module():
-    """A pickle module whose Unpickler resolves only torch's allow-listed globals."""
-    from torch._weights_only_unpickler import _get_allowed_globals  # torch: see _import_torch
+def _refuse_archives(path: Path) -> None:
+    """Refuse the two kinds of file that torch.load reads other than by unpickling: a TorchScript archive (it
+    hands that to torch.jit.load, which runs the archive's code) and PyTorch's oldest format, a tar archive
+    (which it extracts to disk first). Both are detected the way torch.load detects them."""
+    from torch import serialization  # torch: see _import_torch
 
-    allowed = set(_get_allowed_globals())
-
-    class Placeholder(dict):
-        """Stands in for a pickled object that is not a tensor; keeps nothing, runs nothing."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__()
-
-        def __setstate__(self, state):
-            pass
-
-        def append(self, item):
-            pass
-
-        def extend(self, items):
-            pass
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if f"{module}.{name}" in allowed:
-                return super().find_class(module, name)
-            return type(name, (Placeholder,), {"pickled_name": f"{module}.{name}"})
-
-    module = types.ModuleType("neco_jax_tolerant_pickle")
-    module.Unpickler = Unpickler
-    module.load = pickle.load
-    module.Pickler = pickle.Pickler
-    return module
+    with open(path, "rb") as f:
+        if serialization._is_zipfile(f):
+            with serialization._open_zipfile_reader(f) as archive:
+                if serialization._is_torchscript_zip(archive):
+                    raise CheckpointError(
+                        f"{path} is a TorchScript archive (a program, not a state dict); loading it would run "
+                        "its code, so it is not read. Save the model's state_dict() with torch.save instead"
+                    )
+            return
+        try:
+            tarfile.open(fileobj=f, mode="r:").close()
+        except tarfile.TarError:
+            return
+    raise CheckpointError(
+        f"{path} is in PyTorch's oldest format (a tar archive, which torch.load extracts to disk), which neco_jax "
+        "does not read; load it in PyTorch and save its state_dict() with torch.save"
+    )
 
 
-def _torch_load(path: Path):
+def load_pickled(path: str | os.PathLike):
+    """The object a pickled PyTorch file holds, read through ``safe_pickle``'s allow-list only.
+
+    Every way that fails is a ``CheckpointError``: a name off the allow-list (naming it), a TorchScript or
+    tar archive, or a file torch cannot read at all.
+    """
+    path = Path(path)
     torch = _import_torch()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):
-            if "Weights only load failed" in str(err):  # torch's weights-only unpickler refused an object
-                raise _code_error(path, _refusal_detail(str(err))) from err
-            raise
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle_module())
-
-
-def _refusal_detail(message: str) -> str:
-    """The line of torch's weights-only refusal that names what it refused (a global, an opcode)."""
-    lines = [ln.strip() for ln in message.splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
-    return lines[0].removeprefix("WeightsUnpickler error: ") if lines else "an object torch refuses"
-
-
-def _code_error(path: Path, what: str) -> CheckpointError:
-    return CheckpointError(
-        f"{path} holds pickled objects other than tensors ({what}); loading them would run code from the file, "
-        "so it is not read. If you trust its source, load it with torch.load(weights_only=False) and save "
-        "model.state_dict() (tensors only) instead"
-    )
+        _refuse_archives(path)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
+    except UserError:
+        raise
+    except safe_pickle.RefusedGlobal as err:
+        raise CheckpointError(
+            f"{path} names the Python object {err.name}, which is not on neco_jax's allow-list of what a weight "
+            "file may hold (tensors, containers, numbers); building it could run code from the file, so nothing "
+            "in the file is read. If you trust its source, load it with torch.load(weights_only=False) and save "
+            "model.state_dict() (tensors only) with torch.save"
+        ) from None
+    except Exception as err:  # torch raises many types for damaged files; all mean the same here
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated download or not a weight file?): "
+            f"{reason}. Download it again or check the path."
+        ) from err
 
 
 def _to_numpy(name: str, value, path: Path) -> np.ndarray:
     torch = _import_torch()
-    if hasattr(value, "pickled_name"):
-        raise _code_error(path, f"entry {name!r} is a pickled {value.pickled_name}")
     if not isinstance(value, torch.Tensor):
         raise CheckpointError(
             f"{path}: entry {name!r} of the state dict is a {type(value).__name__}, not a tensor; "
@@ -123,8 +114,6 @@ def _to_numpy(name: str, value, path: Path) -> np.ndarray:
 
 def _find_state_dict(obj, path: Path) -> Mapping:
     """The tensor mapping inside a loaded file: the file itself, or Lightning's ``state_dict``."""
-    if hasattr(obj, "pickled_name"):
-        raise _code_error(path, f"a pickled {obj.pickled_name}, not a state dict")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead")
     for container in ("state_dict", "model"):
@@ -168,17 +157,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
             f"{path}: unknown weight file type {suffix!r}; expected one of "
             f"{', '.join(PICKLE_SUFFIXES + (SAFETENSORS_SUFFIX,))}"
         )
-    try:
-        loaded = _torch_load(path)
-    except UserError:
-        raise
-    except Exception as err:  # torch raises many types for damaged files; all mean the same here
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated download or not a weight file?): "
-            f"{reason}. Download it again or check the path."
-        ) from err
-    state = _find_state_dict(loaded, path)
+    state = _find_state_dict(load_pickled(path), path)
     torch = _import_torch()
     _refuse_non_float(
         path,
@@ -188,7 +167,8 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
             if isinstance(v, torch.Tensor) and (v.is_complex() or not v.is_floating_point())
         },
     )
-    metadata = (getattr(state, "_metadata", None) or {}).get(METADATA_MODULE)
+    metadata = getattr(state, "_metadata", None)
+    metadata = metadata.get(METADATA_MODULE) if isinstance(metadata, Mapping) else None
     metadata = {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, Mapping) else {}
     return {str(k): _to_numpy(str(k), v, path) for k, v in state.items()}, metadata
 
