@@ -39,14 +39,28 @@ def _get(cfg, key, default):
     return getattr(cfg, key, default)
 
 
+def _numbers(data_cfg, key: str, default: tuple, kind: type) -> tuple:
+    """The tuple field ``data.<key>`` as ``kind`` (int or float); anything else is one line naming the field
+    (a command-line override such as ``"(56,abc)"`` reaches here as the string element ``'(56,abc)'``)."""
+    value = _get(data_cfg, key, default)
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
+        for v in items
+    ):
+        return tuple(kind(v) for v in items)
+    what = "whole numbers" if kind is int else "numbers"
+    raise ConfigError(f"config.data.{key}={value!r} must be a tuple of {what}, e.g. --config.data.{key}=\"{default}\"")
+
+
 def view_config_from(data_cfg) -> ViewConfig:
     """Read the original's data keys (size_crops, nmb_samples, ...) from a ConfigDict / dict / object."""
     d = ViewConfig()
     return ViewConfig(
-        size_crops=tuple(int(v) for v in _get(data_cfg, "size_crops", d.size_crops)),
-        nmb_crops=tuple(int(v) for v in _get(data_cfg, "nmb_samples", d.nmb_crops)),
-        min_scale_crops=tuple(float(v) for v in _get(data_cfg, "min_scale_crops", d.min_scale_crops)),
-        max_scale_crops=tuple(float(v) for v in _get(data_cfg, "max_scale_crops", d.max_scale_crops)),
+        size_crops=_numbers(data_cfg, "size_crops", d.size_crops, int),
+        nmb_crops=_numbers(data_cfg, "nmb_samples", d.nmb_crops, int),
+        min_scale_crops=_numbers(data_cfg, "min_scale_crops", d.min_scale_crops, float),
+        max_scale_crops=_numbers(data_cfg, "max_scale_crops", d.max_scale_crops, float),
         min_intersection=float(_get(data_cfg, "min_intersection_crops", d.min_intersection)),
         jitter_strength=float(_get(data_cfg, "jitter_strength", d.jitter_strength)),
         blur_strength=float(_get(data_cfg, "blur_strength", d.blur_strength)),

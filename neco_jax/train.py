@@ -31,6 +31,7 @@ import optax
 from flax import nnx
 
 from input_pipeline import augment, make_train_loader
+from input_pipeline.loader import view_config_from
 from neco_jax import checkpoint as ckpt_lib
 from neco_jax import distributed, ema, optim, plot, run_record, save_backbone, sharding, step_feed
 from neco_jax import loss as loss_lib
@@ -124,6 +125,37 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.loss.crops_for_assign={tuple(loss.crops_for_assign)} must list every global "
             f"crop, 0..{config.data.nmb_samples[0] - 1}"
+        )
+    _check_crop_sizes(view_config_from(d).size_crops, ts.vit_configs(config)[0])
+
+
+def _check_crop_sizes(sizes: tuple[int, ...], vit) -> None:
+    """A crop side that is not a multiple of the patch size: the patch embedding (a strided convolution) sees
+    side // patch patches and drops the pixels past the last one. The original's DINOv2 backbones refuse such
+    crops (`src/layers/patch_embed.py` asserts); its DINO backbone (`src/models/vit.py`, the ViTs with
+    drop_path_mode "per_sample") drops them, as its DINO recipes' 98-px local crops at patch 16 do. So here too:
+    refused for the first, a warning naming the dropped pixels for the second."""
+    patch = vit.patch_size
+    for kind, size in zip(("global", "local"), sizes):
+        if size % patch == 0:
+            continue
+        what = (
+            f"config.data.size_crops={sizes}: the {kind} crop side {size} px is not a multiple of the patch size "
+            f"{patch} of {vit.arch}"
+        )
+        if vit.drop_path_mode != "per_sample":
+            raise ConfigError(
+                f"{what}, which the original's DINOv2 backbone refuses; use {size // patch * patch} or "
+                f"{(size // patch + 1) * patch} px"
+            )
+        log.warning(
+            "%s: the patch embedding sees %d x %d patches and drops the last %d pixel rows and columns of every "
+            "%s crop, as the original does",
+            what,
+            size // patch,
+            size // patch,
+            size % patch,
+            kind,
         )
 
 

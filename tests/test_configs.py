@@ -156,6 +156,12 @@ def test_real_recipe_without_data_dir_is_refused():
         ("model.drop_path_rate", 1.0, "drop_path_rate"),
         ("optim.max_consecutive_skips", 0, "max_consecutive_skips"),
         ("model.num_register_tokens", -4, "num_register_tokens"),
+        # a tuple element of the wrong kind, as a command-line override like "(56,abc)" or "(56,28.5)" gives
+        ("data.size_crops", (56, "abc"), r"^config.data.size_crops=\(56, 'abc'\) must be a tuple of whole numbers"),
+        ("data.nmb_samples", (2, 2.5), r"^config.data.nmb_samples=\(2, 2.5\) must be a tuple of whole numbers"),
+        ("data.max_scale_crops", (1.0, None), r"^config.data.max_scale_crops=\(1.0, None\) must be a tuple of numbers"),
+        # the original's DINOv2 backbone asserts that crops are a whole number of patches (the demo's ViT is one)
+        ("data.size_crops", (56, 30), r"local crop side 30 px is not a multiple of the patch size 14 .* use 28 or 42"),
     ],
 )
 def test_bad_values_are_named(field, value, match):
@@ -163,6 +169,18 @@ def test_bad_values_are_named(field, value, match):
     base.set_fields(c, {field: value})
     with pytest.raises(errors.ConfigError, match=match):
         train.check_config(c)
+
+
+def test_crops_a_dino_backbone_cuts_short_are_a_warning_naming_the_pixels(caplog):
+    """The DINO recipes' 98-px local crops at patch 16: the original's DINO ViT (a strided conv) drops 2 pixels."""
+    c = base.set_fields(_cfg("dino_s16"), {"model.init": "random", "data.dataset_name": "sample"})
+    with caplog.at_level("WARNING", logger="neco_jax.train"):
+        train.check_config(c)
+    assert [r.getMessage() for r in caplog.records] == [
+        "config.data.size_crops=(224, 98): the local crop side 98 px is not a multiple of the patch size 16 of "
+        "vit_small_patch16_dino: the patch embedding sees 6 x 6 patches and drops the last 2 pixel rows and "
+        "columns of every local crop, as the original does"
+    ]
 
 
 def test_set_fields_rejects_unknown_names():
@@ -189,6 +207,11 @@ def _cli(*args):
         (["--config=configs/demo.py:oddeven"], "unknown config argument 'oddeven'; choose one of bg, fg,"),
         (["--config=configs/dinov2_s14.py"], "config.data.data_dir is empty"),
         (["--config=configs/demo.py", "--config.optim.lr_heads=inf"], "config.optim.lr_heads=inf is not a finite"),
+        (
+            ["--config=configs/demo.py", "--config.data.size_crops=(56,abc)"],
+            "config.data.size_crops=('(56,abc)',) must be a tuple of whole numbers, e.g. "
+            '--config.data.size_crops="(518, 98)"',
+        ),
     ],
 )
 def test_cli_config_errors_are_one_line_exit_2(tmp_path, args, message):
