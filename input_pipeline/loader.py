@@ -50,7 +50,7 @@ def _numbers(data_cfg, key: str, default: tuple, kind: type) -> tuple:
     ):
         return tuple(kind(v) for v in items)
     what = "whole numbers" if kind is int else "numbers"
-    raise ConfigError(f"config.data.{key}={value!r} must be a tuple of {what}, e.g. --config.data.{key}=\"{default}\"")
+    raise ConfigError(f'config.data.{key}={value!r} must be a tuple of {what}, e.g. --config.data.{key}="{default}"')
 
 
 def view_config_from(data_cfg) -> ViewConfig:
