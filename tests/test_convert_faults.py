@@ -227,6 +227,28 @@ def test_a_pickle_with_code_is_named_as_such(tiny, tmp_path):
         neco_jax.load_backbone(tmp_path / "module.pth")
 
 
+# --- non-finite weights ----------------------------------------------------------------------------------------
+
+
+def test_to_jax_refuses_non_finite_weights_unless_allowed(tiny, tmp_path, capsys):
+    reference, _ = tiny
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    state["blocks.1.attn.qkv.weight"][0, 3] = float("nan")
+    state["norm.bias"][5] = float("inf")
+    torch.save(state, tmp_path / "diverged.pth")
+    argv = ["to-jax", str(tmp_path / "diverged.pth"), "--out", str(tmp_path / "out"), "--arch", "vit_tiny_test"]
+    err = _one_line_exit_2(argv, capsys)
+    assert "diverged.pth holds NaN or infinite values in 2 tensor(s): blocks/1/attn/qkv/kernel, norm/bias;" in err
+    assert "--allow-nonfinite" in err and not (tmp_path / "out").exists()
+    assert cli.main([*argv, "--allow-nonfinite"]) == 0
+    warning = capsys.readouterr().err
+    assert warning.startswith("warning: ") and warning.count("\n") == 1
+    assert "2 tensor(s): blocks/1/attn/qkv/kernel, norm/bias; converted anyway (--allow-nonfinite)" in warning
+    converted = neco_jax.backbone_io.load_converted(tmp_path / "out")
+    assert np.isnan(converted.params["blocks/1/attn/qkv/kernel"]).sum() == 1
+    assert np.isposinf(converted.params["norm/bias"][5])
+
+
 # --- 12: head.json, and --out naming something that exists -------------------------------------------------
 
 

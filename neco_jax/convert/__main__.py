@@ -8,7 +8,8 @@ SRC is a .pth/.pt/.ckpt/.safetensors file, a URL, a known pretrained name, or a 
 transformers DINOv2 folder (``--layout hf`` writes one: config.json + model.safetensors). A NeCo training
 checkpoint (student and teacher) becomes FOLDER/student and FOLDER/teacher. Every output records
 the architecture (FOLDER/config.json; the ViTConfig inside an exported file), and no output
-overwrites an existing file. Mistakes in the input print one line on stderr and exit with status 2.
+overwrites an existing file. Mistakes in the input print one line on stderr and exit with status 2; so do
+weights holding NaN or infinity, unless ``--allow-nonfinite`` converts them anyway (with a warning).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from neco_jax import backbone_io
 from neco_jax.convert import hf, keymap
 from neco_jax.convert.weight_files import export_file, read_checkpoint
-from neco_jax.errors import UserError, cli
+from neco_jax.errors import NonFiniteError, UserError, cli
 
 
 def _describe(converted) -> str:
@@ -33,7 +36,31 @@ def _describe(converted) -> str:
     )
 
 
-def to_jax(source: str, out: Path, arch: str | None) -> None:
+def _check_finite(parts: dict, source: str, allow: bool) -> None:
+    """Refuse weights with NaN or infinity, naming the tensors (training and evaluation refuse them too);
+    ``allow`` converts them anyway, with a warning on stderr."""
+    bad = [
+        f"{name}: {path}" if len(parts) > 1 else path
+        for name, converted in parts.items()
+        for path, value in {
+            **converted.params,
+            **{f"head/{k}": v for k, v in (converted.head_params or {}).items()},
+        }.items()
+        if not np.isfinite(value).all()
+    ]
+    if not bad:
+        return
+    shown = ", ".join(bad[:8]) + (f" ... (+{len(bad) - 8} more)" if len(bad) > 8 else "")
+    what = f"{source} holds NaN or infinite values in {len(bad)} tensor(s): {shown}"
+    if not allow:
+        raise NonFiniteError(
+            f"{what}; training and evaluation refuse such weights. Convert an intact checkpoint, or pass "
+            "--allow-nonfinite to convert these anyway"
+        )
+    print(f"warning: {what}; converted anyway (--allow-nonfinite)", file=sys.stderr, flush=True)
+
+
+def to_jax(source: str, out: Path, arch: str | None, allow_nonfinite: bool = False) -> None:
     if Path(source).is_dir() and not hf.is_hf_folder(source):
         raise UserError(
             f"{source} is a folder but no transformers DINOv2 folder; to-jax reads a weight file, a URL, "
@@ -51,6 +78,7 @@ def to_jax(source: str, out: Path, arch: str | None) -> None:
     else:
         path, resolved_arch = backbone_io.locate(source, arch)
         parts = read_checkpoint(path, resolved_arch)
+    _check_finite(parts, source, allow_nonfinite)
     for name, converted in parts.items():
         folder = out if len(parts) == 1 else out / name
         backbone_io.save_converted(converted, folder)
@@ -86,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--arch", help="architecture name (neco_jax.models.get_arch); inferred when omitted")
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert weights that hold NaN or infinity (refused otherwise; a warning names them)",
+    )
     p = sub.add_parser("to-torch", help="neco_jax folder -> PyTorch state dict")
     p.add_argument("folder", type=Path, help="folder written by to-jax or neco_jax.save_backbone")
     p.add_argument("--out", required=True, type=Path, help="output .pth, .pt or .safetensors file (folder for hf)")
@@ -97,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.command == "to-jax":
-        to_jax(args.source, args.out, args.arch)
+        to_jax(args.source, args.out, args.arch, args.allow_nonfinite)
     else:
         to_torch(args.folder, args.out, args.layout)
     return 0
