@@ -7,7 +7,7 @@ the median of many calls is reported with its spread.
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bench.flops import bf16_peak_flops
@@ -43,29 +42,6 @@ def device_summary() -> dict[str, Any]:
         "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-
-
-@contextlib.contextmanager
-def attention_implementation(name: str):
-    """Bench-only experiment: while active, `jax.nn.dot_product_attention` calls with 16-bit inputs and no
-    implementation named use `name` ("cudnn": cuDNN flash attention; JAX's default is the XLA path, which
-    materialises the N x N scores). It sizes the gain of that choice before the model makes it itself
-    (neco_jax/models/layers.py); "default" changes nothing. Functions must be traced inside the block."""
-    if name == "default":
-        yield
-        return
-    original = jax.nn.dot_product_attention
-
-    def patched(query, key, value, *args, implementation=None, **kwargs):
-        if implementation is None and jnp.dtype(query.dtype) in (jnp.bfloat16, jnp.float16):
-            implementation = name
-        return original(query, key, value, *args, implementation=implementation, **kwargs)
-
-    jax.nn.dot_product_attention = patched
-    try:
-        yield
-    finally:
-        jax.nn.dot_product_attention = original
 
 
 def time_calls(call: Callable[[], Any], *, warmup: int, iters: int) -> dict[str, float]:
@@ -111,6 +87,21 @@ def compiled_memory_bytes(compiled) -> int | None:
     if m is None:
         return None
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def bytes_accessed(compiled) -> float:
+    """XLA's cost analysis of a compiled program: bytes its operations read and write (the HLO account of memory
+    traffic, the same for every backend's compiler of the program; 0 where the backend gives none)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older JAX: one dict per program
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("bytes accessed", 0.0))
+
+
+def program_id(compiled) -> str:
+    """A short hash of the compiled program's optimised HLO: two cases with the same id ran the same program, so
+    the same time up to noise (what a loaded machine's timings cannot show by themselves)."""
+    return hashlib.sha1(compiled.as_text().encode()).hexdigest()[:8]
 
 
 def fmt(value: Any, digits: int = 3) -> str:

@@ -3,6 +3,7 @@ ViT-S/14 and ViT-B/14 at 448 and 518 px, fp32 and bf16 compute, random weights a
 
     python bench/forward.py              # accelerator sizes
     python bench/forward.py --small      # CPU / CI: the tiny test arch at 56 px
+    python bench/forward.py --small --arch vit_small_patch14_dinov2 --size 518 --batch 1   # one case, CPU
 Prints a table and writes bench/results/forward[_small].json (folder: $BENCH_RESULTS_DIR if set).
 """
 
@@ -32,9 +33,10 @@ FULL = {
     "iters": 10,
 }
 SMALL = {"archs": ("vit_tiny_test",), "sizes": (56,), "batch": 2, "warmup": 1, "iters": 3}
-# (compute dtype, attention implementation), most useful first: gpu_check.sh cuts the tail when time runs out.
-VARIANTS = (("bfloat16", "default"), ("bfloat16", "cudnn"), ("float32", "default"))
-SMALL_VARIANTS = (("bfloat16", "default"), ("float32", "default"))
+# (compute dtype, ViTConfig.attention), most useful first: gpu_check.sh cuts the tail when time runs out. "auto" is
+# what the model runs by default; "xla" the plain path that keeps the N x N scores.
+VARIANTS = (("bfloat16", "auto"), ("bfloat16", "xla"), ("float32", "auto"), ("float32", "xla"))
+SMALL_VARIANTS = (("bfloat16", "auto"), ("float32", "auto"), ("float32", "xla"), ("float32", "chunked"))
 COLUMNS = (
     ("arch", "arch"),
     ("size", "px"),
@@ -47,18 +49,14 @@ COLUMNS = (
     ("tflops_per_s", "TFLOP/s"),
     ("mfu", "MFU"),
     ("compile_s", "compile s"),
+    ("program", "program"),
 )
 
 
 def bench_case(
     arch: str, size: int, dtype: str, attention: str, batch: int, warmup: int, iters: int, peak: float | None
 ) -> dict:
-    with common.attention_implementation(attention):
-        return _bench_case(arch, size, dtype, batch, warmup, iters, peak) | {"attention": attention}
-
-
-def _bench_case(arch: str, size: int, dtype: str, batch: int, warmup: int, iters: int, peak: float | None) -> dict:
-    cfg = get_arch(arch, dtype=dtype)
+    cfg = get_arch(arch, dtype=dtype, attention=attention)
     model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)["x_norm_patchtokens"])
@@ -66,8 +64,10 @@ def _bench_case(arch: str, size: int, dtype: str, batch: int, warmup: int, iters
     keys = jax.random.split(jax.random.key(size), 2)
     inputs = [jax.random.normal(k, (batch, size, size, 3), jnp.float32) for k in keys]
     start = time.perf_counter()
-    jax.block_until_ready(forward(params, inputs[0]))
+    compiled = forward.lower(params, inputs[0]).compile()
+    jax.block_until_ready(compiled(params, inputs[0]))
     compile_s = time.perf_counter() - start
+    forward = compiled
     cycle = itertools.cycle(inputs)
     timing = common.time_calls(lambda: forward(params, next(cycle)), warmup=warmup, iters=iters)
     flops = 2.0 * vit_forward_macs(cfg, size) * batch
@@ -76,9 +76,11 @@ def _bench_case(arch: str, size: int, dtype: str, batch: int, warmup: int, iters
         "arch": arch,
         "size": size,
         "dtype": dtype,
+        "attention": attention,
         "status": "ok",
         "batch": batch,
         "compile_s": compile_s,
+        "program": common.program_id(compiled),
         "images_per_s": batch / timing["median_s"],
         "median_ms": 1e3 * timing["median_s"],
         "gflops_per_image": flops / batch / 1e9,
@@ -92,11 +94,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="CPU/CI run: tiny arch, small images, few calls")
     parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--arch", default=None, help="one architecture instead of the plan's (e.g. the tests' sizes)")
+    parser.add_argument("--size", type=int, default=None, help="one image side instead of the plan's")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per case")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/forward[_small].json)")
     args = parser.parse_args()
-    plan = SMALL if args.small else FULL
+    plan = dict(SMALL if args.small else FULL)
+    plan["archs"] = (args.arch,) if args.arch else plan["archs"]
+    plan["sizes"] = (args.size,) if args.size else plan["sizes"]
     batch, iters = args.batch or plan["batch"], args.iters or plan["iters"]
     device = common.device_summary()
     peak = None if device["bf16_peak_tflops"] is None else device["bf16_peak_tflops"] * 1e12

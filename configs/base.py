@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype of the backbone matmuls ("bfloat16" on GPUs); params stay fp32.
     c.model.remat = False  # rematerialise each ViT block in the backward pass to fit larger batches.
     c.model.remat_policy = ""  # with remat: a jax.checkpoint_policies name of what to keep ("" keeps nothing).
+    # Softmax attention (neco_jax/models/attention.py): "auto" keeps no N x N scores for the backward pass on
+    # accelerators (cuDNN flash attention for bfloat16 on GPUs, else an exact chunked JAX attention; XLA's plain
+    # path on the CPU at small sizes); or "xla", "chunked", "cudnn". The same numbers to rounding.
+    c.model.attention = "auto"
 
     c.head = ml_collections.ConfigDict()
     c.head.hidden_dim = 2048  # projection_hidden_dim

@@ -27,7 +27,8 @@ from neco_jax.files import atomic_write_text
 CONFIG_FILE = "config.json"
 STARTS_FILE = "starts.jsonl"
 # Fields that change bookkeeping, not the computation: a resume may change them freely. (`model.init` is not
-# read on resume, the weights come from the checkpoint; `model.remat` recomputes the same values; `eval.*`
+# read on resume, the weights come from the checkpoint; `model.remat` recomputes the same values and
+# `model.attention` computes them by another kernel, to rounding; `eval.*`
 # only evaluates the teacher.)
 BOOKKEEPING = frozenset(
     {
@@ -39,6 +40,7 @@ BOOKKEEPING = frozenset(
         "model.init",
         "model.remat",
         "model.remat_policy",
+        "model.attention",
         "init_timeout_s",
         "stop_check_every_steps",
     }

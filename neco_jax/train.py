@@ -43,6 +43,7 @@ from neco_jax.convert import export_file, flatten_params, unflatten_params_like
 from neco_jax.errors import ConfigError, NonFiniteError
 from neco_jax.fg_mask import attention_fg_mask
 from neco_jax.models import ProjectionHead, VisionTransformer
+from neco_jax.models import attention as attention_lib
 from neco_jax.precision import true_float32
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         "loss.sim_dist": (loss.sim_dist, ("cosine", "euclidean")),
         "loss.loss_mask": (loss.loss_mask, ("all", "fg", "bg")),
         "model.dtype": (m.dtype, ("float32", "bfloat16")),
+        "model.attention": (m.attention, attention_lib.IMPLEMENTATIONS),
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:

@@ -62,6 +62,7 @@ def vit_configs(config: ml_collections.ConfigDict, has_mask_token: bool | None =
         **config.model.arch_overrides.to_dict(),
         "num_register_tokens": config.model.num_register_tokens,
         "dtype": config.model.dtype,
+        "attention": config.model.attention,
     }
     if has_mask_token is not None:
         overrides["has_mask_token"] = has_mask_token

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bench import common, flops
+from bench import flops
 from bench.train_step import SMALL, Case, case_config, synthetic_batch
 from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
 
@@ -115,29 +115,6 @@ def test_matmul_counter_multiplies_scan_bodies():
 def test_bf16_peak_by_device_kind(kind, tflops):
     peak = flops.bf16_peak_flops(kind)
     assert (peak is None) if tflops is None else peak == tflops * 1e12
-
-
-def test_attention_experiment_routes_16_bit_calls_and_restores():
-    original = jax.nn.dot_product_attention
-    seen = []
-
-    def spy(query, key, value, *args, implementation=None, **kwargs):
-        seen.append(implementation)
-        return original(query, key, value, *args, implementation=implementation, **kwargs)
-
-    q, k, v = (jax.random.normal(key, (1, 5, 2, 8), jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 3))
-    q32, k32, v32 = (a.astype(jnp.float32) for a in (q, k, v))
-    jax.nn.dot_product_attention = spy
-    try:
-        with common.attention_implementation("xla"):  # "cudnn" on a GPU; "xla" runs anywhere
-            jax.nn.dot_product_attention(q, k, v)
-            jax.nn.dot_product_attention(q32, k32, v32)
-        assert jax.nn.dot_product_attention is spy
-        with common.attention_implementation("default"):
-            jax.nn.dot_product_attention(q, k, v)
-    finally:
-        jax.nn.dot_product_attention = original
-    assert seen == ["xla", None, None]
 
 
 def test_synthetic_batch_follows_the_pipeline_contract():

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from neco_jax.models import attention as attention_lib
+
 # PyTorch's trunc_normal_(std=0.02) truncates at +-2 in absolute value (+-100 sigma): in effect a plain normal.
 LINEAR_INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -67,16 +69,26 @@ def _symmetric_uniform(bound: float):
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused qkv projection whose output is ordered (3, heads, head_dim)."""
 
-    def __init__(self, dim: int, num_heads: int, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        implementation: str = "auto",
+        chunk: int = attention_lib.DEFAULT_CHUNK,
+    ):
         self.num_heads = num_heads
+        self.implementation, self.chunk = implementation, chunk
         self.qkv = linear(dim, 3 * dim, dtype=dtype, rngs=rngs)
         self.proj = linear(dim, dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
         """(B, N, D) -> ((B, N, D), the first token's softmax attention (B, heads, N) in fp32, or None).
 
-        The output always goes through `jax.nn.dot_product_attention` (fused kernels on GPU; fp32 softmax).
-        The requested attention row of the first (CLS) token is an explicit fp32 softmax of q_cls k^T / sqrt(d),
+        The output goes through `neco_jax.models.attention` by `implementation` (fp32 softmax; "auto" keeps no
+        N x N scores for the backward pass on accelerators). The requested attention row of the first (CLS) token is an explicit fp32 softmax of q_cls k^T / sqrt(d),
         which avoids materialising the full (B, heads, N, N) map.
         """
         b, n, d = x.shape
@@ -88,7 +100,9 @@ class Attention(nnx.Module):
         if return_attention:
             logits = jnp.einsum("bhc,bkhc->bhk", q[:, 0] * scale, k, preferred_element_type=jnp.float32)
             attn_cls = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+        out = attention_lib.dot_product_attention(
+            q, k, v, scale=scale, implementation=self.implementation, chunk=self.chunk
+        )
         return self.proj(out.reshape(b, n, d)), attn_cls
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neco_jax.errors import ConfigError
+from neco_jax.models import attention as attention_lib
 from neco_jax.models.drop_path import (
     BATCH_SUBSET_THRESHOLD,
     add_residual_on_subset,
@@ -75,6 +76,10 @@ class ViTConfig:
     remat_policy: with remat, what the backward pass may keep instead of recomputing: "" keeps nothing, or the
         name of a `jax.checkpoint_policies` policy (`_REMAT_POLICIES`), e.g. "dots_with_no_batch_dims_saveable" keeps the matmul
         outputs and recomputes only the elementwise work (more memory than "", less compute).
+    attention: how softmax attention is computed (`neco_jax.models.attention`): "auto" (cuDNN flash attention for
+        bfloat16 on GPUs, else the exact chunked attention, or XLA's on the CPU at small sizes), "xla" (keeps
+        the N x N scores for the backward pass), "chunked" or "cudnn". The same numbers to rounding.
+    attention_chunk: query rows per block of the chunked attention (its scores in flight: B x heads x this x N).
     """
 
     arch: str = "custom"
@@ -96,6 +101,8 @@ class ViTConfig:
     dtype: str = "float32"
     remat: bool = False
     remat_policy: str = ""
+    attention: str = "auto"
+    attention_chunk: int = attention_lib.DEFAULT_CHUNK
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -103,7 +110,7 @@ class ViTConfig:
             allowed = _FIELD_TYPES[field.type]
             if not isinstance(value, allowed) or (field.type != "bool" and isinstance(value, bool)):
                 raise ConfigError(f"ViTConfig.{field.name} must be {field.type}, got {value!r}")
-        for name in ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid"):
+        for name in ("patch_size", "embed_dim", "depth", "num_heads", "pos_grid", "attention_chunk"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ViTConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.embed_dim % self.num_heads:
@@ -124,6 +131,10 @@ class ViTConfig:
             raise ConfigError(f"ViTConfig.remat_policy must be one of {_REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.remat_policy and not self.remat:
             raise ConfigError(f"ViTConfig.remat_policy {self.remat_policy!r} needs remat=True")
+        if self.attention not in attention_lib.IMPLEMENTATIONS:
+            raise ConfigError(
+                f"ViTConfig.attention must be one of {attention_lib.IMPLEMENTATIONS}, got {self.attention!r}"
+            )
         if self.interpolate_offset < 0:
             raise ConfigError(f"ViTConfig.interpolate_offset must be >= 0, got {self.interpolate_offset}")
 
@@ -155,7 +166,14 @@ class Block(nnx.Module):
         dim, dtype = config.embed_dim, config.compute_dtype
         ffn = SwiGLUFFN if config.ffn_layer == "swiglu" else Mlp
         self.norm1 = layer_norm(dim, rngs=rngs)
-        self.attn = Attention(dim, config.num_heads, dtype=dtype, rngs=rngs)
+        self.attn = Attention(
+            dim,
+            config.num_heads,
+            dtype=dtype,
+            rngs=rngs,
+            implementation=config.attention,
+            chunk=config.attention_chunk,
+        )
         self.ls1 = LayerScale(dim, config.layerscale_init) if config.layerscale else None
         self.norm2 = layer_norm(dim, rngs=rngs)
         self.mlp = ffn(dim, config.mlp_hidden_dim, dtype=dtype, rngs=rngs)
