@@ -319,6 +319,12 @@ class InMemoryLoader:
         self.next_batch += 1
         return self.batches[(self.next_batch - 1) % len(self.batches)]
 
+    def fetch(self) -> dict:
+        return next(self)
+
+    def report(self, batch: dict, state: dict) -> None:
+        pass  # nothing is ever skipped
+
     def get_state(self) -> dict:
         images = self.next_batch * len(self.batches[0]["index"])
         return {"next_batch": self.next_batch, "bad_files": 0, "files_read": images}

@@ -199,25 +199,38 @@ class TrainLoader:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.fetch()
+        self.report(batch, self.get_state())
+        return batch
+
+    def fetch(self) -> dict[str, np.ndarray]:
+        """The next batch, its unreadable records added to the running counts but not reported yet: for a
+        consumer that fetches batches ahead (neco_jax.step_feed) and calls `report` when it takes each one."""
         batch = next(self._it())
         self._next_batch += 1
         skipped = batch["skipped"]
         n_bad = int(skipped.sum())
         self.files_read += len(skipped) + n_bad
-        if n_bad:
-            self.bad_files += n_bad
-            for used, k in zip(batch["index"], skipped):
-                for j in range(int(k), 0, -1):
-                    name = self.source.describe((int(used) - j) % self.num_records)
-                    self.recent_bad.append(name)
-                    _log.warning("skipped unreadable image %s", name)
-            if self.bad_files > self.max_bad_fraction * max(self.files_read, MIN_FILES_FOR_BAD_FRACTION):
-                raise DatasetError(
-                    f"{self.bad_files} of {self.files_read} images read so far could not be decoded "
-                    f"(more than config.data.max_bad_fraction={self.max_bad_fraction}), e.g. "
-                    f"{', '.join(self.recent_bad)}; fix or remove them, or raise max_bad_fraction"
-                )
+        self.bad_files += n_bad
         return batch
+
+    def report(self, batch: dict[str, np.ndarray], state: dict) -> None:
+        """Warn naming each unreadable image that `batch` skipped, and stop once more than max_bad_fraction of
+        the images read up to it (`state`: the loader state taken right after it) could not be decoded."""
+        if not batch["skipped"].any():
+            return
+        for used, k in zip(batch["index"], batch["skipped"]):
+            for j in range(int(k), 0, -1):
+                name = self.source.describe((int(used) - j) % self.num_records)
+                self.recent_bad.append(name)
+                _log.warning("skipped unreadable image %s", name)
+        bad, read = state["bad_files"], state["files_read"]
+        if bad > self.max_bad_fraction * max(read, MIN_FILES_FOR_BAD_FRACTION):
+            raise DatasetError(
+                f"{bad} of {read} images read so far could not be decoded "
+                f"(more than config.data.max_bad_fraction={self.max_bad_fraction}), e.g. "
+                f"{', '.join(self.recent_bad)}; fix or remove them, or raise max_bad_fraction"
+            )
 
     def close(self) -> None:
         """Stop worker processes and prefetch threads now (otherwise they stop when the loader is collected)."""

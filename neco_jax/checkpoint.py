@@ -121,7 +121,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
             enable_async_checkpointing=True,
-            create=True,
+            create=False,  # the folder appears with the first checkpoint (a run stopped before leaves none)
         )
         self.directory = os.fspath(directory)
         self._manager = ocp.CheckpointManager(

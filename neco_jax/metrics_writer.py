@@ -36,10 +36,10 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(os.fspath(workdir), METRICS_FILE)
         self._tb = None
+        # Made with the first row, so that a run stopped before it leaves no empty tensorboard/ folder.
+        self._tb_dir = os.path.join(os.fspath(workdir), "tensorboard") if self.enabled and tensorboard else None
         if self.enabled:
             os.makedirs(os.fspath(workdir), exist_ok=True)
-            if tensorboard:
-                self._tb = _tensorboard_writer(os.path.join(os.fspath(workdir), "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -47,6 +47,8 @@ class MetricsWriter:
         row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self._tb_dir is not None:
+            self._tb, self._tb_dir = _tensorboard_writer(self._tb_dir), None
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):

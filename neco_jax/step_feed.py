@@ -38,15 +38,29 @@ def prefetch(loader, put: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]
     """Batches of `loader` placed on the devices by `put`, `size` of them ahead of the one handed out.
 
     Batches fetched ahead and never consumed (a stop, a preemption) are simply dropped: the state saved with a
-    step is the loader's state right after that step's batch, so a resume continues exactly there.
+    step is the loader's state right after that step's batch, so a resume continues exactly there. A batch's
+    unreadable images are reported (`loader.report`: a warning each, the bad-fraction stop) when the batch is
+    handed out, not when it is fetched: the warnings then name exactly the images whose skipping the step's
+    `skipped_images` count includes, and a stop never names images of batches no step trained on.
     """
     queue = collections.deque()
-    for batch in loader:
-        queue.append(Fed(put(batch), loader.get_state()))
+
+    def hand_out() -> Fed:
+        fed, host = queue.popleft()
+        loader.report(host, fed.data_state)
+        return fed
+
+    while True:
+        try:
+            batch = loader.fetch()
+        except StopIteration:
+            break
+        host = {k: batch[k] for k in ("index", "skipped")}  # what `report` reads, kept on the host
+        queue.append((Fed(put(batch), loader.get_state()), host))
         if len(queue) > size:
-            yield queue.popleft()
+            yield hand_out()
     while queue:
-        yield queue.popleft()
+        yield hand_out()
 
 
 def empty_sums(run: int = 0, sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.Array]:

@@ -491,11 +491,22 @@ def export_backbones(config, models: ts.Models, state: ts.TrainState, folder: st
 # --------------------------------------------------------------------------- the loop
 
 
+class _StoppedBeforeTheLoop(BaseException):
+    """SIGTERM/SIGINT during setup (a BaseException, as KeyboardInterrupt: no `except Exception` takes it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _StopFlag:
-    """Set by SIGTERM (and SIGINT): the loop saves a checkpoint at the next step boundary and returns."""
+    """SIGTERM (and SIGINT). Once the loop runs (`looping`), a signal sets `signum` and the loop saves a
+    checkpoint at the next step boundary and returns; before, during setup, there is nothing to save yet and
+    the signal stops the run at once (`_StoppedBeforeTheLoop`)."""
 
     def __init__(self):
         self.signum = None
+        self.looping = False
         self._previous = {}
 
     def install(self) -> None:
@@ -506,6 +517,8 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.signum = signum
+        if not self.looping:
+            raise _StoppedBeforeTheLoop(signum)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -517,17 +530,35 @@ def _device_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @true_float32  # fp32 runs are fp32 on GPUs too (JAX's default there is TF32); bf16 is config.model.dtype
-def train_and_evaluate(
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, **options) -> dict[str, Any]:
+    """Run (or resume) training in `workdir` (see `_train` for the options); returns the last logged metrics,
+    the step reached and `stopped_by_signal` (the signal number when SIGTERM/SIGINT stopped it early, else
+    None). A signal before the first step stops at once, with one line saying that nothing was saved."""
+    stop = _StopFlag()
+    stop.install()
+    try:
+        return _train(config, workdir, stop, **options)
+    except _StoppedBeforeTheLoop as stopped:
+        log.warning(
+            "signal %d before the first step: stopped, nothing was saved; rerun the same command to start",
+            stopped.signum,
+        )
+        return {"step": None, "total_steps": None, "state": None, "stopped_by_signal": stopped.signum}
+    finally:
+        stop.restore()
+
+
+def _train(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
+    stop: _StopFlag,
     *,
     devices=None,
     stop_after: int | None = None,
     allow_config_change: bool = False,
     make_monitor: Callable[[ml_collections.ConfigDict, str, int], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) training in `workdir`; returns the last logged metrics, the step reached and
-    `stopped_by_signal` (the signal number when SIGTERM/SIGINT stopped it early, else None).
+    """The run of `train_and_evaluate`; `stop`: its signal flag, set to `looping` as the loop starts.
 
     devices: the devices of the mesh (default all); stop_after: stop (with a checkpoint) once this many
     steps are done, as a pre-empted job would (tests of exact resume); allow_config_change: resume a
@@ -602,8 +633,7 @@ def train_and_evaluate(
     start = int(distributed.host_copy(state.step))
     end = total_steps if stop_after is None else min(total_steps, stop_after)
     clock = mw.StepClock(total_steps, global_batch, start)
-    stop = _StopFlag()
-    stop.install()
+    stop.looping = True  # from here a signal is a checkpoint at the next step boundary
     feed = step_feed.prefetch(loader, lambda b: sharding.global_batch(_device_part(b), mesh), PREFETCH_BATCHES)
     # the sums placed as the step returns them (uncommitted arrays would compile the step a second time)
     sums, window, last = step_feed.empty_sums(0, repl), step_feed.LogWindow(), {}
@@ -698,7 +728,7 @@ def train_and_evaluate(
                 log.warning("signal %d: checkpoint of step %d saved, stopping", stop.signum, step_no)
                 break
     finally:
-        stop.restore()
+        stop.restore()  # a signal during the export or the plot is the default again: the run is done
         feed.close()
         loader.close()
         checkpointer.close()

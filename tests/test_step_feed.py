@@ -12,19 +12,20 @@ from neco_jax import step_feed
 
 
 class CountingLoader:
-    """A loader stand-in: numbered batches, a state that counts them, and a record of how many were read."""
+    """A loader stand-in: numbered batches, a state that counts them, and a record of how many were read and
+    which were reported."""
 
     def __init__(self, n):
-        self.n, self.read = n, 0
+        self.n, self.read, self.reported = n, 0, []
 
-    def __iter__(self):
-        return self
-
-    def __next__(self):
+    def fetch(self):
         if self.read == self.n:
             raise StopIteration
         self.read += 1
-        return {"x": np.full((2,), self.read)}
+        return {"x": np.full((2,), self.read), "index": np.arange(2), "skipped": np.zeros(2, np.int32)}
+
+    def report(self, batch, state):
+        self.reported.append(state["next_batch"])
 
     def get_state(self):
         return {"next_batch": self.read}
@@ -37,9 +38,43 @@ def test_prefetch_keeps_batches_ahead_in_order():
     got = []
     for fed in feed:
         assert loader.read == min(len(got) + 3, 5)  # the consumed batch plus two ahead
+        assert loader.reported[-1] == len(got) + 1  # reported as it is handed out, not when fetched
         assert isinstance(fed.batch["x"], jax.Array)
         got.append((int(fed.batch["x"][0]), fed.data_state["next_batch"]))
     assert got == [(k, k) for k in range(1, 6)]  # the state saved with batch k resumes at k + 1
+
+
+def test_skipped_images_are_warned_about_when_their_batch_is_consumed(tmp_path, caplog):
+    """Unreadable files only in the 2nd and 3rd batches: after the 1st is consumed (two fetched ahead), no
+    warning yet and a count of 0; after each later one, one warning per image the count includes."""
+    from PIL import Image
+
+    from input_pipeline import make_train_loader
+
+    for i in range(12):
+        if i in (5, 9):  # read for batches 2 and 3 (batch 4, no shuffle): replaced by the next file
+            (tmp_path / f"img_{i:02d}.png").write_bytes(b"\x89PNG\r\n\x1a\n corrupt")
+        else:
+            Image.fromarray(np.full((40, 40, 3), 10 * i, np.uint8)).save(tmp_path / f"img_{i:02d}.png")
+    data = {"size_crops": [28, 14], "nmb_samples": [1, 1], "min_scale_crops": [0.5, 0.2], "max_scale_crops": [1, 0.5]}
+    loader = make_train_loader(
+        {**data, "data_dir": str(tmp_path), "dataset_name": "folder", "max_bad_fraction": 1.0},
+        batch_size=4,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        process_index=0,
+        process_count=1,
+        worker_count=0,
+    )
+    feed = step_feed.prefetch(loader, lambda b: b, size=2)
+    counts = []
+    with caplog.at_level("WARNING", logger="input_pipeline.loader"):
+        for fed in feed:
+            warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped unreadable")]
+            counts.append((fed.data_state["bad_files"], len(warned)))
+    assert counts == [(0, 0), (1, 1), (2, 2)], counts
+    assert warned == [f"skipped unreadable image {tmp_path / f'img_{i:02d}.png'}" for i in (5, 9)]
 
 
 def test_release_while_the_step_runs_frees_the_batch_and_keeps_the_result():
