@@ -3,7 +3,8 @@
 #   1. install the packages its image lacks from bench/wheels/ (filled here by `bash bench/fetch_wheels.sh`)
 #      and this repo itself, all with --no-deps into a private folder;
 #   2. the tests marked for the GPU (tests/test_gpu.py: fp32 parity with the CPU, bf16 sanity);
-#   3. bench/train_step.py (each case in its own process, most important first, under a time budget);
+#   3. bench/train_step.py (each case in its own process, under a time budget; first each recipe's own default
+#      config, float32 with model.remat and model.attention "auto", as a user runs it);
 #   4. bench/forward.py; then bench/sorting.py if time is left
 #      (or, with GPU_CHECK_EVAL=1, bench/evaluation.py and bench/retrieval.py instead of 3 and 4).
 # Leaves gpu_check.log, tests.txt, train_step.{txt,json}, forward.{txt,json} (sorting.txt) in $OUT (the device tool's
@@ -83,7 +84,7 @@ fi
 stage "train step bench ($(left) s left)"
 budget=$(( $(left) - 130 )); (( budget < 30 )) && budget=30
 timeout $(( $(left) - 80 > 90 ? $(left) - 80 : 90 )) "$PY" bench/train_step.py --isolate --budget-s "$budget" \
-  --profile s14_518_b64_bf16 $BENCH_ARGS 2>&1 | tee "$RESULTS/train_step.txt"
+  --profile s14_518_b64_bf16_auto $BENCH_ARGS 2>&1 | tee "$RESULTS/train_step.txt"
 
 stage "forward bench ($(left) s left)"
 budget=$(( $(left) - 45 )); (( budget < 10 )) && budget=10

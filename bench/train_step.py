@@ -5,9 +5,10 @@ of the sorting + ROI-align loss part, for the recipes' shapes with synthetic bat
     python bench/train_step.py --small               # CPU / CI: the demo recipe's tiny ViT at 56/28 px
     python bench/train_step.py --small --loop --cases ""   # the demo's training loop vs its step alone
     python bench/train_step.py --small --compile-only      # trace + compile time of each case, nothing run
-    python bench/train_step.py --cases s14_518_b64_bf16 --isolate --budget-s 360 --profile s14_518_b64_bf16
-Cases: dinov2_s14 at 518/98 and 224/98 (batch 64), dinov2_b14 at 518/98 (batch 16); fp32 and bf16 compute;
-with and without rematerialisation. The step is the trainer's own (`neco_jax.train.make_train_step`, jitted
+    python bench/train_step.py --cases s14_518_b64_bf16_auto --isolate --budget-s 360 --profile s14_518_b64_bf16_auto
+Cases: the recipes' own defaults first (dinov2_s14 at 518/98, batch 64, and dinov2_b14, batch 16: float32,
+model.remat and model.attention "auto"), then dinov2_s14 at 518/98 and 224/98 and dinov2_b14 with fp32 and bf16
+compute, with and without rematerialisation, and XLA's plain attention path. The step is the trainer's own (`neco_jax.train.make_train_step`, jitted
 by `jit_train_step` with the state donated) on random-init weights. `--isolate` runs each case in a child
 process, so the allocator's peak is per case and an out-of-memory case cannot take the others down.
 Every case also times the device colour augmentation alone (`augment share` of the step). Prints a table and
@@ -40,7 +41,7 @@ from configs import base  # noqa: E402
 from input_pipeline import augment  # noqa: E402
 from input_pipeline.loader import view_config_from  # noqa: E402
 from input_pipeline.views import draw_colour_params  # noqa: E402
-from neco_jax import sharding, step_feed  # noqa: E402
+from neco_jax import memory_fit, sharding, step_feed  # noqa: E402
 from neco_jax import train as train_lib  # noqa: E402
 from neco_jax import train_state as ts  # noqa: E402
 from neco_jax.l2_norm import l2_normalize  # noqa: E402
@@ -55,7 +56,7 @@ class Case:
     size_crops: tuple[int, int]
     batch: int
     dtype: str
-    remat: bool
+    remat: str = "none"  # config.model.remat; "auto" as the trainer resolves it against the device's memory
     attention: str = "auto"  # config.model.attention; "xla" is the plain path that keeps the N x N scores
 
     @property
@@ -64,7 +65,7 @@ class Case:
         recipe = self.recipe.replace("dinov2_", "")
         return (
             f"{recipe}_{self.size_crops[0]}_b{self.batch}_{short}"
-            + ("_remat" if self.remat else "")
+            + {"none": "", "full": "_remat", "dots": "_dots", "auto": "_auto"}[self.remat]
             + ("" if self.attention == "auto" else f"_{self.attention}")
         )
 
@@ -75,34 +76,36 @@ def _cases(specs) -> dict[str, Case]:
 
 
 S518, S224 = (518, 98), (224, 98)
-# Most important first: gpu_check.sh runs them in this order under a time budget.
+# Most important first: gpu_check.sh runs them in this order under a time budget. First each recipe's own default
+# config (float32, model.remat and model.attention "auto"): what a user runs.
 FULL = _cases(
     [
-        ("dinov2_s14", S518, 64, "bfloat16", False),
-        ("dinov2_s14", S518, 64, "bfloat16", False, "xla"),
-        ("dinov2_s14", S518, 64, "bfloat16", True),
-        ("dinov2_b14", S518, 16, "bfloat16", False),
-        ("dinov2_s14", S224, 64, "bfloat16", False),
-        ("dinov2_s14", S518, 64, "float32", False),
-        ("dinov2_s14", S224, 64, "float32", False),
-        ("dinov2_b14", S518, 16, "float32", False),
-        ("dinov2_s14", S518, 64, "float32", True),
-        ("dinov2_b14", S518, 16, "bfloat16", True),
-        ("dinov2_s14", S224, 64, "bfloat16", True),
-        ("dinov2_s14", S224, 64, "float32", True),
-        ("dinov2_b14", S518, 16, "float32", True),
+        ("dinov2_s14", S518, 64, "float32", "auto"),
+        ("dinov2_b14", S518, 16, "float32", "auto"),
+        ("dinov2_s14", S518, 64, "bfloat16", "auto"),
+        ("dinov2_s14", S518, 64, "bfloat16", "full", "xla"),
+        ("dinov2_s14", S518, 64, "bfloat16", "full"),
+        ("dinov2_b14", S518, 16, "bfloat16", "auto"),
+        ("dinov2_s14", S224, 64, "bfloat16"),
+        ("dinov2_s14", S224, 64, "float32"),
+        ("dinov2_s14", S518, 64, "float32", "full"),
+        ("dinov2_b14", S518, 16, "bfloat16", "full"),
+        ("dinov2_s14", S224, 64, "bfloat16", "full"),
+        ("dinov2_s14", S224, 64, "float32", "full"),
+        ("dinov2_b14", S518, 16, "float32", "full"),
     ]
 )
 SMALL = _cases(
     [
-        ("demo", (56, 28), 2, "float32", False),
-        ("demo", (56, 28), 2, "float32", False, "xla"),
-        ("demo", (56, 28), 2, "float32", False, "chunked"),
-        ("demo", (56, 28), 2, "bfloat16", False),
-        ("demo", (56, 28), 2, "float32", True),
-        ("dinov2_s14", S518, 1, "float32", True),
-        ("dinov2_s14", S518, 1, "float32", False),
-        ("dinov2_s14", S518, 1, "float32", False, "xla"),
+        ("demo", (56, 28), 2, "float32"),
+        ("demo", (56, 28), 2, "float32", "none", "xla"),
+        ("demo", (56, 28), 2, "float32", "none", "chunked"),
+        ("demo", (56, 28), 2, "bfloat16"),
+        ("demo", (56, 28), 2, "float32", "full"),
+        ("demo", (56, 28), 2, "float32", "auto"),
+        ("dinov2_s14", S518, 1, "float32", "full"),
+        ("dinov2_s14", S518, 1, "float32"),
+        ("dinov2_s14", S518, 1, "float32", "none", "xla"),
     ]
 )  # the demo (model.attention "auto", the plain "xla" path, "chunked"), and the recipe's shapes at a CPU batch
 COLUMNS = (
@@ -185,11 +188,17 @@ class Built(NamedTuple):
 
 
 def build_step(config, mesh) -> Built:
-    """The trainer's state and jitted step on random-init weights, built by the trainer's own builders."""
+    """The trainer's state and jitted step on random-init weights, built by the trainer's own builders;
+    model.remat="auto" resolved as the trainer resolves it (against the devices' memory, where reported)."""
     total_steps = config.optim.total_steps
     student, teacher = train_lib.random_params(config, config.seed)
     models, labels, tx, state = train_lib.build_training(config, total_steps, student, teacher)
     state = jax.device_put(state, sharding.replicated(mesh))
+    if config.model.remat == "auto":
+        limit = memory_fit.device_limit(mesh.devices.flat)
+        fit = train_lib.compile_loop_step(config, total_steps, state, labels, tx, mesh, limit)[0]
+        config = train_lib.with_remat(config, fit.remat or "full")
+        models = train_lib.build_models(config)
     step_fn = train_lib.make_train_step(config, models, labels, tx, total_steps)
     return Built(state, step_fn, train_lib.jit_train_step(step_fn, mesh), models, labels)
 

@@ -26,8 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.num_register_tokens = 0  # 4 = DINOv2R; 0 with register weights = "XR" (registers dropped).
     c.model.drop_path_rate = 0.1  # student only (linear per-block schedule); the teacher uses 0.
     c.model.dtype = "float32"  # compute dtype of the backbone matmuls ("bfloat16" on GPUs); params stay fp32.
-    c.model.remat = False  # rematerialise each ViT block in the backward pass to fit larger batches.
-    c.model.remat_policy = ""  # with remat: a jax.checkpoint_policies name of what to keep ("" keeps nothing).
+    # Rematerialisation of the ViT blocks in the backward pass (neco_jax/memory_fit.py): "auto" compiles the step
+    # ahead and takes the cheapest of "none", "dots" (keep the matmul outputs, recompute the elementwise work) and
+    # "full" (keep nothing: about one more forward pass) that fits the device's memory; or one of those three.
+    c.model.remat = "auto"
     # Softmax attention (neco_jax/models/attention.py): "auto" keeps no N x N scores for the backward pass on
     # accelerators (cuDNN flash attention for bfloat16 on GPUs, else an exact chunked JAX attention; XLA's plain
     # path on the CPU at small sizes); or "xla", "chunked", "cudnn". The same numbers to rounding.

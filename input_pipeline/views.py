@@ -277,6 +277,27 @@ def normalize(img: Image.Image | np.ndarray) -> np.ndarray:
     return x
 
 
+def view_shapes(cfg: ViewConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every array `make_views` returns for one image under `cfg`, without an image: what a
+    step is compiled for before any data is read (the trainer's memory check, `neco_jax.plan`)."""
+    n_global, n_local = cfg.nmb_crops[0], sum(cfg.nmb_crops[1:])
+    views = n_global + n_local
+    s_global = cfg.size_crops[0]
+    s_local = cfg.size_crops[1] if len(cfg.size_crops) > 1 else s_global
+    crop = np.dtype(np.float32 if cfg.augment_on == "host" else np.uint8)
+    box = np.dtype(np.float32)
+    out = {
+        "global_crops": ((n_global, s_global, s_global, 3), crop),
+        "local_crops": ((n_local, s_local, s_local, 3), crop),
+        "boxes_gc": ((n_global, views, 4), box),
+        "boxes_all": ((views, n_global, 4), box),
+    }
+    if cfg.augment_on != "host":
+        out["global_colour"] = ((n_global, len(COLOUR_PARAMS)), box)
+        out["local_colour"] = ((n_local, len(COLOUR_PARAMS)), box)
+    return out
+
+
 def make_views(img: Image.Image, rng, cfg: ViewConfig) -> dict[str, np.ndarray]:
     """All crops of one RGB image plus their pair boxes; crops grouped by size as the batch contract wants.
 

@@ -32,8 +32,9 @@ from flax import nnx
 
 from input_pipeline import augment, make_train_loader
 from input_pipeline.loader import view_config_from
+from input_pipeline.views import view_shapes
 from neco_jax import checkpoint as ckpt_lib
-from neco_jax import distributed, ema, optim, plot, run_record, save_backbone, sharding, step_feed
+from neco_jax import distributed, ema, memory_fit, optim, plot, run_record, save_backbone, sharding, step_feed
 from neco_jax import loss as loss_lib
 from neco_jax import metrics_writer as mw
 from neco_jax import queue as queue_lib
@@ -437,6 +438,52 @@ def jit_loop_step(config, step_fn, mesh) -> Any:
     return jit_train_step(step_feed.with_sums(step_fn, nonfinite_cap(config)), mesh, carried=1)
 
 
+def batch_spec(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the step takes (its DEVICE_KEYS) as shapes sharded along "data": what the step is
+    compiled for before any image is read."""
+    b, data = config.optim.batch_size, sharding.batch_sharding(mesh)
+    shapes = view_shapes(view_config_from(config.data))
+    return {k: jax.ShapeDtypeStruct((b, *shape), dtype, sharding=data) for k, (shape, dtype) in shapes.items()}
+
+
+def with_remat(config, remat: str):
+    """A copy of `config` with model.remat set (one of memory_fit.REMAT_VALUES)."""
+    config = config.copy_and_resolve_references()
+    config.model.remat = remat
+    return config
+
+
+def compile_loop_step(
+    config,
+    total_steps: int,
+    state,
+    labels,
+    tx,
+    mesh,
+    limit: int | None,
+    has_mask_token: bool | None = None,
+    compiler_options: dict | None = None,
+) -> tuple[memory_fit.Fit, ts.Models]:
+    """The loop's program (`jit_loop_step`) compiled ahead for `state` (arrays or shapes) and `batch_spec`, for
+    each rematerialisation config.model.remat allows until one needs at most `limit` bytes per device (None:
+    the first; see neco_jax.memory_fit). Returns the outcome and the models of the choice taken. The planner
+    (neco_jax.plan) compiles the same for devices this machine lacks."""
+    batch = batch_spec(config, mesh)
+    sums = jax.eval_shape(lambda: step_feed.empty_sums(0))
+    models = {}
+
+    def compile_with(remat: str):
+        cfg = with_remat(config, remat)
+        models[remat] = build_models(cfg, has_mask_token)
+        step = jit_loop_step(cfg, make_train_step(cfg, models[remat], labels, tx, total_steps), mesh)
+        return step.lower(state, batch, sums).compile(compiler_options)
+
+    devices = mesh.devices.size
+    prefetched = PREFETCH_BATCHES * sum(math.prod(a.shape) * a.dtype.itemsize for a in batch.values()) // devices
+    result = memory_fit.fit(compile_with, config.model.remat, limit, extra=prefetched)
+    return result, models[result.tried[-1][0]]
+
+
 def build_training(config, total_steps: int, student: dict, teacher: dict):
     """(models, optimizer labels, optimizer, initial TrainState) around initial student/teacher params."""
     models = build_models(config, has_mask_token="mask_token" in student["backbone"])
@@ -624,9 +671,36 @@ def _train(
     if jax.process_index() == 0:
         mw.log_parameter_overview(ts.to_pure(distributed.host_copy(state.student)), "student")
 
-    # ---- the jitted step
+    # ---- the step, compiled ahead and checked against the devices' memory (never an OOM inside the first step)
     cap = nonfinite_cap(config)
-    train_step = jit_loop_step(config, make_train_step(config, models, labels, tx, total_steps), mesh)
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    limit = memory_fit.device_limit(local)
+    if limit is None:
+        log.debug("the %s backend reports no memory limit: the step's memory is not checked", local[0].platform)
+    fit, models = compile_loop_step(
+        config, total_steps, state, labels, tx, mesh, limit, has_mask_token="mask_token" in state.student["backbone"]
+    )
+    if not fit.fits:
+        raise memory_fit.StepMemoryError(
+            memory_fit.no_fit_message(
+                fit,
+                limit,
+                f"a {local[0].device_kind}",
+                dtype=config.model.dtype,
+                batch_size=global_batch,
+                devices=mesh.devices.size,
+                remat=config.model.remat,
+            )
+        )
+    log.info(
+        "step: model.remat=%s (%s), %.2f GiB per device (%.2f GiB temporaries)%s",
+        fit.remat,
+        "chosen" if config.model.remat == "auto" else "as set",
+        fit.memory.peak / memory_fit.GIB,
+        fit.memory.temporaries / memory_fit.GIB,
+        f" of {limit / memory_fit.GIB:.1f} GiB" if limit else "",
+    )
+    train_step = fit.compiled
 
     # ---- loop
     writer = mw.MetricsWriter(workdir)

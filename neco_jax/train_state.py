@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from neco_jax import memory_fit
+from neco_jax.errors import ConfigError
 from neco_jax.models import get_arch
 
 
@@ -66,10 +68,12 @@ def vit_configs(config: ml_collections.ConfigDict, has_mask_token: bool | None =
     }
     if has_mask_token is not None:
         overrides["has_mask_token"] = has_mask_token
-    if config.model.remat:
-        overrides["remat"] = True  # a ViTConfig without this field rejects it by name
-    if config.model.remat_policy:
-        overrides["remat_policy"] = config.model.remat_policy
+    remat = config.model.remat
+    if remat not in memory_fit.REMAT_VALUES:
+        raise ConfigError(f"config.model.remat={remat!r} is not one of {memory_fit.REMAT_VALUES}")
+    # "auto" is resolved by the trainer (train.compile_loop_step) before it builds the step; built as it is, the
+    # model is the first choice "auto" tries.
+    overrides.update(memory_fit.REMAT_FIELDS["none" if remat == "auto" else remat])
     student = get_arch(config.model.arch, drop_path_rate=config.model.drop_path_rate, **overrides)
     teacher = get_arch(config.model.arch, drop_path_rate=0.0, **overrides)
     return student, teacher

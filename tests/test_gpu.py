@@ -69,7 +69,7 @@ def check_forward_parity(device) -> None:
 
 def check_loss_grad_parity(device) -> None:
     # The demo recipe's tiny ViT with the real loss: 7x7 ROI-align, 49-element bitonic sorts, the queue.
-    config = case_config(Case("demo", (56, 28), 2, "float32", False))
+    config = case_config(Case("demo", (56, 28), 2, "float32"))
     loss_cpu, grads_cpu = loss_and_grads(config, jax.devices("cpu")[0])
     loss_acc, grads_acc = loss_and_grads(config, device)
     assert np.isfinite(loss_cpu) and abs(loss_acc - loss_cpu) <= 1e-5 * abs(loss_cpu)
@@ -93,7 +93,7 @@ def check_bf16_forward(device) -> None:
 def check_bf16_train_step(device, steps: int = 3) -> None:
     # ViT-S/14 widths (4 of its 12 blocks, to keep the compile short: bench/train_step.py runs and checks the
     # full model) at the 224/98 recipe's crops, bf16 compute, a few steps.
-    config = case_config(Case("dinov2_s14", (224, 98), 4, "bfloat16", False))
+    config = case_config(Case("dinov2_s14", (224, 98), 4, "bfloat16"))
     config.model.arch_overrides.depth = 4
     mesh = sharding.make_mesh([device])
     built = build_step(config, mesh)

@@ -20,6 +20,7 @@ from input_pipeline.views import (
     random_resized_crop_params,
     resized_crop,
     sample_crop_boxes,
+    view_shapes,
 )
 from neco_jax.errors import UserError
 
@@ -271,6 +272,14 @@ def test_host_mode_applies_the_same_draws(photo):
             assert host[f"{group}_crops"].dtype == np.float32
             np.testing.assert_allclose(host[f"{group}_crops"], np.stack(want), atol=1e-6, rtol=0)
         np.testing.assert_array_equal(host["boxes_gc"], device["boxes_gc"])
+
+
+@pytest.mark.parametrize("augment_on", ["device", "host"])
+def test_view_shapes_are_what_make_views_returns(photo, augment_on):
+    """The shapes a step is compiled for before any image is read (the trainer's memory check, the planner)."""
+    cfg = ViewConfig(size_crops=(56, 28), nmb_crops=(2, 3), augment_on=augment_on)
+    out = make_views(photo, np.random.default_rng(0), cfg)
+    assert {k: (v.shape, v.dtype) for k, v in out.items()} == view_shapes(cfg)
 
 
 @pytest.mark.parametrize(
