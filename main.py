@@ -12,13 +12,13 @@ same command resumes; 1 anything else.
 """
 
 import logging
-import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from neco_jax.errors import UserError, cli, print_error
+from neco_jax import program
+from neco_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/*.py[:arg]).", lock_config=True
@@ -33,54 +33,9 @@ _ALLOW_CHANGE = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _fail(message: str) -> None:
-    sys.exit(print_error(message))
-
-
-def _innermost_text(err: BaseException) -> str:
-    """ml_collections nests the KeyError of an unknown name in an AttributeError: its first plain message."""
-    msg = err
-    while isinstance(msg, BaseException):
-        msg = msg.args[0] if msg.args else str(msg)
-    return " ".join(str(msg).split())
-
-
-def _config_error(err: Exception, argv: list[str]) -> str:
-    """One line for a config that cannot be loaded: a missing file, an unknown field or section."""
-    text = _innermost_text(err)
-    if isinstance(err, (KeyError, AttributeError)):
-        name = text.split("'")[1] if text.count("'") >= 2 else text
-        hint = text.split("Did you mean", 1)[1].split('"')[1] if 'Did you mean "' in text else ""
-        given = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")]
-        return (
-            f"{given[0] if given else '--config'}: the config has no field or section {name!r}"
-            + (f" (did you mean {hint!r}?)" if hint else "")
-            + "; see configs/base.py for the fields"
-        )
-    path = next((a.split("=", 1)[1].split(":")[0] for a in argv if a.startswith("--config=")), "")
-    if path and not os.path.isfile(path):
-        return f"config file {path!r} does not exist; pass --config=configs/<recipe>.py (see configs/)"
-    return f"the config cannot be loaded: {text}"
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad command line or config as one line and exit status 2."""
-    try:
-        rest = flags.FLAGS(argv)
-        _CONFIG.value.model  # noqa: B018  (the file loads lazily: surface a missing or broken one here)
-        return rest
-    except UserError as err:  # e.g. an unknown recipe argument (configs/base.py)
-        _fail(str(err))
-    except flags.Error as err:
-        _fail(" ".join(str(err).split()))
-    except (OSError, KeyError, AttributeError, TypeError, ValueError) as err:
-        _fail(_config_error(err, argv))
-
-
-@cli  # a UserError from training: one line, exit status 2
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}; main.py takes only flags")
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter would bury the progress
     # Imported after the flags are parsed: a bad command line is answered before JAX loads.
@@ -95,4 +50,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    program.run(main)

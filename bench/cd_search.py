@@ -10,11 +10,12 @@ Infomap): the accelerator does not change these numbers. Prints a table and writ
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from absl import flags
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -23,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
 from evaluation import cd_search  # noqa: E402
+from neco_jax import program  # noqa: E402
 
 FULL = {"n_train": 1464, "n_val": 1449, "ks": (69, 149, 249), "trials": 20}
 SMALL = {"n_train": 30, "n_val": 30, "ks": (29, 49), "trials": 4}
@@ -44,12 +46,13 @@ def synthetic_maps(n: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return maps, np.where(edge, 255, gt).astype(np.uint8)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="tiny sizes for CI")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/cd_search[_small].json)")
-    args = parser.parse_args()
-    s = SMALL if args.small else FULL
+_SMALL = flags.DEFINE_bool("small", False, "Tiny sizes for CI.")
+_OUT = flags.DEFINE_string("out", None, "JSON path (default bench/results/cd_search[_small].json).")
+
+
+def main(argv: list[str]) -> None:
+    del argv  # flags only
+    s = SMALL if _SMALL.value else FULL
     rows = []
     n_train = s["n_train"]
     for k in s["ks"]:
@@ -96,10 +99,10 @@ def main() -> None:
             ],
         )
     )
-    out = args.out or common.default_out("cd_search", args.small)
-    common.write_json(out, {"small": args.small, "device": common.device_summary(), "rows": rows})
+    out = _OUT.value or common.default_out("cd_search", _SMALL.value)
+    common.write_json(out, {"small": _SMALL.value, "device": common.device_summary(), "rows": rows})
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

@@ -10,11 +10,12 @@ features: timings only, no accuracy.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
+
+from absl import flags
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -26,6 +27,7 @@ from flax import nnx  # noqa: E402
 from evaluation.features import FeatureExtractor  # noqa: E402
 from evaluation.kmeans import kmeans  # noqa: E402
 from evaluation.overcluster import OverclusterSettings, cluster_features  # noqa: E402
+from neco_jax import program  # noqa: E402
 from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
 
 FULL = {
@@ -114,11 +116,12 @@ def bench_overcluster(s: dict) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="tiny sizes for CI / CPU")
-    args = parser.parse_args()
-    s = SMALL if args.small else FULL
+_SMALL = flags.DEFINE_bool("small", False, "Tiny sizes for CI / CPU.")
+
+
+def main(argv: list[str]) -> None:
+    del argv  # flags only
+    s = SMALL if _SMALL.value else FULL
     platform = jax.devices()[0].platform
     rows = [bench_features(s, "float32"), bench_features(s, "bfloat16")]
     rows += [bench_kmeans(s, k, 256) for k in s["kmeans_ks"]]
@@ -128,7 +131,7 @@ def main() -> None:
         shown = (f"{k}={v:,.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "what")
         figures = "  ".join(shown)
         print(f"{r['what']:<70} {figures}")
-    out = REPO / "bench" / "results" / f"evaluation_{platform}{'_small' if args.small else ''}.json"
+    out = REPO / "bench" / "results" / f"evaluation_{platform}{'_small' if _SMALL.value else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0].device_kind
     out.write_text(json.dumps({"device": device, "devices": jax.device_count(), "rows": rows}, indent=2))
@@ -136,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

@@ -9,7 +9,6 @@ Prints a table and writes bench/results/forward[_small].json (folder: $BENCH_RES
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import sys
@@ -17,12 +16,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
 from bench.flops import vit_forward_macs  # noqa: E402
+from neco_jax import program  # noqa: E402
 from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
 
 FULL = {
@@ -90,20 +91,21 @@ def bench_case(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="CPU/CI run: tiny arch, small images, few calls")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--arch", default=None, help="one architecture instead of the plan's (e.g. the tests' sizes)")
-    parser.add_argument("--size", type=int, default=None, help="one image side instead of the plan's")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls per case")
-    parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/forward[_small].json)")
-    args = parser.parse_args()
-    plan = dict(SMALL if args.small else FULL)
-    plan["archs"] = (args.arch,) if args.arch else plan["archs"]
-    plan["sizes"] = (args.size,) if args.size else plan["sizes"]
-    batch, iters = args.batch or plan["batch"], args.iters or plan["iters"]
+_SMALL = flags.DEFINE_bool("small", False, "CPU/CI run: tiny arch, small images, few calls.")
+_BATCH = flags.DEFINE_integer("batch", None, "Images per call (default: the plan's).")
+_ARCH = flags.DEFINE_string("arch", None, "One architecture instead of the plan's (e.g. the tests' sizes).")
+_SIZE = flags.DEFINE_integer("size", None, "One image side instead of the plan's.")
+_ITERS = flags.DEFINE_integer("iters", None, "Timed calls per case.")
+_BUDGET_S = flags.DEFINE_float("budget_s", None, "Start no new case after this many seconds.")
+_OUT = flags.DEFINE_string("out", None, "JSON path (default bench/results/forward[_small].json).")
+
+
+def main(argv: list[str]) -> None:
+    del argv  # flags only
+    plan = dict(SMALL if _SMALL.value else FULL)
+    plan["archs"] = (_ARCH.value,) if _ARCH.value else plan["archs"]
+    plan["sizes"] = (_SIZE.value,) if _SIZE.value else plan["sizes"]
+    batch, iters = _BATCH.value or plan["batch"], _ITERS.value or plan["iters"]
     device = common.device_summary()
     peak = None if device["bf16_peak_tflops"] is None else device["bf16_peak_tflops"] * 1e12
     print(
@@ -112,10 +114,10 @@ def main() -> None:
         flush=True,
     )
     rows, start = [], time.perf_counter()
-    variants = SMALL_VARIANTS if args.small else VARIANTS
+    variants = SMALL_VARIANTS if _SMALL.value else VARIANTS
     for (dtype, attention), arch, size in itertools.product(variants, plan["archs"], plan["sizes"]):
         what = f"{arch} {size}px {dtype} attention={attention}"
-        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+        if _BUDGET_S.value is not None and time.perf_counter() - start > _BUDGET_S.value:
             rows.append(
                 {
                     "arch": arch,
@@ -144,8 +146,8 @@ def main() -> None:
             flush=True,
         )
     out = common.write_json(
-        args.out or common.default_out("forward", args.small),
-        {"bench": "forward", "small": args.small, "device": device, "rows": rows},
+        _OUT.value or common.default_out("forward", _SMALL.value),
+        {"bench": "forward", "small": _SMALL.value, "device": device, "rows": rows},
     )
     print("\nFeature extraction (forward, final-norm patch tokens), MFU vs the bf16 peak:")
     print(common.format_table(rows, COLUMNS))
@@ -153,4 +155,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

@@ -83,12 +83,12 @@ if [ "${GPU_CHECK_EVAL:-0}" = 1 ]; then
 fi
 stage "train step bench ($(left) s left)"
 budget=$(( $(left) - 130 )); (( budget < 30 )) && budget=30
-timeout $(( $(left) - 80 > 90 ? $(left) - 80 : 90 )) "$PY" bench/train_step.py --isolate --budget-s "$budget" \
+timeout $(( $(left) - 80 > 90 ? $(left) - 80 : 90 )) "$PY" bench/train_step.py --isolate --budget_s="$budget" \
   --profile s14_518_b64_bf16_auto $BENCH_ARGS 2>&1 | tee "$RESULTS/train_step.txt"
 
 stage "forward bench ($(left) s left)"
 budget=$(( $(left) - 45 )); (( budget < 10 )) && budget=10
-timeout $(( $(left) > 40 ? $(left) : 40 )) "$PY" bench/forward.py --budget-s "$budget" $BENCH_ARGS 2>&1 \
+timeout $(( $(left) > 40 ? $(left) : 40 )) "$PY" bench/forward.py --budget_s="$budget" $BENCH_ARGS 2>&1 \
   | tee "$RESULTS/forward.txt"
 
 if (( $(left) >= 40 )); then  # extra, if time is left: the sort executors alone at NeCo's 31,360 x 49 rows

@@ -10,7 +10,6 @@ Writes bench/results/input_pipeline[_small].json and prints a table.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -20,6 +19,7 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,6 +37,7 @@ from input_pipeline.views import (  # noqa: E402
     resized_crop,
     sample_crop_boxes,
 )
+from neco_jax import program  # noqa: E402
 
 RECIPES = {"224/98": (224, 98), "518/98": (518, 98)}
 TARGET_IMAGES_PER_S = 400  # about one H100 at the recipe's batch 64 (0.17 s per step)
@@ -143,23 +144,24 @@ def loader_rate(source, recipe, workers: int, threads: int, batch_size: int, bat
     return {"startup_s": t1 - t0, "images_per_s": images / (t2 - t1), "crops_per_s": 6 * images / (t2 - t1)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="quick CI run: few images and batches")
-    parser.add_argument("--workers", default=None, help="comma-separated worker counts (default 0,1,2 / 0)")
-    parser.add_argument("--threads", type=int, default=1, help="reader threads per worker")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--batches", type=int, default=None, help="timed batches per configuration")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+_SMALL = flags.DEFINE_bool("small", False, "Quick CI run: few images and batches.")
+_WORKERS = flags.DEFINE_list("workers", None, "Comma-separated worker counts (default 0,1,2; --small: 0).")
+_THREADS = flags.DEFINE_integer("threads", 1, "Reader threads per worker.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per batch (default 8; --small: 4).")
+_BATCHES = flags.DEFINE_integer("batches", None, "Timed batches per configuration (default 6; --small: 2).")
+_OUT = flags.DEFINE_string("out", None, "JSON path (default bench/results/input_pipeline[_small].json).")
 
-    small = args.small
-    workers = [int(w) for w in (args.workers or ("0" if small else "0,1,2")).split(",")]
-    batch_size = args.batch_size or (4 if small else 8)
-    batches = args.batches or (2 if small else 6)
+
+def main(argv: list[str]) -> None:
+    del argv  # flags only
+
+    small = _SMALL.value
+    workers = [int(w) for w in (_WORKERS.value or (["0"] if small else ["0", "1", "2"]))]
+    batch_size = _BATCH_SIZE.value or (4 if small else 8)
+    batches = _BATCHES.value or (2 if small else 6)
     synth_size = (640, 480) if small else (1600, 1200)
     here = os.path.dirname(os.path.abspath(__file__))
-    out = args.out or os.path.join(here, "results", "input_pipeline_small.json" if small else "input_pipeline.json")
+    out = _OUT.value or os.path.join(here, "results", "input_pipeline_small.json" if small else "input_pipeline.json")
 
     with tempfile.TemporaryDirectory() as tmp:
         sources = {
@@ -173,7 +175,7 @@ def main() -> None:
             "settings": {
                 "batch_size": batch_size,
                 "batches": batches,
-                "threads_per_worker": args.threads,
+                "threads_per_worker": _THREADS.value,
                 "small": small,
             },
             "stages": {},
@@ -190,7 +192,7 @@ def main() -> None:
             for rname, recipe in RECIPES.items():
                 for w in workers:
                     for mode in ("device", "host"):
-                        rate = loader_rate(source, recipe, w, args.threads, batch_size, batches, mode)
+                        rate = loader_rate(source, recipe, w, _THREADS.value, batch_size, batches, mode)
                         results["loader"].append(
                             {"source": sname, "recipe": rname, "workers": w, "augment_on": mode, **rate}
                         )
@@ -224,7 +226,7 @@ def main() -> None:
             f"{m['host_over_device']:5.1f}x | {h['images_per_s_per_core']:15.1f} {h['cores_for_target']:6.1f} | "
             f"{d['images_per_s_per_core']:17.1f} {d['cores_for_target']:6.1f}"
         )
-    print(f"\nLoader throughput ({os.cpu_count()} CPUs here, batch {batch_size}, {args.threads} thread(s)/worker):")
+    print(f"\nLoader throughput ({os.cpu_count()} CPUs here, batch {batch_size}, {_THREADS.value} thread(s)/worker):")
     print(
         f"  {'source':28s} {'recipe':7s} {'workers':>7s} {'mode':>6s} {'img/s':>8s} {'crops/s':>8s} {'startup s':>9s}"
     )
@@ -240,4 +242,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

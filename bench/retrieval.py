@@ -8,7 +8,6 @@ Writes bench/results/retrieval[_small].json and prints a table, plus an estimate
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -18,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -28,6 +28,7 @@ from evaluation import knn as knn_lib  # noqa: E402
 from evaluation import memory_bank as mb  # noqa: E402
 from evaluation.features import FeatureExtractor  # noqa: E402
 from evaluation.hummingbird import RetrievalSettings  # noqa: E402
+from neco_jax import program  # noqa: E402
 from neco_jax.l2_norm import l2_normalize  # noqa: E402
 from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
 
@@ -117,11 +118,12 @@ def bench_memory_bank(num_images: int, *, arch: str, input_size: int, batch_size
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small", action="store_true", help="tiny sizes for CI / CPU")
-    args = parser.parse_args()
-    if args.small:
+_SMALL = flags.DEFINE_bool("small", False, "Tiny sizes for CI / CPU.")
+
+
+def main(argv: list[str]) -> None:
+    del argv  # flags only
+    if _SMALL.value:
         sizes = dict(keys=50_000, dim=64, block=1024, reps=2, images=8, arch="vit_tiny_test", input=112)
         configs = [("float32", "float32", 0, 8192), ("bfloat16", "float32", 0, 8192), ("bfloat16", "float32", 32, 8192)]
     else:
@@ -178,7 +180,7 @@ def main() -> None:
     result = {
         "device": device,
         "host": platform.node(),
-        "small": args.small,
+        "small": _SMALL.value,
         "search": rows,
         "memory_bank": bank,
         "voc_full_estimate": estimate,
@@ -200,11 +202,11 @@ def main() -> None:
     )
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "retrieval_small.json" if args.small else "retrieval.json")
+    path = os.path.join(out, "retrieval_small.json" if _SMALL.value else "retrieval.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

@@ -3,12 +3,11 @@
 Prints a table (rows x n, forward and forward+backward time, peak memory) and writes JSON to
 bench/results/. 3136 x 49 is one NeCo pair at batch 64. ``--small`` runs tiny sizes in seconds (CI).
 
-    python bench/sorting.py [--small] [--network bitonic] [--repeats 5]
+    python bench/sorting.py [--small] [--network=bitonic] [--repeats=5]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import platform
@@ -18,9 +17,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from neco_jax import sorting  # noqa: E402
+from neco_jax import program, sorting  # noqa: E402
 
 FULL_SIZES = [(392, 49), (3136, 49), (31360, 49), (3136, 64)]
 SMALL_SIZES = [(64, 16), (392, 49)]
@@ -82,16 +82,17 @@ def _fmt(v):
     return "n/a" if v is None else f"{v:.1f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="tiny sizes only (seconds; for CI and CPU)")
-    parser.add_argument("--network", default="bitonic", choices=sorting.NETWORKS)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+_SMALL = flags.DEFINE_bool("small", False, "Tiny sizes only (seconds; for CI and CPU).")
+_NETWORK = flags.DEFINE_enum("network", "bitonic", list(sorting.NETWORKS), "Sorting network.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per size.")
+
+
+def main(argv: list[str]) -> None:
+    del argv  # flags only
     device = jax.devices()[0]
-    results = run(SMALL_SIZES if args.small else FULL_SIZES, args.network, args.repeats)
+    results = run(SMALL_SIZES if _SMALL.value else FULL_SIZES, _NETWORK.value, _REPEATS.value)
     header = f"{'rows x n':>10} {'executor':>8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd MB':>8} {'fwd+bwd MB':>11}"
-    print(f"sort ({args.network}, cauchy, steepness 100) on {device.device_kind} ({device.platform})")
+    print(f"sort ({_NETWORK.value}, cauchy, steepness 100) on {device.device_kind} ({device.platform})")
     print(header)
     for r in results:
         print(
@@ -100,7 +101,7 @@ def main() -> None:
         )
     out_dir = pathlib.Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"sorting_{device.platform}_{args.network}{'_small' if args.small else ''}.json"
+    out = out_dir / f"sorting_{device.platform}_{_NETWORK.value}{'_small' if _SMALL.value else ''}.json"
     out.write_text(
         json.dumps(
             dict(
@@ -117,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

@@ -4,8 +4,8 @@ of the sorting + ROI-align loss part, for the recipes' shapes with synthetic bat
     python bench/train_step.py                       # accelerator cases, most important first
     python bench/train_step.py --small               # CPU / CI: the demo recipe's tiny ViT at 56/28 px
     python bench/train_step.py --small --loop --cases ""   # the demo's training loop vs its step alone
-    python bench/train_step.py --small --compile-only      # trace + compile time of each case, nothing run
-    python bench/train_step.py --cases s14_518_b64_bf16_auto --isolate --budget-s 360 --profile s14_518_b64_bf16_auto
+    python bench/train_step.py --small --compile_only      # trace + compile time of each case, nothing run
+    python bench/train_step.py --cases s14_518_b64_bf16_auto --isolate --budget_s=360 --profile s14_518_b64_bf16_auto
 Cases: the recipes' own defaults first (dinov2_s14 at 518/98, batch 64, and dinov2_b14, batch 16: float32,
 model.remat and model.attention "auto"), then dinov2_s14 at 518/98 and 224/98 and dinov2_b14 with fp32 and bf16
 compute, with and without rematerialisation, and XLA's plain attention path. The step is the trainer's own (`neco_jax.train.make_train_step`, jitted
@@ -17,9 +17,7 @@ writes bench/results/train_step[_small].json (folder: $BENCH_RESULTS_DIR if set)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
 import json
 import os
 import subprocess
@@ -27,87 +25,28 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
 from bench.flops import matmul_flops, neco_step_flops  # noqa: E402
+from bench.step_cases import FULL, SMALL, Built, Case, build_step, case_config, synthetic_batch  # noqa: E402
 from configs import base  # noqa: E402
 from input_pipeline import augment  # noqa: E402
-from input_pipeline.loader import view_config_from  # noqa: E402
-from input_pipeline.views import draw_colour_params  # noqa: E402
-from neco_jax import memory_fit, sharding, step_feed  # noqa: E402
+from neco_jax import program, sharding, step_feed  # noqa: E402
 from neco_jax import train as train_lib  # noqa: E402
-from neco_jax import train_state as ts  # noqa: E402
+from neco_jax.errors import UserError  # noqa: E402
 from neco_jax.l2_norm import l2_normalize  # noqa: E402
 
 COCO_TRAIN_IMAGES = 118_287  # the original's 25-epoch COCO run: 25 * (118287 // 64) = 46,200 steps
 EPOCHS = 25
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    recipe: str  # configs/<recipe>.py
-    size_crops: tuple[int, int]
-    batch: int
-    dtype: str
-    remat: str = "none"  # config.model.remat; "auto" as the trainer resolves it against the device's memory
-    attention: str = "auto"  # config.model.attention; "xla" is the plain path that keeps the N x N scores
-
-    @property
-    def name(self) -> str:
-        short = {"float32": "fp32", "bfloat16": "bf16"}[self.dtype]
-        recipe = self.recipe.replace("dinov2_", "")
-        return (
-            f"{recipe}_{self.size_crops[0]}_b{self.batch}_{short}"
-            + {"none": "", "full": "_remat", "dots": "_dots", "auto": "_auto"}[self.remat]
-            + ("" if self.attention == "auto" else f"_{self.attention}")
-        )
-
-
-def _cases(specs) -> dict[str, Case]:
-    cases = [Case(*spec) for spec in specs]
-    return {c.name: c for c in cases}
-
-
-S518, S224 = (518, 98), (224, 98)
-# Most important first: gpu_check.sh runs them in this order under a time budget. First each recipe's own default
-# config (float32, model.remat and model.attention "auto"): what a user runs.
-FULL = _cases(
-    [
-        ("dinov2_s14", S518, 64, "float32", "auto"),
-        ("dinov2_b14", S518, 16, "float32", "auto"),
-        ("dinov2_s14", S518, 64, "bfloat16", "auto"),
-        ("dinov2_s14", S518, 64, "bfloat16", "full", "xla"),
-        ("dinov2_s14", S518, 64, "bfloat16", "full"),
-        ("dinov2_b14", S518, 16, "bfloat16", "auto"),
-        ("dinov2_s14", S224, 64, "bfloat16"),
-        ("dinov2_s14", S224, 64, "float32"),
-        ("dinov2_s14", S518, 64, "float32", "full"),
-        ("dinov2_b14", S518, 16, "bfloat16", "full"),
-        ("dinov2_s14", S224, 64, "bfloat16", "full"),
-        ("dinov2_s14", S224, 64, "float32", "full"),
-        ("dinov2_b14", S518, 16, "float32", "full"),
-    ]
-)
-SMALL = _cases(
-    [
-        ("demo", (56, 28), 2, "float32"),
-        ("demo", (56, 28), 2, "float32", "none", "xla"),
-        ("demo", (56, 28), 2, "float32", "none", "chunked"),
-        ("demo", (56, 28), 2, "bfloat16"),
-        ("demo", (56, 28), 2, "float32", "full"),
-        ("demo", (56, 28), 2, "float32", "auto"),
-        ("dinov2_s14", S518, 1, "float32", "full"),
-        ("dinov2_s14", S518, 1, "float32"),
-        ("dinov2_s14", S518, 1, "float32", "none", "xla"),
-    ]
-)  # the demo (model.attention "auto", the plain "xla" path, "chunked"), and the recipe's shapes at a CPU batch
 COLUMNS = (
     ("case", "case"),
     ("status", "status"),
@@ -129,78 +68,6 @@ COLUMNS = (
     ("compile_s", "compile s"),
     ("compile_cpu_s", "compile CPU s"),
 )
-
-
-def case_config(case: Case):
-    """The recipe's ConfigDict with random init and the case's shapes, dtype and remat."""
-    config = importlib.import_module(f"configs.{case.recipe}").get_config()
-    return base.set_fields(
-        config,
-        {
-            "model.init": "random",
-            "data.size_crops": case.size_crops,
-            "optim.batch_size": case.batch,
-            "model.dtype": case.dtype,
-            "model.remat": case.remat,
-            "model.attention": case.attention,
-            "optim.total_steps": 1000,
-        },
-    )
-
-
-def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A batch with the input pipeline's keys, shapes and value ranges: random uint8 crops with colour
-    parameters drawn as the workers draw them, and overlap boxes inside each crop's frame (a crop's overlap
-    with itself is the whole crop)."""
-    b = config.optim.batch_size
-    (n_g, n_l), (s_g, s_l) = config.data.nmb_samples, config.data.size_crops
-    views = n_g + n_l
-    sizes = np.array([s_g] * n_g + [s_l] * n_l, np.float32)
-
-    def boxes(frame: np.ndarray) -> np.ndarray:  # frame (..., ) side lengths -> (..., 4) x1, y1, x2, y2
-        side = frame[..., None] * rng.uniform(0.3, 1.0, frame.shape + (2,))
-        corner = (frame[..., None] - side) * rng.uniform(0.0, 1.0, frame.shape + (2,))
-        return np.concatenate([corner, corner + side], axis=-1).astype(np.float32)
-
-    boxes_gc = boxes(np.broadcast_to(sizes[:n_g, None], (b, n_g, views)).copy())
-    boxes_all = boxes(np.broadcast_to(sizes[:, None], (b, views, n_g)).copy())
-    for g in range(n_g):  # a global crop overlaps itself entirely
-        boxes_gc[:, g, g] = boxes_all[:, g, g] = [0, 0, s_g, s_g]
-    view_cfg = view_config_from(config.data)
-    colour = np.array([draw_colour_params(rng, view_cfg) for _ in range(b * views)], np.float32)
-    colour = colour.reshape(b, views, -1)
-    return {
-        "global_crops": rng.integers(0, 256, (b, n_g, s_g, s_g, 3), np.uint8),
-        "local_crops": rng.integers(0, 256, (b, n_l, s_l, s_l, 3), np.uint8),
-        "global_colour": colour[:, :n_g],
-        "local_colour": colour[:, n_g:],
-        "boxes_gc": boxes_gc,
-        "boxes_all": boxes_all,
-    }
-
-
-class Built(NamedTuple):
-    state: ts.TrainState
-    step_fn: Any  # the pure step, (state, batch) -> (state, metrics)
-    step: Any  # the same, jitted over the mesh with the state donated
-    models: ts.Models
-    labels: Any  # optimizer group of every parameter
-
-
-def build_step(config, mesh) -> Built:
-    """The trainer's state and jitted step on random-init weights, built by the trainer's own builders;
-    model.remat="auto" resolved as the trainer resolves it (against the devices' memory, where reported)."""
-    total_steps = config.optim.total_steps
-    student, teacher = train_lib.random_params(config, config.seed)
-    models, labels, tx, state = train_lib.build_training(config, total_steps, student, teacher)
-    state = jax.device_put(state, sharding.replicated(mesh))
-    if config.model.remat == "auto":
-        limit = memory_fit.device_limit(mesh.devices.flat)
-        fit = train_lib.compile_loop_step(config, total_steps, state, labels, tx, mesh, limit)[0]
-        config = train_lib.with_remat(config, fit.remat or "full")
-        models = train_lib.build_models(config)
-    step_fn = train_lib.make_train_step(config, models, labels, tx, total_steps)
-    return Built(state, step_fn, train_lib.jit_train_step(step_fn, mesh), models, labels)
 
 
 def time_loss_part(config, models, queue, batch, warmup: int, iters: int) -> dict:
@@ -399,16 +266,36 @@ def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
     }
 
 
-def run_isolated(name: str, args, remaining_s: float | None) -> tuple[list[dict], dict | None]:
+_SMALL = flags.DEFINE_bool("small", False, "CPU/CI run: the demo recipe's tiny shapes.")
+_CASES = flags.DEFINE_list("cases", ["all"], f"Comma-separated case names, or 'all' ({', '.join(FULL)}).")
+_ITERS = flags.DEFINE_integer("iters", None, "Timed steps per case.")
+_ISOLATE = flags.DEFINE_bool("isolate", False, "Each case in its own child process.")
+_PROFILE = flags.DEFINE_list(
+    "profile",
+    [],
+    "Comma-separated cases to profile as well: the loss part (ROI-align + sorting) and the forward alone timed, "
+    "the step's matmuls counted.",
+)
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Only trace and compile each case's step (no step is run).")
+_BUDGET_S = flags.DEFINE_float("budget_s", None, "Start no new case after this many seconds.")
+_OUT = flags.DEFINE_string("out", None, "JSON path (default bench/results/train_step[_small].json).")
+_LOOP = flags.DEFINE_bool(
+    "loop",
+    False,
+    "Also time the demo's training loop (data in memory) against its jitted step alone (not with --isolate).",
+)
+
+
+def run_isolated(name: str, remaining_s: float | None) -> tuple[list[dict], dict | None]:
     """One case in a child process (a per-case allocator peak; an OOM or crash stays in the child), killed
     after `remaining_s` (at least a minute; None: no limit). Returns its rows and its device summary."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "case.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--cases", name, "--out", out]
-        cmd += ["--small"] if args.small else []
-        cmd += ["--iters", str(args.iters)] if args.iters else []
-        cmd += ["--profile", args.profile] if args.profile else []
-        cmd += ["--compile-only"] if args.compile_only else []
+        cmd += ["--small"] if _SMALL.value else []
+        cmd += [f"--iters={_ITERS.value}"] if _ITERS.value else []
+        cmd += [f"--profile={','.join(_PROFILE.value)}"] if _PROFILE.value else []
+        cmd += ["--compile_only"] if _COMPILE_ONLY.value else []
         limit = None if remaining_s is None else max(remaining_s, 60.0)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
@@ -423,39 +310,18 @@ def run_isolated(name: str, args, remaining_s: float | None) -> tuple[list[dict]
         return result["rows"], result["device"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="CPU/CI run: the demo recipe's tiny shapes")
-    parser.add_argument("--cases", default="all", help=f"comma-separated case names, or 'all' ({', '.join(FULL)})")
-    parser.add_argument("--iters", type=int, default=None, help="timed steps per case")
-    parser.add_argument("--isolate", action="store_true", help="each case in its own child process")
-    parser.add_argument(
-        "--profile",
-        default="",
-        help="comma-separated cases to profile as well: the loss part "
-        "(ROI-align + sorting) and the forward alone timed, the step's matmuls counted",
-    )
-    parser.add_argument(
-        "--compile-only", action="store_true", help="only trace and compile each case's step (no step is run)"
-    )
-    parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/train_step[_small].json)")
-    parser.add_argument(
-        "--loop",
-        action="store_true",
-        help="also time the demo's training loop (data in memory) against its jitted step alone (not with --isolate)",
-    )
-    args = parser.parse_args()
-    plan = SMALL if args.small else FULL
-    names = list(plan) if args.cases == "all" else [n for n in args.cases.split(",") if n]
+def main(argv: list[str]) -> None:
+    del argv  # flags only
+    plan = SMALL if _SMALL.value else FULL
+    names = list(plan) if _CASES.value == ["all"] else [n for n in _CASES.value if n]
     unknown = [n for n in names if n not in plan]
     if unknown:
-        parser.error(f"unknown case(s) {unknown}; known: {', '.join(plan)}")
-    warmup, iters = (1, args.iters or 2) if args.small else (3, args.iters or 10)
+        raise UserError(f"--cases: unknown case(s) {unknown}; known: {', '.join(plan)}")
+    warmup, iters = (1, _ITERS.value or 2) if _SMALL.value else (3, _ITERS.value or 10)
     # With --isolate this process never touches the accelerator: JAX would take most of its memory away from
     # the children. The device summary then comes from them.
     device, peak = None, None
-    if not args.isolate:
+    if not _ISOLATE.value:
         device = common.device_summary()
         peak = None if device["bf16_peak_tflops"] is None else device["bf16_peak_tflops"] * 1e12
         print(
@@ -466,18 +332,18 @@ def main() -> None:
     start, rows = time.perf_counter(), []
     for name in names:
         elapsed = time.perf_counter() - start
-        if args.budget_s is not None and elapsed > args.budget_s:
-            rows.append({"case": name, "status": f"skipped: time budget {args.budget_s:.0f} s spent"})
+        if _BUDGET_S.value is not None and elapsed > _BUDGET_S.value:
+            rows.append({"case": name, "status": f"skipped: time budget {_BUDGET_S.value:.0f} s spent"})
             continue
-        if args.isolate:
-            remaining = None if args.budget_s is None else args.budget_s - elapsed + 120
-            case_rows, case_device = run_isolated(name, args, remaining)
+        if _ISOLATE.value:
+            remaining = None if _BUDGET_S.value is None else _BUDGET_S.value - elapsed + 120
+            case_rows, case_device = run_isolated(name, remaining)
             rows.extend(case_rows)
             device = device or case_device
         else:
             try:
-                profile = name in args.profile.split(",")
-                rows.append(run_case(plan[name], warmup, iters, peak, profile, args.compile_only))
+                profile = name in _PROFILE.value
+                rows.append(run_case(plan[name], warmup, iters, peak, profile, _COMPILE_ONLY.value))
             except Exception as err:  # noqa: BLE001 - an OOM or unsupported option is a result, not a crash
                 traceback.print_exc()
                 rows.append(
@@ -500,17 +366,17 @@ def main() -> None:
             flush=True,
         )
     loop = None
-    if args.loop:
+    if _LOOP.value:
         device = device or common.device_summary()
-        loop = loop_overhead(windows=4, log_every=5 if args.small else 10, iters=args.iters or 20)
+        loop = loop_overhead(windows=4, log_every=5 if _SMALL.value else 10, iters=_ITERS.value or 20)
         print(
             f"  demo loop {loop['loop_step_ms']:.1f} ms/step vs its jitted step alone {loop['step_alone_ms']:.1f} "
             f"ms/step: overhead {100 * loop['overhead']:+.1f}%",
             flush=True,
         )
     out = common.write_json(
-        args.out or common.default_out("train_step", args.small),
-        {"bench": "train_step", "small": args.small, "device": device, "rows": rows, "loop": loop},
+        _OUT.value or common.default_out("train_step", _SMALL.value),
+        {"bench": "train_step", "small": _SMALL.value, "device": device, "rows": rows, "loop": loop},
     )
     if device:
         print(
@@ -533,4 +399,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

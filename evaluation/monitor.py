@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from evaluation import runner, suite
+from evaluation import jobs, runner
 from neco_jax import save_backbone
 from neco_jax.errors import ConfigError
 
@@ -34,15 +34,15 @@ class EvalMonitor:
         self.every = int(e.every_epochs)
         self.steps_per_epoch = steps_per_epoch
         self.workdir = Path(workdir) / "eval"
-        self.job = suite.load_config_file(e.config)
-        values = suite.parse_overrides([s for s in e.set.split(";") if s.strip()])
+        self.job = jobs.load_config_file(e.config)
+        values = jobs.parse_overrides([s for s in e.set.split(";") if s.strip()])
         values.update(data_dir=e.data_dir, workdir=str(self.workdir), checkpoint=str(self.workdir / "teacher"))
         try:
             self.job.update_from_flattened_dict(values)
         except (TypeError, ValueError, KeyError, AttributeError) as err:
             raise ConfigError(f"config.eval.set does not fit {e.config}: {' '.join(str(err).split())}") from err
         runner.validate(self.job)
-        suite.check_job_data(self.job)  # a missing data folder stops now, not after the first epoch
+        jobs.check_job_data(self.job)  # a missing data folder stops now, not after the first epoch
 
     def due(self, step: int) -> bool:
         return step % self.steps_per_epoch == 0 and (step // self.steps_per_epoch) % self.every == 0

@@ -7,17 +7,14 @@ The runner writes `workdir/results.json` (the protocol's results dict plus the c
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import ml_collections
-from absl import flags
-from ml_collections import config_flags
 
 from evaluation import datasets as datasets_lib
 from evaluation import protocols
-from neco_jax.errors import ConfigError, cli
+from neco_jax.errors import ConfigError
 from neco_jax.precision import true_float32
 
 
@@ -94,23 +91,3 @@ def _json(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     return str(value)
-
-
-@cli
-def main(argv: list[str] | None = None) -> int:
-    """CLI: `python -m evaluation --config=configs/eval/<dataset>_<protocol>.py --config.<field>=...`."""
-    argv = sys.argv if argv is None else argv
-    flag_values = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file(
-        "config", None, "evaluation job config file", flag_values=flag_values, sys_argv=argv
-    )
-    try:
-        flag_values(argv)
-        config = config_flag.value
-        if config is None:
-            raise ConfigError("no config given; pass --config=configs/eval/<dataset>_<protocol>.py")
-        config.protocol  # noqa: B018  (config files load lazily: surface a bad file here)
-    except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ConfigError("bad command line: " + " ".join(str(e).split())) from e
-    run_job(config)
-    return 0

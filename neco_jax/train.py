@@ -34,7 +34,7 @@ from input_pipeline import augment, make_train_loader
 from input_pipeline.loader import view_config_from
 from input_pipeline.views import view_shapes
 from neco_jax import checkpoint as ckpt_lib
-from neco_jax import distributed, ema, memory_fit, optim, plot, run_record, save_backbone, sharding, step_feed
+from neco_jax import curves, distributed, ema, memory_fit, optim, run_record, save_backbone, sharding, step_feed
 from neco_jax import loss as loss_lib
 from neco_jax import metrics_writer as mw
 from neco_jax import queue as queue_lib
@@ -810,7 +810,7 @@ def _train(
 
     done = int(distributed.host_copy(state.step))
     if jax.process_index() == 0 and done > 0:
-        log.info("curves: %s", plot.write_plot(workdir))
+        log.info("curves: %s", curves.write_plot(workdir))
     if done >= total_steps and config.export_at_end and jax.process_index() == 0:
         files = export_backbones(config, models, state, os.path.join(workdir, "export"))
         log.info("exported: %s", ", ".join(files))

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from bench import flops
-from bench.train_step import SMALL, Case, case_config, synthetic_batch
+from bench.step_cases import SMALL, Case, case_config, synthetic_batch
 from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_train_step_bench_loop_overhead(tmp_path):
 
 
 def test_train_step_bench_time_budget(tmp_path):
-    rows = _run("train_step", tmp_path, "--cases", "demo_56_b2_fp32,demo_56_b2_bf16", "--budget-s", "0")["rows"]
+    rows = _run("train_step", tmp_path, "--cases", "demo_56_b2_fp32,demo_56_b2_bf16", "--budget_s=0")["rows"]
     assert [r["status"].split(":")[0] for r in rows] == ["skipped", "skipped"]
 
 

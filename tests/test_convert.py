@@ -17,11 +17,11 @@ import pickle_files
 import pytest
 import timm
 import torch
+from programs import run_program
 from reference_models import randomize, relative_error
 
 import neco_jax
 from neco_jax.backbone_io import load_converted, load_head
-from neco_jax.convert import __main__ as cli
 from neco_jax.convert import backbone_to_jax, export_state_dict, infer, torch_io
 from neco_jax.errors import UserError
 from neco_jax.models import get_arch
@@ -290,13 +290,18 @@ def test_neco_lightning_checkpoint_gives_student_teacher_and_heads(lightning_ckp
 
 def test_cli_converts_training_checkpoint_and_exports(lightning_ckpt, tmp_path, capsys):
     path, vits, heads = lightning_ckpt
-    assert cli.main(["to-jax", str(path), "--out", str(tmp_path / "jax")]) == 0
+    assert run_program("neco_jax.convert", "to-jax", str(path), "--out", str(tmp_path / "jax")) == 0
     assert (tmp_path / "jax/student/params.safetensors").is_file()
     assert (tmp_path / "jax/teacher/head.safetensors").is_file()
     assert "student" in capsys.readouterr().out
     for suffix in ("pth", "safetensors"):
         out = tmp_path / f"teacher.{suffix}"
-        assert cli.main(["to-torch", str(tmp_path / "jax/teacher"), "--out", str(out), "--layout", "dinov2"]) == 0
+        assert (
+            run_program(
+                "neco_jax.convert", "to-torch", str(tmp_path / "jax/teacher"), "--out", str(out), "--layout", "dinov2"
+            )
+            == 0
+        )
         fresh = _dinov2(5, depth=1)
         loaded = torch_io.read_state_dict(out)
         fresh.load_state_dict({k: torch.from_numpy(v) for k, v in loaded.items()}, strict=True)
@@ -304,7 +309,15 @@ def test_cli_converts_training_checkpoint_and_exports(lightning_ckpt, tmp_path, 
             assert torch.equal(fresh.state_dict()[key], value), key
     # timm has no place for DINOv2's mask_token: it is left out, said so, and timm loads the rest strictly.
     assert (
-        cli.main(["to-torch", str(tmp_path / "jax/teacher"), "--out", str(tmp_path / "timm.pth"), "--layout", "timm"])
+        run_program(
+            "neco_jax.convert",
+            "to-torch",
+            str(tmp_path / "jax/teacher"),
+            "--out",
+            str(tmp_path / "timm.pth"),
+            "--layout",
+            "timm",
+        )
         == 0
     )
     assert "left out, no place in the timm layout: mask_token" in capsys.readouterr().out

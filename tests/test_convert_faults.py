@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from programs import run_program
 from reference_models import randomize, relative_error
 
 import neco_jax
 from neco_jax import errors
-from neco_jax.convert import __main__ as cli
 from neco_jax.convert import arch_record, torch_io
 from neco_jax.errors import UserError
 from neco_jax.models import get_arch
@@ -58,7 +58,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def _one_line_exit_2(argv, capsys) -> str:
-    assert cli.main(argv) == 2
+    assert run_program("neco_jax.convert", *argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     return err
@@ -152,11 +152,25 @@ def test_unrecorded_file_of_a_width_without_known_heads_is_refused(tiny, tmp_pat
 
 def test_every_export_records_its_architecture(tiny, tmp_path, capsys):
     reference, plain = tiny
-    assert cli.main(["to-jax", str(plain), "--out", str(tmp_path / "jax"), "--arch", "vit_tiny_test"]) == 0
+    assert (
+        run_program("neco_jax.convert", "to-jax", str(plain), "--out", str(tmp_path / "jax"), "--arch", "vit_tiny_test")
+        == 0
+    )
     x = _image(1)
     expected = _patches_torch(reference, x)
     for name in ("w.pth", "w.safetensors"):
-        assert cli.main(["to-torch", str(tmp_path / "jax"), "--out", str(tmp_path / name), "--layout", "dinov2"]) == 0
+        assert (
+            run_program(
+                "neco_jax.convert",
+                "to-torch",
+                str(tmp_path / "jax"),
+                "--out",
+                str(tmp_path / name),
+                "--layout",
+                "dinov2",
+            )
+            == 0
+        )
         assert "architecture recorded in the file" in capsys.readouterr().out
         model = neco_jax.load_backbone(tmp_path / name)  # no arch: the file says what it is
         assert model.config == get_arch("vit_tiny_test")
@@ -239,11 +253,11 @@ def test_to_jax_refuses_non_finite_weights_unless_allowed(tiny, tmp_path, capsys
     argv = ["to-jax", str(tmp_path / "diverged.pth"), "--out", str(tmp_path / "out"), "--arch", "vit_tiny_test"]
     err = _one_line_exit_2(argv, capsys)
     assert "diverged.pth holds NaN or infinite values in 2 tensor(s): blocks/1/attn/qkv/kernel, norm/bias;" in err
-    assert "--allow-nonfinite" in err and not (tmp_path / "out").exists()
-    assert cli.main([*argv, "--allow-nonfinite"]) == 0
+    assert "--allow_nonfinite" in err and not (tmp_path / "out").exists()
+    assert run_program("neco_jax.convert", *argv, "--allow_nonfinite") == 0
     warning = capsys.readouterr().err
     assert warning.startswith("warning: ") and warning.count("\n") == 1
-    assert "2 tensor(s): blocks/1/attn/qkv/kernel, norm/bias; converted anyway (--allow-nonfinite)" in warning
+    assert "2 tensor(s): blocks/1/attn/qkv/kernel, norm/bias; converted anyway (--allow_nonfinite)" in warning
     converted = neco_jax.backbone_io.load_converted(tmp_path / "out")
     assert np.isnan(converted.params["blocks/1/attn/qkv/kernel"]).sum() == 1
     assert np.isposinf(converted.params["norm/bias"][5])
@@ -312,9 +326,16 @@ def test_saved_folders_get_umask_permissions(tiny, tmp_path):
     old = os.umask(0o027)
     try:
         neco_jax.save_backbone(neco_jax.load_backbone(plain, arch="vit_tiny_test"), tmp_path / "saved")
-        assert cli.main(["to-jax", str(plain), "--out", str(tmp_path / "cli"), "--arch", "vit_tiny_test"]) == 0
+        assert (
+            run_program(
+                "neco_jax.convert", "to-jax", str(plain), "--out", str(tmp_path / "cli"), "--arch", "vit_tiny_test"
+            )
+            == 0
+        )
         out = str(tmp_path / "w.pth")
-        assert cli.main(["to-torch", str(tmp_path / "cli"), "--out", out, "--layout", "dinov2"]) == 0
+        assert (
+            run_program("neco_jax.convert", "to-torch", str(tmp_path / "cli"), "--out", out, "--layout", "dinov2") == 0
+        )
     finally:
         os.umask(old)
     files = [*(tmp_path / "saved").iterdir(), *(tmp_path / "cli").iterdir(), tmp_path / "w.pth"]

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from programs import run_program
 from reference_models import randomize, relative_error
 from safetensors.numpy import load_file
 
 import neco_jax
 from neco_jax.backbone_io import load_converted
-from neco_jax.convert import __main__ as cli
 from neco_jax.convert import hf
 from neco_jax.errors import UserError
 
@@ -79,11 +79,16 @@ def test_transformers_folder_loads_with_equal_outputs_at_every_size(tmp_path, re
         assert relative_error(_jax_tokens(model, x), _hf_tokens(reference, x)) <= TOL, size
 
     # to-jax reads the folder too, to the same parameters; exporting it again gives back the same tensors.
-    assert cli.main(["to-jax", str(tmp_path / "hf"), "--out", str(tmp_path / "jax")]) == 0
+    assert run_program("neco_jax.convert", "to-jax", str(tmp_path / "hf"), "--out", str(tmp_path / "jax")) == 0
     first, again = load_converted(tmp_path / "hf"), load_converted(tmp_path / "jax")
     assert again.config == first.config and again.params.keys() == first.params.keys()
     assert all(np.array_equal(again.params[p], first.params[p]) for p in first.params)
-    assert cli.main(["to-torch", str(tmp_path / "jax"), "--out", str(tmp_path / "hf2"), "--layout", "hf"]) == 0
+    assert (
+        run_program(
+            "neco_jax.convert", "to-torch", str(tmp_path / "jax"), "--out", str(tmp_path / "hf2"), "--layout", "hf"
+        )
+        == 0
+    )
     written = load_file(tmp_path / "hf2" / hf.WEIGHTS_FILE)
     on_disk = load_file(tmp_path / "hf" / hf.WEIGHTS_FILE)  # as transformers wrote it
     assert written.keys() == on_disk.keys()
@@ -117,7 +122,12 @@ def _neco_folder(tmp_path, **overrides):
 def test_export_loads_in_transformers_with_equal_outputs(tmp_path, overrides):
     model = _neco_folder(tmp_path, **overrides)
     registers = bool(overrides.get("num_register_tokens"))
-    assert cli.main(["to-torch", str(tmp_path / "neco"), "--out", str(tmp_path / "hf"), "--layout", "hf"]) == 0
+    assert (
+        run_program(
+            "neco_jax.convert", "to-torch", str(tmp_path / "neco"), "--out", str(tmp_path / "hf"), "--layout", "hf"
+        )
+        == 0
+    )
     reference = _from_pretrained(tmp_path / "hf", registers)
 
     # Native size: the table is used as it is, so the outputs agree.
@@ -165,9 +175,25 @@ def test_bad_folders_and_outputs_are_one_line_errors(tmp_path, capsys):
     _hf_model().save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     # --out that already holds a model, or names a file.
-    assert cli.main(["to-torch", str(tmp_path / "hf"), "--out", str(tmp_path / "hf"), "--layout", "hf"]) == 2
+    assert (
+        run_program(
+            "neco_jax.convert", "to-torch", str(tmp_path / "hf"), "--out", str(tmp_path / "hf"), "--layout", "hf"
+        )
+        == 2
+    )
     assert "already exists" in capsys.readouterr().err
-    assert cli.main(["to-torch", str(tmp_path / "hf"), "--out", str(tmp_path / "x.safetensors"), "--layout", "hf"]) == 2
+    assert (
+        run_program(
+            "neco_jax.convert",
+            "to-torch",
+            str(tmp_path / "hf"),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+            "--layout",
+            "hf",
+        )
+        == 2
+    )
     assert "the hf layout is a folder" in capsys.readouterr().err
     # A config neco_jax's ViT cannot run, and a record that disagrees with the transformers fields.
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
@@ -183,6 +209,11 @@ def test_bad_folders_and_outputs_are_one_line_errors(tmp_path, capsys):
         neco_jax.load_backbone(tmp_path / "hf")
     # A non-integer mlp_ratio has no place in transformers' config.
     _neco_folder(tmp_path, mlp_ratio=2.5)
-    assert cli.main(["to-torch", str(tmp_path / "neco"), "--out", str(tmp_path / "out"), "--layout", "hf"]) == 2
+    assert (
+        run_program(
+            "neco_jax.convert", "to-torch", str(tmp_path / "neco"), "--out", str(tmp_path / "out"), "--layout", "hf"
+        )
+        == 2
+    )
     assert "mlp_ratio 2.5 has no place in the hf layout" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 from PIL import Image
+from programs import run_program
 
-from evaluation import datasets, features, linear, overcluster, runner
+from evaluation import datasets, features, linear, overcluster
 from neco_jax import errors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,18 +219,16 @@ def saved_backbone(tiny_model, tmp_path_factory):
 
 
 def _cli(config, voc_dir, saved_backbone, workdir, *extra):
-    return runner.main(
-        [
-            "evaluation",
-            f"--config={REPO}/configs/eval/{config}.py",
-            f"--config.checkpoint={saved_backbone}",
-            f"--config.data_dir={voc_dir}",
-            f"--config.workdir={workdir}",
-            "--config.image_size=56",
-            "--config.batch_size=4",
-            "--config.num_visualize=2",
-            *extra,
-        ]
+    return run_program(
+        "evaluation",
+        f"--config={REPO}/configs/eval/{config}.py",
+        f"--config.checkpoint={saved_backbone}",
+        f"--config.data_dir={voc_dir}",
+        f"--config.workdir={workdir}",
+        "--config.image_size=56",
+        "--config.batch_size=4",
+        "--config.num_visualize=2",
+        *extra,
     )
 
 
@@ -279,7 +278,7 @@ def test_cli_linear_writes_results(voc_dir, saved_backbone, tmp_path):
     "extra,message",
     [
         (["--config.data_dir=/no/such/folder"], "data_dir /no/such/folder does not exist"),
-        (["--config.typo=1"], "bad command line"),
+        (["--config.typo=1"], "--config.typo: the config has no field or section 'typo'"),
         (["--config.checkpoint=/no/such/file.pth"], "/no/such/file.pth"),
         (["--config.dtype=float16"], "config.dtype"),
         (["--config.num_classes=20"], "config.num_classes=20"),

@@ -7,9 +7,10 @@ import eval_fixtures
 import numpy as np
 import pytest
 from flax import nnx
+from programs import run_program
 
 import neco_jax
-from evaluation import features, runner
+from evaluation import features
 from neco_jax import errors
 from neco_jax.models import VisionTransformer, get_arch
 
@@ -34,15 +35,13 @@ def test_non_finite_weights_are_refused_by_the_cli(tmp_path, capsys):
     neco_jax.save_backbone(_tiny(**{"blocks/1/attn/qkv/kernel": lambda v: v.at[0, 3].set(np.nan)}), folder)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "results.json").write_text('{"miou": 0.5}')  # an earlier run's result
-    rc = runner.main(
-        [
-            "evaluation",
-            f"--config={REPO}/configs/eval/voc_overcluster.py",
-            f"--config.checkpoint={folder}",
-            f"--config.data_dir={voc}",
-            f"--config.workdir={tmp_path / 'out'}",
-            "--config.image_size=56",
-        ]
+    rc = run_program(
+        "evaluation",
+        f"--config={REPO}/configs/eval/voc_overcluster.py",
+        f"--config.checkpoint={folder}",
+        f"--config.data_dir={voc}",
+        f"--config.workdir={tmp_path / 'out'}",
+        "--config.image_size=56",
     )
     last = capsys.readouterr().err.strip().split("\n")[-1]
     assert rc == 2 and last.startswith("error: ") and "Traceback" not in last

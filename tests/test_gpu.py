@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bench.train_step import Case, build_step, case_config, synthetic_batch
+from bench.step_cases import Case, build_step, case_config, synthetic_batch
 from neco_jax import sharding
 from neco_jax import train as train_lib
 from neco_jax.models import VisionTransformer, get_arch

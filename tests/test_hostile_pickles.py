@@ -33,11 +33,11 @@ from pickle_files import (
     neco_hyper_parameters,
     save,
 )
+from programs import run_program
 from reference_models import randomize
 from train_fixtures import tiny_config
 
 import neco_jax
-from neco_jax.convert import __main__ as convert_cli
 from neco_jax.convert import safe_pickle, torch_io
 from neco_jax.errors import CheckpointError
 
@@ -154,7 +154,7 @@ def test_every_reader_of_weights_refuses_a_hostile_file(tmp_path, capsys, monkey
     CBFE attention files: each refuses, nothing runs."""
     import transformers
 
-    from evaluation import cbfe, runner
+    from evaluation import cbfe
     from neco_jax import train
 
     marker = tmp_path / "ran"
@@ -171,19 +171,17 @@ def test_every_reader_of_weights_refuses_a_hostile_file(tmp_path, capsys, monkey
 
     for source in (ckpt, legacy, ckpt.as_uri(), hf_folder):
         assert REFUSED in _refused(neco_jax.load_backbone, source, which="teacher")
-    assert convert_cli.main(["to-jax", str(ckpt), "--out", str(tmp_path / "out")]) == 2
+    assert run_program("neco_jax.convert", "to-jax", str(ckpt), "--out", str(tmp_path / "out")) == 2
     assert REFUSED in capsys.readouterr().err and not (tmp_path / "out").exists()
     assert REFUSED in _refused(train.initial_params, tiny_config(**{"model.init": str(legacy)}))
     assert REFUSED in _refused(cbfe.read_attention_file, ckpt, 2)
     voc = eval_fixtures.make_voc_dataset(tmp_path / "voc", num_train=2, num_val=2)
-    rc = runner.main(
-        [
-            "evaluation",
-            f"--config={REPO}/configs/eval/voc_overcluster.py",
-            f"--config.checkpoint={ckpt}",
-            f"--config.data_dir={voc}",
-            f"--config.workdir={tmp_path / 'eval'}",
-        ]
+    rc = run_program(
+        "evaluation",
+        f"--config={REPO}/configs/eval/voc_overcluster.py",
+        f"--config.checkpoint={ckpt}",
+        f"--config.data_dir={voc}",
+        f"--config.workdir={tmp_path / 'eval'}",
     )
     assert rc == 2 and REFUSED in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "eval" / "results.json").exists()

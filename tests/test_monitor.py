@@ -44,7 +44,7 @@ def test_a_bad_eval_setup_fails_before_training(tmp_path):
 @pytest.mark.slow
 @SAME_STEP_4_TINY_STEPS
 def test_every_epoch_evaluates_the_teacher_into_the_metrics(tmp_path):
-    from evaluation import runner, suite
+    from evaluation import jobs, runner
     from neco_jax import save_backbone
 
     voc = eval_fixtures.make_voc_dataset(tmp_path / "voc", num_train=2, num_val=4)
@@ -63,10 +63,10 @@ def test_every_epoch_evaluates_the_teacher_into_the_metrics(tmp_path):
     state = jax.device_get(out["state"])
     teacher = nnx.merge(train_lib.build_models(c).teacher_backbone, state.teacher["backbone"])
     save_backbone(teacher, tmp_path / "teacher")
-    job = suite.load_config_file(c.eval.config)
+    job = jobs.load_config_file(c.eval.config)
     job.update_from_flattened_dict(
         {
-            **suite.parse_overrides(EVAL_SET.split(";")),
+            **jobs.parse_overrides(EVAL_SET.split(";")),
             "data_dir": str(voc),
             "checkpoint": str(tmp_path / "teacher"),
             "workdir": str(tmp_path / "again"),

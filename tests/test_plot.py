@@ -1,4 +1,4 @@
-"""neco_jax.plot: the curves drawn are the metrics.jsonl values, resumes are marked, the PNG is whole,
+"""neco_jax.curves and python -m neco_jax.plot: the curves drawn are the metrics.jsonl values, resumes are marked, the PNG is whole,
 and it works on a run that is still writing. The evaluation's charts and panels (same matplotlib): what they show."""
 
 import json
@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from programs import run_program
 
-from neco_jax import plot
+from neco_jax import curves
 
 
 def _rows(steps):
@@ -38,13 +39,13 @@ def _workdir(tmp_path, rows, starts=(), torn_line=""):
 
 def test_panels_hold_the_logged_values_and_resumes_are_marked(tmp_path):
     rows = _rows(range(5, 65, 5))
-    fig = plot.make_figure(rows, [20, 40], "run")
+    fig = curves.make_figure(rows, [20, 40], "run")
     axes = fig.axes
-    assert [ax.get_title() for ax in axes] == [p[0] for p in plot.PANELS]
-    for ax, (_, series, _) in zip(axes, plot.PANELS):
-        curves = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
-        assert len(curves) == len(series)
-        for line, (key, _) in zip(curves, series):
+    assert [ax.get_title() for ax in axes] == [p[0] for p in curves.PANELS]
+    for ax, (_, series, _) in zip(axes, curves.PANELS):
+        drawn = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+        assert len(drawn) == len(series)
+        for line, (key, _) in zip(drawn, series):
             np.testing.assert_array_equal(line.get_xdata(), [r["step"] for r in rows])
             np.testing.assert_array_equal(line.get_ydata(), [r[key] for r in rows])
         marks = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
@@ -55,18 +56,18 @@ def test_panels_hold_the_logged_values_and_resumes_are_marked(tmp_path):
 def test_workdir_plot_while_running_and_cli(tmp_path, capsys):
     # A run that resumed at step 20 and is writing its next line right now.
     workdir = _workdir(tmp_path, _rows(range(5, 35, 5)), starts=[0, 20], torn_line='{"step": 35, "lo')
-    assert plot.main([str(workdir)]) == 0
+    assert run_program("neco_jax.plot", str(workdir)) == 0
     assert capsys.readouterr().out.strip() == f"wrote {workdir / 'metrics.png'}"
     with Image.open(workdir / "metrics.png") as img:
         assert img.format == "PNG" and img.size == (960, 520)
         img.load()  # the whole file decodes
-    assert plot.main([str(workdir), "--out", str(tmp_path / "other.png")]) == 0
+    assert run_program("neco_jax.plot", str(workdir), "--out", str(tmp_path / "other.png")) == 0
     assert (tmp_path / "other.png").is_file()
 
 
 def test_missing_values_are_shown_as_not_logged():
     rows = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
-    fig = plot.make_figure(rows, [])
+    fig = curves.make_figure(rows, [])
     texts = [[t.get_text() for t in ax.texts] for ax in fig.axes]
     assert texts[0] == [] and all(t == ["not logged"] for t in texts[1:])
 
@@ -80,7 +81,7 @@ def test_missing_values_are_shown_as_not_logged():
 )
 def test_bad_workdir_is_one_line_exit_2(tmp_path, capsys, setup, message):
     setup(tmp_path)
-    assert plot.main([str(tmp_path)]) == 2
+    assert run_program("neco_jax.plot", str(tmp_path)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "metrics.png").exists()

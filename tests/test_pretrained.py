@@ -11,10 +11,10 @@ import threading
 import numpy as np
 import pytest
 import torch
+from programs import run_program
 
 import neco_jax
 from neco_jax import errors, pretrained
-from neco_jax.convert import __main__ as cli
 from neco_jax.errors import UserError
 from neco_jax.models import ARCHS, get_arch
 
@@ -127,7 +127,7 @@ def test_url_source_is_cached_by_url(tiny_release, cache):
 
 
 def test_cli_to_jax_from_a_known_name(tiny_release, tmp_path):
-    assert cli.main(["to-jax", "tiny_release", "--out", str(tmp_path / "out")]) == 0
+    assert run_program("neco_jax.convert", "to-jax", "tiny_release", "--out", str(tmp_path / "out")) == 0
     assert neco_jax.load_backbone(tmp_path / "out").config.pos_grid == 4
 
 

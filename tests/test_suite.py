@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
+from programs import run_program
 
-from evaluation import published, suite
+from evaluation import jobs, published
 
 SMALL = [
     "image_size=56",
@@ -57,7 +58,7 @@ def test_suite_runs_every_protocol_on_a_voc_tree(tmp_path, tiny_checkpoint):
     eval_fixtures.make_voc_dataset(data / "voc", num_train=8, num_val=6)
     out = tmp_path / "out"
     argv = [f"--checkpoint={tiny_checkpoint}", f"--data_dir={data}", f"--workdir={out}"]
-    rc = suite.main(argv + [f"--set={s}" for s in SMALL] + ["--paper_row=neco_dinov2r_xr_vits14"])
+    rc = run_program("evaluation.suite", *argv, *[f"--set={s}" for s in SMALL], "--paper_row=neco_dinov2r_xr_vits14")
     assert rc == 0
     saved = json.loads((out / "results.json").read_text())
     ran = {(j["protocol"], j["dataset"]) for j in saved["jobs"] if j["status"] == "ok"}
@@ -108,13 +109,13 @@ def test_paper_row_from_names_and_architecture():
 def test_data_discovery_and_user_errors(tmp_path, tiny_checkpoint, capsys):
     eval_fixtures.make_voc_dataset(tmp_path / "VOC", num_train=2, num_val=1)
     (tmp_path / "ade" / "ADEChallengeData2016").mkdir(parents=True)
-    assert suite.find_data_dir("voc", tmp_path) == tmp_path / "VOC"
-    assert suite.find_data_dir("ade20k", tmp_path) == tmp_path / "ade"
-    assert suite.find_data_dir("cityscapes", tmp_path) is None
-    assert suite.find_data_dir("voc", tmp_path / "VOC") == tmp_path / "VOC"
+    assert jobs.find_data_dir("voc", tmp_path) == tmp_path / "VOC"
+    assert jobs.find_data_dir("ade20k", tmp_path) == tmp_path / "ade"
+    assert jobs.find_data_dir("cityscapes", tmp_path) is None
+    assert jobs.find_data_dir("voc", tmp_path / "VOC") == tmp_path / "VOC"
     inner = tmp_path / "VOC" / "VOCSegmentation"  # the VOCSegmentation folder itself is a VOC data_dir too
-    assert suite.find_data_dir("voc", inner) == inner
-    assert suite.parse_overrides(["a.b=(1, 2)", "c=text", "d=0.5"]) == {"a.b": (1, 2), "c": "text", "d": 0.5}
+    assert jobs.find_data_dir("voc", inner) == inner
+    assert jobs.parse_overrides(["a.b=(1, 2)", "c=text", "d=0.5"]) == {"a.b": (1, 2), "c": "text", "d": 0.5}
     for extra, message in [
         ([f"--data_dir={tmp_path / 'none'}"], "does not exist"),
         (["--protocols=linear,knn"], "--protocols=linear,knn"),
@@ -122,6 +123,6 @@ def test_data_discovery_and_user_errors(tmp_path, tiny_checkpoint, capsys):
         (["--paper_row=resnet50"], "--paper_row=resnet50"),
     ]:
         argv = [f"--checkpoint={tiny_checkpoint}", f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'o'}"]
-        assert suite.main(argv + extra) == 2
+        assert run_program("evaluation.suite", *argv, *extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]

@@ -1,29 +1,51 @@
 """Command line: move ViT weights between PyTorch files and neco_jax folders.
 
-    python -m neco_jax.convert to-jax SRC --out FOLDER [--arch NAME]
-    python -m neco_jax.convert to-torch FOLDER --out FILE.pth|FILE.safetensors --layout dinov2|timm
-    python -m neco_jax.convert to-torch FOLDER --out HF_FOLDER --layout hf
+    python -m neco_jax.convert to-jax SRC --out=FOLDER [--arch=NAME] [--allow_nonfinite]
+    python -m neco_jax.convert to-torch FOLDER --out=FILE.pth|FILE.safetensors --layout=dinov2|timm
+    python -m neco_jax.convert to-torch FOLDER --out=HF_FOLDER --layout=hf
+
+The subcommand and its input are the two positional arguments; everything else is a flag (`--out FOLDER` works
+too). A flag of the other subcommand is refused.
 
 SRC is a .pth/.pt/.ckpt/.safetensors file, a URL, a known pretrained name, or a Hugging Face
-transformers DINOv2 folder (``--layout hf`` writes one: config.json + model.safetensors). A NeCo training
+transformers DINOv2 folder (``--layout=hf`` writes one: config.json + model.safetensors). A NeCo training
 checkpoint (student and teacher) becomes FOLDER/student and FOLDER/teacher. Every output records
 the architecture (FOLDER/config.json; the ViTConfig inside an exported file), and no output
 overwrites an existing file. Mistakes in the input print one line on stderr and exit with status 2; so do
-weights holding NaN or infinity, unless ``--allow-nonfinite`` converts them anyway (with a warning).
+weights holding NaN or infinity, unless ``--allow_nonfinite`` converts them anyway (with a warning).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
+from absl import flags
 
-from neco_jax import backbone_io
+from neco_jax import backbone_io, program
 from neco_jax.convert import hf, keymap
 from neco_jax.convert.weight_files import export_file, read_checkpoint
-from neco_jax.errors import NonFiniteError, UserError, cli
+from neco_jax.errors import NonFiniteError, UserError
+
+_OUT = flags.DEFINE_string(
+    "out", None, "to-jax: output folder; to-torch: output .pth, .pt or .safetensors file (a folder for --layout=hf)."
+)
+_ARCH = flags.DEFINE_string(
+    "arch", None, "to-jax: architecture name (neco_jax.models.get_arch); recorded or inferred when omitted."
+)
+_LAYOUT = flags.DEFINE_enum(
+    "layout",
+    None,
+    list(keymap.LAYOUTS) + [hf.LAYOUT],
+    "to-torch: key layout of the output (hf: a transformers folder).",
+)
+_ALLOW_NONFINITE = flags.DEFINE_bool(
+    "allow_nonfinite",
+    False,
+    "to-jax: convert weights that hold NaN or infinity (refused otherwise; a warning names them).",
+)
+USAGE = "python -m neco_jax.convert to-jax SRC --out=FOLDER | to-torch FOLDER --out=FILE --layout=dinov2|timm|hf"
 
 
 def _describe(converted) -> str:
@@ -55,9 +77,9 @@ def _check_finite(parts: dict, source: str, allow: bool) -> None:
     if not allow:
         raise NonFiniteError(
             f"{what}; training and evaluation refuse such weights. Convert an intact checkpoint, or pass "
-            "--allow-nonfinite to convert these anyway"
+            "--allow_nonfinite to convert these anyway"
         )
-    print(f"warning: {what}; converted anyway (--allow-nonfinite)", file=sys.stderr, flush=True)
+    print(f"warning: {what}; converted anyway (--allow_nonfinite)", file=sys.stderr, flush=True)
 
 
 def to_jax(source: str, out: Path, arch: str | None, allow_nonfinite: bool = False) -> None:
@@ -104,37 +126,24 @@ def to_torch(folder: Path, out: Path, layout: str) -> None:
     )
 
 
-@cli
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m neco_jax.convert", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("to-jax", help="PyTorch file, URL or pretrained name -> neco_jax folder")
-    p.add_argument(
-        "source", help="weight file (.pth/.pt/.ckpt/.safetensors), URL, pretrained name, or transformers folder"
-    )
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--arch", help="architecture name (neco_jax.models.get_arch); inferred when omitted")
-    p.add_argument(
-        "--allow-nonfinite",
-        action="store_true",
-        help="convert weights that hold NaN or infinity (refused otherwise; a warning names them)",
-    )
-    p = sub.add_parser("to-torch", help="neco_jax folder -> PyTorch state dict")
-    p.add_argument("folder", type=Path, help="folder written by to-jax or neco_jax.save_backbone")
-    p.add_argument("--out", required=True, type=Path, help="output .pth, .pt or .safetensors file (folder for hf)")
-    p.add_argument(
-        "--layout",
-        required=True,
-        choices=["dinov2", "timm", "hf"],
-        help="key layout of the output (hf: a Hugging Face transformers folder)",
-    )
-    args = parser.parse_args(argv)
-    if args.command == "to-jax":
-        to_jax(args.source, args.out, args.arch, args.allow_nonfinite)
+def main(argv: list[str]) -> None:
+    if len(argv) != 3 or argv[1] not in ("to-jax", "to-torch"):
+        raise UserError(f"expected a subcommand and its input, got {' '.join(argv[1:]) or 'nothing'}: {USAGE}")
+    command, path = argv[1], argv[2]
+    others = [_LAYOUT] if command == "to-jax" else [_ARCH, _ALLOW_NONFINITE]
+    for other in others:
+        if other.value not in (None, False):
+            raise UserError(f"--{other.name} does not apply to {command}: {USAGE}")
+    if _OUT.value is None:
+        raise UserError(f"{command} needs --out: {USAGE}")
+    out = Path(_OUT.value)
+    if command == "to-jax":
+        to_jax(path, out, _ARCH.value, _ALLOW_NONFINITE.value)
+    elif _LAYOUT.value is None:
+        raise UserError(f"to-torch needs --layout=dinov2, timm or hf: {USAGE}")
     else:
-        to_torch(args.folder, args.out, args.layout)
-    return 0
+        to_torch(Path(path), out, _LAYOUT.value)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    program.run(main)
