@@ -26,19 +26,19 @@ from input_pipeline import loader as loader_lib  # noqa: E402
 # joins a collective more than ~30 s late.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-_next = loader_lib.TrainLoader.__next__
+_fetch = loader_lib.TrainLoader.fetch  # what the trainer's prefetch calls (and plain iteration too)
 
 
-def _recording_next(self):
+def _recording_fetch(self):
     n = self.get_state()["next_batch"]
-    batch = _next(self)
+    batch = _fetch(self)
     with open(os.environ["NECO_TEST_INDEX_LOG"], "a") as f:
         f.write(json.dumps({"batch": n, "index": [int(i) for i in batch["index"]]}) + "\n")
     time.sleep(float(os.environ.get("NECO_TEST_STEP_DELAY", "0")))
     return batch
 
 
-loader_lib.TrainLoader.__next__ = _recording_next
+loader_lib.TrainLoader.fetch = _recording_fetch
 
 if __name__ == "__main__":
     sys.argv[0] = str(ROOT / "main.py")
