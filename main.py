@@ -18,7 +18,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from neco_jax import program
-from neco_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/*.py[:arg]).", lock_config=True
@@ -34,8 +33,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}; main.py takes only flags")
+    program.flags_only(argv)
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO chatter would bury the progress
     # Imported after the flags are parsed: a bad command line is answered before JAX loads.

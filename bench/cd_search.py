@@ -51,7 +51,7 @@ _OUT = flags.DEFINE_string("out", None, "JSON path (default bench/results/cd_sea
 
 
 def main(argv: list[str]) -> None:
-    del argv  # flags only
+    program.flags_only(argv)
     s = SMALL if _SMALL.value else FULL
     rows = []
     n_train = s["n_train"]

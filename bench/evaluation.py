@@ -120,7 +120,7 @@ _SMALL = flags.DEFINE_bool("small", False, "Tiny sizes for CI / CPU.")
 
 
 def main(argv: list[str]) -> None:
-    del argv  # flags only
+    program.flags_only(argv)
     s = SMALL if _SMALL.value else FULL
     platform = jax.devices()[0].platform
     rows = [bench_features(s, "float32"), bench_features(s, "bfloat16")]

@@ -101,7 +101,7 @@ _OUT = flags.DEFINE_string("out", None, "JSON path (default bench/results/forwar
 
 
 def main(argv: list[str]) -> None:
-    del argv  # flags only
+    program.flags_only(argv)
     plan = dict(SMALL if _SMALL.value else FULL)
     plan["archs"] = (_ARCH.value,) if _ARCH.value else plan["archs"]
     plan["sizes"] = (_SIZE.value,) if _SIZE.value else plan["sizes"]

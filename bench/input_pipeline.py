@@ -153,7 +153,7 @@ _OUT = flags.DEFINE_string("out", None, "JSON path (default bench/results/input_
 
 
 def main(argv: list[str]) -> None:
-    del argv  # flags only
+    program.flags_only(argv)
 
     small = _SMALL.value
     workers = [int(w) for w in (_WORKERS.value or (["0"] if small else ["0", "1", "2"]))]

@@ -122,7 +122,7 @@ _SMALL = flags.DEFINE_bool("small", False, "Tiny sizes for CI / CPU.")
 
 
 def main(argv: list[str]) -> None:
-    del argv  # flags only
+    program.flags_only(argv)
     if _SMALL.value:
         sizes = dict(keys=50_000, dim=64, block=1024, reps=2, images=8, arch="vit_tiny_test", input=112)
         configs = [("float32", "float32", 0, 8192), ("bfloat16", "float32", 0, 8192), ("bfloat16", "float32", 32, 8192)]

@@ -88,7 +88,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per size.")
 
 
 def main(argv: list[str]) -> None:
-    del argv  # flags only
+    program.flags_only(argv)
     device = jax.devices()[0]
     results = run(SMALL_SIZES if _SMALL.value else FULL_SIZES, _NETWORK.value, _REPEATS.value)
     header = f"{'rows x n':>10} {'executor':>8} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd MB':>8} {'fwd+bwd MB':>11}"

@@ -311,7 +311,7 @@ def run_isolated(name: str, remaining_s: float | None) -> tuple[list[dict], dict
 
 
 def main(argv: list[str]) -> None:
-    del argv  # flags only
+    program.flags_only(argv)
     plan = SMALL if _SMALL.value else FULL
     names = list(plan) if _CASES.value == ["all"] else [n for n in _CASES.value if n]
     unknown = [n for n in names if n not in plan]

@@ -13,7 +13,6 @@ from ml_collections import config_flags
 
 from evaluation import runner
 from neco_jax import program
-from neco_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Evaluation job config file (configs/eval/<dataset>_<protocol>.py).", lock_config=True
@@ -22,8 +21,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}; python -m evaluation takes only flags")
+    program.flags_only(argv)
     runner.run_job(_CONFIG.value)
 
 

@@ -16,7 +16,7 @@ from absl import flags
 
 from evaluation import jobs, protocols, table
 from neco_jax import program
-from neco_jax.errors import ConfigError, print_error
+from neco_jax.errors import print_error
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Anything --config.checkpoint accepts.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder holding the datasets (or one dataset).")
@@ -28,8 +28,7 @@ flags.mark_flags_as_required(["checkpoint", "data_dir", "workdir"])
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}; python -m evaluation.suite takes only flags")
+    program.flags_only(argv)
     summary = table.run_suite(
         _CHECKPOINT.value,
         _DATA_DIR.value,

@@ -4,7 +4,7 @@ mistake on the command line as one line with exit status 2.
 A program (`main.py`, `python -m evaluation`, `python -m evaluation.suite`, `python -m neco_jax.convert`,
 `python -m neco_jax.plot`, the `bench/` scripts) defines its flags with absl at module level, a config file with
 ml_collections' `config_flags.DEFINE_config_file`, takes positional arguments (a subcommand, a path) from the
-`argv` absl hands to `main`, and ends with::
+`argv` absl hands to `main` (`flags_only(argv)` where it takes none), and ends with::
 
     if __name__ == "__main__":
         program.run(main)
@@ -26,7 +26,7 @@ from typing import NoReturn
 from absl import app, flags
 from ml_collections import config_flags
 
-from neco_jax.errors import UserError, cli, print_error
+from neco_jax.errors import ConfigError, UserError, cli, print_error
 
 _CONFIG_FILE_TYPE = config_flags.config_flags.ConfigFileFlagParser("probe").flag_type()  # "config object"
 
@@ -35,6 +35,12 @@ def run(main: Callable[[list[str]], int | None]) -> NoReturn:
     """absl's `app.run(main)`, with `parse_flags` and `main`'s user errors as one line, exit status 2."""
     app.run(cli(main), flags_parser=parse_flags)
     raise AssertionError("app.run returned")  # it always exits
+
+
+def flags_only(argv: Sequence[str]) -> None:
+    """For a program without positional arguments: a ConfigError naming any that `argv` (absl's rest) holds."""
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(argv[1:])}; this program takes only flags (see --help)")
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
