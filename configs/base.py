@@ -10,6 +10,19 @@ import ml_collections
 
 from neco_jax.errors import ConfigError
 
+# The recipe files, one per row of the original README's results table (configs/<name>.py).
+RECIPES = (
+    "dinov2_s14",
+    "dinov2r_s14",
+    "dinov2r_xr_s14",
+    "dinov2_b14",
+    "dinov2r_b14",
+    "dinov2r_xr_b14",
+    "dino_s16",
+    "timet_s16",
+    "leopart_s16",
+)
+
 
 def get_config() -> ml_collections.ConfigDict:
     """The DINOv2 ViT-S/14 recipe (`models/small/neco_dinov2.yml`), which every other recipe edits."""

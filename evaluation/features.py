@@ -233,6 +233,24 @@ def _check_finite_weights(model, name: str) -> None:
         )
 
 
+def feature_forward(graphdef: nnx.GraphDef, patch_size: int):
+    """`forward(state, images, with_attention=False)`: final-norm patch tokens (B, h, w, D) float32 (and the CLS
+    attention (B, heads, h, w)) of the backbone `graphdef` with parameters `state`; what `FeatureExtractor` jits,
+    and what `neco_jax.plan` compiles for other devices."""
+    p = patch_size
+
+    def forward(state, x, with_attention: bool = False):
+        out = nnx.merge(graphdef, state)(x, deterministic=True, return_attention=with_attention)
+        b, h, w = x.shape[0], x.shape[1] // p, x.shape[2] // p
+        feats = out["x_norm_patchtokens"].astype(jnp.float32).reshape(b, h, w, -1)
+        if not with_attention:
+            return feats
+        attn = out["attn_cls"].astype(jnp.float32)
+        return feats, attn.reshape(b, attn.shape[1], h, w)
+
+    return forward
+
+
 class FeatureExtractor:
     """Jitted, data-parallel final-norm patch tokens of a frozen backbone.
 
@@ -254,19 +272,11 @@ class FeatureExtractor:
         self._data = sharding.batch_sharding(self.mesh)
         graphdef, state = nnx.split(model)
         self._state = jax.device_put(state, replicated)
-        p = self.patch_size
-
-        def forward(state, x, with_attention: bool):
-            out = nnx.merge(graphdef, state)(x, deterministic=True, return_attention=with_attention)
-            b, h, w = x.shape[0], x.shape[1] // p, x.shape[2] // p
-            feats = out["x_norm_patchtokens"].astype(jnp.float32).reshape(b, h, w, -1)
-            if not with_attention:
-                return feats
-            attn = out["attn_cls"].astype(jnp.float32)
-            return feats, attn.reshape(b, attn.shape[1], h, w)
-
         self._forward = jax.jit(
-            forward, static_argnums=2, in_shardings=(replicated, self._data), out_shardings=self._data
+            feature_forward(graphdef, self.patch_size),
+            static_argnums=2,
+            in_shardings=(replicated, self._data),
+            out_shardings=self._data,
         )
 
     def _run(self, images: np.ndarray, with_attention: bool):

@@ -8,11 +8,16 @@ programs by every test that starts them. The cache is a fresh folder for each se
 so the suite's time is what a clean clone sees; NECO_TEST_JAX_CACHE names a folder to keep between sessions.
 """
 
+import glob
 import os
 import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# No accelerator here: JAX stays on the CPU. (The test extra installs the planning extra, whose CUDA plugin and
+# libtpu would otherwise try to start devices in every process and print their failure.)
+if not glob.glob("/dev/nvidia[0-9]*") and not glob.glob("/dev/accel[0-9]*") and not os.path.isdir("/dev/vfio"):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWN_CACHE = "NECO_TEST_JAX_CACHE" not in os.environ
 if _OWN_CACHE:
     os.environ["NECO_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="neco_jax_test_xla_cache_")

@@ -18,6 +18,7 @@ from bench.step_cases import Case, build_step, case_config, synthetic_batch
 from neco_jax import sharding
 from neco_jax import train as train_lib
 from neco_jax.models import VisionTransformer, get_arch
+from neco_jax.models import attention as attention_lib
 
 pytestmark = pytest.mark.gpu
 
@@ -124,3 +125,27 @@ def test_bf16_forward_close_to_fp32():
 
 def test_bf16_train_step_is_finite():
     check_bf16_train_step(accelerator())
+
+
+def _attention_and_grads(implementation: str, q, k, v, cotangent) -> list[np.ndarray]:
+    def f(q, k, v):
+        out = attention_lib.dot_product_attention(q, k, v, scale=0.125, implementation=implementation)
+        return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32)), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return [np.asarray(a, np.float32) for a in (out, *grads)]
+
+
+def check_cudnn_attention(device) -> None:
+    """model.attention="auto" on a GPU in bf16 is cuDNN's flash attention (odd token counts padded by one masked
+    token): outputs and gradients close to XLA's plain path on the same bf16 inputs."""
+    for n in (17, 18, 257):
+        keys = jax.random.split(jax.random.PRNGKey(n), 4)
+        q, k, v, ct = (jax.device_put(jax.random.normal(key, (2, n, 6, 64), jnp.bfloat16), device) for key in keys)
+        assert attention_lib.resolve("auto", jnp.bfloat16, n) == "cudnn"
+        for got, want in zip(_attention_and_grads("auto", q, k, v, ct), _attention_and_grads("xla", q, k, v, ct)):
+            assert rel_err(got, want) <= BF16_REL_BOUND
+
+
+def test_cudnn_attention_close_to_plain_path():
+    check_cudnn_attention(accelerator())

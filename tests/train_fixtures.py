@@ -6,18 +6,7 @@ import pytest
 from configs import base, demo
 
 # One recipe per row of the NeCo README's results table, then the demo.
-RECIPES = (
-    "dinov2_s14",
-    "dinov2r_s14",
-    "dinov2r_xr_s14",
-    "dinov2_b14",
-    "dinov2r_b14",
-    "dinov2r_xr_b14",
-    "dino_s16",
-    "timet_s16",
-    "leopart_s16",
-    "demo",
-)
+RECIPES = (*base.RECIPES, "demo")
 
 
 def tiny_config(**fields) -> ml_collections.ConfigDict:

@@ -76,7 +76,7 @@ def dot_product_attention(
         implementation = "chunked"
     if implementation == "cudnn":
         try:
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+            return _cudnn_attention(q, k, v, scale)
         except (NotImplementedError, ValueError, RuntimeError) as err:  # what jax raises when cuDNN cannot serve
             _report_once(f"cuDNN attention cannot serve q {q.shape} {q.dtype} ({err}); using the chunked attention")
             implementation = "chunked"
@@ -85,6 +85,21 @@ def dot_product_attention(
     if implementation == "xla":
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
     raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """cuDNN's flash attention. Its backward pass takes only even sequence lengths (jax checks it when the
+    gradient is traced, too late to fall back): an odd one (257 tokens at 224 px) gets one zero token, which
+    the sequence lengths mask out of every softmax, and its output row is dropped."""
+    n = q.shape[1]
+    if n % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    padded = [jnp.pad(a, ((0, 0), (0, 1), (0, 0), (0, 0))) for a in (q, k, v)]
+    lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        *padded, scale=scale, implementation="cudnn", query_seq_lengths=lengths, key_value_seq_lengths=lengths
+    )
+    return out[:, :n]
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, chunk: int) -> jax.Array:
