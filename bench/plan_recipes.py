@@ -3,7 +3,7 @@
 and whether it fits, with model.remat="auto" resolved against each target's memory as the trainer resolves it.
 
     python bench/plan_recipes.py                                   # every recipe, H100 80GB, A100 40GB, TPU v5e-8
-    python bench/plan_recipes.py --recipes dinov2_s14 --targets h100-80gb --dtypes float32
+    python bench/plan_recipes.py --recipes=dinov2_s14 --targets=h100-80gb --dtypes=float32
 Recipes with the same program (the same architecture, registers and shapes; only their initial weights differ)
 are compiled once. Prints a Markdown table and writes bench/results/plan_recipes.json ($BENCH_RESULTS_DIR).
 Each full-size compilation takes minutes of CPU and several GB of memory: they run one after another.
@@ -15,7 +15,6 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before JAX loads: the targets are reached through topologies
 
-import argparse  # noqa: E402
 import functools  # noqa: E402
 import importlib  # noqa: E402
 import sys  # noqa: E402
@@ -23,8 +22,11 @@ import time  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import flags  # noqa: E402
+
 from bench import common  # noqa: E402
 from configs import base  # noqa: E402
+from neco_jax import program  # noqa: E402
 from neco_jax.plan import compile as plan_compile  # noqa: E402
 from neco_jax.plan.targets import get_target  # noqa: E402
 
@@ -37,19 +39,20 @@ def program_key(config) -> tuple:
     return tuple(str(functools.reduce(getattr, field.split("."), config)) for field in _PROGRAM_FIELDS)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", default=",".join(base.RECIPES))
-    parser.add_argument("--targets", default=",".join(TARGETS))
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+_RECIPES = flags.DEFINE_list("recipes", list(base.RECIPES), "Recipes (configs/<name>.py).")
+_TARGETS = flags.DEFINE_list("targets", list(TARGETS), "Targets (neco_jax.plan.targets).")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (config.model.dtype).")
+_OUT = flags.DEFINE_string("out", None, "JSON path (default bench/results/plan_recipes.json).")
+
+
+def main(argv) -> None:
+    program.flags_only(argv)
     rows, done = [], {}
-    for dtype in args.dtypes.split(","):
-        for recipe in args.recipes.split(","):
+    for dtype in _DTYPES.value:
+        for recipe in _RECIPES.value:
             config = importlib.import_module(f"configs.{recipe}").get_config()
             base.set_fields(config, {"model.dtype": dtype})
-            for name in args.targets.split(","):
+            for name in _TARGETS.value:
                 key = (program_key(config), dtype, name)
                 start = time.perf_counter()
                 if key not in done:
@@ -61,7 +64,7 @@ def main() -> None:
                     f"{'fits' if r['fits'] else 'does not fit'} (remat {r['remat_chosen']})",
                     flush=True,
                 )
-    out = common.write_json(args.out or common.default_out("plan_recipes", False), {"rows": rows})
+    out = common.write_json(_OUT.value or common.default_out("plan_recipes", False), {"rows": rows})
     print(
         "\n| recipe | dtype | target | images per device | attention | remat (auto) | peak GiB per device | usable GiB | fits |"
     )
@@ -76,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

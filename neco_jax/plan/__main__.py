@@ -22,10 +22,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import json  # noqa: E402
 import sys  # noqa: E402
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from neco_jax.errors import cli  # noqa: E402
+from neco_jax import program  # noqa: E402
 from neco_jax.plan.report import describe  # noqa: E402
 from neco_jax.plan.targets import NAMES, get_target  # noqa: E402
 
@@ -45,10 +45,8 @@ _JSON = flags.DEFINE_bool("json", False, "Print the results as JSON instead of t
 flags.mark_flags_as_required(["config"])
 
 
-@cli
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    program.flags_only(argv)
     import logging
 
     from neco_jax.plan import compile as plan_compile  # JAX loads here, after the environment is set
@@ -79,4 +77,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    program.run(main)
