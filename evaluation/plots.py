@@ -1,4 +1,4 @@
-"""Pictures of the evaluation as PNG, drawn with matplotlib (as the training curves, `neco_jax/plot.py`): the CD
+"""Pictures of the evaluation as PNG, drawn with matplotlib (as the training curves, `neco_jax/curves.py`): the CD
 search history, the suite's bar chart, and rows of image panels (image | ground truth | prediction ...).
 
 Each picture is a matplotlib `Figure` built without pyplot (no global state, safe in any thread) by a function

@@ -164,6 +164,6 @@ def progress_line(step: int, total: int, metrics: dict[str, Any]) -> str:
 
 def log_parameter_overview(params: Any, name: str) -> None:
     """clu's table of every parameter (shape, size, mean, std) plus the total, to the log."""
-    from clu import parameter_overview  # a slow import, for this table only (plot.py imports this module too)
+    from clu import parameter_overview  # a slow import, for this table only (curves.py imports this module too)
 
     log.info("%s parameters:\n%s", name, parameter_overview.get_parameter_overview(params, include_stats=False))
