@@ -234,7 +234,7 @@ def test_cbfe_job_through_the_runner(tmp_path):
             "cbfe.num_runs": 2,
             "cbfe.evaluate_cbfe": False,
             "cbfe.search_trials": 6,
-            "cbfe.search_k": (8, 12, 4),
+            "cbfe.search_k": (3, 6, 3),
             "cbfe.compute_upper_bound": True,
         }
     )
@@ -243,7 +243,7 @@ def test_cbfe_job_through_the_runner(tmp_path):
     assert 0.0 <= saved["miou"] <= 1.0 and len(saved["runs"]) == 2
     assert (tmp_path / "out" / "cbfe" / "example_000.png").stat().st_size > 0
     search = saved["search"]
-    assert len(search["trials"]) == 6 and {r["k_community"] for r in search["trials"]} <= {8, 12}
+    assert len(search["trials"]) == 6 and {r["k_community"] for r in search["trials"]} <= {3, 6}
     done = [r for r in search["trials"] if r["state"] == "COMPLETE"]
     assert search["best_value"] == max(r["value"] for r in done)
     assert saved["cd_params"]["source"] == "found by search"

@@ -1,5 +1,7 @@
-"""k-means, standardisation and PCA against scikit-learn on the same data."""
+"""k-means against faiss (the reference's own k-means) and scikit-learn; standardisation and PCA against
+scikit-learn, on the same data."""
 
+import faiss
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
@@ -54,24 +56,92 @@ def test_subsampling_trains_on_k_times_max_points():
     assert res.objective <= ref * 1.5  # a 40-point fit is still a sane clustering of all 3000
 
 
-def test_empty_clusters_are_refilled():
-    # Duplicated points: random init can pick identical centroids, so some clusters start empty.
-    x = np.repeat(_blobs(7, n=60, centers=6), 10, axis=0)
-    start = km.kmeans(x, 6, seed=0, max_points_per_centroid=0, restarts=1, iters=0)
-    assert np.bincount(start.labels, minlength=6).min() == 0  # the case under test does occur
-    res = km.kmeans(x, 6, seed=0, max_points_per_centroid=0, restarts=1)
-    assert np.bincount(res.labels, minlength=6).min() > 0
-    assert np.isfinite(res.centroids).all()
+# ----------------------------------------------------------------------------- against faiss
 
 
-def test_split_empty_takes_half_of_the_largest_cluster():
-    cents = np.array([[1.0, 2.0], [5.0, 5.0], [9.0, 9.0]], np.float32)
-    counts = np.array([3.0, 0.0, 8.0], np.float32)
-    out = np.asarray(km._split_empty(cents, counts))
-    eps = 1 / 1024
-    np.testing.assert_allclose(out[0], cents[0])
-    np.testing.assert_allclose(out[1], cents[2] * [1 + eps, 1 - eps], rtol=1e-6)
-    np.testing.assert_allclose(out[2], cents[2] * [1 - eps, 1 + eps], rtol=1e-6)
+def _pca_like(n, seed, d=50):
+    """Features as the CBFE k-means sees them: a decaying spectrum, ||x|| ~ 18 (||x||^2 ~ 340), off-centre."""
+    rng = np.random.default_rng(seed)
+    scale = np.sqrt(np.geomspace(40.0, 0.5, d))
+    x = (rng.normal(size=d) * 0.9 + rng.normal(size=(n, d)) * 0.45) * scale
+    return (x * 18 / np.linalg.norm(x, axis=1).mean()).astype(np.float32)
+
+
+def _faiss_kmeans(x, k, *, niter, nredo=1, seed=1234, spherical, init=None, max_points_per_centroid=256):
+    ref = faiss.Kmeans(x.shape[1], k, niter=niter, nredo=nredo, seed=seed, spherical=spherical)
+    ref.cp.max_points_per_centroid = max_points_per_centroid
+    ref.train(x, init_centroids=init)
+    return ref, ref.index.search(x, 1)[1][:, 0]
+
+
+def _avx512_faiss() -> bool:
+    return "AVX512" in faiss.get_compile_options().split()
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_equals_faiss_label_for_label_from_the_same_start(spherical):
+    """4,000 points, K = 200, 30 iterations from the same start. The seed is one where ranking the spherical
+    assignment by ||x||^2 - 2 x.c + ||c||^2 (this module's earlier rule) ends 26 labels away from faiss."""
+    x = _pca_like(4000, seed=0)
+    start = x[np.random.default_rng(0).choice(4000, 200, replace=False)]
+    ref, ref_labels = _faiss_kmeans(x, 200, niter=30, spherical=spherical, init=start)
+    ours = km.kmeans(x, 200, iters=30, restarts=1, init=start, spherical=spherical)
+    np.testing.assert_array_equal(ours.labels, ref_labels)
+    if not spherical or _avx512_faiss():  # the norm's summation order is that of faiss's AVX-512 build
+        np.testing.assert_array_equal(ours.centroids, ref.centroids)
+    np.testing.assert_allclose(ours.centroids, ref.centroids, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_equals_faiss_with_its_own_subsample_starts_and_restarts(spherical):
+    """faiss.Kmeans(d, K, niter, nredo, seed) end to end: 6,000 points subsampled to 20 x 64, 3 restarts."""
+    x = _pca_like(6000, seed=3, d=16)
+    _, ref_labels = _faiss_kmeans(x, 20, niter=20, nredo=3, seed=5, spherical=spherical, max_points_per_centroid=64)
+    ours = km.kmeans(x, 20, iters=20, restarts=3, seed=5, spherical=spherical, max_points_per_centroid=64)
+    np.testing.assert_array_equal(ours.labels, ref_labels)
+
+
+def test_faiss_random_rows_and_subsample():
+    """faiss with 0 iterations returns its starting rows: those of ``faiss_rand_perm_prefix``."""
+    x = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32)
+    ref, _ = _faiss_kmeans(x, 10, niter=0, seed=7, spherical=False, max_points_per_centroid=20)
+    subsample = km.faiss_rand_perm_prefix(3000, 7, 200)
+    rows = km.faiss_rand_perm_prefix(200, 8, 10)
+    np.testing.assert_array_equal(ref.centroids, x[subsample[rows]])
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_empty_clusters_are_split_as_faiss_splits_them(spherical):
+    """20 starts on the far side of the data get no point: faiss's draws pick the clusters they split."""
+    x = _pca_like(3000, seed=1)
+    rng = np.random.default_rng(1)
+    away = -x.mean(axis=0) * 40 / np.linalg.norm(x.mean(axis=0))
+    start = x[rng.choice(3000, 200, replace=False)]
+    start[180:] = away + rng.normal(size=(20, 50)).astype(np.float32)
+    ref, ref_labels = _faiss_kmeans(x, 200, niter=10, spherical=spherical, init=start)
+    assert ref.iteration_stats[0]["nsplit"] == 20  # the case under test does occur
+    ours = km.kmeans(x, 200, iters=10, restarts=1, init=start, spherical=spherical)
+    np.testing.assert_array_equal(ours.labels, ref_labels)
+
+
+def test_spherical_assignment_resolves_inner_products_the_l2_expansion_cannot():
+    """Two unit centroids a few 1e-6 apart in inner product with points of ||x|| ~ 18: the assignment is faiss's
+    inner-product search, point for point, where ||x||^2 - 2 x.c + ||c||^2 in float32 gets many wrong."""
+    rng = np.random.default_rng(2)
+    x = _pca_like(5000, seed=2)
+    c = rng.normal(size=(1, 50))
+    c = np.concatenate([c, c + rng.normal(size=(1, 50)) * 2e-7]).astype(np.float32)
+    faiss.normalize_L2(c)
+    index = faiss.IndexFlatIP(50)
+    index.add(c)
+    ref = index.search(x, 1)[1][:, 0]
+    ours, _ = km.assign(x, c, spherical=True)
+    np.testing.assert_array_equal(ours, ref)
+    assert 0 < ref.mean() < 1  # both centroids win somewhere
+    x64, c64 = x.astype(np.float64), c.astype(np.float64)
+    l2 = (x * x).sum(1, keepdims=True) - 2 * (x @ c.T) + (c * c).sum(1)  # float32, the rejected rule
+    exact = np.argmax(x64 @ c64.T, axis=1)
+    assert (np.argmin(l2, axis=1) != exact).sum() > 100
 
 
 def test_standardizer_equals_sklearn():
