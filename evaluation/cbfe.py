@@ -15,8 +15,9 @@ and ``experiments/utils.py``; docs/evaluation.md):
 4. foreground clustering: PCA features nearest-upsampled to 100x100, k-means (K = k_community) on
    foreground pixels only, background as label K;
 5. CD (``community``, ``cd_search``): co-occurrence graph over train + val maps, Infomap runs; val maps
-   merged by module and scored by Hungarian mIoU over 21 classes at 100x100 (void ignored), mean and std
-   over runs. The "CBFE only" score (K=20 foreground clusters, 5 seeds) is reported as well.
+   merged by module and scored by Hungarian mIoU over 21 classes at 100x100 (void ignored; segment ids
+   0-20 matched, as the original's ``PredsmIoU``, see ``cd_search.segment_miou``), mean and std over runs.
+   The "CBFE only" score (K=20 foreground clusters, 5 seeds) is reported as well.
    (k_community, markov_time, weight_threshold) are searched as NeCo does (Optuna TPE, seed 1000, 300
    trials on train, ``cd_search``), taken from Leopart's published values, or given.
 
@@ -25,12 +26,8 @@ precomputed ``attn_train.pt`` / ``attn_val.pt`` masks instead of the evaluated m
 ``compute_upper_bound`` scores the fine clusters matched many-to-one; the config's ``registers=False``
 builds the model without register tokens (``features.without_registers``).
 
-Differences from the reference, where it cannot be followed: the attention is the true softmax
-attention (NeCo's xformers path returned ``x @ v^T``); a cluster absent from a split gets precision
-0 there (the reference asserts); an image with neither ground-truth nor predicted foreground has
-IoU 1 (the reference divides 0 by 0); Infomap seeds are shifted by one (see ``community``); with
-fixed values, a val merging into more than 21 segments is scored (Hungarian over all segments) where
-the reference stops at an assertion.
+Differences from the reference: docs/evaluation.md lists them (where it stops at an assertion, this
+carries on, scores and records it; where it would search for hours and drop every trial, this stops first).
 """
 
 from __future__ import annotations
@@ -42,7 +39,6 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from evaluation import cd_search
 from evaluation.datasets import DATASETS, VOC_CLASSES
@@ -115,6 +111,10 @@ class CbfeSettings:
     # Infomap runs (results averaged) and its preferred number of modules (VOC object classes).
     num_runs: int = 10
     num_objects: int = 20
+    # How the reported val scores match merged segments to the 21 classes: "original" (NeCo's PredsmIoU: segment
+    # ids 0-20 matched, id 21 read as background) or "all_modules" (every segment competes for a class;
+    # cd_search.segment_miou says why it differs). The search's objective is always the original's.
+    cd_matching: str = "original"
     # Also score CBFE alone (num_objects foreground clusters, cbfe_seeds k-means seeds, Hungarian), as NeCo does.
     evaluate_cbfe: bool = True
     cbfe_seeds: int = 5
@@ -319,6 +319,14 @@ def cd_parameters(s: CbfeSettings) -> tuple[tuple[int, float, float] | None, str
     return None, "found by search"
 
 
+def check_settings(s: CbfeSettings) -> tuple[tuple[int, float, float] | None, str, dict | None]:
+    """``cd_parameters`` and, when the values are searched, the search space; ``ConfigError`` for a bad setting."""
+    if s.cd_matching not in cd_search.MODULE_MATCHING:
+        raise ConfigError(f"cd_matching={s.cd_matching!r}; use one of {', '.join(cd_search.MODULE_MATCHING)}")
+    fixed, source = cd_parameters(s)
+    return fixed, source, (_search_space(s) if fixed is None else None)
+
+
 def _search_space(s: CbfeSettings) -> dict:
     space = {
         "weight_threshold": tuple(float(v) for v in s.search_weight_threshold),
@@ -341,8 +349,7 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
     Returns the scores, the CD hyper-parameters with their source (and the search's trials when searched),
     and up to ``num_visualize`` val examples."""
     s = settings
-    fixed, source = cd_parameters(s)
-    space = _search_space(s) if fixed is None else None
+    fixed, source, space = check_settings(s)
     train_feats, train_attn, train_gt = _extract(train_dataset, features_fn, s, "CBFE train features")
     val_feats, val_attn, val_gt = _extract(val_dataset, features_fn, s, "CBFE val features")
     n_train = len(train_feats)
@@ -374,6 +381,9 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
         ]
     )
 
+    if fixed is None:  # before any further clustering: can these masks hold the search's clusters at all?
+        cd_search.check_support(foreground, n_train, (h, w), max(cd_search.grid(*space["k_community"])))
+
     results = {
         "threshold": round(threshold, 2),  # a multiple of 0.05 (np.arange's value, e.g. 0.9500000000000001)
         "fg_iou_train": foreground_jaccard(train_gt, foreground[:n_train]),
@@ -401,19 +411,7 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
         return cd_search.community_inputs(maps, n_train, train_gt, val_gt, k)
 
     if fixed is None:
-        ks = cd_search.grid(*space["k_community"])
-        cache = {k: inputs_for(k) for k in tqdm(ks, desc="CD inputs per k", unit="k")}  # trial-independent work
-
-        def objective(k, markov_time, weight_threshold):
-            return cd_search.train_objective(
-                cache[k],
-                markov_time=markov_time,
-                weight_threshold=weight_threshold,
-                num_runs=s.num_runs,
-                preferred_modules=s.num_objects,
-            )
-
-        found = cd_search.search(objective, trials=s.search_trials, seed=s.search_seed, space=space)
+        found, cache = _search(inputs_for, space, s, points=int(foreground.sum()))
         results["search"] = found
         best = found["best"]
         k, markov_time, weight_threshold = best["k_community"], best["markov_time"], best["weight_threshold"]
@@ -437,8 +435,11 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
         num_runs=s.num_runs,
         preferred_modules=s.num_objects,
     )
-    scored = cd_search.val_scores(inputs, lookups)
-    runs = [{"run": r, "miou": score, "segments": segments} for r, (score, _, segments) in enumerate(scored)]
+    scored = cd_search.val_scores(inputs, lookups, s.cd_matching)
+    runs = [
+        {"run": r, "miou": score, "segments": segments, "original_stops": stops}
+        for r, (score, _, segments, stops) in enumerate(scored)
+    ]
     best = int(np.argmax([row["miou"] for row in runs]))
     scores = [row["miou"] for row in runs]
     results.update(
@@ -447,10 +448,47 @@ def evaluate_unsupervised(train_dataset, val_dataset, features_fn, *, settings: 
         per_class_iou=scored[best][1].tolist(),
         runs=runs,
         edges=len(edges),
+        cd_matching=s.cd_matching,
+        clusters_in_both_splits=inputs.complete,  # the original asserts it before building the graph
     )
     merged = lookups[best][inputs.maps[n_train:]]
     results["examples"] = _examples(val_dataset, val_gt, merged, s)
     return results
+
+
+def _search(inputs_for, space: dict, s: CbfeSettings, *, points: int) -> tuple[dict, dict]:
+    """NeCo's search of the CD values: the once-per-k inputs (``inputs_for(k)``, largest k first, with an estimate
+    of the time left), then the trials. Returns the search's record and the inputs per k."""
+
+    def objective_on(inputs, markov_time, weight_threshold):
+        return cd_search.train_objective(
+            inputs,
+            markov_time=markov_time,
+            weight_threshold=weight_threshold,
+            num_runs=s.num_runs,
+            preferred_modules=s.num_objects,
+        )
+
+    def weight(k: int) -> float:
+        """Relative cost of k: the k-means' iterations over min(points, 256 k) training points, then all points."""
+        train = min(points, s.max_points_per_centroid * k) if s.max_points_per_centroid else points
+        return k * (s.kmeans_iters * s.kmeans_restarts * train + points)
+
+    middle = {name: values[len(values) // 2] for name in space for values in [cd_search.grid(*space[name])]}
+    cache = cd_search.per_k_inputs(
+        inputs_for,
+        cd_search.grid(*space["k_community"]),
+        weight=weight,
+        trial=lambda inputs: objective_on(inputs, middle["markov_time"], middle["weight_threshold"]),
+        trials=s.search_trials,
+    )
+    found = cd_search.search(
+        lambda k, markov_time, weight_threshold: objective_on(cache[k], markov_time, weight_threshold),
+        trials=s.search_trials,
+        seed=s.search_seed,
+        space=space,
+    )
+    return found, cache
 
 
 def _examples(dataset, gt: np.ndarray, segments: np.ndarray, s: CbfeSettings) -> list:
@@ -481,8 +519,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     if config.dataset != "voc":
         raise ConfigError(f"CBFE + CD is defined on Pascal VOC only, not {config.dataset!r}")
     settings = settings_from_config(config)
-    if cd_parameters(settings)[0] is None:  # a bad setting fails before any feature is computed
-        _search_space(settings)
+    check_settings(settings)  # a bad setting fails before any feature is computed
     extractor = make_extractor(config, registers=config.cbfe.registers)
     train = open_split(config, config.train_split)
     val = open_split(config, config.val_split)

@@ -23,9 +23,11 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from tqdm import tqdm
 
 from evaluation import community
 from evaluation.datasets import DATASETS
+from evaluation.features import nearest_indices
 from evaluation.metrics import confusion_matrix, match_clusters, miou_from_confusion, miou_from_mapping
 from neco_jax.errors import ConfigError
 
@@ -38,6 +40,9 @@ SEARCH_SPACE = {
 }
 SEARCH_SEED = 1000
 SEARCH_TRIALS = 300
+
+# How merged segments are matched to classes in the reported scores (see ``segment_miou``).
+MODULE_MATCHING = ("original", "all_modules")
 
 # Leopart README (MkuuWaUjinga/leopart, "Fully unsupervised semantic segmentation"): (k, Markov time, threshold).
 LEOPART_VALUES = {
@@ -59,7 +64,12 @@ class CommunityInputs:
     n_train: int
     adjacency: np.ndarray  # (k + 1, k + 1) averaged co-occurrence weights over train + val
     confusion: dict  # split -> (num_classes, k + 1) int64, void pixels dropped
-    complete: bool  # every label occurs in both splits (the reference asserts it before building the graph)
+    present: np.ndarray  # (2, k + 1) bool: which labels occur in the train maps, and in the val maps
+
+    @property
+    def complete(self) -> bool:
+        """Every label occurs in both splits (the reference asserts it before building the graph)."""
+        return bool(self.present.all())
 
 
 def community_inputs(
@@ -74,7 +84,9 @@ def community_inputs(
 ) -> CommunityInputs:
     """The trial-independent work at one k, from the (N, E, E) foreground-cluster maps of train then val."""
     labels = k + 1
-    present = [np.bincount(part.ravel(), minlength=labels)[:labels] > 0 for part in (maps[:n_train], maps[n_train:])]
+    present = np.stack(
+        [np.bincount(part.ravel(), minlength=labels)[:labels] > 0 for part in (maps[:n_train], maps[n_train:])]
+    )
     confusion = {
         split: confusion_matrix(part, gt, num_classes=num_classes, num_pred=labels, ignore_index=ignore_index)
         for split, part, gt in (("train", maps[:n_train], gt_train), ("val", maps[n_train:], gt_val))
@@ -85,7 +97,7 @@ def community_inputs(
         n_train=n_train,
         adjacency=community.cooccurrence_matrix(maps, labels),
         confusion=confusion,
-        complete=bool(present[0].all() and present[1].all()),
+        present=present,
     )
 
 
@@ -96,21 +108,44 @@ def merged_confusion(conf: np.ndarray, lookup: np.ndarray) -> np.ndarray:
     return merged
 
 
-def reference_cd_miou(conf: np.ndarray) -> tuple[float, np.ndarray]:
-    """``PredsmIoU(C, C).compute(many_to_one=False)`` on merged segments, given their (C, segments) counts.
-
-    Its assertions (at most C distinct segment ids among the scored pixels, none above C) raise ``InvalidTrial``;
-    Hungarian matching covers ids 0..C-1 only, so the pixels of a segment with id C, like unmatched ones, read 0.
-    """
-    num_classes = conf.shape[0]
+def reference_asserts(conf: np.ndarray) -> bool:
+    """Whether NeCo's ``PredsmIoU(C, C).compute`` stops at its assertions on these (C, segments) counts: more than
+    C distinct segment ids among the scored pixels, or an id above C."""
     ids = np.flatnonzero(conf.sum(axis=0))
-    if len(ids) > num_classes or (len(ids) and ids.max() > num_classes):
-        raise InvalidTrial(f"{len(ids)} segments with ids up to {ids.max()} for {num_classes} classes")
-    conf = conf[:, : num_classes + 1]
-    if conf.shape[1] <= num_classes:
-        conf = np.pad(conf, ((0, 0), (0, num_classes + 1 - conf.shape[1])))
-    mapping = np.append(match_clusters(conf[:, :num_classes], "hungarian"), 0)
+    return bool(len(ids) > conf.shape[0] or (len(ids) and ids.max() > conf.shape[0]))
+
+
+def segment_miou(conf: np.ndarray, matching: str = "original") -> tuple[float, np.ndarray]:
+    """(mIoU, per-class IoU) of merged segments given their (C classes, segments) counts.
+
+    "original": NeCo's ``PredsmIoU(C, C).compute(many_to_one=False)`` (``experiments/utils.py``: its score matrix
+    covers prediction ids 0..C-1, ``_hungarian_match`` pairs them with the classes, and the reordered map starts
+    from zeros). Segment ids C and above are never matched and read as class 0. When Infomap finds exactly C
+    modules, numbered 1..C, module C thus counts as background.
+    "all_modules": Hungarian matching over every segment id, unmatched ones read as class 0. It differs from the
+    original because Infomap's module numbering is arbitrary: the module that happens to get id C competes for a
+    class like the others instead of being background, and more than C modules are scored where the original
+    stops at an assertion.
+    """
+    if matching == "all_modules":
+        return miou_from_confusion(conf, "hungarian")
+    if matching != "original":
+        raise ValueError(f"unknown module matching {matching!r}; use one of {MODULE_MATCHING}")
+    num_classes = conf.shape[0]
+    if conf.shape[1] < num_classes:
+        conf = np.pad(conf, ((0, 0), (0, num_classes - conf.shape[1])))
+    mapping = np.zeros(conf.shape[1], np.int64)  # ids >= C: class 0
+    mapping[:num_classes] = match_clusters(conf[:, :num_classes], "hungarian")
     return miou_from_mapping(conf, mapping)
+
+
+def reference_cd_miou(conf: np.ndarray) -> tuple[float, np.ndarray]:
+    """The search's score of a run, as NeCo computes it: ``segment_miou(conf, "original")``, and ``InvalidTrial``
+    where its assertions stop it (the search drops the trial, as ``catch=(AssertionError,)``)."""
+    if reference_asserts(conf):
+        ids = np.flatnonzero(conf.sum(axis=0))
+        raise InvalidTrial(f"{len(ids)} segments with ids up to {ids.max()} for {conf.shape[0]} classes")
+    return segment_miou(conf, "original")
 
 
 def run_communities(
@@ -144,15 +179,18 @@ def train_objective(
     return float(np.mean([reference_cd_miou(merged_confusion(inputs.confusion["train"], lu))[0] for lu in lookups]))
 
 
-def val_scores(inputs: CommunityInputs, lookups: list[np.ndarray]) -> list[tuple[float, np.ndarray, int]]:
-    """(mIoU, per-class IoU, segments) of each run on val: Hungarian over all merged ids (unmatched -> class 0).
-
-    Unlike the search objective this never drops a run: the reference would stop with an assertion instead."""
-    present = np.bincount(inputs.maps[inputs.n_train :].ravel(), minlength=inputs.k + 1) > 0
+def val_scores(
+    inputs: CommunityInputs, lookups: list[np.ndarray], matching: str = "original"
+) -> list[tuple[float, np.ndarray, int, bool]]:
+    """(mIoU, per-class IoU, segments, whether the original's assertions stop it) of each run on val, scored with
+    ``segment_miou``'s ``matching``. Unlike the search objective this never drops a run: where NeCo stops at an
+    assertion, the run is scored with the same rule and flagged."""
+    present = inputs.present[1]
     out = []
     for lookup in lookups:
-        score, per_class = miou_from_confusion(merged_confusion(inputs.confusion["val"], lookup), "hungarian")
-        out.append((score, per_class, int(len(np.unique(lookup[present])))))
+        conf = merged_confusion(inputs.confusion["val"], lookup)
+        score, per_class = segment_miou(conf, matching)
+        out.append((score, per_class, int(len(np.unique(lookup[present]))), reference_asserts(conf)))
     return out
 
 
@@ -160,6 +198,93 @@ def upper_bound(inputs: CommunityInputs) -> float:
     """The reference's ``compute_upper_bound``: the val foreground clusters (k + 1 labels) matched many-to-one
     to the class each is most precise for, an ideal merging (by precision, so not a strict bound on mIoU)."""
     return miou_from_confusion(inputs.confusion["val"], "precision")[0]
+
+
+def check_support(foreground: np.ndarray, n_train: int, grid_shape: tuple[int, int], k_max: int) -> None:
+    """``ConfigError`` when the data cannot hold ``k_max`` foreground clusters in both splits, before any per-k work.
+
+    NeCo drops every trial whose k has a fine cluster missing from the train or the val maps. The clusters are
+    made of foreground pixels nearest-upsampled from the patch grid, so each split needs at least ``k_max``
+    distinct foreground patches (and some background) for its search range to be usable at all.
+    """
+    rows = nearest_indices(grid_shape[0], foreground.shape[1])
+    cols = nearest_indices(grid_shape[1], foreground.shape[2])
+    for split, part in (("train", foreground[:n_train]), ("val", foreground[n_train:])):
+        img, r, c = np.nonzero(part)
+        patches = len(np.unique((img * grid_shape[0] + rows[r]) * grid_shape[1] + cols[c]))
+        if patches < k_max or part.all():
+            raise ConfigError(
+                f"the CD search's largest k_community is {k_max}, but the {split} split's {len(part)} images hold "
+                f"{patches} foreground patches{'' if patches < k_max else ' and no background'}, so every trial "
+                f"there would be dropped; {_SMALLER}"
+            )
+
+
+# What to do when the data cannot support the search range (the end of a one-line error).
+_SMALLER = (
+    "use fixed values (cbfe.cd_preset=leopart_vits16, or cbfe.k_community, markov_time and weight_threshold) or "
+    "search smaller k (cbfe.search_k=(low, high, step))"
+)
+
+
+def per_k_inputs(
+    make: Callable[[int], CommunityInputs],
+    ks: list[int],
+    *,
+    weight: Callable[[int], float],
+    trial: Callable[[CommunityInputs], float],
+    trials: int,
+    progress: bool = True,
+) -> dict[int, CommunityInputs]:
+    """``make(k)`` for every k, the smallest first, with a bar that estimates the time left for the whole search.
+
+    The smallest k is the cheapest and the likeliest to keep every cluster label in both splits (its clusters are
+    the largest): when it does not, no k of the range will, and this stops with ``ConfigError`` after that one k.
+    At larger k, trials whose k misses a label are dropped later, as the reference drops them. The time left is
+    the per-k work still to do, at the seconds per unit of ``weight(k)`` measured so far, plus ``trials`` trials
+    at the seconds of one ``trial`` on the first k's inputs, scaled by the mean k over that k (a trial's graph
+    and confusion matrices grow with k).
+    """
+    order = sorted(ks)
+    cache: dict[int, CommunityInputs] = {}
+    done_weight = spent = 0.0
+    trials_s = 0.0
+    bar = tqdm(total=len(order), desc="CD inputs per k", unit="k", disable=not progress, bar_format=_BAR)
+    for k in order:
+        start = time.perf_counter()
+        inputs = make(k)
+        spent += time.perf_counter() - start
+        done_weight += weight(k)
+        cache[k] = inputs
+        if len(cache) == 1:
+            if not inputs.complete:
+                bar.close()
+                missing = int((~inputs.present).any(axis=0).sum())
+                raise ConfigError(
+                    f"at k_community={k}, the smallest k of the search, {missing} of the {k + 1} cluster labels are "
+                    f"missing from the train or val maps, so every trial would be dropped; {_SMALLER}"
+                )
+            start = time.perf_counter()
+            try:
+                trial(inputs)
+            except InvalidTrial:
+                pass
+            trials_s = trials * (time.perf_counter() - start) * float(np.mean(order)) / k
+        left = spent / done_weight * sum(weight(j) for j in order if j not in cache) + trials_s
+        incomplete = sum(not c.complete for c in cache.values())
+        bar.set_postfix_str(f"k={k}, {incomplete} k missing a label, whole search left ~{_duration(left)}")
+        bar.update()
+    bar.close()
+    return cache
+
+
+_BAR = "{desc}: {n_fmt}/{total_fmt} {unit} |{bar}| {elapsed} elapsed, {postfix}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
 
 
 def grid(low: float, high: float, step: float) -> list:

@@ -319,6 +319,84 @@ def test_trials_in_confusion_space_equal_the_reference_on_pixels():
     assert cd_search.upper_bound(inputs) == pytest.approx(expected, abs=1e-12)
 
 
+def _pixels(conf):
+    """Flat (gt, pred) pixels with the given (classes x segments) counts."""
+    cls, seg = np.nonzero(conf)
+    reps = conf[cls, seg]
+    return np.repeat(cls, reps), np.repeat(seg, reps)
+
+
+def test_module_matching_by_hand():
+    # 3 classes; Infomap found exactly 3 modules, ids 1..3. Segment 2 is mostly class 0, segment 3 is class 2.
+    conf = np.array([[0, 0, 2, 0], [0, 4, 0, 0], [0, 0, 1, 3]])
+    # The original scores ids 0..2 only (Hungarian: 1 -> class 1, 2 -> class 0, the empty 0 -> class 2) and
+    # segment 3's pixels keep the reordered map's 0: class 0 has TP 2, FP 1 + 3 (IoU 1/3), class 1 IoU 1,
+    # class 2 nothing predicted (IoU 0).
+    score, per_class = cd_search.segment_miou(conf, "original")
+    np.testing.assert_allclose(per_class, [1 / 3, 1, 0])
+    assert score == pytest.approx(4 / 9)
+    assert reference_predsmiou(*_pixels(conf), num_classes=3) == pytest.approx(4 / 9)
+    # All modules: segment 3 takes class 2 (IoU 3/4), class 0 keeps segment 2 (TP 2, FP 1: IoU 2/3).
+    score, per_class = cd_search.segment_miou(conf, "all_modules")
+    np.testing.assert_allclose(per_class, [2 / 3, 1, 3 / 4])
+    assert score == pytest.approx(29 / 36)
+    assert not cd_search.reference_asserts(conf)
+
+
+def test_more_segments_than_classes_are_scored_where_the_original_stops():
+    # 2 classes, 4 segments: PredsmIoU(2, 2) asserts. The same rule without the assertion: ids 0, 1 matched
+    # (0 -> class 0 with IoU 3/4, 1 -> class 1 with IoU 1/2), ids 2 and 3 read as class 0.
+    conf = np.array([[3, 0, 1, 0], [0, 2, 0, 2]])
+    assert cd_search.reference_asserts(conf)
+    with pytest.raises(cd_search.InvalidTrial):
+        cd_search.reference_cd_miou(conf)
+    score, per_class = cd_search.segment_miou(conf, "original")
+    np.testing.assert_allclose(per_class, [4 / 6, 2 / 4])  # class 0: TP 4, FP 2; class 1: TP 2, FN 2
+    assert score == pytest.approx(7 / 12)
+    rng = np.random.default_rng(23)
+    inputs, _, _ = _random_cd_inputs(rng, k=8)
+    lookups = [np.arange(9), np.r_[np.ones(4, int), np.full(5, 2)]]  # 9 segments; 2 segments
+    scored = cd_search.val_scores(inputs, lookups)
+    assert [row[2:] for row in scored] == [(9, False), (2, False)]
+    many = cd_search.val_scores(inputs, [np.arange(9) * 3], "original")[0]  # ids up to 24 > 21: flagged, scored
+    assert many[3] and 0 <= many[0] <= 1
+    with pytest.raises(ValueError, match="all_modules"):
+        cd_search.segment_miou(conf, "best")
+
+
+def test_search_stops_before_the_per_k_work_when_the_data_cannot_hold_it():
+    foreground = np.zeros((5, 20, 20), bool)
+    foreground[:, 4:16, 4:16] = True  # 12 x 12 pixels of a 10 x 10 patch grid: 6 x 6 = 36 patches per image
+    cd_search.check_support(foreground, 3, (10, 10), 72)  # val: 2 images, 72 patches
+    with pytest.raises(errors.ConfigError, match="val split's 2 images hold 72 foreground patches"):
+        cd_search.check_support(foreground, 3, (10, 10), 73)
+    foreground[:3] = True
+    with pytest.raises(errors.ConfigError, match="train split's 3 images hold 300 foreground patches and no back"):
+        cd_search.check_support(foreground, 3, (10, 10), 10)
+    # The smallest k goes first; a label missing from a split there stops the search before any other k.
+    rng = np.random.default_rng(24)
+    complete, maps, gt = _random_cd_inputs(rng, k=12)
+    maps[6:][maps[6:] == 5] = 6
+    incomplete = cd_search.community_inputs(maps, 6, gt[:6], gt[6:], 12)
+    made, timed = [], []
+
+    def make(k):
+        made.append(k)
+        return incomplete if k in (12, 16) else complete
+
+    def trial(inputs):
+        timed.append(inputs)
+        raise cd_search.InvalidTrial("a dropped trial is timed too")
+
+    with pytest.raises(errors.ConfigError, match="k_community=12, the smallest k of the search, 1 of the 13 cluster"):
+        cd_search.per_k_inputs(make, [16, 12, 20], weight=float, trial=trial, trials=300, progress=False)
+    assert made == [12] and not timed
+    made.clear()
+    cache = cd_search.per_k_inputs(make, [16, 8, 11], weight=float, trial=trial, trials=300, progress=False)
+    assert made == [8, 11, 16] and set(cache) == {8, 11, 16} and len(timed) == 1 and timed[0] is complete
+    assert not cache[16].complete  # a larger k missing a label: its trials are dropped later, as the original's
+
+
 def test_a_cluster_missing_from_a_split_drops_the_trial():
     rng = np.random.default_rng(21)
     inputs, _, _ = _random_cd_inputs(rng)
