@@ -5,8 +5,8 @@ and ``faiss/utils/distances_simd.cpp`` in facebookresearch/faiss; NeCo pins fais
 - the training subsample: above ``max_points_per_centroid * K`` points (faiss's default 256; 0 = all points),
   the first ``K * max_points_per_centroid`` entries of faiss's ``rand_perm(n, seed)``, in that order; the final
   assignment covers every point;
-- init "random": restart r starts from the rows ``rand_perm(n_train, seed + 1 + r * 15486557)[:K]``. faiss's
-  generator is ``std::mt19937``, which NumPy's legacy ``RandomState(seed)`` reproduces draw for draw;
+- init "random": restart r starts from the rows ``rand_perm(n_train, seed + 1 + r * 15486557)[:K]`` (faiss's
+  draws: ``evaluation.faiss_random``);
 - the assignment: spherical k-means (``spherical=True``) takes the largest inner product x.c with the unit
   centroids, as faiss's inner-product index; the plain one the smallest ||x||^2 - 2 x.c + ||c||^2 (L2 index).
   The first centroid wins ties, as faiss's top-1 search. (Ranking by the L2 expansion instead, as this module
@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evaluation import faiss_random
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _SPLIT_EPS = np.float32(1.0 / 1024.0)  # faiss's EPS, "a bit above machine epsilon for float16"
 _SPLIT_SEED = 1234  # split_clusters' RandomGenerator seed, the same at every update
@@ -65,32 +67,10 @@ class KMeansResult:
 # ----------------------------------------------------------------------------- faiss's random draws
 
 
-def mt19937_uint32(seed: int, count: int) -> np.ndarray:
-    """The first ``count`` outputs of C++ ``std::mt19937(seed)`` (faiss's ``RandomGenerator``)."""
-    # Legacy RandomState seeding is mt19937's init_genrand, and randint over the full uint32 range returns the raw
-    # outputs; faiss passes the seed through (unsigned int), i.e. modulo 2^32.
-    return np.random.RandomState(seed % 2**32).randint(0, 2**32, size=count, dtype=np.uint32)
-
-
-def faiss_rand_perm_prefix(n: int, seed: int, m: int) -> np.ndarray:
-    """The first ``m`` entries of faiss's ``rand_perm(perm, n, seed)`` (Fisher-Yates: swap i with i + draw % (n - i)).
-
-    Position i is final after step i, so ``m`` steps suffice; untouched positions are kept in a dict."""
-    m = min(m, n)
-    draws = mt19937_uint32(seed, min(m, max(n - 1, 0)))
-    moved: dict[int, int] = {}
-    out = np.empty(m, np.int64)
-    for i in range(m):
-        j = i + int(draws[i]) % (n - i) if i + 1 < n else i
-        out[i] = moved.get(j, j)
-        moved[j] = moved.get(i, i)
-    return out
-
-
 @functools.cache
 def _split_draws() -> np.ndarray:
     """float32 draws of ``split_clusters``' generator: ``mt() / float(mt.max())`` (the divisor rounds to 2^32)."""
-    return mt19937_uint32(_SPLIT_SEED, _SPLIT_DRAWS).astype(np.float32) / np.float32(2**32 - 1)
+    return faiss_random.mt19937_uint32(_SPLIT_SEED, _SPLIT_DRAWS).astype(np.float32) / np.float32(2**32 - 1)
 
 
 # ----------------------------------------------------------------------------- one Lloyd iteration
@@ -228,7 +208,7 @@ def assign(x, centroids, *, chunk: int = 65536, spherical: bool = False) -> tupl
 
 def _init_centroids(x: jax.Array, k: int, init, *, seed: int, restart: int) -> jax.Array:
     if isinstance(init, str) and init == "random":
-        rows = faiss_rand_perm_prefix(x.shape[0], seed + 1 + restart * _REDO_SEED_STRIDE, k)
+        rows = faiss_random.rand_perm_prefix(x.shape[0], seed + 1 + restart * _REDO_SEED_STRIDE, k)
         return x[rows]
     if isinstance(init, str) and init == "kmeans++":
         return _kmeans_pp(jax.random.fold_in(jax.random.key(seed), restart), x, k)
@@ -284,7 +264,7 @@ def kmeans(
         raise ValueError(f"cannot make {k} clusters of {n} points")
     train = x
     if max_points_per_centroid and n > k * max_points_per_centroid:
-        train = x[faiss_rand_perm_prefix(n, seed, k * max_points_per_centroid)]
+        train = x[faiss_random.rand_perm_prefix(n, seed, k * max_points_per_centroid)]
     train = jnp.asarray(train)
     best = None
     for r in range(restarts):

@@ -2,7 +2,7 @@
 
 The reference standardises with sklearn's `StandardScaler` (population std, zero-variance dims left unscaled)
 and projects with `faiss.PCAMatrix(D, 50)`: mean-centred, no whitening, fitted on a random subsample of at most
-1000 * D vectors (faiss's `max_points_per_d`). The D x D covariance is accumulated on the accelerator; its
+1000 * D vectors (faiss's `max_points_per_d`): the rows faiss's own generator picks (`evaluation.faiss_random`). The D x D covariance is accumulated on the accelerator; its
 eigendecomposition runs on the host in float64. Components carry sklearn's sign convention (the largest-|.|
 entry of each component is positive) so that results are comparable with sklearn; k-means does not care.
 """
@@ -14,6 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from evaluation import faiss_random
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -64,14 +66,14 @@ def _mean_cov(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return mean, jnp.matmul(xc.T, xc, precision=_HIGHEST)
 
 
-def fit_pca(x, n_components: int, *, max_points: int = 0, seed: int = 0) -> PCA:
-    """PCA of (N, D) features; with `max_points` > 0 fitted on a random subsample of that many rows."""
+def fit_pca(x, n_components: int, *, max_points: int = 0, seed: int = faiss_random.PCA_SUBSAMPLE_SEED) -> PCA:
+    """PCA of (N, D) features; with `max_points` > 0 fitted on the subsample of that many rows that faiss's
+    ``fvecs_maybe_subsample`` draws with ``seed``."""
     n, d = x.shape
     if n_components > d:
         raise ValueError(f"cannot keep {n_components} components of {d}-dimensional features")
     if max_points and n > max_points:
-        rows = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
-        x = x[rows]
+        x = x[faiss_random.rand_perm_prefix(n, seed, max_points)]
         n = max_points
     mean, scatter = _mean_cov(jnp.asarray(x, jnp.float32))
     cov = np.asarray(scatter, np.float64) / max(n - 1, 1)
@@ -83,9 +85,9 @@ def fit_pca(x, n_components: int, *, max_points: int = 0, seed: int = 0) -> PCA:
     return PCA(np.asarray(mean, np.float32), comps.astype(np.float32), evals[order])
 
 
-def standardize_and_project(x, n_components: int, *, max_points_per_dim: int = 1000, seed: int = 0) -> jax.Array:
+def standardize_and_project(x, n_components: int, *, max_points_per_dim: int = 1000) -> jax.Array:
     """The reference's `normalize_and_transform`: standardise, then PCA to `n_components` (faiss subsample)."""
     x = jnp.asarray(x, jnp.float32)
     z = fit_standardizer(x)(x)
-    pca = fit_pca(z, n_components, max_points=max_points_per_dim * x.shape[1], seed=seed)
+    pca = fit_pca(z, n_components, max_points=max_points_per_dim * x.shape[1])
     return pca(z)

@@ -8,6 +8,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
+from evaluation import faiss_random
 from evaluation import kmeans as km
 from evaluation import pca as pca_lib
 
@@ -102,11 +103,11 @@ def test_equals_faiss_with_its_own_subsample_starts_and_restarts(spherical):
 
 
 def test_faiss_random_rows_and_subsample():
-    """faiss with 0 iterations returns its starting rows: those of ``faiss_rand_perm_prefix``."""
+    """faiss with 0 iterations returns its starting rows: those of ``faiss_random.rand_perm_prefix``."""
     x = np.random.default_rng(0).normal(size=(3000, 8)).astype(np.float32)
     ref, _ = _faiss_kmeans(x, 10, niter=0, seed=7, spherical=False, max_points_per_centroid=20)
-    subsample = km.faiss_rand_perm_prefix(3000, 7, 200)
-    rows = km.faiss_rand_perm_prefix(200, 8, 10)
+    subsample = faiss_random.rand_perm_prefix(3000, 7, 200)
+    rows = faiss_random.rand_perm_prefix(200, 8, 10)
     np.testing.assert_array_equal(ref.centroids, x[subsample[rows]])
 
 
@@ -167,10 +168,16 @@ def test_pca_equals_sklearn():
     np.testing.assert_allclose(np.asarray(ours(x)), ref.transform(x.astype(np.float64)), rtol=1e-5, atol=1e-4)
 
 
-def test_pca_subsample_fits_on_that_many_rows():
+def test_pca_subsample_is_faiss_pcamatrix_s():
+    """Above 1000 rows per dimension faiss.PCAMatrix fits on rows of its own drawing; so does ``fit_pca``. Two close
+    variances make the components depend on which rows: fitted on all rows they are off by more than the bound."""
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(1000, 4)).astype(np.float32) * [4, 3, 2, 1]
-    rows = np.sort(np.random.default_rng(9).choice(1000, 200, replace=False))
-    ref = PCA(n_components=2, svd_solver="full").fit(x[rows].astype(np.float64))
-    ours = pca_lib.fit_pca(x, 2, max_points=200, seed=9)
-    np.testing.assert_allclose(ours.components, ref.components_, rtol=1e-5, atol=1e-5)
+    x = (rng.normal(size=(6000, 4)) * [4, 3.9, 2, 1]).astype(np.float32)
+    ref = faiss.PCAMatrix(4, 2)
+    ref.train(x)  # on 4,000 of the 6,000 rows (max_points_per_d = 1000)
+    ref_components = faiss.vector_to_array(ref.A).reshape(2, 4)
+    ours = pca_lib.fit_pca(x, 2, max_points=4000)
+    signs = np.sign((ours.components * ref_components).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(ours.components, signs * ref_components, atol=1e-6)
+    everything = pca_lib.fit_pca(x, 2)
+    assert np.abs(np.abs((everything.components * ref_components).sum(axis=1)) - 1).max() > 1e-3
