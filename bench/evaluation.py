@@ -1,5 +1,6 @@
-"""Evaluation speed on this machine: feature extraction (images/s), k-means (seconds per million patches), and
-the overclustering of a VOC-val-sized feature set (1,440 images x 32x32 patches, K=500, 5 seeds).
+"""Evaluation speed on this machine: feature extraction (images/s), k-means (seconds per million patches; the plain
+one and CBFE's spherical one), and the overclustering of a VOC-val-sized feature set (1,440 images x 32x32
+patches, K=500, 5 seeds).
 
     python bench/evaluation.py            # full sizes (ViT-S/14 at 448, 1.47M patches); for an accelerator
     python bench/evaluation.py --small    # tiny sizes that finish in a minute on 2 CPU cores (CI)
@@ -37,6 +38,7 @@ FULL = {
     "batches": 10,
     "kmeans_points": 1_474_560,
     "kmeans_ks": (21, 300, 500),
+    "cbfe_k": 200,
     "iters": 100,
     "restarts": 5,
     "voc_images": 1440,
@@ -52,6 +54,7 @@ SMALL = {
     "batches": 3,
     "kmeans_points": 20_000,
     "kmeans_ks": (21, 100),
+    "cbfe_k": 50,
     "iters": 10,
     "restarts": 2,
     "voc_images": 40,
@@ -81,10 +84,16 @@ def bench_features(s: dict, dtype: str) -> dict:
     }
 
 
-def bench_kmeans(s: dict, k: int, max_points_per_centroid: int) -> dict:
+def bench_kmeans(s: dict, k: int, max_points_per_centroid: int, spherical: bool = False) -> dict:
     x = np.random.default_rng(1).normal(size=(s["kmeans_points"], 50)).astype(np.float32)
     run = lambda: kmeans(  # noqa: E731
-        x, k, iters=s["iters"], restarts=s["restarts"], seed=0, max_points_per_centroid=max_points_per_centroid
+        x,
+        k,
+        iters=s["iters"],
+        restarts=s["restarts"],
+        seed=0,
+        max_points_per_centroid=max_points_per_centroid,
+        spherical=spherical,
     )
     run()  # compile
     start = time.perf_counter()
@@ -92,7 +101,8 @@ def bench_kmeans(s: dict, k: int, max_points_per_centroid: int) -> dict:
     elapsed = time.perf_counter() - start
     trained = min(s["kmeans_points"], k * max_points_per_centroid) if max_points_per_centroid else s["kmeans_points"]
     return {
-        "what": f"k-means K={k} iters={s['iters']} restarts={s['restarts']} trained on {trained:,} pts",
+        "what": f"{'spherical ' if spherical else ''}k-means K={k} iters={s['iters']} restarts={s['restarts']} "
+        f"trained on {trained:,} pts",
         "points": s["kmeans_points"],
         "seconds": elapsed,
         "seconds_per_million": elapsed / s["kmeans_points"] * 1e6,
@@ -126,6 +136,7 @@ def main(argv: list[str]) -> None:
     rows = [bench_features(s, "float32"), bench_features(s, "bfloat16")]
     rows += [bench_kmeans(s, k, 256) for k in s["kmeans_ks"]]
     rows.append(bench_kmeans(s, s["kmeans_ks"][-1], 0))
+    rows.append(bench_kmeans(s, s["cbfe_k"], 256, spherical=True))  # CBFE's clustering of all patches
     rows.append(bench_overcluster(s))
     for r in rows:
         shown = (f"{k}={v:,.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items() if k != "what")

@@ -137,3 +137,13 @@ def test_bad_inputs_are_rejected():
         metrics.miou(np.full((4, 4), 30), gt, num_classes=21)
     with pytest.raises(ValueError, match="unknown matching"):
         metrics.miou(gt, gt, num_classes=21, matching="greedy")
+    labels = np.array([0, 3, 255, 100])  # 100: neither a class nor void
+    with pytest.raises(ValueError, match="label outside"):
+        metrics.confusion_matrix(np.zeros(4, int), labels, num_classes=21)
+    with pytest.raises(ValueError, match="label outside"):
+        metrics.confusion_matrix(np.zeros(3, int), np.array([0, 3, 300]), num_classes=21)
+    # A void pixel may hold any prediction; a scored one may not.
+    conf = metrics.confusion_matrix(np.array([1, 2, 99]), np.array([0, 3, 255]), num_classes=21)
+    assert conf.sum() == 2 and conf[0, 1] == conf[3, 2] == 1
+    with pytest.raises(ValueError, match="pred holds an id outside"):
+        metrics.confusion_matrix(np.array([1, 99, 0]), np.array([0, 3, 255]), num_classes=21)
