@@ -43,6 +43,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Figures tests measure but do not assert (timings on a shared machine), one line each at the end of the run:
+    a test records them with `record_property("measured: <what (unit)>", value)` (xdist carries them over)."""
+    lines = [
+        f"{report.nodeid}: {name.removeprefix('measured: ')} = {value}"
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for name, value in getattr(report, "user_properties", ())
+        if name.startswith("measured: ")
+    ]
+    if lines:
+        terminalreporter.section("measured, not asserted")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE:  # only in the process that made it (pytest-xdist's workers inherit the variable)
         shutil.rmtree(os.environ["NECO_TEST_JAX_CACHE"], ignore_errors=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bench import flops
+from bench import browser, flops
 from bench.step_cases import SMALL, Case, case_config, synthetic_batch
 from neco_jax.models import ProjectionHead, VisionTransformer, get_arch
 
@@ -188,3 +188,12 @@ def test_cd_search_bench_small(tmp_path):
     rows = _run("cd_search", tmp_path)["rows"]
     assert [r["k"] for r in rows] == [29, 49] and all(r["prepare_s"] > 0 for r in rows)
     assert all(r["trials"] == 4 for r in rows) and any(r["completed"] for r in rows)
+
+
+@pytest.mark.skipif(browser.find_chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_explore_bench_small(tmp_path):
+    rows = _run("explore", tmp_path)["rows"]
+    assert [r["dims"] for r in rows] == [16, 64]  # 64: the tiny ViT's full width
+    for r in rows:
+        assert r["html_mb"] > r["features_mb"] > 0 and len(r["update_times_ms"]) == 5
+        assert 0 < r["retained"] <= 1 + 1e-6 and r["error_max"] >= r["error_mean"] >= 0
