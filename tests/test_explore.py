@@ -214,9 +214,10 @@ def test_page_similarities_and_nearest_patches_equal_numpy(built, record_propert
 @needs_chromium
 def test_fragment_selects_view_and_models(built):
     out, _, _ = built
-    dom = browser.dump_dom(out, "image=2&patch=0,7&view=pca&models=1")
+    dom = browser.dump_dom(out, "patch=0,7&models=1&view=pca&image=2")
     found = browser.elements_by_id(dom)
     assert found["status"]["attrs"]["data-query"] == "2,0,7"
+    assert found["status"]["attrs"]["data-fragment"] == "#image=2&patch=0,7&view=pca&models=1"  # written back whole
     assert re.search(r'<body[^>]*data-view="pca"', dom)
     assert all("hidden" in found[f"cell-0-{i}"]["attrs"] for i in range(3))
     assert not any("hidden" in found[f"cell-1-{i}"]["attrs"] for i in range(3))
@@ -274,6 +275,16 @@ def test_checkpoint_that_does_not_load(inputs, tmp_path, capsys, bad):
     ]
     _expect_one_line(capsys, cli.main(args), bad.rstrip("/"))
     assert not out.exists()
+
+
+def test_checkpoints_with_different_patch_sizes(inputs, tmp_path, capsys):
+    import dataclasses
+
+    config = dataclasses.replace(get_arch("vit_tiny_test"), patch_size=16)
+    neco_jax.save_backbone(VisionTransformer(config, rngs=nnx.Rngs(0)), tmp_path / "p16")
+    args = [a.replace(str(inputs / "m1"), str(tmp_path / "p16")) for a in _args(inputs, tmp_path / "e.html")]
+    _expect_one_line(capsys, cli.main(args), "patch sizes [14, 16]")
+    assert [p.name for p in tmp_path.iterdir()] == ["p16"]
 
 
 @pytest.mark.parametrize("existing", ["explore.html", "explore.png"])

@@ -181,6 +181,7 @@
       }
     }
     const t1 = performance.now();
+    if (!state.shown.length) [lo, hi] = [0, 1]; // no model shown: a scale for nothing
     if (!(hi - lo > 1e-6)) lo = hi - 1e-6; // one value everywhere: still a valid scale
     scale = { lo, hi };
     const inv = 255.999 / (hi - lo);
@@ -294,6 +295,7 @@
     if (options.dump) parts.push("dump=1");
     written = `#${parts.join("&")}`;
     if (location.hash !== written) history.replaceState(null, "", written);
+    $("status").dataset.fragment = location.hash;
   }
 
   // ---------------------------------------------------------------------------------------------------------------
