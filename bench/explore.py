@@ -34,7 +34,7 @@ from input_pipeline.sample_data import sample_image_paths  # noqa: E402
 from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
 
 FULL = {"arch": "vit_small_patch14_dinov2", "images": 24, "size": 448, "dims": (32, 64, 128, 192), "updates": 50}
-SMALL = {"arch": "vit_tiny_test", "images": 3, "size": 112, "dims": (16, 64), "updates": 5}
+SMALL = {"arch": "vit_tiny_test", "images": 3, "size": 112, "dims": (16,), "updates": 5}
 COLUMNS = (
     ("dims", "dims"),
     ("html_mb", "HTML MB"),

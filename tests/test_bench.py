@@ -192,8 +192,6 @@ def test_cd_search_bench_small(tmp_path):
 
 @pytest.mark.skipif(browser.find_chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_explore_bench_small(tmp_path):
-    rows = _run("explore", tmp_path)["rows"]
-    assert [r["dims"] for r in rows] == [16, 64]  # 64: the tiny ViT's full width
-    for r in rows:
-        assert r["html_mb"] > r["features_mb"] > 0 and len(r["update_times_ms"]) == 5
-        assert 0 < r["retained"] <= 1 + 1e-6 and r["error_max"] >= r["error_mean"] >= 0
+    (row,) = _run("explore", tmp_path)["rows"]
+    assert row["dims"] == 16 and row["html_mb"] > row["features_mb"] > 0 and len(row["update_times_ms"]) == 5
+    assert 0 < row["retained"] < 1 and row["error_max"] >= row["error_mean"] > 0

@@ -31,6 +31,8 @@ from tests.eval_fixtures import make_example
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, GRID, DIMS, TOP_K = 112, 8, 16, 4  # the tiny ViT's 64-dim features reduced to 16 axes
 QUERY = (1, 3, 5)  # image, row, column
+# The module's page is built once per process: keep its tests on one xdist worker (tests/run.sh: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("explore_page")
 needs_chromium = pytest.mark.skipif(
     browser.find_chromium() is None,
     reason="chromium is not installed (apt-get install -y chromium; .ci/run installs it)",
