@@ -34,7 +34,7 @@ from input_pipeline.sample_data import sample_image_paths
 from input_pipeline.sources import IMAGE_EXTENSIONS, list_images
 from input_pipeline.views import normalize
 from neco_jax.errors import CheckpointError, ConfigError, DatasetError, UserError
-from neco_jax.normalize import l2_normalize
+from neco_jax.l2_norm import l2_normalize
 from neco_jax.precision import true_float32
 
 SAMPLE = "sample"  # --images=sample: the bundled photos (input_pipeline/sample_data.py)
