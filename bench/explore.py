@@ -7,12 +7,12 @@ principal axes kept, with the cosine error that reduction costs.
 
 The images are the bundled photos (input_pipeline/sample_data.py): the nine of them, then mirrored, then their
 centre crops, up to the count. The features are computed once per model; each row encodes them with its number of
-axes, renders the page and opens it in headless Chromium with `#bench=N`, which times N updates at query patches
-spread over every image (the JavaScript of one update: similarities of every shown model, the colour scale, every
-overlay and mark, and the page layout; not the paint after it), split into its parts; beside it the CPU time of
-every Chromium process per update (two runs, 1 and N+1 updates, subtracted), which a busy machine inflates less
-than the page's clock. Prints a table and writes
-bench/results/explore[_small].json (folder: $BENCH_RESULTS_DIR if set).
+axes, renders the page and opens it in headless Chromium with `#bench=N` (three times, each in a fresh browser),
+which times N updates at query patches spread over every image: the JavaScript of one update (similarities of
+every shown model, the colour scale, every overlay and mark, and the page layout; not the paint after it), split
+into its parts. Beside it the CPU time of every Chromium process per update (a run with N + 1 updates minus a run
+with 1), which a busy machine inflates less than the page's clock, and the load average. Prints a table and
+writes bench/results/explore[_small].json (folder: $BENCH_RESULTS_DIR if set).
 """
 
 from __future__ import annotations
@@ -33,8 +33,15 @@ from evaluation.explore import data, page  # noqa: E402
 from input_pipeline.sample_data import sample_image_paths  # noqa: E402
 from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
 
-FULL = {"arch": "vit_small_patch14_dinov2", "images": 24, "size": 448, "dims": (32, 64, 128, 192), "updates": 50}
-SMALL = {"arch": "vit_tiny_test", "images": 3, "size": 112, "dims": (16,), "updates": 5}
+FULL = {
+    "arch": "vit_small_patch14_dinov2",
+    "images": 24,
+    "size": 448,
+    "dims": (32, 64, 128, 192),
+    "updates": 50,
+    "repeats": 3,
+}
+SMALL = {"arch": "vit_tiny_test", "images": 3, "size": 112, "dims": (16,), "updates": 5, "repeats": 1}
 COLUMNS = (
     ("dims", "dims"),
     ("html_mb", "HTML MB"),
@@ -51,6 +58,7 @@ COLUMNS = (
     ("median_drawing_ms", "drawing"),
     ("median_layout_ms", "layout"),
     ("cpu_update_ms", "CPU ms/update"),
+    ("load_average", "load"),
 )
 PARTS = ("similarities", "drawing", "layout")
 
@@ -77,12 +85,7 @@ def page_row(images, features, names, spec, dims, folder) -> dict:
     with open(path, "w", encoding="utf-8") as f:
         f.write(html_text)
     h, w = explorer.grid
-    fragment = f"image=0&patch={h // 2},{w // 2}&bench="
-    _, cpu_one = browser.run_page(path, fragment + "1", "--dump-dom")
-    dom, cpu_all = browser.run_page(path, fragment + str(spec["updates"] + 1), "--dump-dom")
-    found = browser.elements_by_id(dom)
-    times = [float(t) for t in found["bench"]["attrs"]["data-times"].split(",")][-spec["updates"] :]
-    parts = {k: float(np.median([float(t) for t in found["bench"]["attrs"][f"data-{k}"].split(",")])) for k in PARTS}
+    timed = time_page(path, f"image=0&patch={h // 2},{w // 2}&bench=", spec["updates"], spec["repeats"])
     return {
         "dims": models[0].dims,
         "html_mb": os.path.getsize(path) / 1e6,
@@ -91,12 +94,32 @@ def page_row(images, features, names, spec, dims, folder) -> dict:
         "error_mean": max(m.similarity_error["mean"] for m in models),
         "error_max": max(m.similarity_error["max"] for m in models),
         "render_s": render_s,
-        "first_update_ms": float(found["status"]["attrs"]["data-first-update-ms"]),
+        **timed,
+    }
+
+
+def time_page(path: str, fragment: str, updates: int, repeats: int) -> dict:
+    """The page's own times of `updates` updates, `repeats` times over (each in a fresh browser), their parts, and the
+    CPU time per update: a run with updates + 1 minus a run with 1, the median of the repeats."""
+    times, parts, cpu, first = [], {k: [] for k in PARTS}, [], []
+    for _ in range(repeats):
+        _, cpu_one = browser.run_page(path, fragment + "1", "--dump-dom")
+        dom, cpu_all = browser.run_page(path, fragment + str(updates + 1), "--dump-dom")
+        found = browser.elements_by_id(dom)
+        bench = found["bench"]["attrs"]
+        times += [float(t) for t in bench["data-times"].split(",")][-updates:]
+        for k in PARTS:
+            parts[k] += [float(t) for t in bench[f"data-{k}"].split(",")][-updates:]
+        cpu.append(1e3 * (cpu_all - cpu_one) / updates)
+        first.append(float(found["status"]["attrs"]["data-first-update-ms"]))
+    return {
+        "load_average": os.getloadavg()[0],
+        "first_update_ms": float(np.median(first)),
         "median_update_ms": float(np.median(times)),
         "min_update_ms": min(times),
         "max_update_ms": max(times),
-        "cpu_update_ms": 1e3 * (cpu_all - cpu_one) / spec["updates"],
-        **{f"median_{k}_ms": v for k, v in parts.items()},
+        "cpu_update_ms": float(np.median(cpu)),
+        **{f"median_{k}_ms": float(np.median(v)) for k, v in parts.items()},
         "update_times_ms": times,
     }
 
@@ -106,6 +129,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="CPU/CI run: tiny arch, 3 small images")
     parser.add_argument("--dims", default=None, help="comma-separated numbers of axes (default per size)")
     parser.add_argument("--out", default=None, help="JSON path (default bench/results/explore[_small].json)")
+    parser.add_argument("--keep", default=None, help="write the pages into this folder (default: a temporary one)")
     args = parser.parse_args()
     spec = dict(SMALL if args.small else FULL)
     if args.dims:
@@ -118,7 +142,9 @@ def main() -> None:
     t0 = time.perf_counter()
     features = data.model_features(images, models, names, size=spec["size"], batch_size=8)
     features_s = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory(prefix="bench_explore_") as folder:
+    with tempfile.TemporaryDirectory(prefix="bench_explore_") as scratch:
+        folder = args.keep or scratch
+        os.makedirs(folder, exist_ok=True)
         rows = [page_row(images, features, names, spec, dims, folder) for dims in spec["dims"]]
     load = os.getloadavg()
     print(

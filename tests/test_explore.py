@@ -153,12 +153,12 @@ def test_python_rules_match_numpy(built):
             assert_nearest(data.nearest_patches(maps[i], TOP_K, exclude), row, exclude)
 
 
-def assert_nearest(found, sims: np.ndarray, exclude: int | None) -> None:
-    """`found` are the TOP_K most similar patches of `sims` other than `exclude` (ties of 1e-6 may swap)."""
+def assert_nearest(found, sims: np.ndarray, exclude: int | None, k: int = TOP_K) -> None:
+    """`found` are the k most similar patches of `sims` other than `exclude` (ties of 1e-6 may swap)."""
     others = np.delete(sims, exclude) if exclude is not None else sims
-    kth = np.sort(others)[::-1][TOP_K - 1]
+    kth = np.sort(others)[::-1][k - 1]
     found = [int(p) for p in found]
-    assert len(found) == len(set(found)) == TOP_K and exclude not in found
+    assert len(found) == len(set(found)) == k and exclude not in found
     assert all(sims[p] >= kth - 1e-6 for p in found), (found, kth)
 
 
@@ -173,6 +173,45 @@ def test_page_is_self_contained(built):
     assert all(i["src"].startswith("data:image/jpeg;base64,") for i in payload["images"])
     assert [i["name"] for i in payload["images"]] == ["img0.png", "img1.png", "img2.png"]
     assert [(i["width"], i["height"]) for i in payload["images"]] == [(112, 112), (112, 77), (75, 112)]  # aspect kept
+
+
+def _panels(figure_or_card):
+    """Every image panel of a drawn figure, as (card title, axes), walking its nested subfigures."""
+    found = []
+    for sub in figure_or_card.subfigs:
+        if sub.axes and sub.get_visible() and sub._suptitle is not None:
+            found += [(sub._suptitle.get_text(), ax) for ax in sub.axes]
+        found += _panels(sub)
+    return found
+
+
+@pytest.mark.parametrize("view", ["sim", "pca"])
+def test_png_marks_the_query_and_the_nearest_patches(view):
+    """The figure's cyan squares are NumPy's nearest patches of the embedded features; the white one is the query."""
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import Rectangle
+
+    from evaluation.explore import figure
+
+    def edged(marks, color):
+        return [r for r in marks if np.allclose(r.get_edgecolor(), to_rgba(color))]
+
+    rng = np.random.default_rng(3)
+    images = [data.ExploreImage(f"im{i}", rng.integers(0, 255, (60 + 20 * i, 70, 3), np.uint8)) for i in range(3)]
+    models = [data.encode_features(f"m{m}", rng.normal(size=(3, 4, 4, 12)).astype(np.float32) + 1, 8) for m in (0, 1)]
+    explorer = data.Explorer(images, models, size=56, patch_size=14, top_k=3)
+    panels = _panels(figure.draw(explorer, 2, 1, 3, view=view))
+    assert sorted(title for title, _ in panels) == sorted(f"{i}: im{i}" for i in range(3) for _ in models)
+    for title, ax in panels:
+        i, m = int(title.split(":")[0]), "AB".index(ax.get_title(loc="left"))
+        unit = models[m].unit_vectors().astype(np.float64)
+        sims = unit[i] @ unit[2, 1 * 4 + 3]
+        marks = [r for r in ax.patches if isinstance(r, Rectangle)]
+        nearest = [int(r.get_y()) * 4 + int(r.get_x()) for r in edged(marks, figure.NEAREST_COLOR)]
+        exclude = 1 * 4 + 3 if i == 2 else None
+        assert_nearest(nearest, sims, exclude, k=3)
+        queries = {(int(r.get_y()), int(r.get_x())) for r in edged(marks, figure.QUERY_COLOR)}
+        assert queries == ({(1, 3)} if i == 2 else set())
 
 
 def test_png_is_written(built):

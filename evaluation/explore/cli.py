@@ -24,8 +24,6 @@ from absl import flags
 from neco_jax.errors import ConfigError, cli
 from neco_jax.files import atomic_write, atomic_write_text
 
-log = logging.getLogger(__name__)
-
 
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_multi_string(
@@ -106,6 +104,25 @@ def _no_clobber(path: Path, write) -> None:
     write(path)
 
 
+def build(fv: flags.FlagValues):
+    """The page's content for the parsed flags, and the PNG's query (image, row, column) or None; every input is
+    read and checked before the first feature is computed."""
+    from evaluation.explore import data  # JAX and Flax: only once the command line is known to be good
+
+    images = [data.read_image(name, path) for name, path in data.image_paths(fv.images, fv.max_images)]
+    query = None
+    if fv.png:
+        name, row, col = parse_png(fv.png)
+        query = (resolve_image(name, [i.name for i in images]), row, col)
+    models, patch = data.load_models(fv.checkpoint, fv.which, fv.size)
+    if query is not None:
+        data.check_query(len(images), (fv.size // patch,) * 2, *query)
+    features = data.model_features(images, models, fv.checkpoint, size=fv.size, batch_size=fv.batch_size)
+    del models
+    encoded = [data.encode_features(name, f, fv.dims) for name, f in zip(fv.checkpoint, features)]
+    return data.Explorer(images, encoded, fv.size, patch, fv.top_k), query
+
+
 @cli
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
@@ -122,27 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out, png = check_settings(fv)
-    # JAX, Flax and matplotlib load only now: a bad command line is answered in a fraction of a second.
-    from evaluation.explore import data, figure, page
+    explorer, query = build(fv)
+    from evaluation.explore import figure, page  # matplotlib: only when there is something to draw
 
-    images = [data.read_image(name, path) for name, path in data.image_paths(fv.images, fv.max_images)]
-    query = None
-    if fv.png:
-        name, row, col = parse_png(fv.png)
-        query = (resolve_image(name, [i.name for i in images]), row, col)
-    models = data.load_models(fv.checkpoint, fv.which)
-    if query is not None:
-        grid = fv.size // int(models[0].config.patch_size)
-        data.check_query(len(images), (grid, grid), *query)
-    features = data.model_features(images, models, fv.checkpoint, size=fv.size, batch_size=fv.batch_size)
-    patch = int(models[0].config.patch_size)
-    del models
-    encoded = [data.encode_features(name, f, fv.dims) for name, f in zip(fv.checkpoint, features)]
-    explorer = data.Explorer(images, encoded, fv.size, patch, fv.top_k)
     text = page.render(explorer)
     _no_clobber(out, lambda p: atomic_write_text(p, text))
     h, w = explorer.grid
-    print(f"wrote {out} ({len(text.encode()) / 1e6:.1f} MB): {len(images)} images, {h}x{w} patches at {fv.size} px")
+    print(f"wrote {out} ({len(text.encode()) / 1e6:.1f} MB): {len(explorer.images)} images, {h}x{w} patches")
     for label, m in zip(figure.model_labels(len(explorer.models)), explorer.models):
         print(
             f"  {label} = {m.name}: {m.embed_dim} -> {m.dims} dims ({100 * m.retained:.1f}% of the energy), "

@@ -7,9 +7,9 @@ principal axes and stored as int8 codes with one scale per axis.
 
 The axes are uncentred (the top eigenvectors of the second-moment matrix X^T X of the unit vectors): for unit
 vectors these keep dot products, i.e. the cosine similarities the page shows, best in the least-squares sense
-(Eckart-Young); centring would throw away the mean direction that every patch shares. The page then takes the
-cosine of the decoded vectors, so a self-similarity is exactly 1. How much this reduction changes the cosines is
-measured here on sampled queries and stated on the page.
+(Eckart-Young), whereas centred vectors would give other cosines (without the direction all patches share).
+The page then takes the cosine of the decoded vectors, so a self-similarity is exactly 1. How much this
+reduction changes the cosines is measured here on sampled queries and stated on the page.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from input_pipeline.errors import UndecodableImageError
 from input_pipeline.sample_data import sample_image_paths
 from input_pipeline.sources import IMAGE_EXTENSIONS, list_images
 from input_pipeline.views import normalize
-from neco_jax.errors import CheckpointError, ConfigError, DatasetError, UserError
+from neco_jax.errors import CheckpointError, ConfigError, DatasetError
 from neco_jax.l2_norm import l2_normalize
 from neco_jax.precision import true_float32
 
@@ -143,8 +143,9 @@ def model_inputs(images: Sequence[ExploreImage], size: int) -> np.ndarray:
 # Models and features.
 
 
-def load_models(checkpoints: Sequence[str], which: str) -> list:
-    """Every model, loaded before any feature is computed: a checkpoint that does not load stops the command early."""
+def load_models(checkpoints: Sequence[str], which: str, size: int) -> tuple[list, int]:
+    """Every model, loaded before any feature is computed (a checkpoint that does not load stops the command early),
+    and their one patch size, which `size` must be a multiple of."""
     models = []
     for source in checkpoints:
         model = load_model(source, which=which)
@@ -155,19 +156,18 @@ def load_models(checkpoints: Sequence[str], which: str) -> list:
         raise CheckpointError(
             f"the checkpoints have patch sizes {patches}; compare models of one patch size (one patch grid)"
         )
-    return models
+    if size % patches[0]:
+        raise ConfigError(
+            f"--size={size} is not a multiple of the patch size {patches[0]}; use e.g. {size // patches[0] * patches[0]}"
+        )
+    return models, patches[0]
 
 
 @true_float32  # float32 features are float32 on GPUs too
 def model_features(
     images: Sequence[ExploreImage], models: Sequence, names: Sequence[str], *, size: int, batch_size: int
 ):
-    """Every model's (N, h, w, D) patch features of the images at size x size."""
-    patch = int(models[0].config.patch_size)
-    if size % patch:
-        raise ConfigError(
-            f"--size={size} is not a multiple of the patch size {patch}; use e.g. {size // patch * patch}"
-        )
+    """Every model's (N, h, w, D) patch features of the images at size x size (a multiple of the patch size)."""
     inputs = model_inputs(images, size)
     return [patch_features(FeatureExtractor(m, name=n), inputs, batch_size) for m, n in zip(models, names)]
 
@@ -247,9 +247,8 @@ def similarity_maps(unit: np.ndarray, image: int, row: int, col: int, grid: tupl
 def nearest_patches(sims: np.ndarray, k: int, exclude: int | None = None) -> np.ndarray:
     """Flat indices of the `k` most similar patches of one image's (h, w) map, most similar first; `exclude`
     (the query patch itself, on the query image) is never one of them."""
-    flat = sims.reshape(-1).astype(np.float64)
+    flat = sims.reshape(-1).astype(np.float64)  # a copy
     if exclude is not None:
-        flat = flat.copy()
         flat[exclude] = -np.inf
     order = np.argsort(-flat, kind="stable")
     return order[: min(k, flat.size - (exclude is not None))]
@@ -259,6 +258,6 @@ def check_query(num_images: int, grid: tuple[int, int], image: int, row: int, co
     """A one-line error unless (image, row, col) is a patch of the page."""
     h, w = grid
     if not 0 <= image < num_images:
-        raise UserError(f"image {image} is out of range: there are {num_images} images (counted from 0)")
+        raise ConfigError(f"image {image} is out of range: there are {num_images} images (counted from 0)")
     if not (0 <= row < h and 0 <= col < w):
-        raise UserError(f"patch {row},{col} is outside the {h}x{w} patch grid (rows and columns count from 0)")
+        raise ConfigError(f"patch {row},{col} is outside the {h}x{w} patch grid (rows and columns count from 0)")
