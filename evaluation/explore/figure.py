@@ -68,7 +68,7 @@ def draw(explorer: Explorer, image: int, row: int, col: int, view: str = "sim"):
 
 def _card(card, explorer: Explorer, i: int, sims: list[np.ndarray], query, view: str, colors) -> None:
     """One image's card: a panel per model, the overlay, the nearest patches and, on the query image, the query."""
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # matplotlib: only when a figure is drawn
 
     image, row, col = query
     h, w = explorer.grid
