@@ -17,13 +17,13 @@ writes bench/results/explore[_small].json (folder: $BENCH_RESULTS_DIR if set).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
 
 import numpy as np
+from absl import flags
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import browser, common  # noqa: E402
 from evaluation.explore import data, page  # noqa: E402
 from input_pipeline.sample_data import sample_image_paths  # noqa: E402
+from neco_jax import program  # noqa: E402
+from neco_jax.errors import UserError  # noqa: E402
 from neco_jax.models import VisionTransformer, get_arch  # noqa: E402
 
 FULL = {
@@ -124,18 +126,19 @@ def time_page(path: str, fragment: str, updates: int, repeats: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="CPU/CI run: tiny arch, 3 small images")
-    parser.add_argument("--dims", default=None, help="comma-separated numbers of axes (default per size)")
-    parser.add_argument("--out", default=None, help="JSON path (default bench/results/explore[_small].json)")
-    parser.add_argument("--keep", default=None, help="write the pages into this folder (default: a temporary one)")
-    args = parser.parse_args()
-    spec = dict(SMALL if args.small else FULL)
-    if args.dims:
-        spec["dims"] = tuple(int(d) for d in args.dims.split(","))
+_SMALL = flags.DEFINE_bool("small", False, "CPU/CI run: tiny arch, 3 small images.")
+_DIMS = flags.DEFINE_list("dims", None, "Numbers of kept axes, one row each (default: the plan's).")
+_OUT = flags.DEFINE_string("out", None, "JSON path (default bench/results/explore[_small].json).")
+_KEEP = flags.DEFINE_string("keep", None, "Write the pages into this folder (default: a temporary one).")
+
+
+def main(argv: list[str]) -> None:
+    program.flags_only(argv)
+    spec = dict(SMALL if _SMALL.value else FULL)
+    if _DIMS.value:
+        spec["dims"] = tuple(int(d) for d in _DIMS.value)
     if browser.find_chromium() is None:
-        sys.exit("error: chromium is not installed (apt-get install -y chromium)")
+        raise UserError("chromium is not installed; install it with apt-get install -y chromium")
     images = bundled_images(spec["images"])
     names = [f"random {spec['arch']} (seed {seed})" for seed in (0, 1)]
     models = [VisionTransformer(get_arch(spec["arch"]), rngs=nnx.Rngs(seed)) for seed in (0, 1)]
@@ -143,26 +146,27 @@ def main() -> None:
     features = data.model_features(images, models, names, size=spec["size"], batch_size=8)
     features_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="bench_explore_") as scratch:
-        folder = args.keep or scratch
+        folder = _KEEP.value or scratch
         os.makedirs(folder, exist_ok=True)
         rows = [page_row(images, features, names, spec, dims, folder) for dims in spec["dims"]]
     load = os.getloadavg()
     print(
         f"\n{len(images)} images at {spec['size']} px, two random-init {spec['arch']}; features of both models "
         f"{features_s:.0f} s; load average {load[0]:.1f} on {os.cpu_count()} CPUs; "
-        f"{spec['updates']} timed updates per row"
+        f"{spec['repeats']} x {spec['updates']} timed updates per row"
     )
     print(common.format_table(rows, COLUMNS))
     result = {
-        "small": args.small,
+        "bench": "explore",
+        "small": _SMALL.value,
         "device": common.device_summary(),
         "spec": spec,
         "features_s": features_s,
         "load_average": load,
         "rows": rows,
     }
-    print("wrote", common.write_json(args.out or common.default_out("explore", args.small), result))
+    print("wrote", common.write_json(_OUT.value or common.default_out("explore", _SMALL.value), result))
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_fixtures import make_example
 from flax import nnx
 from PIL import Image
+from programs import run_program
 
 import neco_jax
 from bench import browser
-from evaluation.explore import cli, data
+from evaluation.explore import data
 from evaluation.features import FeatureExtractor
 from neco_jax.models import VisionTransformer, get_arch
-from tests.eval_fixtures import make_example
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, GRID, DIMS, TOP_K = 112, 8, 16, 4  # the tiny ViT's 64-dim features reduced to 16 axes
@@ -53,9 +54,13 @@ def inputs(tmp_path_factory):
     return root
 
 
+def explore(*args: str) -> int:
+    """The exit status of `python -m evaluation.explore *args`, run in this process (tests/programs.py)."""
+    return run_program("evaluation.explore", *args)
+
+
 def _args(inputs, out, *extra):
     return [
-        "explore",
         f"--checkpoint={inputs / 'm0'}",
         f"--checkpoint={inputs / 'm1'}",
         f"--images={inputs / 'images'}",
@@ -71,7 +76,7 @@ def _args(inputs, out, *extra):
 def built(inputs, tmp_path_factory):
     """The page and PNG written by the command, and the data the page embeds, decoded here from the HTML."""
     out = tmp_path_factory.mktemp("explore_out") / "explore.html"
-    assert cli.main(_args(inputs, out, f"--png={QUERY[0]}:{QUERY[1]},{QUERY[2]}")) == 0
+    assert explore(*_args(inputs, out, f"--png={QUERY[0]}:{QUERY[1]},{QUERY[2]}")) == 0
     text = out.read_text(encoding="utf-8")
     payload = json.loads(re.search(r'<script type="application/json" id="explore-data">(.*?)</script>', text, re.S)[1])
     return out, text, payload
@@ -290,7 +295,7 @@ def _expect_one_line(capsys, rc, *words):
 def test_no_images(inputs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "e.html"
-    _expect_one_line(capsys, cli.main(_args(inputs, out)[:3] + [f"--images={tmp_path / 'empty'}", f"--out={out}"]))
+    _expect_one_line(capsys, explore(*_args(inputs, out)[:2], *[f"--images={tmp_path / 'empty'}", f"--out={out}"]))
     assert not out.exists()
 
 
@@ -300,7 +305,7 @@ def test_unreadable_image(inputs, tmp_path, capsys):
     Image.new("RGB", (30, 30)).save(folder / "a.png")
     (folder / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "e.html"
-    rc = cli.main([a if not a.startswith("--images") else f"--images={folder}" for a in _args(inputs, out)])
+    rc = explore(*[a if not a.startswith("--images") else f"--images={folder}" for a in _args(inputs, out)])
     _expect_one_line(capsys, rc, "b.jpg", "not a readable image")
     assert not out.exists()
 
@@ -314,7 +319,7 @@ def test_checkpoint_that_does_not_load(inputs, tmp_path, capsys, bad):
         a if not a.startswith(f"--checkpoint={inputs / 'm1'}") else f"--checkpoint={tmp_path / bad}"
         for a in _args(inputs, out)
     ]
-    _expect_one_line(capsys, cli.main(args), bad.rstrip("/"))
+    _expect_one_line(capsys, explore(*args), bad.rstrip("/"))
     assert not out.exists()
 
 
@@ -324,14 +329,14 @@ def test_checkpoints_with_different_patch_sizes(inputs, tmp_path, capsys):
     config = dataclasses.replace(get_arch("vit_tiny_test"), patch_size=16)
     neco_jax.save_backbone(VisionTransformer(config, rngs=nnx.Rngs(0)), tmp_path / "p16")
     args = [a.replace(str(inputs / "m1"), str(tmp_path / "p16")) for a in _args(inputs, tmp_path / "e.html")]
-    _expect_one_line(capsys, cli.main(args), "patch sizes [14, 16]")
+    _expect_one_line(capsys, explore(*args), "patch sizes [14, 16]")
     assert [p.name for p in tmp_path.iterdir()] == ["p16"]
 
 
 @pytest.mark.parametrize("existing", ["explore.html", "explore.png"])
 def test_existing_outputs_are_not_overwritten(inputs, tmp_path, capsys, existing):
     (tmp_path / existing).write_text("keep me")
-    rc = cli.main(_args(inputs, tmp_path / "explore.html", "--png=0:1,1"))
+    rc = explore(*_args(inputs, tmp_path / "explore.html", "--png=0:1,1"))
     _expect_one_line(capsys, rc, existing, "already exists")
     assert (tmp_path / existing).read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == [existing]
@@ -349,14 +354,14 @@ def test_existing_outputs_are_not_overwritten(inputs, tmp_path, capsys, existing
     ],
 )
 def test_bad_settings(inputs, tmp_path, capsys, extra, words):
-    _expect_one_line(capsys, cli.main(_args(inputs, tmp_path / "e.html", *extra)), *words)
+    _expect_one_line(capsys, explore(*_args(inputs, tmp_path / "e.html", *extra)), *words)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_process_exits_2_with_one_line(inputs, tmp_path):
     (tmp_path / "e.html").write_text("keep me")
     proc = subprocess.run(
-        [sys.executable, "-m", "evaluation.explore", *_args(inputs, tmp_path / "e.html")[1:]],
+        [sys.executable, "-m", "evaluation.explore", *_args(inputs, tmp_path / "e.html")],
         capture_output=True,
         text=True,
         cwd=ROOT,
