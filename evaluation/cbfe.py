@@ -45,7 +45,7 @@ from evaluation.datasets import DATASETS, VOC_CLASSES
 from evaluation.features import iterate_batches, nearest_indices, nearest_resize, resize_image
 from evaluation.job_inputs import make_extractor, open_split
 from evaluation.kmeans import kmeans
-from evaluation.metrics import confusion_matrix, match_clusters, miou
+from evaluation.metrics import confusion_matrix, miou
 from evaluation.pca import standardize_and_project
 from evaluation.plots import save_search_history
 from evaluation.settings import from_config, top_level
@@ -492,7 +492,7 @@ def _search(inputs_for, space: dict, s: CbfeSettings, *, points: int) -> tuple[d
 
 
 def _examples(dataset, gt: np.ndarray, segments: np.ndarray, s: CbfeSettings) -> list:
-    """(image, ground truth, segments as matched classes, overlay) for the first ``num_visualize`` val images."""
+    """(image, ground truth, segments as the score reads them, overlay) for the first ``num_visualize`` val images."""
     if not s.num_visualize:
         return []
 
@@ -500,7 +500,7 @@ def _examples(dataset, gt: np.ndarray, segments: np.ndarray, s: CbfeSettings) ->
     conf = confusion_matrix(
         segments, gt, num_classes=n, num_pred=max(n, int(segments.max()) + 1), ignore_index=VOC.ignore_index
     )
-    as_classes = match_clusters(conf, "hungarian")[segments]
+    as_classes = cd_search.segment_classes(conf, s.cd_matching)[segments]
     examples = []
     for i in range(min(s.num_visualize, len(gt))):
         image = resize_image(dataset.image(i), s.image_size)

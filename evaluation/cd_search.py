@@ -115,8 +115,8 @@ def reference_asserts(conf: np.ndarray) -> bool:
     return bool(len(ids) > conf.shape[0] or (len(ids) and ids.max() > conf.shape[0]))
 
 
-def segment_miou(conf: np.ndarray, matching: str = "original") -> tuple[float, np.ndarray]:
-    """(mIoU, per-class IoU) of merged segments given their (C classes, segments) counts.
+def segment_classes(conf: np.ndarray, matching: str = "original") -> np.ndarray:
+    """(segments,) the class each merged segment id reads as, given the (C classes, segments) counts.
 
     "original": NeCo's ``PredsmIoU(C, C).compute(many_to_one=False)`` (``experiments/utils.py``: its score matrix
     covers prediction ids 0..C-1, ``_hungarian_match`` pairs them with the classes, and the reordered map starts
@@ -128,15 +128,20 @@ def segment_miou(conf: np.ndarray, matching: str = "original") -> tuple[float, n
     stops at an assertion.
     """
     if matching == "all_modules":
-        return miou_from_confusion(conf, "hungarian")
+        return match_clusters(conf, "hungarian")
     if matching != "original":
         raise ValueError(f"unknown module matching {matching!r}; use one of {MODULE_MATCHING}")
-    num_classes = conf.shape[0]
-    if conf.shape[1] < num_classes:
-        conf = np.pad(conf, ((0, 0), (0, num_classes - conf.shape[1])))
-    mapping = np.zeros(conf.shape[1], np.int64)  # ids >= C: class 0
-    mapping[:num_classes] = match_clusters(conf[:, :num_classes], "hungarian")
-    return miou_from_mapping(conf, mapping)
+    num_classes, segments = conf.shape
+    head = np.pad(conf[:, :num_classes], ((0, 0), (0, max(0, num_classes - segments))))
+    mapping = np.zeros(segments, np.int64)  # ids >= C: class 0
+    mapping[: min(num_classes, segments)] = match_clusters(head, "hungarian")[:segments]
+    return mapping
+
+
+def segment_miou(conf: np.ndarray, matching: str = "original") -> tuple[float, np.ndarray]:
+    """(mIoU, per-class IoU) of merged segments given their (C classes, segments) counts, read as
+    ``segment_classes`` matches them."""
+    return miou_from_mapping(conf, segment_classes(conf, matching))
 
 
 def reference_cd_miou(conf: np.ndarray) -> tuple[float, np.ndarray]:
@@ -278,7 +283,7 @@ def per_k_inputs(
     return cache
 
 
-_BAR = "{desc}: {n_fmt}/{total_fmt} {unit} |{bar}| {elapsed} elapsed, {postfix}"
+_BAR = "{desc}: {n_fmt}/{total_fmt} {unit} |{bar}| {elapsed} elapsed{postfix}"
 
 
 def _duration(seconds: float) -> str:
