@@ -269,6 +269,58 @@ def test_fragment_selects_view_and_models(built):
     assert not any("hidden" in found[f"cell-1-{i}"]["attrs"] for i in range(3))
 
 
+# Events a person would cause, dispatched one at a time after the page has loaded; the page's state (query and
+# address fragment) is recorded before each into <body data-log>. Patches are given as (row, column) of the 8x8 grid.
+INTERACTION = """<script>
+window.addEventListener("load", () => {
+  const status = document.getElementById("status"), log = [];
+  const mouse = (type, cellId, row, col) => {
+    const cell = document.getElementById(cellId), box = cell.getBoundingClientRect();
+    const x = box.left + ((col + 0.5) / 8) * box.width, y = box.top + ((row + 0.5) / 8) * box.height;
+    cell.dispatchEvent(new MouseEvent(type, { bubbles: true, clientX: x, clientY: y }));
+  };
+  const key = (name) => document.dispatchEvent(new KeyboardEvent("keydown", { key: name, bubbles: true }));
+  const steps = [
+    () => mouse("mousemove", "cell-1-2", 4, 6),
+    () => mouse("click", "cell-1-2", 4, 6),
+    () => mouse("mousemove", "cell-0-0", 1, 1),
+    () => { key("ArrowRight"); key("ArrowRight"); key("ArrowDown"); },
+    () => { key("ArrowUp"); key("ArrowUp"); key("ArrowUp"); key("ArrowUp"); key("ArrowUp"); },
+    () => key("v"),
+    () => key("Escape"),
+    () => mouse("mousemove", "cell-0-0", 1, 1),
+  ];
+  const next = (i) => setTimeout(() => {
+    log.push(`${status.dataset.query}${status.textContent.includes("pinned") ? " pinned" : ""} ${status.dataset.fragment}`);
+    if (i < steps.length) { steps[i](); next(i + 1); } else document.body.dataset.log = log.join("|");
+  }, 50);
+  next(0);
+});
+</script>
+"""
+
+
+@needs_chromium
+def test_hover_click_and_keys_move_the_query(built, tmp_path):
+    out, text, _ = built
+    page = tmp_path / "interaction.html"
+    page.write_text(text.replace("</body>", INTERACTION + "</body>"), encoding="utf-8")
+    dom = browser.run_page(page, "", "--dump-dom", "--virtual-time-budget=10000")[0]
+    log = re.search(r'<body[^>]*data-log="([^"]*)"', dom)[1].replace("&amp;", "&").split("|")
+    view = "&view=sim&models=0,1"
+    assert log == [
+        f"0,4,4 #image=0&patch=4,4{view}",  # opened without a fragment: the middle patch of the first image
+        f"2,4,6 #image=2&patch=4,6{view}",  # hovering makes the patch under the pointer the query
+        f"2,4,6 pinned #image=2&patch=4,6{view}",  # a click pins it
+        f"2,4,6 pinned #image=2&patch=4,6{view}",  # ... so hovering elsewhere does not move it
+        f"2,5,7 pinned #image=2&patch=5,7{view}",  # arrow keys move it, and stop at the grid's edge
+        f"2,0,7 pinned #image=2&patch=0,7{view}",
+        "2,0,7 pinned #image=2&patch=0,7&view=pca&models=0,1",  # v switches the view
+        "2,0,7 #image=2&patch=0,7&view=pca&models=0,1",  # Esc releases the query
+        "0,1,1 #image=0&patch=1,1&view=pca&models=0,1",  # ... and hovering moves it again
+    ]
+
+
 @needs_chromium
 def test_switching_models_and_view_changes_the_screenshot(built, tmp_path):
     out, _, _ = built

@@ -235,7 +235,7 @@
     $("legend-hi").textContent = scale.hi.toFixed(3);
     $("legend-lo").dataset.value = scale.lo;
     $("legend-hi").dataset.value = scale.hi;
-    for (const button of document.querySelectorAll("[data-view]")) {
+    for (const button of document.querySelectorAll("button[data-view]")) {
       button.setAttribute("aria-pressed", String(button.dataset.view === state.view));
     }
     document.querySelectorAll(".card").forEach((card, i) => card.classList.toggle("query", i === state.image));
@@ -301,14 +301,15 @@
   // ---------------------------------------------------------------------------------------------------------------
   // Interaction.
 
+  // One update for a burst of events (mouse moves, key repeats), run as soon as they have been handled.
   let pending = false;
   function scheduleUpdate() {
     if (pending) return;
     pending = true;
-    requestAnimationFrame(() => {
+    setTimeout(() => {
       pending = false;
       update();
-    });
+    }, 0);
   }
 
   function patchAt(event, cell) {
@@ -364,7 +365,7 @@
   });
 
   function buildControls() {
-    for (const button of document.querySelectorAll("[data-view]")) {
+    for (const button of document.querySelectorAll("button[data-view]")) {
       button.addEventListener("click", () => {
         state.view = button.dataset.view;
         scheduleUpdate();
