@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -82,7 +83,7 @@ class Fit:
     """The outcome of `fit`: the choice taken (None: nothing fits), its program, and every choice tried."""
 
     remat: str | None
-    compiled: Any
+    compiled: Any  # None where the compiler itself refused the program as too big
     memory: StepMemory
     tried: tuple[tuple[str, StepMemory], ...]
 
@@ -98,13 +99,31 @@ def fit(compile_with: Callable[[str], Any], remat: str, limit: int | None, extra
     Fit has remat None and the last program tried."""
     tried = []
     for choice in REMAT_CHOICES if remat == "auto" else (remat,):
-        compiled = compile_with(choice)
-        memory = StepMemory.of(compiled)
+        try:
+            compiled = compile_with(choice)
+            memory = StepMemory.of(compiled)
+        except Exception as err:  # noqa: BLE001 - only the compiler's own "does not fit" is a result
+            need = compiler_refusal(err)
+            if need is None:
+                raise
+            compiled, memory = None, StepMemory(0, 0, need, 0)
         tried.append((choice, memory))
         if limit is None or memory.peak + extra <= limit:
             return Fit(choice, compiled, memory, tuple(tried))
         log.info("model.remat=%s needs %.1f GiB per device, more than %.1f GiB", choice, memory.peak / GIB, limit / GIB)
     return Fit(None, compiled, memory, tuple(tried))
+
+
+_REFUSAL = re.compile(r"RESOURCE_EXHAUSTED.*?temporaries \((\d+(?:\.\d+)?)([KMGT])\) exceeds")
+
+
+def compiler_refusal(err: BaseException) -> int | None:
+    """The bytes of temporaries a compiler that refuses a program too big for its device says it needs (the TPU
+    compiler does: "RESOURCE_EXHAUSTED: ... HLO temporaries (21.60G) exceeds available HBM (15.75G)"), else None."""
+    match = _REFUSAL.search(str(err))
+    if match is None:
+        return None
+    return int(float(match.group(1)) * 1024 ** "KMGT".index(match.group(2)) * 1024)
 
 
 def what_would_fit(result: Fit, limit: int, *, dtype: str, batch_size: int, devices: int, remat: str) -> list[str]:

@@ -71,3 +71,21 @@ def test_trainer_stops_before_the_first_step_when_the_step_does_not_fit(tmp_path
     assert "GiB per device" in message and "has 0.0 GiB" in message
     assert "model.remat=auto" in message and "model.dtype=bfloat16" in message
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.json").exists()
+
+
+def test_a_compiler_that_refuses_a_program_too_big_is_a_choice_that_does_not_fit(peaks):
+    """libtpu's compiler refuses a program larger than the chip instead of compiling it: that choice does not fit,
+    with the need it names, and the next is tried (a plan, or the trainer on a TPU, never stops on its error)."""
+    message = "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (21.60G)"
+    message += " exceeds available HBM (15.75G)."
+
+    def compile_with(remat):
+        if remat == "none":
+            raise RuntimeError(message)
+        return _compile_vit_step(remat)
+
+    result = memory_fit.fit(compile_with, "auto", peaks["dots"])
+    assert result.remat == "dots" and result.tried[0][1].temporaries == int(21.6 * 2**30)
+    assert memory_fit.compiler_refusal(RuntimeError("INTERNAL: something else")) is None
+    with pytest.raises(RuntimeError, match="something else"):
+        memory_fit.fit(lambda remat: (_ for _ in ()).throw(RuntimeError("INTERNAL: something else")), "auto", None)

@@ -12,6 +12,7 @@ time is measured.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -42,6 +43,8 @@ def devices_of(target: Target) -> list[Any]:
     if target.platform == "cuda":
         topology = topologies.get_topology_desc(platform="cuda", target_config=target.spec(), topology=target.topology)
     else:
+        # Compiling needs no chip: let libtpu load beside other processes that compile (it locks otherwise).
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         topology = topologies.get_topology_desc(topology_name=target.topology, platform="tpu")
     return list(topology.devices)
 
@@ -58,7 +61,10 @@ def _compiler_options(target: Target) -> dict | None:
 
 
 def _program_figures(compiled) -> dict[str, Any]:
-    """HLO traffic, and XLA's FLOPs and step-time estimate where its backend gives them (TPU; None on GPUs)."""
+    """HLO traffic, and XLA's FLOPs and step-time estimate where its backend gives them (TPU; None on GPUs);
+    all None for a program the compiler refused as too big."""
+    if compiled is None:
+        return {"hlo_traffic_bytes": None, "xla_flops": None, "xla_estimated_seconds": None}
     analysis = compiled.cost_analysis()
     analysis = (analysis[0] if analysis else None) if isinstance(analysis, list) else analysis
     seconds = (analysis or {}).get("optimal_seconds")

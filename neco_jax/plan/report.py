@@ -48,7 +48,7 @@ def describe(result: dict) -> str:
     lines.append(
         f"    FLOPs: {_si(result['matmul_flops'], 'FLOP')} of matmuls traced"
         + (f", XLA's count {_si(xla_flops, 'FLOP')} per device" if xla_flops else "")
-        + f"; HLO traffic {_si(result['hlo_traffic_bytes'], 'B')} per device"
+        + (f"; HLO traffic {_si(result['hlo_traffic_bytes'], 'B')} per device" if result["hlo_traffic_bytes"] else "")
         + f"; estimated step time {'n/a (the compiler gives none)' if seconds is None else f'{seconds:.3f} s'}"
         + f"; compiled in {result['compile_s']:.0f} s"
     )
