@@ -32,6 +32,7 @@ from input_pipeline.views import normalize
 from neco_jax import load_backbone, sharding
 from neco_jax.convert.params import flat_params
 from neco_jax.errors import CheckpointError, NonFiniteError, UserError
+from neco_jax.models.feature_forward import feature_forward
 
 log = logging.getLogger(__name__)
 
@@ -231,24 +232,6 @@ def _check_finite_weights(model, name: str) -> None:
             f"{name} has non-finite weights (NaN or inf) in {len(bad)} parameter(s), e.g. {', '.join(bad[:4])}; "
             "no score is computed from it: evaluate an earlier checkpoint"
         )
-
-
-def feature_forward(graphdef: nnx.GraphDef, patch_size: int):
-    """`forward(state, images, with_attention=False)`: final-norm patch tokens (B, h, w, D) float32 (and the CLS
-    attention (B, heads, h, w)) of the backbone `graphdef` with parameters `state`; what `FeatureExtractor` jits,
-    and what `neco_jax.plan` compiles for other devices."""
-    p = patch_size
-
-    def forward(state, x, with_attention: bool = False):
-        out = nnx.merge(graphdef, state)(x, deterministic=True, return_attention=with_attention)
-        b, h, w = x.shape[0], x.shape[1] // p, x.shape[2] // p
-        feats = out["x_norm_patchtokens"].astype(jnp.float32).reshape(b, h, w, -1)
-        if not with_attention:
-            return feats
-        attn = out["attn_cls"].astype(jnp.float32)
-        return feats, attn.reshape(b, attn.shape[1], h, w)
-
-    return forward
 
 
 class FeatureExtractor:

@@ -19,6 +19,7 @@ __all__ = [
     "DistributedError",
     "DownloadError",
     "NonFiniteError",
+    "StepMemoryError",
     "UserError",
     "WorkdirError",
     "cli",
@@ -36,6 +37,10 @@ class CheckpointError(UserError):
 class NonFiniteError(UserError):
     """Weights, loss, gradients or features hold NaN or infinity: nothing computed from them means anything.
     (Training keeps its last good checkpoint.)"""
+
+
+class StepMemoryError(UserError):
+    """The training step needs more memory per device than the device has, with every rematerialisation allowed."""
 
 
 class WorkdirError(UserError):

@@ -21,8 +21,6 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from neco_jax.errors import UserError
-
 log = logging.getLogger(__name__)
 
 REMAT_CHOICES = ("none", "dots", "full")  # cheapest compute first
@@ -34,10 +32,6 @@ REMAT_FIELDS = {
     "full": {"remat": True},
 }
 GIB = 2**30
-
-
-class StepMemoryError(UserError):
-    """The step needs more memory per device than the device has, with every rematerialisation allowed."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,7 @@ from neco_jax import queue as queue_lib
 from neco_jax import train_state as ts
 from neco_jax.backbone_io import load_parts
 from neco_jax.convert import export_file, flatten_params, unflatten_params_like
-from neco_jax.errors import ConfigError, NonFiniteError
+from neco_jax.errors import ConfigError, NonFiniteError, StepMemoryError
 from neco_jax.fg_mask import attention_fg_mask
 from neco_jax.models import ProjectionHead, VisionTransformer
 from neco_jax.models import attention as attention_lib
@@ -681,7 +681,7 @@ def _train(
         config, total_steps, state, labels, tx, mesh, limit, has_mask_token="mask_token" in state.student["backbone"]
     )
     if not fit.fits:
-        raise memory_fit.StepMemoryError(
+        raise StepMemoryError(
             memory_fit.no_fit_message(
                 fit,
                 limit,

@@ -45,7 +45,12 @@ def test_every_error_class_is_defined_once_and_user_errors_in_an_errors_module()
     for name in user_errors(classes):
         assert classes[name][0][0] in ERRORS_MODULES, f"{name} is a UserError defined outside the errors modules"
     # The others are a module's internal signals, caught where they are raised, never shown to a user.
-    assert set(classes) - user_errors(classes) == {"UndecodableImageError", "InvalidTrial"}
+    assert set(classes) - user_errors(classes) == {
+        "UndecodableImageError",
+        "InvalidTrial",
+        "RefusedGlobal",
+        "_StoppedBeforeTheLoop",
+    }
 
 
 def test_one_root_and_neco_jax_errors_exports_every_user_error():

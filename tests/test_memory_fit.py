@@ -12,7 +12,7 @@ from train_fixtures import SAME_STEP_4_TINY_STEPS, tiny_config
 
 from neco_jax import memory_fit
 from neco_jax import train as train_lib
-from neco_jax.errors import UserError
+from neco_jax.errors import StepMemoryError, UserError
 from neco_jax.models import VisionTransformer, get_arch
 
 
@@ -64,7 +64,7 @@ def test_trainer_stops_before_the_first_step_when_the_step_does_not_fit(tmp_path
     devices' memory faked at 1 MiB: a one-line error before any step runs, and nothing of a run recorded."""
     monkeypatch.setattr(memory_fit, "device_limit", lambda devices: 2**20)
     config = tiny_config(**{"optim.total_steps": 4, "model.remat": "none"})
-    with pytest.raises(memory_fit.StepMemoryError) as info:
+    with pytest.raises(StepMemoryError) as info:
         train_lib.train_and_evaluate(config, tmp_path)
     message = str(info.value)
     assert isinstance(info.value, UserError) and "\n" not in message

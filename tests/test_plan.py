@@ -135,8 +135,8 @@ def test_cli_bad_target_is_one_line():
 
 
 def test_feature_forward_of_an_evaluation_job_compiles_for_a_tpu():
-    """--features: the evaluation's own feature forward (evaluation.features.feature_forward) on the recipe's
-    teacher backbone, at the job's image size, batch (padded to the devices) and dtype."""
+    """--features: the evaluation's own feature forward (neco_jax.models.feature_forward, which evaluation.features
+    jits) on the recipe's teacher backbone, at the job's image size, batch (padded to the devices) and dtype."""
     from configs.eval import voc_linear
     from neco_jax.plan import compile as plan_compile
 

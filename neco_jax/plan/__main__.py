@@ -20,6 +20,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
+import logging  # noqa: E402
 import sys  # noqa: E402
 
 from absl import flags  # noqa: E402
@@ -47,8 +48,6 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv) -> int:
     program.flags_only(argv)
-    import logging
-
     from neco_jax.plan import compile as plan_compile  # JAX loads here, after the environment is set
 
     logging.getLogger("neco_jax").setLevel(logging.WARNING)

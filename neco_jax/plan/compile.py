@@ -27,6 +27,7 @@ from neco_jax import train_state as ts
 from neco_jax.flop_count import matmul_flops
 from neco_jax.models import VisionTransformer
 from neco_jax.models import attention as attention_lib
+from neco_jax.models.feature_forward import feature_forward
 from neco_jax.plan import hlo_traffic
 from neco_jax.plan.targets import JAX_GPU_MEMORY_FRACTION, Target, check_installed
 from neco_jax.precision import true_float32
@@ -137,8 +138,6 @@ def _device_fields(target: Target, devices: list, limit: int, share: float) -> d
 def plan_features(config, eval_config, target: Target, *, fraction: float | None = None) -> dict[str, Any]:
     """An evaluation job's feature forward (`eval_config`: its image_size, batch_size, dtype) on the teacher
     backbone of the training `config`, compiled for `target`."""
-    from evaluation.features import feature_forward  # the evaluation's own forward (neco_jax does not import it)
-
     devices = devices_of(target)
     mesh = sharding.make_mesh(devices)
     limit, share = memory_limit(target, fraction)
