@@ -71,9 +71,10 @@ def neco_image_flops(
 
 def neco_step_flops(config: Any, batch_size: int | None = None) -> float:
     """Model FLOPs of one training step of a NeCo ConfigDict (global batch unless `batch_size` is given)."""
+    from neco_jax.settings import from_config
     from neco_jax.train_state import vit_configs
 
-    student_cfg, _ = vit_configs(config)
+    student_cfg, _ = vit_configs(from_config(config).model)
     per_image = neco_image_flops(
         student_cfg, config.head.to_dict(), tuple(config.data.size_crops), tuple(config.data.nmb_samples)
     )

@@ -27,9 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from input_pipeline.decode import decode_rgb  # noqa: E402
 from input_pipeline.loader import make_train_loader  # noqa: E402
 from input_pipeline.sample_data import sample_source  # noqa: E402
+from input_pipeline.settings import LoaderSettings  # noqa: E402
 from input_pipeline.sources import folder_source  # noqa: E402
 from input_pipeline.views import (  # noqa: E402
-    ViewConfig,
+    ViewSettings,
     color_augment,
     crop_pair_boxes,
     make_views,
@@ -58,7 +59,7 @@ def synthetic_jpegs(folder: str, n: int, width: int, height: int) -> str:
 STAGES = ("read", "decode", "geometry", "resize", "colour", "normalize")
 
 
-def stage_profile(source, cfg: ViewConfig, reps: int) -> dict:
+def stage_profile(source, cfg: ViewSettings, reps: int) -> dict:
     """Single-thread CPU seconds per image for each stage: the per-core cost, robust to a busy machine
     (wall-clock on a shared host overstates it; the wall total is kept for comparison)."""
     totals = dict.fromkeys(STAGES, 0.0)
@@ -91,7 +92,7 @@ def stage_profile(source, cfg: ViewConfig, reps: int) -> dict:
     return per_image
 
 
-def mode_profile(source, cfg: ViewConfig, reps: int) -> dict:
+def mode_profile(source, cfg: ViewSettings, reps: int) -> dict:
     """Single-thread CPU seconds per image: decode, and `make_views` in each augment_on mode on the same
     decoded image with the same generator seed (the same crops and draws), interleaved so that machine load
     falls on both alike."""
@@ -122,15 +123,12 @@ def mode_profile(source, cfg: ViewConfig, reps: int) -> dict:
 
 
 def loader_rate(source, recipe, workers: int, threads: int, batch_size: int, batches: int, mode: str) -> dict:
-    data = {"size_crops": list(recipe), "nmb_samples": [2, 4], "max_bad_fraction": 1.0, "augment_on": mode}
     loader = make_train_loader(
-        data,
+        ViewSettings(size_crops=tuple(recipe), augment_on=mode),
+        LoaderSettings(num_workers=workers, threads_per_worker=threads, max_bad_fraction=1.0),
         batch_size=batch_size,
         seed=0,
-        worker_count=workers,
-        threads_per_worker=threads,
-        process_index=0,
-        process_count=1,
+        process=(0, 1),
         source=source,
     )
     t0 = time.perf_counter()
@@ -184,9 +182,9 @@ def main(argv: list[str]) -> None:
         results["modes"] = {}
         for sname, source in sources.items():  # profile first: no loader threads running yet
             for rname, recipe in RECIPES.items():
-                results["stages"][f"{sname} | {rname}"] = stage_profile(source, ViewConfig(size_crops=recipe), 1)
+                results["stages"][f"{sname} | {rname}"] = stage_profile(source, ViewSettings(size_crops=recipe), 1)
                 results["modes"][f"{sname} | {rname}"] = mode_profile(
-                    source, ViewConfig(size_crops=recipe), 1 if small else 2
+                    source, ViewSettings(size_crops=recipe), 1 if small else 2
                 )
         for sname, source in sources.items():
             for rname, recipe in RECIPES.items():

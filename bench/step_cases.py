@@ -12,11 +12,11 @@ import jax
 import numpy as np
 
 from configs import base
-from input_pipeline.loader import view_config_from
 from input_pipeline.views import draw_colour_params
-from neco_jax import memory_fit, sharding
-from neco_jax import train as train_lib
+from neco_jax import memory_fit, sharding, weights
+from neco_jax import step as step_lib
 from neco_jax import train_state as ts
+from neco_jax.settings import from_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +114,8 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
     boxes_all = boxes(np.broadcast_to(sizes[:, None], (b, views, n_g)).copy())
     for g in range(n_g):  # a global crop overlaps itself entirely
         boxes_gc[:, g, g] = boxes_all[:, g, g] = [0, 0, s_g, s_g]
-    view_cfg = view_config_from(config.data)
-    colour = np.array([draw_colour_params(rng, view_cfg) for _ in range(b * views)], np.float32)
+    view_settings = from_config(config).views
+    colour = np.array([draw_colour_params(rng, view_settings) for _ in range(b * views)], np.float32)
     colour = colour.reshape(b, views, -1)
     return {
         "global_crops": rng.integers(0, 256, (b, n_g, s_g, s_g, 3), np.uint8),
@@ -138,14 +138,16 @@ class Built(NamedTuple):
 def build_step(config, mesh) -> Built:
     """The trainer's state and jitted step on random-init weights, built by the trainer's own builders;
     model.remat="auto" resolved as the trainer resolves it (against the devices' memory, where reported)."""
-    total_steps = config.optim.total_steps
-    student, teacher = train_lib.random_params(config, config.seed)
-    models, labels, tx, state = train_lib.build_training(config, total_steps, student, teacher)
-    state = jax.device_put(state, sharding.replicated(mesh))
-    if config.model.remat == "auto":
+    settings = from_config(config)
+    total_steps = settings.optim.total_steps
+    student, teacher = weights.random_params(settings, settings.run.seed)
+    training = step_lib.build_training(settings, total_steps, student, teacher)
+    training = training._replace(state=jax.device_put(training.state, sharding.replicated(mesh)))
+    models = training.models
+    if settings.model.remat == "auto":
         limit = memory_fit.device_limit(mesh.devices.flat)
-        fit = train_lib.compile_loop_step(config, total_steps, state, labels, tx, mesh, limit)[0]
-        config = train_lib.with_remat(config, fit.remat or "full")
-        models = train_lib.build_models(config)
-    step_fn = train_lib.make_train_step(config, models, labels, tx, total_steps)
-    return Built(state, step_fn, train_lib.jit_train_step(step_fn, mesh), models, labels)
+        fit = step_lib.compile_loop_step(settings, total_steps, training, mesh, limit)[0]
+        settings = step_lib.with_remat(settings, fit.remat or "full")
+        models = weights.build_models(settings)
+    step_fn = step_lib.make_train_step(settings, models, training.labels, training.tx, total_steps)
+    return Built(training.state, step_fn, step_lib.jit_train_step(step_fn, mesh), models, training.labels)

@@ -8,7 +8,7 @@ of the sorting + ROI-align loss part, for the recipes' shapes with synthetic bat
     python bench/train_step.py --cases s14_518_b64_bf16_auto --isolate --budget_s=360 --profile s14_518_b64_bf16_auto
 Cases: the recipes' own defaults first (dinov2_s14 at 518/98, batch 64, and dinov2_b14, batch 16: float32,
 model.remat and model.attention "auto"), then dinov2_s14 at 518/98 and 224/98 and dinov2_b14 with fp32 and bf16
-compute, with and without rematerialisation, and XLA's plain attention path. The step is the trainer's own (`neco_jax.train.make_train_step`, jitted
+compute, with and without rematerialisation, and XLA's plain attention path. The step is the trainer's own (`neco_jax.step.make_train_step`, jitted
 by `jit_train_step` with the state donated) on random-init weights. `--isolate` runs each case in a child
 process, so the allocator's peak is per case and an out-of-memory case cannot take the others down.
 Every case also times the device colour augmentation alone (`augment share` of the step). Prints a table and
@@ -18,6 +18,7 @@ writes bench/results/train_step[_small].json (folder: $BENCH_RESULTS_DIR if set)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -38,10 +39,13 @@ from bench.flops import matmul_flops, neco_step_flops  # noqa: E402
 from bench.step_cases import FULL, SMALL, Built, Case, build_step, case_config, synthetic_batch  # noqa: E402
 from configs import base  # noqa: E402
 from input_pipeline import augment  # noqa: E402
-from neco_jax import program, sharding, step_feed  # noqa: E402
+from neco_jax import loss as loss_lib  # noqa: E402
+from neco_jax import program, sharding  # noqa: E402
+from neco_jax import step as step_lib  # noqa: E402
 from neco_jax import train as train_lib  # noqa: E402
 from neco_jax.errors import UserError  # noqa: E402
 from neco_jax.l2_norm import l2_normalize  # noqa: E402
+from neco_jax.settings import from_config  # noqa: E402
 
 COCO_TRAIN_IMAGES = 118_287  # the original's 25-epoch COCO run: 25 * (118287 // 64) = 46,200 steps
 EPOCHS = 25
@@ -86,8 +90,11 @@ def time_loss_part(config, models, queue, batch, warmup: int, iters: int) -> dic
     s_loc = unit(keys[1], (b, n_l, s_l // p, s_l // p, dim))
     t_glob = unit(keys[2], (b, n_g, s_g // p, s_g // p, dim))
 
+    settings = from_config(config).loss
+
     def loss(sg, sl, tg, queue, batch, key):
-        return train_lib.neco_step_loss(config.loss, p, sg, sl, tg, None, batch, queue, key)[0]
+        boxes = (batch["boxes_gc"], batch["boxes_all"])
+        return loss_lib.neco_loss((sg, sl, tg), boxes, queue or None, key, settings, patch_size=p)[0]
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     timing = common.time_calls(lambda: grad(s_glob, s_loc, t_glob, queue, batch, keys[3]), warmup=warmup, iters=iters)
@@ -97,7 +104,7 @@ def time_loss_part(config, models, queue, batch, warmup: int, iters: int) -> dic
 def time_forward_part(config, built: Built, state, batch, warmup: int, iters: int) -> dict:
     """The step's forward alone (student and teacher backbones, heads, loss; no gradients, no update): with the
     step time and the loss part, a coarse profile of where the step's time goes."""
-    loss_fn = jax.jit(train_lib.make_loss_fn(config, built.models, built.labels))
+    loss_fn = jax.jit(step_lib.make_loss_fn(from_config(config), built.models, built.labels))
     batch = augmented(config)(batch)  # the loss takes the crops the step's augmentation made
     key = jax.random.PRNGKey(2)  # a raw key, as the state.rng the step splits
     timing = common.time_calls(
@@ -108,7 +115,7 @@ def time_forward_part(config, built: Built, state, batch, warmup: int, iters: in
 
 def augmented(config):
     """The step's first part alone, jitted: colour augmentation and normalisation of the uint8 crops."""
-    return jax.jit(augment.from_config(config.data))
+    return jax.jit(functools.partial(augment.apply_batch, views=from_config(config).views))
 
 
 def time_augment_part(config, batch, warmup: int, iters: int) -> dict:
@@ -230,7 +237,10 @@ def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
             "export_at_end": False,
         },
     )
-    loader = make_train_loader(config, batch_size=config.optim.batch_size, seed=0, worker_count=0)
+    settings = from_config(config)
+    loader = make_train_loader(
+        settings.views, dataclasses.replace(settings.loader, num_workers=0), batch_size=config.optim.batch_size, seed=0
+    )
     batches = [next(loader) for _ in range(4)]
     loader.close()
     real = train_lib.make_train_loader  # the name the trainer calls
@@ -246,9 +256,9 @@ def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
     # set, serves it without a second compilation).
     mesh = sharding.make_mesh()
     built = build_step(config, mesh)
-    step = train_lib.jit_loop_step(config, built.step_fn, mesh)
-    batch = sharding.global_batch(train_lib._device_part(batches[0]), mesh)
-    holder = {"state": built.state, "sums": step_feed.empty_sums(0, sharding.replicated(mesh))}
+    step = step_lib.jit_loop_step(settings, built.step_fn, mesh)
+    batch = sharding.global_batch(step_lib.device_part(batches[0]), mesh)
+    holder = {"state": built.state, "sums": step_lib.empty_sums(0, sharding.replicated(mesh))}
 
     def call():
         holder["state"], metrics, holder["sums"] = step(holder["state"], batch, holder["sums"])

@@ -514,13 +514,13 @@ def settings_from_config(config: ml_collections.ConfigDict) -> CbfeSettings:
     return from_config(CbfeSettings, config.cbfe, **top_level(config, TOP_LEVEL))
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
+def run(config: ml_collections.ConfigDict, model=None) -> dict:
     """The protocol entry of ``python -m evaluation`` (see configs/eval/voc_cbfe.py)."""
     if config.dataset != "voc":
         raise ConfigError(f"CBFE + CD is defined on Pascal VOC only, not {config.dataset!r}")
     settings = settings_from_config(config)
     check_settings(settings)  # a bad setting fails before any feature is computed
-    extractor = make_extractor(config, registers=config.cbfe.registers)
+    extractor = make_extractor(config, model, registers=config.cbfe.registers)
     train = open_split(config, config.train_split)
     val = open_split(config, config.val_split)
     features_fn = extractor if settings.attention_dir else extractor.with_attention

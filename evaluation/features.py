@@ -21,7 +21,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from PIL import Image
@@ -33,6 +32,8 @@ from neco_jax import load_backbone, sharding
 from neco_jax.convert.params import flat_params
 from neco_jax.errors import CheckpointError, NonFiniteError, UserError
 from neco_jax.models.feature_forward import feature_forward
+from neco_jax.models.vit_config import DTYPES
+from neco_jax.settings import ModelSettings, from_section
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def load_from_workdir(workdir: str | Path, which: str = "teacher"):
     steps = ckpt_lib.finished_steps(directory)
     if not steps:
         raise CheckpointError(f"{directory} holds no finished checkpoint yet")
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    model = from_section(ModelSettings, json.loads(config_file.read_text())["model"])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def restore(step: int):
@@ -166,7 +167,7 @@ def load_from_workdir(workdir: str | Path, which: str = "teacher"):
                 f"{workdir} trained without a teacher (loss.use_teacher=False); use checkpoint_model=student"
             )
         has_mask_token = "mask_token" in saved[which]["backbone"] if saved else None
-        _, teacher = ts.vit_configs(config, has_mask_token)  # the teacher's config: no drop path
+        _, teacher = ts.vit_configs(model, has_mask_token)  # the teacher's config: no drop path
         graphdef, abstract = ts.split(nnx.eval_shape(lambda: VisionTransformer(teacher, rngs=nnx.Rngs(0))))
         part = ckpt_lib.restore_part(directory, step, {which: {"backbone": ckpt_lib.abstract_like(abstract, device)}})
         return nnx.merge(graphdef, part[which]["backbone"])
@@ -242,8 +243,8 @@ class FeatureExtractor:
     """
 
     def __init__(self, model, *, dtype: str = "float32", name: str = "the model"):
-        if dtype not in ("float32", "bfloat16"):
-            raise UserError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        if dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.name, self.dtype = name, dtype
         _check_finite_weights(model, name)
         model = with_compute_dtype(model, dtype)

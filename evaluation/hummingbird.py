@@ -192,9 +192,9 @@ def train_split_for(config: ml_collections.ConfigDict):
     return mb.subset_by_names(train, names)
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
+def run(config: ml_collections.ConfigDict, model=None) -> dict:
     """The protocol entry of ``python -m evaluation`` (see configs/eval/voc_hummingbird.py)."""
-    extractor = make_extractor(config)
+    extractor = make_extractor(config, model)
     train = train_split_for(config)
     val = open_split(config, config.val_split)
     settings = settings_from_config(config)

@@ -1,4 +1,5 @@
-"""What a protocol reads through its job config: the dataset split (cut to `num_images`) and the frozen backbone."""
+"""What a protocol reads through its job config: the dataset split (cut to `num_images`) and the frozen backbone
+(or the backbone in memory it is given, e.g. the teacher of a running training)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ def open_split(config: ml_collections.ConfigDict, split: str) -> datasets_lib.Se
     return ds
 
 
-def make_extractor(config: ml_collections.ConfigDict, *, registers: bool = True) -> features_lib.FeatureExtractor:
-    """The frozen backbone of `config.checkpoint`, jitted and sharded over all devices; `registers=False` builds
-    it without register tokens, as the reference's CBFE script does."""
-    model = features_lib.load_model(config.checkpoint, arch=config.arch, which=config.checkpoint_model)
+def make_extractor(
+    config: ml_collections.ConfigDict, model=None, *, registers: bool = True
+) -> features_lib.FeatureExtractor:
+    """The frozen backbone `model` (None: the one of `config.checkpoint`), jitted and sharded over all devices;
+    `registers=False` builds it without register tokens, as the reference's CBFE script does."""
+    if model is None:
+        model = features_lib.load_model(config.checkpoint, arch=config.arch, which=config.checkpoint_model)
     if not registers:
         model = features_lib.without_registers(model)
     return features_lib.FeatureExtractor(model, dtype=config.dtype, name=config.checkpoint)

@@ -390,7 +390,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> LinearSettings:
     return from_config(LinearSettings, config.linear)
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
+def run(config: ml_collections.ConfigDict, model=None) -> dict:
     """The protocol entry of `python -m evaluation` (configs/eval/<dataset>_linear.py)."""
     settings = settings_from_config(config)
     lo, hi = settings.crop_scale
@@ -405,7 +405,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
             f"{len(train)} training images are fewer than config.linear.batch_size={settings.batch_size} "
             "with drop_last; lower the batch size or set config.linear.drop_last=False"
         )
-    extractor = make_extractor(config)
+    extractor = make_extractor(config, model)
     results = evaluate(
         train,
         val,

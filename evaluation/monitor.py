@@ -3,32 +3,30 @@
 The original logs a validation score after every training epoch; here `eval.every_epochs = n` runs an
 evaluation job config (`configs/eval/*.py`, e.g. VOC overclustering on a val tree) on the teacher backbone at
 the end of every n-th epoch, through the same runner as `python -m evaluation`, writes its results under
-`workdir/eval/epoch_<e>/` and logs `eval_miou` to metrics.jsonl. Off by default (0), and then nothing of
-this module is built. The trainer does not import the evaluation package: main.py hands `make_monitor` to
+`workdir/eval/epoch_<e>/` and logs `eval_miou` to metrics.jsonl. The teacher is evaluated as it is in memory
+(its weights are in the checkpoints). Off by default (0), and then nothing of this module is built. The
+trainer does not import the evaluation package: main.py hands `make_monitor` to
 `neco_jax.train.train_and_evaluate`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 
 from evaluation import jobs, runner
-from neco_jax import save_backbone
 from neco_jax.errors import ConfigError
+from neco_jax.settings import EvalSettings
 
 
 class EvalMonitor:
     """Builds and checks the evaluation job once (before training), then runs it when an epoch ends."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, steps_per_epoch: int):
-        e = config.eval
+    def __init__(self, e: EvalSettings, workdir: str | os.PathLike, steps_per_epoch: int):
         if jax.process_count() > 1:
             raise ConfigError("config.eval.every_epochs runs in single-process training only; set it to 0")
         self.every = int(e.every_epochs)
@@ -36,7 +34,8 @@ class EvalMonitor:
         self.workdir = Path(workdir) / "eval"
         self.job = jobs.load_config_file(e.config)
         values = jobs.parse_overrides([s for s in e.set.split(";") if s.strip()])
-        values.update(data_dir=e.data_dir, workdir=str(self.workdir), checkpoint=str(self.workdir / "teacher"))
+        # The teacher is evaluated in memory; `checkpoint` only names it in the results.
+        values.update(data_dir=e.data_dir, workdir=str(self.workdir), checkpoint=f"the teacher of {workdir}")
         try:
             self.job.update_from_flattened_dict(values)
         except (TypeError, ValueError, KeyError, AttributeError) as err:
@@ -48,23 +47,16 @@ class EvalMonitor:
         return step % self.steps_per_epoch == 0 and (step // self.steps_per_epoch) % self.every == 0
 
     def run(self, teacher_backbone, step: int) -> dict[str, Any]:
-        """Evaluate the teacher backbone (an NNX module) at the end of the epoch that `step` closes."""
+        """Evaluate the teacher backbone (an NNX module, in memory) at the end of the epoch that `step` closes."""
         epoch = step // self.steps_per_epoch
         start = time.perf_counter()
-        folder = self.workdir / f"epoch_{epoch:03d}"
-        weights = folder / "teacher"
-        save_backbone(teacher_backbone, weights)
         job = self.job.copy_and_resolve_references()
-        job.checkpoint, job.workdir = str(weights), str(folder)
-        try:
-            results = runner.run_job(job)
-        finally:
-            shutil.rmtree(weights, ignore_errors=True)  # results stay; the weights are in the checkpoints
+        job.checkpoint = f"{job.checkpoint} at step {step}"
+        job.workdir = str(self.workdir / f"epoch_{epoch:03d}")
+        results = runner.run_job(job, teacher_backbone)
         return {"eval_miou": float(results["miou"]), "eval_epoch": epoch, "eval_s": time.perf_counter() - start}
 
 
-def make_monitor(config: ml_collections.ConfigDict, workdir, steps_per_epoch: int) -> EvalMonitor | None:
-    """The monitor of `config.eval`, or None when it is off (every_epochs = 0)."""
-    if config.eval.every_epochs < 0:
-        raise ConfigError(f"config.eval.every_epochs={config.eval.every_epochs} must be >= 0 (0 = off)")
-    return EvalMonitor(config, workdir, steps_per_epoch) if config.eval.every_epochs else None
+def make_monitor(settings: EvalSettings, workdir, steps_per_epoch: int) -> EvalMonitor | None:
+    """The monitor of the `config.eval` settings, or None when it is off (every_epochs = 0)."""
+    return EvalMonitor(settings, workdir, steps_per_epoch) if settings.every_epochs else None

@@ -169,7 +169,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> OverclusterSettin
     return from_config(OverclusterSettings, config.overcluster)
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
+def run(config: ml_collections.ConfigDict, model=None) -> dict:
     """The protocol entry of `python -m evaluation` (configs/eval/<dataset>_overcluster.py)."""
     oc = config.overcluster
     if oc.init not in ("random", "kmeans++"):
@@ -179,7 +179,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
     val = open_split(config, config.val_split)
     if oc.pca_dim < 1:
         raise ConfigError(f"config.overcluster.pca_dim must be positive, got {oc.pca_dim}")
-    extractor = make_extractor(config)
+    extractor = make_extractor(config, model)
     if oc.pca_dim > extractor.embed_dim:
         raise ConfigError(f"config.overcluster.pca_dim={oc.pca_dim} exceeds the backbone's width {extractor.embed_dim}")
     results = evaluate(

@@ -1,6 +1,7 @@
 """The dense protocols by name: the one place where a job's `config.protocol` is looked up.
 
-A protocol is the module `evaluation.<name>`, with `run(config) -> dict` holding at least `"miou"` (a fraction in
+A protocol is the module `evaluation.<name>`, with `run(config, model=None) -> dict` (`model`: a backbone in
+memory, e.g. the teacher of a running training; None loads `config.checkpoint`) holding at least `"miou"` (a fraction in
 [0, 1]); it may add `"per_class_iou"` (list), `"class_names"` and `"runs"` (a list of flat dicts, one row each,
 e.g. one per K). It reads its data and backbone through `evaluation.job_inputs`, never through the runner.
 """

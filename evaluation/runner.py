@@ -15,6 +15,7 @@ import ml_collections
 from evaluation import datasets as datasets_lib
 from evaluation import protocols
 from neco_jax.errors import ConfigError
+from neco_jax.models.vit_config import DTYPES
 from neco_jax.precision import true_float32
 
 
@@ -28,8 +29,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("data_dir", "workdir", "checkpoint"):
         if not config.get(field):
             raise ConfigError(f"config.{field} is not set; pass --config.{field}=...")
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"config.dtype={config.dtype!r}; use 'float32' or 'bfloat16'")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"config.dtype={config.dtype!r}; use one of {DTYPES}")
     if config.checkpoint_model not in ("teacher", "student"):
         raise ConfigError(f"config.checkpoint_model={config.checkpoint_model!r}; use 'teacher' or 'student'")
     for field in ("image_size", "mask_size", "batch_size"):
@@ -70,13 +71,14 @@ def _cell(name: str, value) -> str:
 
 
 @true_float32  # float32 features are float32 on GPUs too; bf16 is config.dtype
-def run_job(config: ml_collections.ConfigDict) -> dict:
-    """Run the config's protocol and write results.json / results.txt into config.workdir."""
+def run_job(config: ml_collections.ConfigDict, model=None) -> dict:
+    """Run the config's protocol on `model` (a backbone in memory; None: the one of `config.checkpoint`, which
+    then only names it) and write results.json / results.txt into config.workdir."""
     validate(config)
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    results = protocols.protocol(config.protocol).run(config)
+    results = protocols.protocol(config.protocol).run(config, model)
     if "miou" not in results:
         raise RuntimeError(f"evaluation.{config.protocol}.run returned no 'miou'")
     results = {**results, "seconds": round(time.time() - start, 1)}

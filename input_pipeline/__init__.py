@@ -4,7 +4,9 @@ The package import stays light (its errors module holds the root of every user e
 imports): the loader (and with it Grain and JAX) loads on first use of ``make_train_loader`` etc.
 """
 
-__all__ = ["TrainLoader", "ViewConfig", "make_train_loader"]
+from input_pipeline.settings import LoaderSettings
+
+__all__ = ["LoaderSettings", "TrainLoader", "ViewSettings", "make_train_loader"]
 
 
 def __getattr__(name: str):
@@ -12,8 +14,8 @@ def __getattr__(name: str):
         from input_pipeline import loader  # Grain and JAX: on first use, not with the errors module
 
         return getattr(loader, name)
-    if name == "ViewConfig":
+    if name == "ViewSettings":
         from input_pipeline import views  # PIL and NumPy: on first use
 
-        return views.ViewConfig
+        return views.ViewSettings
     raise AttributeError(f"module 'input_pipeline' has no attribute {name!r}")

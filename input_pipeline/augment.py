@@ -28,14 +28,12 @@ blend.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from input_pipeline.views import AUGMENT_NUMERICS, COL, IMAGENET_MEAN, IMAGENET_STD
+from input_pipeline.views import COL, IMAGENET_MEAN, IMAGENET_STD, ViewSettings
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 CROP_KEYS = (("global_crops", "global_colour"), ("local_crops", "local_colour"))
@@ -303,24 +301,14 @@ def normalize(x: jax.Array) -> jax.Array:
     return (x - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def from_config(data_cfg) -> Callable[[dict], dict]:
-    """`apply_batch` with the config's data.blur_strength and data.augment_numerics."""
-    return functools.partial(
-        apply_batch,
-        blur_strength=float(data_cfg.blur_strength),
-        numerics=str(data_cfg.get("augment_numerics", "pil")),
-    )
-
-
-def apply_batch(batch: dict, *, blur_strength: float = 1.0, numerics: str = "pil") -> dict:
+def apply_batch(batch: dict, views: ViewSettings = ViewSettings()) -> dict:
     """The loader's batch with uint8 crops -> the same batch with float32 normalised crops, colour applied.
 
-    Crops that are already float (data.augment_on="host") pass through; the colour keys are dropped.
-    `blur_strength`: data.blur_strength (sets the blur kernel's width); `numerics`: data.augment_numerics,
-    "pil" (default) or "tensor" (see the module docstring). Jittable.
+    Crops that are already float (data.augment_on="host") pass through; the colour keys are dropped. `views`
+    gives the blur kernel's width (`blur_strength`) and the numerics (`augment_numerics`, see the module
+    docstring). Jittable.
     """
-    if numerics not in AUGMENT_NUMERICS:
-        raise ValueError(f"numerics={numerics!r} must be one of {AUGMENT_NUMERICS}")
+    blur_strength, numerics = views.blur_strength, views.augment_numerics
     out = {k: v for k, v in batch.items() if k not in dict(CROP_KEYS).values()}
     for crops_key, params_key in CROP_KEYS:
         crops = batch.get(crops_key)

@@ -23,69 +23,23 @@ from absl import flags
 from input_pipeline.decode import decode_rgb
 from input_pipeline.errors import ConfigError, DatasetError, UndecodableImageError
 from input_pipeline.sample_data import sample_source
+from input_pipeline.settings import LoaderSettings
 from input_pipeline.sources import make_source
-from input_pipeline.views import ViewConfig, make_views
+from input_pipeline.views import ViewSettings, make_views
 
 _log = logging.getLogger(__name__)
 MIN_FILES_FOR_BAD_FRACTION = 100
 MAX_CONSECUTIVE_BAD = 20
+PREFETCH_BATCHES = 2  # batches each reader prepares ahead
 
 
-def _get(cfg, key, default):
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
-
-
-def _numbers(data_cfg, key: str, default: tuple, kind: type) -> tuple:
-    """The tuple field ``data.<key>`` as ``kind`` (int or float); anything else is one line naming the field
-    (a command-line override such as ``"(56,abc)"`` reaches here as the string element ``'(56,abc)'``)."""
-    value = _get(data_cfg, key, default)
-    items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    if all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer())
-        for v in items
-    ):
-        return tuple(kind(v) for v in items)
-    what = "whole numbers" if kind is int else "numbers"
-    raise ConfigError(f'config.data.{key}={value!r} must be a tuple of {what}, e.g. --config.data.{key}="{default}"')
-
-
-def view_config_from(data_cfg) -> ViewConfig:
-    """Read the original's data keys (size_crops, nmb_samples, ...) from a ConfigDict / dict / object."""
-    d = ViewConfig()
-    return ViewConfig(
-        size_crops=_numbers(data_cfg, "size_crops", d.size_crops, int),
-        nmb_crops=_numbers(data_cfg, "nmb_samples", d.nmb_crops, int),
-        min_scale_crops=_numbers(data_cfg, "min_scale_crops", d.min_scale_crops, float),
-        max_scale_crops=_numbers(data_cfg, "max_scale_crops", d.max_scale_crops, float),
-        min_intersection=float(_get(data_cfg, "min_intersection_crops", d.min_intersection)),
-        jitter_strength=float(_get(data_cfg, "jitter_strength", d.jitter_strength)),
-        blur_strength=float(_get(data_cfg, "blur_strength", d.blur_strength)),
-        jitter_prob=float(_get(data_cfg, "jitter_prob", d.jitter_prob)),
-        grayscale_prob=float(_get(data_cfg, "grayscale_prob", d.grayscale_prob)),
-        blur_prob=float(_get(data_cfg, "blur_prob", d.blur_prob)),
-        max_resample_tries=int(_get(data_cfg, "max_resample_tries", d.max_resample_tries)),
-        augment_on=str(_get(data_cfg, "augment_on", d.augment_on)),
-        augment_numerics=str(_get(data_cfg, "augment_numerics", d.augment_numerics)),
-    )
-
-
-def source_from(data_cfg):
+def source_from(settings: LoaderSettings):
     """The configured source, or the bundled sample photos (with a one-line notice) for dataset_name "sample"
     or an empty data_dir (TFDS names read TFDS's default data_dir then; the trainer requires data_dir)."""
-    data_dir = _get(data_cfg, "data_dir", None)
-    name = str(_get(data_cfg, "dataset_name", "coco"))
-    if name == "sample" or (not data_dir and not name.startswith("tfds:")):
+    name = settings.dataset_name
+    if name == "sample" or (not settings.data_dir and not name.startswith("tfds:")):
         return sample_source()
-    return make_source(
-        name,
-        str(data_dir or ""),
-        tfds_split=str(_get(data_cfg, "tfds_split", "train")),
-        tfds_image_key=str(_get(data_cfg, "tfds_image_key", "image")),
-    )
+    return make_source(name, settings.data_dir, tfds_split=settings.tfds_split, tfds_image_key=settings.tfds_image_key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +67,7 @@ class _Order:
 class _MakeExample:
     """Worker-side transform: read + decode (skipping bad records) + NeCo views for element k."""
 
-    def __init__(self, source, order: _Order, cfg: ViewConfig, seed: int, exif_transpose: bool):
+    def __init__(self, source, order: _Order, cfg: ViewSettings, seed: int, exif_transpose: bool):
         self.source, self.order, self.cfg, self.seed, self.exif = source, order, cfg, seed, exif_transpose
 
     def __call__(self, k: int, _unused) -> dict[str, np.ndarray]:
@@ -158,29 +112,20 @@ class TrainLoader:
     """
 
     def __init__(
-        self,
-        batches: grain.MapDataset,
-        source,
-        *,
-        batch_size: int,
-        steps_per_epoch: int,
-        max_bad_fraction: float,
-        worker_count: int,
-        threads_per_worker: int,
-        prefetch_batches: int,
+        self, batches: grain.MapDataset, source, *, batch_size: int, steps_per_epoch: int, settings: LoaderSettings
     ):
         self._batches = batches
         self._iterator = None
         self._next_batch = 0
         self._read = grain.ReadOptions(
-            num_threads=max(threads_per_worker, 1), prefetch_buffer_size=max(prefetch_batches, 1)
+            num_threads=max(settings.threads_per_worker, 1), prefetch_buffer_size=PREFETCH_BATCHES
         )
-        self._worker_count = worker_count
+        self._worker_count = settings.num_workers
         self.source = source
         self.num_records = len(source)
         self.batch_size = batch_size
         self.steps_per_epoch = steps_per_epoch
-        self.max_bad_fraction = max_bad_fraction
+        self.max_bad_fraction = settings.max_bad_fraction
         self.bad_files = 0
         self.files_read = 0
         self.recent_bad = collections.deque(maxlen=5)
@@ -205,7 +150,7 @@ class TrainLoader:
 
     def fetch(self) -> dict[str, np.ndarray]:
         """The next batch, its unreadable records added to the running counts but not reported yet: for a
-        consumer that fetches batches ahead (neco_jax.step_feed) and calls `report` when it takes each one."""
+        consumer that fetches batches ahead (neco_jax.device_feed) and calls `report` when it takes each one."""
         batch = next(self._it())
         self._next_batch += 1
         skipped = batch["skipped"]
@@ -251,52 +196,32 @@ class TrainLoader:
 
 
 def make_train_loader(
-    config,
+    views: ViewSettings,
+    settings: LoaderSettings,
     *,
     batch_size: int,
     seed: int,
+    process: tuple[int, int] | None = None,
     num_epochs: int | None = None,
     shuffle: bool = True,
-    worker_count: int | None = None,
-    threads_per_worker: int = 2,
-    prefetch_batches: int = 2,
-    process_index: int | None = None,
-    process_count: int | None = None,
     source=None,
 ) -> TrainLoader:
-    """Build the training loader.
+    """The training loader of `views` (each image's crops and colours) over the images `settings` names.
 
     Args:
-      config: the experiment ConfigDict (its `data` section is used) or the data section itself, or a dict.
-        Keys read (original names, defaults = ViT-S/14 518 recipe): data_dir ("" -> bundled sample photos),
-        dataset_name ("coco"; see input_pipeline.sources), tfds_split, tfds_image_key, size_crops,
-        nmb_samples, min_scale_crops, max_scale_crops, min_intersection_crops, jitter_strength,
-        blur_strength, jitter_prob, grayscale_prob, blur_prob, max_resample_tries, augment_on ("device"),
-        num_workers (0), max_bad_fraction (0.01), exif_transpose (True); num_workers may also sit at the top
-        level.
-      batch_size: examples per batch on THIS process (global batch / process_count).
+      views, settings: the data section's two settings (`config.data`; its `num_workers` grain worker
+        processes, 0 = in this process, and `threads_per_worker` reader threads in each).
+      batch_size: examples per batch on THIS process (global batch / process count).
       seed: drives the per-epoch shuffle and every example's crops and colours.
+      process: (index, count) of this host's shard; default (jax.process_index(), jax.process_count()).
       num_epochs: stop after this many epochs; None = repeat forever.
       shuffle: False reads the records in order (each epoch the same), e.g. for debugging.
-      worker_count: grain worker processes (overrides data.num_workers); 0 = in this process.
-      threads_per_worker: reader threads in each worker (PIL and NumPy release the GIL for most work).
-      prefetch_batches: batches prepared ahead (per worker).
-      process_index / process_count: this host's shard; default jax.process_index() / jax.process_count().
       source: use this random-access source instead of the configured one (tests, custom data).
     """
-    data_cfg = _get(config, "data", None) or config
-    if process_index is None or process_count is None:
-        process_index, process_count = jax.process_index(), jax.process_count()
-    if worker_count is None:  # the original keeps num_workers at the top level of its config
-        worker_count = int(_get(data_cfg, "num_workers", _get(config, "num_workers", 0)))
-    max_bad_fraction = float(_get(data_cfg, "max_bad_fraction", 0.01))
-    if batch_size < 1 or worker_count < 0 or seed < 0 or not 0 <= max_bad_fraction <= 1:
-        raise ConfigError(
-            f"batch_size={batch_size} must be >= 1, num_workers={worker_count} >= 0, seed={seed} >= 0 and "
-            f"max_bad_fraction={max_bad_fraction} in [0, 1]"
-        )
-    view_cfg = view_config_from(data_cfg)
-    source = source if source is not None else source_from(data_cfg)
+    process_index, process_count = process or (jax.process_index(), jax.process_count())
+    if batch_size < 1 or seed < 0:
+        raise ConfigError(f"batch_size={batch_size} must be >= 1 and seed={seed} >= 0")
+    source = source if source is not None else source_from(settings)
     n = len(source)
     steps_per_epoch = n // (batch_size * process_count)
     if steps_per_epoch == 0:
@@ -307,15 +232,6 @@ def make_train_loader(
     order = _Order(n, batch_size, steps_per_epoch, process_index, process_count, seed, shuffle)
     ds = grain.MapDataset.range(steps_per_epoch * batch_size)
     ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(_MakeExample(source, order, view_cfg, seed, bool(_get(data_cfg, "exif_transpose", True))))
+    ds = ds.map_with_index(_MakeExample(source, order, views, seed, settings.exif_transpose))
     ds = ds.batch(batch_size, drop_remainder=True)
-    return TrainLoader(
-        ds,
-        source,
-        batch_size=batch_size,
-        steps_per_epoch=steps_per_epoch,
-        max_bad_fraction=max_bad_fraction,
-        worker_count=worker_count,
-        threads_per_worker=threads_per_worker,
-        prefetch_batches=prefetch_batches,
-    )
+    return TrainLoader(ds, source, batch_size=batch_size, steps_per_epoch=steps_per_epoch, settings=settings)

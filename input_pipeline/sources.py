@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 
 from input_pipeline.errors import DatasetError
+from input_pipeline.settings import LoaderSettings
 from input_pipeline.tfds_source import TfdsSource
 
 _log = logging.getLogger(__name__)
@@ -248,7 +249,13 @@ _BUILDERS = {
 }
 
 
-def make_source(dataset_name: str, data_dir: str, *, tfds_split: str = "train", tfds_image_key: str = "image"):
+def make_source(
+    dataset_name: str,
+    data_dir: str,
+    *,
+    tfds_split: str = LoaderSettings.tfds_split,
+    tfds_image_key: str = LoaderSettings.tfds_image_key,
+):
     """Build the source for `dataset_name` ("coco", "coco,imagenet100", "tfds:name[/config]", ...).
 
     `data_dir` gives one root per comma-separated dataset name (a single root is shared by all names, e.g. a

@@ -10,7 +10,7 @@ distributions do not.
 The one deliberate change: the original redraws a crop until the overlap rule holds, with no limit. We redraw
 at most `max_resample_tries` times, then use a fallback box that always intersects every global crop:
 global crop k>0 becomes a copy of global crop 0, a local crop becomes the intersection of the global crops.
-It satisfies the rule whenever global crop 0 covers more than 2 x min_intersection of the image (always for
+It satisfies the rule whenever global crop 0 covers more than 2 x min_intersection_crops of the image (always for
 the default scales, except images so elongated that no crop can satisfy the rule: there the original hangs).
 
 Where the colour ops run is `augment_on`: "device" (default) returns uint8 crops plus each crop's drawn colour
@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from input_pipeline.errors import ConfigError
+from input_pipeline.settings import check, setting
 
 # ImageNet mean and std of RGB in [0, 1] (torchvision's Normalize values used by DINO, NeCo and the evaluations).
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -58,62 +59,57 @@ NO_COLOUR = np.array([0, 0, 1, 2, 3, 1, 1, 1, 0, 0, 0], np.float64)  # identity 
 
 
 @dataclasses.dataclass(frozen=True)
-class ViewConfig:
-    """Multi-crop and colour settings; defaults are the original ViT-S/14 DINOv2 recipe (518/98, 2+4 crops)."""
+class ViewSettings:
+    """The crops and colours of one training image (`config.data`, beside the loader's settings); defaults are
+    the original ViT-S/14 DINOv2 recipe (518/98 px, 2 + 4 crops)."""
 
-    size_crops: tuple[int, ...] = (518, 98)  # global, local crop side in pixels
-    nmb_crops: tuple[int, ...] = (2, 4)  # number of global, local crops
-    min_scale_crops: tuple[float, ...] = (0.25, 0.05)  # RandomResizedCrop area fraction, lower bound
-    max_scale_crops: tuple[float, ...] = (1.0, 0.25)  # ... upper bound
-    ratio: tuple[float, float] = CROP_RATIO  # aspect-ratio range (torchvision default)
-    min_intersection: float = 0.01  # overlap with each earlier global crop > int(W*H*this) (x2 between globals)
-    jitter_strength: float = 1.0  # ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s)
-    blur_strength: float = 1.0  # blur sigma ~ U(0.1 s, 2 s)
-    jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
-    max_resample_tries: int = 100  # redraws per crop before the fallback box (the original has no limit)
-    augment_on: str = "device"  # colour ops in the train step ("device") or with PIL in the workers ("host")
-    augment_numerics: str = "pil"  # device ops' rounding: PIL's uint8 between ops ("pil") or float ("tensor")
+    SECTION = "data"
+
+    # Global / local crop side in pixels.
+    size_crops: tuple[int, ...] = setting((518, 98), at_least=1)
+    # Number of global / local crops per image.
+    nmb_samples: tuple[int, ...] = setting((2, 4), at_least=0)
+    # RandomResizedCrop area fraction of the image, lower and upper bound (global, local).
+    min_scale_crops: tuple[float, ...] = setting((0.25, 0.05), above=0, at_most=1)
+    max_scale_crops: tuple[float, ...] = setting((1.0, 0.25), above=0, at_most=1)
+    # A crop overlaps each earlier global crop by more than int(W * H * this) pixels (twice that between globals).
+    min_intersection_crops: float = setting(0.01, above=0, below=1)
+    # ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s) with s this (at most 2.5: a hue range of 0.2 s <= 0.5) ...
+    jitter_strength: float = setting(1.0, at_least=0, at_most=2.5)
+    # ... and the Gaussian blur's sigma range [0.1 s, 2 s].
+    blur_strength: float = setting(1.0, at_least=0)
+    # Probabilities of the colour jitter, the grayscale and the blur.
+    jitter_prob: float = setting(0.8, at_least=0, at_most=1)
+    grayscale_prob: float = setting(0.2, at_least=0, at_most=1)
+    blur_prob: float = setting(0.5, at_least=0, at_most=1)
+    # Redraws of a crop that breaks the overlap rule before the overlapping-by-construction fallback box (the
+    # original redraws without limit).
+    max_resample_tries: int = setting(100, at_least=0)
+    # Colour jitter, grayscale and blur in the train step ("device") or with PIL in the workers ("host").
+    augment_on: str = setting("device", choices=AUGMENT_ON)
+    # The device ops' rounding: PIL's uint8 between ops ("pil", the original's) or float throughout ("tensor").
+    augment_numerics: str = setting("pil", choices=AUGMENT_NUMERICS)
 
     def __post_init__(self):
+        check(self)
         n = len(self.size_crops)
-        if not 1 <= n <= 2 or not (len(self.nmb_crops) == len(self.min_scale_crops) == len(self.max_scale_crops) == n):
+        if not 1 <= n <= 2 or not (
+            len(self.nmb_samples) == len(self.min_scale_crops) == len(self.max_scale_crops) == n
+        ):
             raise ConfigError(
                 "config.data.size_crops, nmb_samples, min_scale_crops and max_scale_crops must have the same "
-                f"length, 1 (globals only) or 2 (globals, locals); got {self.size_crops}, {self.nmb_crops}, "
+                f"length, 1 (globals only) or 2 (globals, locals); got {self.size_crops}, {self.nmb_samples}, "
                 f"{self.min_scale_crops}, {self.max_scale_crops}"
             )
-        if self.nmb_crops[0] < 1 or any(c < 0 for c in self.nmb_crops) or any(s < 1 for s in self.size_crops):
-            raise ConfigError(
-                f"config.data.nmb_samples {self.nmb_crops} / size_crops {self.size_crops}: need >= 1 global crop, "
-                "non-negative counts and positive sizes"
-            )
+        if self.nmb_samples[0] < 1:
+            raise ConfigError(f"config.data.nmb_samples={self.nmb_samples} must start with >= 1 global crop")
         for lo, hi in zip(self.min_scale_crops, self.max_scale_crops):
-            if not 0 < lo <= hi <= 1:
-                raise ConfigError(f"crop scale range ({lo}, {hi}) must satisfy 0 < min <= max <= 1")
-        if not 0 < self.min_intersection < 1:
-            raise ConfigError(f"config.data.min_intersection_crops={self.min_intersection} must be in (0, 1)")
-        if not 0 <= self.jitter_strength <= 2.5 or self.blur_strength < 0:
-            raise ConfigError(
-                f"jitter_strength={self.jitter_strength} must be in [0, 2.5] (hue range 0.2 s <= 0.5) and "
-                f"blur_strength={self.blur_strength} >= 0"
-            )
-        for name in ("jitter_prob", "grayscale_prob", "blur_prob"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
-        if self.max_resample_tries < 0:
-            raise ConfigError(f"max_resample_tries={self.max_resample_tries} must be >= 0")
-        if self.augment_on not in AUGMENT_ON:
-            raise ConfigError(f"config.data.augment_on={self.augment_on!r} must be one of {AUGMENT_ON}")
-        if self.augment_numerics not in AUGMENT_NUMERICS:
-            raise ConfigError(
-                f"config.data.augment_numerics={self.augment_numerics!r} must be one of {AUGMENT_NUMERICS}"
-            )
+            if lo > hi:
+                raise ConfigError(f"config.data crop scale range ({lo}, {hi}) must satisfy min <= max")
 
     @property
     def num_global(self) -> int:
-        return self.nmb_crops[0]
+        return self.nmb_samples[0]
 
     def crop_group(self, i: int) -> int:
         """0 for the global crops (indices < num_global), 1 for the local ones."""
@@ -160,21 +156,21 @@ def _fallback_box(i: int, boxes: np.ndarray, num_global: int) -> np.ndarray:
     return np.array([g[:, 0].max(), g[:, 1].max(), g[:, 2].min(), g[:, 3].min()], np.int64)
 
 
-def sample_crop_boxes(rng, width: int, height: int, cfg: ViewConfig) -> np.ndarray:
+def sample_crop_boxes(rng, width: int, height: int, cfg: ViewSettings) -> np.ndarray:
     """(V, 4) int64 crop boxes x1,y1,x2,y2 (globals first) obeying the original's overlap rule.
 
-    Crop i > 0 must overlap every earlier global crop by strictly more than int(W*H*min_intersection) pixels,
+    Crop i > 0 must overlap every earlier global crop by strictly more than int(W*H*min_intersection_crops) pixels,
     twice that when crop i is itself global; local crops are never compared with each other.
     """
     num_global = cfg.num_global
-    boxes = np.zeros((sum(cfg.nmb_crops), 4), np.int64)
-    threshold = int(width * height * cfg.min_intersection)
+    boxes = np.zeros((sum(cfg.nmb_samples), 4), np.int64)
+    threshold = int(width * height * cfg.min_intersection_crops)
     for i in range(len(boxes)):
         group = cfg.crop_group(i)
         scale = (cfg.min_scale_crops[group], cfg.max_scale_crops[group])
 
         def draw(scale=scale):
-            top, left, h, w = random_resized_crop_params(rng, width, height, scale, cfg.ratio)
+            top, left, h, w = random_resized_crop_params(rng, width, height, scale, CROP_RATIO)
             return np.array([left, top, left + w, top + h], np.int64)
 
         box = draw()
@@ -192,7 +188,7 @@ def sample_crop_boxes(rng, width: int, height: int, cfg: ViewConfig) -> np.ndarr
     return boxes
 
 
-def crop_pair_boxes(boxes: np.ndarray, cfg: ViewConfig) -> tuple[np.ndarray, np.ndarray]:
+def crop_pair_boxes(boxes: np.ndarray, cfg: ViewSettings) -> tuple[np.ndarray, np.ndarray]:
     """The original `calculate_bboxes`, in float32: overlap of each (global g, crop v) pair in resized pixels.
 
     Returns `gc` (G, V, 4): the overlap in crop g's resized frame, and `all` (V, G, 4): the same overlap in
@@ -228,7 +224,7 @@ def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
     return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert(img.mode)
 
 
-def draw_colour_params(rng, cfg: ViewConfig) -> np.ndarray:
+def draw_colour_params(rng, cfg: ViewSettings) -> np.ndarray:
     """One crop's colour parameters (COLOUR_PARAMS, float64), drawn as torchvision's RandomApply(ColorJitter(
     0.8 s, 0.8 s, 0.8 s, 0.2 s), p) -> RandomGrayscale(p) -> RandomApply(GaussianBlur(U(0.1 s, 2 s)), p) draw."""
     params = NO_COLOUR.copy()
@@ -260,7 +256,7 @@ def apply_colour_pil(img: Image.Image, params: np.ndarray) -> Image.Image:
     return img
 
 
-def color_augment(img: Image.Image, rng, cfg: ViewConfig) -> Image.Image:
+def color_augment(img: Image.Image, rng, cfg: ViewSettings) -> Image.Image:
     """The original's colour pipeline on PIL: draw the parameters, then apply them."""
     return apply_colour_pil(img, draw_colour_params(rng, cfg))
 
@@ -277,10 +273,10 @@ def normalize(img: Image.Image | np.ndarray) -> np.ndarray:
     return x
 
 
-def view_shapes(cfg: ViewConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def view_shapes(cfg: ViewSettings) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """(shape, dtype) of every array `make_views` returns for one image under `cfg`, without an image: what a
     step is compiled for before any data is read (the trainer's memory check, `neco_jax.plan`)."""
-    n_global, n_local = cfg.nmb_crops[0], sum(cfg.nmb_crops[1:])
+    n_global, n_local = cfg.nmb_samples[0], sum(cfg.nmb_samples[1:])
     views = n_global + n_local
     s_global = cfg.size_crops[0]
     s_local = cfg.size_crops[1] if len(cfg.size_crops) > 1 else s_global
@@ -298,7 +294,7 @@ def view_shapes(cfg: ViewConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return out
 
 
-def make_views(img: Image.Image, rng, cfg: ViewConfig) -> dict[str, np.ndarray]:
+def make_views(img: Image.Image, rng, cfg: ViewSettings) -> dict[str, np.ndarray]:
     """All crops of one RGB image plus their pair boxes; crops grouped by size as the batch contract wants.
 
     augment_on="device": uint8 crops and float32 `global_colour` / `local_colour` (crops x COLOUR_PARAMS) for

@@ -60,14 +60,13 @@ def _explicit_launch() -> tuple[str, int, int] | None:
     return address, num, pid
 
 
-def initialize(config) -> None:
+def initialize(timeout_s: int) -> None:
     """`jax.distributed.initialize` when launched as one of several processes; a no-op for one process.
 
     Must run before anything touches a JAX device. If not every process has reached the coordinator
-    within `config.init_timeout_s`, stop with one line naming the address and the variables (JAX itself
-    would abort the process with a C++ stack trace; a watchdog thread exits first, with status 2).
+    within `timeout_s` (config.init_timeout_s), stop with one line naming the address and the variables (JAX
+    itself would abort the process with a C++ stack trace; a watchdog thread exits first, with status 2).
     """
-    timeout_s = config.init_timeout_s  # checked (>= 1) with the other config fields by train.check_config
     explicit = _explicit_launch()
     if jax.distributed.is_initialized() or (explicit is None and not _launched_by_cluster()):
         return
@@ -161,18 +160,16 @@ def check_same_config(config, workdir: str) -> None:
 STOP_CHECK_TIMEOUT_MS = 10 * 60 * 1000  # a peer this late at a stop check is stuck (its collectives would hang too)
 
 
-def agreed_stop(local_signal: int | None, step: int, every: int, last: bool = False) -> int | None:
-    """The signal that asked any process to stop, agreed at the same step by all (None: carry on).
+def agreed_stop(local_signal: int | None, step: int) -> int | None:
+    """The signal that asked any process to stop, agreed by all at `step` (None: carry on); a collective, so
+    every process calls it at the same steps (`neco_jax.periodic.StopAgreement` decides which).
 
-    One process alone acts on its own signal at once. Several exchange their flags every `every` steps
-    (and at the last step), so that they all save the same step and stop together. The exchange goes through
-    the coordinator's key-value store (a flag under the step's key, then a barrier of the hosts), not through
-    the devices: the hosts wait for each other, never for their devices' queued steps.
+    One process alone acts on its own signal at once. Several exchange their flags through the coordinator's
+    key-value store (a flag under the step's key, then a barrier of the hosts), not through the devices: the
+    hosts wait for each other, never for their devices' queued steps.
     """
     if jax.process_count() == 1:
         return local_signal
-    if step % every and not last:
-        return None
     client = jax_distributed.global_state.client
     if local_signal:
         client.key_value_set(f"neco_stop/{step}/{jax.process_index()}", str(int(local_signal)))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from neco_jax.errors import ConfigError
+from neco_jax.settings import OptimSettings
 
 GROUPS = ("backbone_decay", "backbone_no_decay", "head_decay", "head_no_decay")
 FROZEN = "frozen"
@@ -105,13 +106,13 @@ def param_labels(
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(optim_cfg, labels: Any, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(settings: OptimSettings, labels: Any, total_steps: int) -> optax.GradientTransformation:
     """AdamW over the four groups (torch defaults: betas 0.9/0.999, eps 1e-8), frozen params untouched.
 
     With `grad_clip_norm > 0` the gradients of the trained params are clipped to that global norm before
     Adam sees them (unlike the original, whose clipping runs before the backward pass and never acts).
     """
-    sched = schedules(optim_cfg, total_steps)
+    sched = schedules(settings, total_steps)
     lr_backbone, lr_heads, wd = sched["lr_backbone"], sched["lr_heads"], sched["weight_decay"]
     adamw = optax.inject_hyperparams(optax.adamw)
 
@@ -128,11 +129,9 @@ def make_optimizer(optim_cfg, labels: Any, total_steps: int) -> optax.GradientTr
         },
         labels,
     )
-    if optim_cfg.grad_clip_norm < 0:
-        raise ConfigError(f"optim.grad_clip_norm={optim_cfg.grad_clip_norm} must be >= 0 (0 disables clipping)")
-    if optim_cfg.grad_clip_norm > 0:
+    if settings.grad_clip_norm > 0:
         trained = jax.tree.map(lambda lab: lab != FROZEN, labels)
-        tx = optax.chain(optax.masked(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), trained), tx)
+        tx = optax.chain(optax.masked(optax.clip_by_global_norm(settings.grad_clip_norm), trained), tx)
     return tx
 
 
@@ -142,18 +141,18 @@ def trained_grad_norm(grads: Any, labels: Any) -> jax.Array:
     return optax.tree.norm(leaves)
 
 
-def schedules(optim_cfg, total_steps: int) -> dict[str, Callable[[Any], jax.Array]]:
+def schedules(settings: OptimSettings, total_steps: int) -> dict[str, Callable[[Any], jax.Array]]:
     """The learning rates and the decayed groups' weight decay as functions of the step."""
     return {
-        "lr_backbone": cosine_schedule(optim_cfg.lr_backbone, optim_cfg.final_lr, total_steps),
-        "lr_heads": cosine_schedule(optim_cfg.lr_heads, optim_cfg.final_lr, total_steps),
-        "weight_decay": cosine_schedule(optim_cfg.weight_decay, optim_cfg.weight_decay_end, total_steps),
+        "lr_backbone": cosine_schedule(settings.lr_backbone, settings.final_lr, total_steps),
+        "lr_heads": cosine_schedule(settings.lr_heads, settings.final_lr, total_steps),
+        "weight_decay": cosine_schedule(settings.weight_decay, settings.weight_decay_end, total_steps),
     }
 
 
-def hyperparams(optim_cfg, total_steps: int, step) -> dict[str, jax.Array]:
+def hyperparams(settings: OptimSettings, total_steps: int, step) -> dict[str, jax.Array]:
     """The learning rates and weight decay the optimizer applies at `step` (for the metrics)."""
-    return {name: schedule(step) for name, schedule in schedules(optim_cfg, total_steps).items()}
+    return {name: schedule(step) for name, schedule in schedules(settings, total_steps).items()}
 
 
 def group_counts(labels: Any) -> dict[str, int]:

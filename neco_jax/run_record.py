@@ -7,7 +7,8 @@ really started (setup done, first step compiled), so a start that fails leaves t
 
 A resume whose config changes what is computed (learning rate, sort network, total steps, registers...)
 is refused with the list of differences unless it is explicitly allowed (`main.py --allow_config_change`):
-the checkpoint's state only makes sense under the config that wrote it.
+the checkpoint's state only makes sense under the config that wrote it. Which fields change the computation
+is said by their settings fields (`computes`, neco_jax/settings.py).
 """
 
 from __future__ import annotations
@@ -21,31 +22,12 @@ from typing import Any
 import ml_collections
 from flax import traverse_util
 
+from neco_jax import settings
 from neco_jax.errors import ConfigChangedError, WorkdirError
 from neco_jax.files import atomic_write_text
 
 CONFIG_FILE = "config.json"
 STARTS_FILE = "starts.jsonl"
-# Fields that change bookkeeping, not the computation: a resume may change them freely. (`model.init` is not
-# read on resume, the weights come from the checkpoint; `model.remat` recomputes the same values and
-# `model.attention` computes them by another kernel, to rounding; `eval.*`
-# only evaluates the teacher.)
-BOOKKEEPING = frozenset(
-    {
-        "log_every_steps",
-        "checkpoint_every_steps",
-        "keep_checkpoints",
-        "export_at_end",
-        "data.num_workers",
-        "model.init",
-        "model.remat",
-        "model.remat_policy",
-        "model.attention",
-        "init_timeout_s",
-        "stop_check_every_steps",
-    }
-)
-BOOKKEEPING_SECTIONS = ("eval.",)
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -102,8 +84,10 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, *, allow_chang
     stored = stored_config(workdir)
     if stored is None:
         return []
-    changes = config_changes(stored, json.loads(_as_json(config)))
-    computing = [c for c in changes if c.split(":")[0] not in BOOKKEEPING and not c.startswith(BOOKKEEPING_SECTIONS)]
+    new = json.loads(_as_json(config))
+    old_fields, new_fields = _flatten(stored), _flatten(new)
+    changes = config_changes(stored, new)
+    computing = [c for c in changes if _changes_computation(c.split(":")[0], old_fields, new_fields)]
     if computing and not allow_change:
         raise ConfigChangedError(
             f"{os.path.join(workdir, CONFIG_FILE)} differs from this config in fields that change the computation: "
@@ -111,6 +95,15 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict, *, allow_chang
             "--allow_config_change to continue the checkpoint with the new values"
         )
     return changes
+
+
+def _changes_computation(field: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a changed field changes the computation, as its settings field says (`neco_jax.settings`). A field
+    the stored config lacks does not when it is at its default: a field is added with the behaviour it replaces
+    as its default, which is what the stored run computed."""
+    if not settings.changes_computation(field):
+        return False
+    return field in old or settings.field_of(field) is None or new.get(field) != settings.default_of(field)
 
 
 def record_start(workdir: str, config: ml_collections.ConfigDict, step: int) -> str | None:

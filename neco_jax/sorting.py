@@ -25,9 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from neco_jax.errors import ConfigError
+from neco_jax.settings import DISTRIBUTIONS, NETWORKS
 
-NETWORKS = ("bitonic", "odd_even")
-DISTRIBUTIONS = ("cauchy", "logistic", "logistic_phi", "gaussian", "reciprocal", "optimal")
 EXECUTORS = ("gather", "dense")
 
 # A comparator: input wires (a, b) and the wires receiving the min and the max.

@@ -20,12 +20,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from neco_jax import memory_fit
-from neco_jax.errors import ConfigError
-from neco_jax.models import get_arch
+from neco_jax.models import ViTConfig, get_arch
+from neco_jax.settings import ModelSettings
 
 
 def split(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
@@ -57,25 +56,22 @@ def from_pure(template: Any, pure: Any) -> Any:
     return jax.tree.map(fill, template, pure, is_leaf=_is_state)
 
 
-def vit_configs(config: ml_collections.ConfigDict, has_mask_token: bool | None = None):
-    """(student, teacher) ViTConfigs of a training config: the named arch with the recipe's registers, dtype and
-    drop path (none in the teacher)."""
+def vit_configs(model: ModelSettings, has_mask_token: bool | None = None) -> tuple[ViTConfig, ViTConfig]:
+    """(student, teacher) ViTConfigs of the model settings: the named arch with the settings' ViTConfig fields
+    (arch_overrides, registers, dtype, attention, remat) and drop path (none in the teacher)."""
     overrides = {
-        **config.model.arch_overrides.to_dict(),
-        "num_register_tokens": config.model.num_register_tokens,
-        "dtype": config.model.dtype,
-        "attention": config.model.attention,
+        **model.arch_overrides,
+        "num_register_tokens": model.num_register_tokens,
+        "dtype": model.dtype,
+        "attention": model.attention,
     }
     if has_mask_token is not None:
         overrides["has_mask_token"] = has_mask_token
-    remat = config.model.remat
-    if remat not in memory_fit.REMAT_VALUES:
-        raise ConfigError(f"config.model.remat={remat!r} is not one of {memory_fit.REMAT_VALUES}")
-    # "auto" is resolved by the trainer (train.compile_loop_step) before it builds the step; built as it is, the
-    # model is the first choice "auto" tries.
-    overrides.update(memory_fit.REMAT_FIELDS["none" if remat == "auto" else remat])
-    student = get_arch(config.model.arch, drop_path_rate=config.model.drop_path_rate, **overrides)
-    teacher = get_arch(config.model.arch, drop_path_rate=0.0, **overrides)
+    # "auto" is resolved by the trainer (neco_jax.step.compile_loop_step) before it builds the step; built as it
+    # is, the model is the first choice "auto" tries.
+    overrides.update(memory_fit.REMAT_FIELDS["none" if model.remat == "auto" else model.remat])
+    student = get_arch(model.arch, drop_path_rate=model.drop_path_rate, **overrides)
+    teacher = get_arch(model.arch, drop_path_rate=0.0, **overrides)
     return student, teacher
 
 

@@ -2,6 +2,7 @@
 against Pillow, the whole chain against torchvision's tensor ops and against the host PIL chain with the same
 drawn parameters, and crop statistics of the two modes over many draws."""
 
+import dataclasses
 import functools
 
 import jax
@@ -15,7 +16,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from input_pipeline import augment
 from input_pipeline.decode import decode_rgb
 from input_pipeline.sample_data import sample_source
-from input_pipeline.views import COL, COLOUR_PARAMS, IMAGENET_MEAN, IMAGENET_STD, NO_COLOUR, ViewConfig, make_views
+from input_pipeline.views import COL, COLOUR_PARAMS, IMAGENET_MEAN, IMAGENET_STD, NO_COLOUR, ViewSettings, make_views
 
 TOL = 1e-5
 
@@ -195,7 +196,7 @@ def test_apply_batch_matches_torchvision_chain():
         "boxes_gc": np.zeros((b, 1)),
     }
     radius = augment.blur_radius(1.0)
-    out = jax.jit(functools.partial(augment.apply_batch, numerics="tensor"))(batch)
+    out = jax.jit(functools.partial(augment.apply_batch, views=ViewSettings(augment_numerics="tensor")))(batch)
     assert set(out) == {"global_crops", "local_crops", "boxes_gc"} and out["global_crops"].dtype == jnp.float32
     for key, n in (("global_crops", c), ("local_crops", 2)):
         got = np.asarray(out[key]) * IMAGENET_STD + IMAGENET_MEAN
@@ -209,7 +210,7 @@ def test_apply_batch_matches_torchvision_chain():
 def _host_and_device(cfg, seeds, numerics="pil"):
     """Crops of the bundled photos from make_views in both modes with the same generators, in [0, 255]."""
     photos = _photos()
-    host_cfg = ViewConfig(**{**cfg.__dict__, "augment_on": "host"})
+    host_cfg = dataclasses.replace(cfg, augment_on="host")
     views = [
         (
             make_views(photos[s % len(photos)], np.random.default_rng(s), cfg),
@@ -219,7 +220,9 @@ def _host_and_device(cfg, seeds, numerics="pil"):
     ]
     stack = lambda k, i: np.stack([v[i][k] for v in views])  # noqa: E731
     batch = {k: stack(k, 0) for k in ("global_crops", "local_crops", "global_colour", "local_colour")}
-    out = jax.jit(functools.partial(augment.apply_batch, numerics=numerics))(batch)
+    out = jax.jit(functools.partial(augment.apply_batch, views=dataclasses.replace(cfg, augment_numerics=numerics)))(
+        batch
+    )
     pixels = lambda x: (np.asarray(x, np.float64) * IMAGENET_STD + IMAGENET_MEAN) * 255  # noqa: E731
     return [
         (pixels(out[k]), pixels(stack(k, 1)), batch[k.replace("crops", "colour")])
@@ -231,7 +234,7 @@ def _chain_diffs(numerics, seeds):
     """Per crop: mean |device - host|, mean signed difference, max |diff| (grey levels), and the largest
     |diff| of the crops with no colour op."""
     per_crop, untouched = [], []
-    for device, host, params in _host_and_device(ViewConfig(size_crops=(96, 48)), seeds, numerics):
+    for device, host, params in _host_and_device(ViewSettings(size_crops=(96, 48)), seeds, numerics):
         diff = (device - host).reshape(-1, device.shape[-3] * device.shape[-2] * 3)
         params = params.reshape(-1, len(COLOUR_PARAMS))
         plain = np.all(params[:, [COL["jitter"], COL["grayscale"], COL["blur_sigma"]]] == 0, axis=1)
@@ -268,7 +271,7 @@ def test_crop_statistics_agree_between_modes():
     """Over many draws: mean and std of the crops, and the share of gray crops, agree between the modes."""
     stats = {"device": [], "host": []}
     gray = {"device": [], "host": []}
-    for device, host, _ in _host_and_device(ViewConfig(size_crops=(32, 16)), range(40)):
+    for device, host, _ in _host_and_device(ViewSettings(size_crops=(32, 16)), range(40)):
         for mode, x in (("device", device), ("host", host)):
             x = x.reshape(-1, x.shape[-3] * x.shape[-2], 3)
             stats[mode].append(np.stack([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], -1))

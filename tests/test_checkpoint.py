@@ -132,14 +132,14 @@ def test_the_stored_layout_restores_into_the_nnx_train_state(tmp_path):
     import optax
     import orbax.checkpoint as ocp
     from flax import nnx
-    from train_fixtures import tiny_config
+    from train_fixtures import tiny_settings
 
-    from neco_jax import optim, sharding
-    from neco_jax import train as train_lib
+    from neco_jax import optim, sharding, weights
     from neco_jax import train_state as ts
+    from neco_jax.step import build_training
 
-    c = tiny_config(**{"optim.total_steps": 2})
-    student, teacher = train_lib.random_params(c, 0)
+    c = tiny_settings(**{"optim.total_steps": 2})
+    student, teacher = weights.random_params(c, 0)
     student = {k: nnx.to_pure_dict(v) for k, v in student.items()}
     teacher = jax.tree.map(lambda x: 0.5 * x, {k: nnx.to_pure_dict(v) for k, v in teacher.items()})
     assert sorted(student["backbone"]["blocks"]) == [0, 1]
@@ -149,7 +149,7 @@ def test_the_stored_layout_restores_into_the_nnx_train_state(tmp_path):
     with ocp.CheckpointManager((tmp_path / "checkpoints").resolve(), item_names=("state", "data")) as manager:
         manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(stored), data=ocp.args.JsonSave({})))
 
-    abstract = train_lib.build_training(c, 2, *jax.eval_shape(lambda: train_lib.random_params(c, 0)))[3]
+    abstract = build_training(c, 2, *jax.eval_shape(lambda: weights.random_params(c, 0)))[3]
     abstract = abstract.replace(queue={})  # the stored run had no queue
     replicated = sharding.replicated(sharding.make_mesh(jax.devices()[:1]))
     checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints", keep=1)

@@ -49,7 +49,7 @@ def test_every_error_class_is_defined_once_and_user_errors_in_an_errors_module()
         "UndecodableImageError",
         "InvalidTrial",
         "RefusedGlobal",
-        "_StoppedBeforeTheLoop",
+        "StoppedBeforeTheLoop",
     }
 
 

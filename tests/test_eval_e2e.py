@@ -297,11 +297,12 @@ def test_training_workdir_student_and_teacher(tmp_path):
     """A checkpoint written by the training loop's Checkpointer is read back as either backbone."""
     from configs import demo
     from neco_jax import checkpoint as ckpt_lib
-    from neco_jax import train
     from neco_jax import train_state as ts
+    from neco_jax import weights
+    from neco_jax.settings import from_config
 
     config = demo.get_config()
-    student, teacher = train.random_params(config, 0)
+    student, teacher = weights.random_params(from_config(config), 0)
     teacher = jax.tree.map(lambda x: x * 0.5, teacher)  # make the two distinguishable
     checkpointer = ckpt_lib.Checkpointer(tmp_path / "checkpoints", keep=1)
     checkpointer.save(3, ts.create(student, teacher, {}, {}, 0), {"epoch": 0})
@@ -310,7 +311,7 @@ def test_training_workdir_student_and_teacher(tmp_path):
     images = np.random.default_rng(0).normal(size=(2, 56, 56, 3)).astype(np.float32)
     for which, params in (("student", student), ("teacher", teacher)):
         model = features.load_model(str(tmp_path), which=which)
-        expected = nnx.merge(train.build_models(config).teacher_backbone, params["backbone"])
+        expected = nnx.merge(weights.build_models(from_config(config)).teacher_backbone, params["backbone"])
         np.testing.assert_array_equal(
             np.asarray(model(jnp.asarray(images))["x_norm_patchtokens"]),
             np.asarray(expected(jnp.asarray(images))["x_norm_patchtokens"]),

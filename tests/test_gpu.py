@@ -16,9 +16,10 @@ from flax import nnx
 
 from bench.step_cases import Case, build_step, case_config, synthetic_batch
 from neco_jax import sharding
-from neco_jax import train as train_lib
+from neco_jax import step as step_lib
 from neco_jax.models import VisionTransformer, get_arch
 from neco_jax.models import attention as attention_lib
+from neco_jax.settings import from_config
 
 pytestmark = pytest.mark.gpu
 
@@ -54,7 +55,7 @@ def loss_and_grads(config, device):
     mesh = sharding.make_mesh([device])
     built = build_step(config, mesh)
     batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
-    loss_fn = train_lib.make_loss_fn(config, built.models, built.labels)
+    loss_fn = step_lib.make_loss_fn(from_config(config), built.models, built.labels)
     (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         built.state.student, built.state.teacher, built.state.queue, batch, jax.random.PRNGKey(7)
     )

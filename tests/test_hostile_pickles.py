@@ -35,7 +35,7 @@ from pickle_files import (
 )
 from programs import run_program
 from reference_models import randomize
-from train_fixtures import tiny_config
+from train_fixtures import tiny_settings
 
 import neco_jax
 from neco_jax.convert import safe_pickle, torch_io
@@ -155,7 +155,7 @@ def test_every_reader_of_weights_refuses_a_hostile_file(tmp_path, capsys, monkey
     import transformers
 
     from evaluation import cbfe
-    from neco_jax import train
+    from neco_jax import weights
 
     marker = tmp_path / "ran"
     ckpt = hostile_file(tmp_path, False, 2, "hyper-parameters", marker)
@@ -173,7 +173,7 @@ def test_every_reader_of_weights_refuses_a_hostile_file(tmp_path, capsys, monkey
         assert REFUSED in _refused(neco_jax.load_backbone, source, which="teacher")
     assert run_program("neco_jax.convert", "to-jax", str(ckpt), "--out", str(tmp_path / "out")) == 2
     assert REFUSED in capsys.readouterr().err and not (tmp_path / "out").exists()
-    assert REFUSED in _refused(train.initial_params, tiny_config(**{"model.init": str(legacy)}))
+    assert REFUSED in _refused(weights.initial_params, tiny_settings(**{"model.init": str(legacy)}))
     assert REFUSED in _refused(cbfe.read_attention_file, ckpt, 2)
     voc = eval_fixtures.make_voc_dataset(tmp_path / "voc", num_train=2, num_val=2)
     rc = run_program(

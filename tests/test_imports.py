@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("input_pipeline", "neco_jax", "evaluation", "configs")
 TOP = ("main", "bench", "tests")  # nothing in LAYERS imports these
 # Modules a package must not import although their package is below it: evaluation restores training
-# checkpoints through neco_jax.checkpoint alone, never through the trainer.
-FORBIDDEN: dict[str, tuple[str, ...]] = {"evaluation": ("neco_jax.train",)}
+# checkpoints through neco_jax.checkpoint alone, never through the trainer (its loop, step or actions).
+FORBIDDEN: dict[str, tuple[str, ...]] = {"evaluation": ("neco_jax.train", "neco_jax.step", "neco_jax.periodic")}
 
 
 def imported_names(tree: ast.AST) -> list[tuple[int, str]]:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from input_pipeline import make_train_loader
+from input_pipeline import LoaderSettings, ViewSettings, make_train_loader
 from input_pipeline.errors import DatasetError
 from input_pipeline.sources import folder_source
 
-DATA = {"size_crops": [56, 28], "nmb_samples": [2, 4], "max_bad_fraction": 1.0}
+VIEWS = ViewSettings(size_crops=(56, 28), nmb_samples=(2, 4))
 N_IMAGES = 12
 
 
@@ -35,11 +35,16 @@ def folder(tmp_path_factory):
     return _write_images(tmp_path_factory.mktemp("imgs"), N_IMAGES)
 
 
-def _loader(folder, **kw):
-    args = dict(batch_size=4, seed=0, process_index=0, process_count=1, worker_count=0)
-    args.update(kw)
-    data = dict(DATA, data_dir=folder, dataset_name="folder", **args.pop("data", {}))
-    return make_train_loader(data, **args)
+def _loader(folder, *, views=VIEWS, num_workers=0, threads_per_worker=2, max_bad_fraction=1.0, **kw):
+    """The loader of `folder` at 56/28 px, in this process, as process 0 of 1 unless `kw` says otherwise."""
+    settings = LoaderSettings(
+        dataset_name="folder",
+        data_dir=folder,
+        num_workers=num_workers,
+        threads_per_worker=threads_per_worker,
+        max_bad_fraction=max_bad_fraction,
+    )
+    return make_train_loader(views, settings, **{"batch_size": 4, "seed": 0, "process": (0, 1), **kw})
 
 
 def _take(loader, n):
@@ -70,7 +75,9 @@ def test_batch_contract(folder):
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == expected
     assert loader.steps_per_epoch == 3 and loader.num_records == N_IMAGES
     np.testing.assert_array_equal(b["boxes_gc"][:, 0, 0], np.tile([0, 0, 56, 56], (4, 1)))
-    host = next(_loader(folder, data={"augment_on": "host"}))  # the original's PIL path: float crops
+    host = next(
+        _loader(folder, views=ViewSettings(size_crops=(56, 28), augment_on="host"))
+    )  # the original's PIL path: float crops
     assert {k: (v.shape, v.dtype) for k, v in host.items()} == {
         **{k: v for k, v in expected.items() if not k.endswith("colour")},
         "global_crops": ((4, 2, 56, 56, 3), np.float32),
@@ -93,7 +100,7 @@ def test_epochs_shuffle_and_stop(folder):
 
 
 def test_drop_remainder_and_process_shards(folder):
-    shards = [list(_loader(folder, num_epochs=1, batch_size=2, process_index=p, process_count=2)) for p in (0, 1)]
+    shards = [list(_loader(folder, num_epochs=1, batch_size=2, process=(p, 2))) for p in (0, 1)]
     assert [len(s) for s in shards] == [3, 3]  # 12 // (2 x 2)
     idx = [np.concatenate([b["index"] for b in s]) for s in shards]
     assert not set(idx[0]) & set(idx[1]) and len(set(idx[0]) | set(idx[1])) == N_IMAGES
@@ -124,14 +131,14 @@ def test_resume_yields_exactly_the_remaining_batches(folder):
 
 @pytest.mark.slow
 def test_worker_count_does_not_change_the_data_or_the_state(folder):
-    serial = _take(_loader(folder, worker_count=0), 4)
-    loader = _loader(folder, worker_count=2)
+    serial = _take(_loader(folder, num_workers=0), 4)
+    loader = _loader(folder, num_workers=2)
     _assert_same(_take(loader, 2), serial[:2])
     state = json.loads(json.dumps(loader.get_state()))
     loader.close()
     with pytest.raises(ValueError):
         next(loader)
-    resumed = _loader(folder, worker_count=0, threads_per_worker=3)  # resume on a different worker setup
+    resumed = _loader(folder, num_workers=0, threads_per_worker=3)  # resume on a different worker setup
     resumed.set_state(state)
     _assert_same(_take(resumed, 2), serial[2:])
 
@@ -150,7 +157,7 @@ def test_corrupt_file_is_skipped_and_counted(tmp_path):
 
 def test_too_many_bad_files_stop_with_examples(tmp_path):
     folder = _write_images(tmp_path / "imgs", N_IMAGES, bad={1, 4, 7, 9})
-    loader = _loader(folder, data={"max_bad_fraction": 0.01})
+    loader = _loader(folder, max_bad_fraction=0.01)
     with pytest.raises(DatasetError, match=r"img_0[1479]\.png") as info:
         _take(loader, 3)
     assert "max_bad_fraction" in str(info.value)
@@ -166,12 +173,10 @@ def test_dataset_smaller_than_a_batch_and_sample_default(tmp_path, caplog):
     folder = _write_images(tmp_path / "few", 3)
     with pytest.raises(DatasetError, match="fewer than one global batch"):
         _loader(folder)
-    loader = make_train_loader(
-        {"size_crops": [56, 28]}, batch_size=2, seed=0, process_index=0, process_count=1, worker_count=0
-    )
+    loader = make_train_loader(VIEWS, LoaderSettings(num_workers=0), batch_size=2, seed=0, process=(0, 1))
     assert loader.num_records == 9 and "bundled sample photos" in caplog.text
     assert next(loader)["global_crops"].shape == (2, 2, 56, 56, 3)
     custom = make_train_loader(
-        DATA, batch_size=2, seed=0, source=folder_source(folder), process_index=0, process_count=1
+        VIEWS, LoaderSettings(), batch_size=2, seed=0, source=folder_source(folder), process=(0, 1)
     )
     assert custom.num_records == 3

@@ -13,6 +13,7 @@ from torchvision.ops import roi_align as tv_roi_align
 
 from neco_jax import loss as loss_lib
 from neco_jax import queue as queue_lib
+from neco_jax.settings import LossSettings
 
 B, G, L, HG, HL, C, PATCH, K = 3, 2, 2, 5, 3, 16, 14, 3  # K: ROI grid (n = 9 references)
 V = G + L
@@ -173,17 +174,12 @@ def test_loss_equals_reference_with_given_references(data):
     """Batch-pool path: the original's pool of the pair's aligned teacher vectors."""
     key = jax.random.PRNGKey(3)
     out, aux, _ = loss_lib.neco_loss(
-        data["sg"],
-        data["sl"],
-        data["tg"],
-        data["gc"],
-        data["all"],
+        (data["sg"], data["sl"], data["tg"]),
+        (data["gc"], data["all"]),
         None,
         key,
+        LossSettings(student_steepness=20.0, teacher_steepness=50.0, roi_align_kernel_size=K),
         patch_size=PATCH,
-        student_steepness=20.0,
-        teacher_steepness=50.0,
-        output_size=K,
     )
 
     def refs_fn(g, v, t_q):
@@ -200,17 +196,11 @@ def test_loss_equals_reference_queue_mode(data, original_counter):
     pair draws its references as the original does. With the original's shared counter (30) zero slots are among
     the references, cosine 0 with everything; with neco-jax's own count (15) none are."""
     key, length, per_image = jax.random.PRNGKey(5), 64, 5
+    settings = LossSettings(roi_align_kernel_size=K, sort_net="odd_even", queue_original_counter=original_counter)
     step = jax.jit(
-        functools.partial(
-            loss_lib.neco_loss,
-            patch_size=PATCH,
-            output_size=K,
-            network="odd_even",
-            queue_per_image=per_image,
-            original_counter=original_counter,
-        )
+        functools.partial(loss_lib.neco_loss, settings=settings, patch_size=PATCH, queue_per_image=per_image)
     )
-    args = (data["sg"], data["sl"], data["tg"], data["gc"], data["all"], queue_lib.init(G, length, C))
+    args = ((data["sg"], data["sl"], data["tg"]), (data["gc"], data["all"]), queue_lib.init(G, length, C))
     out, aux, q1 = step(*args, key)
 
     original = OriginalQueue(G, length, shared_counter=original_counter)
@@ -235,9 +225,8 @@ def test_loss_equals_reference_queue_mode(data, original_counter):
 @pytest.mark.slow
 def test_gradients_reach_only_student(data):
     def f(sg, sl, tg):
-        return loss_lib.neco_loss(
-            sg, sl, tg, data["gc"], data["all"], None, jax.random.PRNGKey(0), patch_size=PATCH, output_size=K
-        )[0]
+        boxes, settings = (data["gc"], data["all"]), LossSettings(roi_align_kernel_size=K)
+        return loss_lib.neco_loss((sg, sl, tg), boxes, None, jax.random.PRNGKey(0), settings, patch_size=PATCH)[0]
 
     gs, gl, gt = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(data["sg"], data["sl"], data["tg"])
     assert np.abs(gs).max() > 0 and np.abs(gl).max() > 0 and np.all(np.isfinite(gs))
@@ -245,36 +234,31 @@ def test_gradients_reach_only_student(data):
     # use_teacher=False ablation: references (from the "teacher" input) then carry gradient.
     g2 = jax.grad(
         lambda tg: loss_lib.neco_loss(
-            data["sg"],
-            data["sl"],
-            tg,
-            data["gc"],
-            data["all"],
+            (data["sg"], data["sl"], tg),
+            (data["gc"], data["all"]),
             None,
             jax.random.PRNGKey(0),
+            LossSettings(roi_align_kernel_size=K, use_teacher=False),
             patch_size=PATCH,
-            output_size=K,
-            detach_teacher=False,
         )[0]
     )(data["tg"])
     assert np.abs(g2).max() > 0
 
 
 def test_student_equal_teacher_is_lower(data):
-    kw = dict(patch_size=PATCH, output_size=K)
-    key = jax.random.PRNGKey(1)
-    same = loss_lib.neco_loss(data["tg"], data["sl"], data["tg"], data["gc"], data["all"], None, key, **kw)[0]
-    rand = loss_lib.neco_loss(data["sg"], data["sl"], data["tg"], data["gc"], data["all"], None, key, **kw)[0]
+    settings, boxes, key = LossSettings(roi_align_kernel_size=K), (data["gc"], data["all"]), jax.random.PRNGKey(1)
+    same = loss_lib.neco_loss((data["tg"], data["sl"], data["tg"]), boxes, None, key, settings, patch_size=PATCH)[0]
+    rand = loss_lib.neco_loss((data["sg"], data["sl"], data["tg"]), boxes, None, key, settings, patch_size=PATCH)[0]
     assert float(same) < float(rand)
     t, r, s = (jnp.asarray(data[k][:, i, :3, :3].reshape(B, 9, C)) for k, i in (("tg", 0), ("tg", 1), ("sg", 0)))
-    assert float(loss_lib.pair_loss(t, t, r)) < float(loss_lib.pair_loss(s, t, r))
+    assert float(loss_lib.pair_loss(t, t, r, settings)) < float(loss_lib.pair_loss(s, t, r, settings))
 
 
 def test_masked_pair_loss_matches_reference():
     rng = np.random.default_rng(1)
     s, t, r = _unit(rng, B, 9, C), _unit(rng, B, 9, C), _unit(rng, B, 9, C)
     mask = rng.uniform(size=(B, 9)) > 0.5
-    out = loss_lib.pair_loss(s, t, r, query_mask=mask, network="odd_even", student_steepness=30.0)
+    out = loss_lib.pair_loss(s, t, r, LossSettings(sort_net="odd_even", student_steepness=30.0), query_mask=mask)
     sorter_s = DiffSortNet("odd_even", 9, steepness=30.0)
     sorter_t = DiffSortNet("odd_even", 9, steepness=100.0)
 
@@ -286,7 +270,7 @@ def test_masked_pair_loss_matches_reference():
     m = torch.tensor(mask, dtype=torch.float32)
     ref = ((ce * m[:, :, None]).sum() / (m.sum() * 9)).item()
     _check_loss(out, ref)
-    zero = loss_lib.pair_loss(s, t, r, query_mask=np.zeros((B, 9), bool))
+    zero = loss_lib.pair_loss(s, t, r, LossSettings(), query_mask=np.zeros((B, 9), bool))
     assert float(zero) == 0.0
 
 
@@ -323,16 +307,12 @@ def test_fg_masked_loss_equals_reference(data):
     fg = (rng.uniform(size=(B, G, HG, HG)) < 0.8).astype(np.float32)
     key = jax.random.PRNGKey(11)
     out, _, _ = loss_lib.neco_loss(
-        data["sg"],
-        data["sl"],
-        data["tg"],
-        data["gc"],
-        data["all"],
+        (data["sg"], data["sl"], data["tg"]),
+        (data["gc"], data["all"]),
         None,
         key,
+        LossSettings(roi_align_kernel_size=K, loss_mask="fg"),
         patch_size=PATCH,
-        output_size=K,
-        loss_mask="fg",
         fg_mask=fg,
     )
 
@@ -373,7 +353,8 @@ def test_each_device_sorts_only_its_own_images():
     args = [jax.device_put(a, sharding.batch_sharding(mesh)) for a in args]
 
     def loss(sg, sl, tg, gc, all_):
-        return loss_lib.neco_loss(sg, sl, tg, gc, all_, None, jax.random.key(0), patch_size=PATCH, output_size=K)[0]
+        settings = LossSettings(roi_align_kernel_size=K)
+        return loss_lib.neco_loss((sg, sl, tg), (gc, all_), None, jax.random.key(0), settings, patch_size=PATCH)[0]
 
     hlo = jax.jit(jax.grad(loss)).lower(*args).compile().as_text()
     sorted_rows = {int(m) for m in re.findall(rf"f32\[(?:\d+,)?(\d+),{K * K},{K * K}\]", hlo)}

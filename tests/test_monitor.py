@@ -7,12 +7,13 @@ import eval_fixtures
 import jax
 import pytest
 from flax import nnx
-from train_fixtures import SAME_STEP_4_TINY_STEPS, tiny_config
+from train_fixtures import SAME_STEP_4_TINY_STEPS, tiny_config, tiny_settings
 
 from evaluation import monitor
-from neco_jax import errors
+from neco_jax import errors, weights
 from neco_jax import train as train_lib
 from neco_jax.metrics_writer import read_metrics
+from neco_jax.settings import from_config
 
 EVAL_SET = (
     "image_size=56;mask_size=28;batch_size=4;num_threads=2;num_visualize=0;overcluster.ks=(21,);"
@@ -21,24 +22,24 @@ EVAL_SET = (
 
 
 def test_off_by_default_builds_nothing(tmp_path):
-    c = tiny_config()
+    c = tiny_settings()
     assert c.eval.every_epochs == 0
-    assert monitor.make_monitor(c, tmp_path, steps_per_epoch=2) is None
+    assert monitor.make_monitor(c.eval, tmp_path, steps_per_epoch=2) is None
     with pytest.raises(errors.ConfigError, match="every_epochs=-1"):
-        monitor.make_monitor(tiny_config(**{"eval.every_epochs": -1}), tmp_path, 2)
+        tiny_settings(**{"eval.every_epochs": -1})
 
 
 def test_a_bad_eval_setup_fails_before_training(tmp_path):
     voc = eval_fixtures.make_voc_dataset(tmp_path / "voc", num_train=2, num_val=2)
     fields = {"eval.every_epochs": 1, "eval.data_dir": str(voc), "eval.set": EVAL_SET}
-    m = monitor.make_monitor(tiny_config(**fields), tmp_path / "run", steps_per_epoch=3)
+    m = monitor.make_monitor(tiny_settings(**fields).eval, tmp_path / "run", steps_per_epoch=3)
     assert [s for s in range(1, 10) if m.due(s)] == [3, 6, 9]
-    m2 = monitor.make_monitor(tiny_config(**{**fields, "eval.every_epochs": 2}), tmp_path / "run", steps_per_epoch=3)
+    m2 = monitor.make_monitor(tiny_settings(**{**fields, "eval.every_epochs": 2}).eval, tmp_path / "run", 3)
     assert [s for s in range(1, 13) if m2.due(s)] == [6, 12]
     with pytest.raises(errors.DatasetError):
-        monitor.make_monitor(tiny_config(**{**fields, "eval.data_dir": str(tmp_path / "none")}), tmp_path, 3)
+        monitor.make_monitor(tiny_settings(**{**fields, "eval.data_dir": str(tmp_path / "none")}).eval, tmp_path, 3)
     with pytest.raises(errors.ConfigError, match="config.eval.set"):
-        monitor.make_monitor(tiny_config(**{**fields, "eval.set": "overcluster.nope=1"}), tmp_path, 3)
+        monitor.make_monitor(tiny_settings(**{**fields, "eval.set": "overcluster.nope=1"}).eval, tmp_path, 3)
 
 
 @pytest.mark.slow
@@ -61,7 +62,7 @@ def test_every_epoch_evaluates_the_teacher_into_the_metrics(tmp_path):
     assert not (tmp_path / "run" / "eval" / "epoch_002" / "teacher").exists()  # weights not kept twice
     # The number is the final teacher's: the same job on the teacher of the returned state.
     state = jax.device_get(out["state"])
-    teacher = nnx.merge(train_lib.build_models(c).teacher_backbone, state.teacher["backbone"])
+    teacher = nnx.merge(weights.build_models(from_config(c)).teacher_backbone, state.teacher["backbone"])
     save_backbone(teacher, tmp_path / "teacher")
     job = jobs.load_config_file(c.eval.config)
     job.update_from_flattened_dict(

@@ -22,16 +22,19 @@ from train_fixtures import (
     SAME_STEP_RECIPES,
     SAME_STEP_SKIP_RUN,
     tiny_config,
+    tiny_settings,
 )
 
 from configs import base
 from input_pipeline import augment
 from neco_jax import checkpoint as ckpt_lib
-from neco_jax import errors, optim, sharding, step_feed
+from neco_jax import errors, optim, sharding, weights
+from neco_jax import step as step_lib
 from neco_jax import train as train_lib
 from neco_jax import train_state as ts
 from neco_jax.metrics_writer import read_metrics
 from neco_jax.models import VisionTransformer, get_arch
+from neco_jax.settings import from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,8 +53,7 @@ def _max_diff(a, b):
 
 
 def test_optimizer_groups_of_the_real_model():
-    c = tiny_config()
-    student, _ = train_lib.random_params(c, 0)
+    student, _ = weights.random_params(tiny_settings(), 0)
     labels = optim.param_labels(student)
     labels = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(ts.to_pure(labels))[0]}
     expected = {}
@@ -76,8 +78,7 @@ def test_init_from_saved_folder_drops_registers_and_keeps_values(tmp_path):
     from neco_jax import save_backbone
 
     save_backbone(src, tmp_path / "w")
-    c = tiny_config(**{"model.init": str(tmp_path / "w")})
-    student, teacher, desc = train_lib.initial_params(c)
+    student, teacher, desc = weights.initial_params(tiny_settings(**{"model.init": str(tmp_path / "w")}))
     assert "dropped (not in this model): register_tokens" in desc
     want = ts.split(src)[1]
     want.pop("register_tokens")
@@ -93,8 +94,8 @@ def test_init_from_a_neco_lightning_checkpoint_restores_student_teacher_and_head
     from neco_jax.convert import export_state_dict, flatten_params, head_to_torch
 
     c = tiny_config(**{"model.arch": "vit_small_patch14_dinov2", "model.arch_overrides": {"depth": 1}})
-    student, _ = train_lib.random_params(c, 1)
-    _, teacher = train_lib.random_params(c, 2)  # a different backbone and head: nothing may be mixed up
+    student, _ = weights.random_params(from_config(c), 1)
+    _, teacher = weights.random_params(from_config(c), 2)  # a different backbone and head: nothing may be mixed up
     state = {}
     for prefix, params in (("model.", student), ("teacher.", teacher)):
         flat = flatten_params(ts.to_pure(jax.device_get(params["backbone"])))
@@ -104,7 +105,7 @@ def test_init_from_a_neco_lightning_checkpoint_restores_student_teacher_and_head
     path = tmp_path / "neco.ckpt"
     torch.save({"epoch": 1, "state_dict": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, path)
     c = base.set_fields(c, {"model.init": str(path)})
-    got_student, got_teacher, desc = train_lib.initial_params(c)
+    got_student, got_teacher, desc = weights.initial_params(from_config(c))
     assert _max_diff(got_student, student) == 0.0 and _max_diff(got_teacher, teacher) == 0.0
     assert "student and teacher of a NeCo checkpoint" in desc and desc.count("head loaded") == 2
     # A plain backbone file still goes into both models, heads random (the original's cls_token branch).
@@ -117,7 +118,7 @@ def test_init_from_a_neco_lightning_checkpoint_restores_student_teacher_and_head
         },
         plain,
     )
-    s2, t2, desc2 = train_lib.initial_params(base.set_fields(c, {"model.init": str(plain)}))
+    s2, t2, desc2 = weights.initial_params(from_config(base.set_fields(c, {"model.init": str(plain)})))
     assert _max_diff(s2["backbone"], student["backbone"]) == 0.0 and _max_diff(t2["backbone"], student["backbone"]) == 0
     assert "one backbone into both models" in desc2 and desc2.count("head random") == 2
 
@@ -130,16 +131,16 @@ def test_init_with_nonfinite_weights_is_named(tmp_path):
     bias.set_value(bias.get_value().at[3].set(jnp.nan))
     save_backbone(model, tmp_path / "w")
     with pytest.raises(errors.NonFiniteError, match=r"holds NaN or infinite values in \['blocks/1/attn/proj/bias'\]"):
-        train_lib.initial_params(tiny_config(**{"model.init": str(tmp_path / "w")}))
+        weights.initial_params(tiny_settings(**{"model.init": str(tmp_path / "w")}))
 
 
 def test_init_that_does_not_fit_is_named(tmp_path):
     from neco_jax import save_backbone
 
     save_backbone(VisionTransformer(get_arch("vit_tiny_test"), rngs=nnx.Rngs(0)), tmp_path / "w")
-    c = tiny_config(**{"model.init": str(tmp_path / "w"), "model.num_register_tokens": 4})
+    c = tiny_settings(**{"model.init": str(tmp_path / "w"), "model.num_register_tokens": 4})
     with pytest.raises(errors.ConfigError, match="missing \\['register_tokens'\\]"):
-        train_lib.initial_params(c)
+        weights.initial_params(c)
 
 
 # --------------------------------------------------------------------------- the step on a mesh
@@ -147,15 +148,19 @@ def test_init_that_does_not_fit_is_named(tmp_path):
 
 def _setup(config, seed=0):
     """(models, labels, tx, state) for `config` with random weights, on the host, as the trainer builds them."""
-    student, teacher = train_lib.random_params(config, seed)
-    return train_lib.build_training(config, config.optim.total_steps, student, teacher)
+    settings = from_config(config)
+    student, teacher = weights.random_params(settings, seed)
+    return step_lib.build_training(settings, settings.optim.total_steps, student, teacher)
 
 
 def _batches(config, n):
     from input_pipeline import make_train_loader
 
-    loader = make_train_loader(config, batch_size=config.optim.batch_size, seed=config.seed, worker_count=0)
-    out = [{k: b[k] for k in train_lib.DEVICE_KEYS} for b in (next(loader) for _ in range(n))]
+    settings = from_config(config)
+    loader = make_train_loader(
+        settings.views, settings.loader, batch_size=settings.optim.batch_size, seed=settings.run.seed
+    )
+    out = [step_lib.device_part(next(loader)) for _ in range(n)]
     loader.close()
     return out
 
@@ -163,8 +168,9 @@ def _batches(config, n):
 def _run_steps(config, devices, batches):
     models, labels, tx, state = _setup(config)
     mesh = sharding.make_mesh(devices)
-    step = train_lib.jit_train_step(
-        train_lib.make_train_step(config, models, labels, tx, config.optim.total_steps), mesh
+    settings = from_config(config)
+    step = step_lib.jit_train_step(
+        step_lib.make_train_step(settings, models, labels, tx, settings.optim.total_steps), mesh
     )
     state = jax.device_put(state, sharding.replicated(mesh))
     losses = []
@@ -219,13 +225,13 @@ def test_nonfinite_step_changes_nothing_but_the_counters():
     tx = _nan_updates(tx)
     state = jax.device_get(state.replace(opt_state=tx.init(state.student)))
     mesh = sharding.make_mesh()
-    step = train_lib.jit_loop_step(c, train_lib.make_train_step(c, models, labels, tx, 4), mesh)
+    step = step_lib.jit_loop_step(from_config(c), step_lib.make_train_step(from_config(c), models, labels, tx, 4), mesh)
     batch = _batches(c, 1)[0]
     bad = _with_nan_boxes(batch)
     for n, b in enumerate((bad, batch), start=1):
         repl = sharding.replicated(mesh)
         new, metrics, _ = step(
-            jax.device_put(state, repl), sharding.global_batch(b, mesh), step_feed.empty_sums(0, repl)
+            jax.device_put(state, repl), sharding.global_batch(b, mesh), step_lib.empty_sums(0, repl)
         )
         assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
         assert np.isfinite(metrics["loss"]) == (b is batch)
@@ -437,7 +443,7 @@ def test_skip_stops_after_the_cap_and_saves_only_finite_state(tmp_path, monkeypa
     """on_nonfinite=skip with every update non-finite (finite loss): skipped steps are counted, the cap stops the
     run naming it, and neither the checkpoints nor an export ever hold a non-finite value."""
     real = optim.make_optimizer
-    monkeypatch.setattr(train_lib.optim, "make_optimizer", lambda *a: _nan_updates(real(*a)))
+    monkeypatch.setattr(optim, "make_optimizer", lambda *a: _nan_updates(real(*a)))
     c = tiny_config(**SKIP_RUN, **{"checkpoint_every_steps": 1, "export_at_end": True})
     with pytest.raises(
         errors.NonFiniteError,
@@ -513,7 +519,7 @@ def _assert_it_learned(workdir):
     saved = ckpt_lib.restore_part(
         workdir / "checkpoints", 40, ckpt_lib.abstract_like(parts, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     )
-    loss_fn = jax.jit(train_lib.make_loss_fn(c, models, labels))
+    loss_fn = jax.jit(step_lib.make_loss_fn(from_config(c), models, labels))
     batch = augment.apply_batch(_batches(c, 1)[0])
     key = jax.random.PRNGKey(123)
     before = float(loss_fn(state0.student, state0.teacher, {}, batch, key)[0])

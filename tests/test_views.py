@@ -11,7 +11,7 @@ from PIL import Image, ImageFilter
 from input_pipeline.errors import ConfigError
 from input_pipeline.views import (
     COLOUR_PARAMS,
-    ViewConfig,
+    ViewSettings,
     apply_colour_pil,
     color_augment,
     crop_pair_boxes,
@@ -24,8 +24,8 @@ from input_pipeline.views import (
 )
 from neco_jax.errors import UserError
 
-SMALL = ViewConfig(size_crops=(56, 28))
-GEOMETRY_ONLY = ViewConfig(size_crops=(56, 28), jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+SMALL = ViewSettings(size_crops=(56, 28))
+GEOMETRY_ONLY = ViewSettings(size_crops=(56, 28), jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
 
 
 class TorchDraws:
@@ -54,7 +54,7 @@ def _check_overlap_rule(boxes, width, height, cfg):
     g = cfg.num_global
     assert np.all(boxes[:, :2] >= 0) and np.all(boxes[:, 2] <= width) and np.all(boxes[:, 3] <= height)
     assert np.all(boxes[:, 2:] > boxes[:, :2])
-    base = int(width * height * cfg.min_intersection)
+    base = int(width * height * cfg.min_intersection_crops)
     for i in range(1, len(boxes)):
         need = 2 * base if i < g else base
         for j in range(min(i, g)):  # every earlier global crop, written out pair by pair
@@ -65,7 +65,7 @@ def _check_overlap_rule(boxes, width, height, cfg):
 
 @pytest.mark.parametrize("tries", [100, 0])
 def test_overlap_rule_holds_on_every_pair(tries):
-    cfg = ViewConfig(size_crops=(56, 28), max_resample_tries=tries)
+    cfg = ViewSettings(size_crops=(56, 28), max_resample_tries=tries)
     for seed in range(150):
         rng = np.random.default_rng(seed)
         width, height = int(rng.integers(20, 700)), int(rng.integers(20, 700))
@@ -73,7 +73,7 @@ def test_overlap_rule_holds_on_every_pair(tries):
 
 
 def test_fallback_boxes_are_documented_copies():
-    cfg = ViewConfig(size_crops=(56, 28), max_resample_tries=0, min_intersection=0.2)
+    cfg = ViewSettings(size_crops=(56, 28), max_resample_tries=0, min_intersection_crops=0.2)
     seen_copy = seen_intersection = False
     for seed in range(200):
         boxes = sample_crop_boxes(np.random.default_rng(seed), 300, 200, cfg)
@@ -259,7 +259,7 @@ def test_make_views_shapes_and_randomness(photo):
 def test_host_mode_applies_the_same_draws(photo):
     """augment_on="host" draws what "device" draws, and applies it with the PIL ops: crop by crop, the host
     crops are the device mode's uint8 crops put through `apply_colour_pil` with its parameters."""
-    host_cfg = ViewConfig(size_crops=(56, 28), augment_on="host")
+    host_cfg = ViewSettings(size_crops=(56, 28), augment_on="host")
     for seed in range(4):
         device = make_views(photo, np.random.default_rng(seed), SMALL)
         host = make_views(photo, np.random.default_rng(seed), host_cfg)
@@ -277,7 +277,7 @@ def test_host_mode_applies_the_same_draws(photo):
 @pytest.mark.parametrize("augment_on", ["device", "host"])
 def test_view_shapes_are_what_make_views_returns(photo, augment_on):
     """The shapes a step is compiled for before any image is read (the trainer's memory check, the planner)."""
-    cfg = ViewConfig(size_crops=(56, 28), nmb_crops=(2, 3), augment_on=augment_on)
+    cfg = ViewSettings(size_crops=(56, 28), nmb_samples=(2, 3), augment_on=augment_on)
     out = make_views(photo, np.random.default_rng(0), cfg)
     assert {k: (v.shape, v.dtype) for k, v in out.items()} == view_shapes(cfg)
 
@@ -287,13 +287,13 @@ def test_view_shapes_are_what_make_views_returns(photo, augment_on):
     [
         dict(size_crops=(56,)),
         dict(min_scale_crops=(0.5, 0.05), max_scale_crops=(0.4, 0.25)),
-        dict(min_intersection=1.0),
+        dict(min_intersection_crops=1.0),
         dict(grayscale_prob=1.5),
-        dict(nmb_crops=(0, 4)),
+        dict(nmb_samples=(0, 4)),
         dict(augment_on="gpu"),
     ],
 )
 def test_bad_view_settings_are_user_errors(kwargs):
     with pytest.raises(ConfigError) as info:
-        ViewConfig(**kwargs)
+        ViewSettings(**kwargs)
     assert isinstance(info.value, UserError)

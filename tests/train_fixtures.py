@@ -4,6 +4,7 @@ import ml_collections
 import pytest
 
 from configs import base, demo
+from neco_jax import settings
 
 # One recipe per row of the NeCo README's results table, then the demo.
 RECIPES = (*base.RECIPES, "demo")
@@ -17,6 +18,11 @@ def tiny_config(**fields) -> ml_collections.ConfigDict:
     c.log_every_steps = 1
     c.export_at_end = False
     return base.set_fields(c, fields)
+
+
+def tiny_settings(**fields) -> settings.TrainSettings:
+    """`tiny_config(**fields)` as the trainer reads it."""
+    return settings.from_config(tiny_config(**fields))
 
 
 # Tests that compile the same training step share it through the session's compilation cache, but only when

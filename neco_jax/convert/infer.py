@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from neco_jax.errors import CheckpointError
+from neco_jax.models.vit_config import swiglu_hidden_dim
 
 _SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -93,8 +94,6 @@ def shape_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def _swiglu_ratio(dim: int, hidden: int) -> float:
     """An mlp_ratio whose DINOv2 SwiGLU width rule gives ``hidden`` (4.0 for ViT-g's 4096 at 1536)."""
-    from neco_jax.models.layers import swiglu_hidden_dim  # Flax: reading weights runs without JAX
-
     ratio = 1.5 * hidden / dim
     if swiglu_hidden_dim(dim, ratio) != hidden:
         raise CheckpointError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from neco_jax.errors import ConfigError
-from neco_jax.models.vit import ViTConfig
+from neco_jax.models.vit_config import ViTConfig
 
 _DINOV2_SIZES = {
     "small": dict(embed_dim=384, depth=12, num_heads=6),

@@ -26,10 +26,10 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from neco_jax.models.vit_config import ATTENTION_CHUNK, ATTENTION_IMPLEMENTATIONS
+
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
-DEFAULT_CHUNK = 512  # query rows per block of "chunked": 3 blocks at 518 px (1370 tokens), 1 at 224 px (257)
 _SIXTEEN_BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
@@ -54,7 +54,7 @@ def current_platform() -> str:
     return "gpu" if platform in _GPU_PLATFORMS else platform
 
 
-def resolve(implementation: str, dtype, num_tokens: int, chunk: int = DEFAULT_CHUNK) -> str:
+def resolve(implementation: str, dtype, num_tokens: int, chunk: int = ATTENTION_CHUNK) -> str:
     """The implementation a call with `num_tokens` queries of `dtype` runs: `implementation` unless "auto"."""
     if implementation != "auto":
         return implementation
@@ -67,7 +67,13 @@ def resolve(implementation: str, dtype, num_tokens: int, chunk: int = DEFAULT_CH
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, implementation: str = "auto", chunk: int = DEFAULT_CHUNK
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    implementation: str = "auto",
+    chunk: int = ATTENTION_CHUNK,
 ) -> jax.Array:
     """Softmax attention of q, k, v (B, N, heads, head_dim) -> (B, N, heads, head_dim) by `implementation`."""
     implementation = resolve(implementation, q.dtype, q.shape[1], chunk)
@@ -84,7 +90,7 @@ def dot_product_attention(
         return chunked_attention(q, k, v, scale=scale, chunk=chunk)
     if implementation == "xla":
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
-    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
+    raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
 
 
 def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:

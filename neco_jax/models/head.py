@@ -8,6 +8,7 @@ from flax import nnx
 
 from neco_jax.l2_norm import l2_normalize
 from neco_jax.models.layers import LINEAR_INIT
+from neco_jax.settings import HeadSettings
 
 
 class ProjectionHead(nnx.Module):
@@ -21,9 +22,9 @@ class ProjectionHead(nnx.Module):
         self,
         in_dim: int,
         *,
-        hidden_dim: int = 2048,
-        out_dim: int = 256,
-        num_layers: int = 3,
+        hidden_dim: int = HeadSettings.hidden_dim,
+        out_dim: int = HeadSettings.out_dim,
+        num_layers: int = HeadSettings.num_layers,
         rngs: nnx.Rngs,
     ):
         if num_layers < 1:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from neco_jax.models import attention as attention_lib
+from neco_jax.models.vit_config import ATTENTION_CHUNK
 
 # PyTorch's trunc_normal_(std=0.02) truncates at +-2 in absolute value (+-100 sigma): in effect a plain normal.
 LINEAR_INIT = nnx.initializers.normal(stddev=0.02)
@@ -77,7 +78,7 @@ class Attention(nnx.Module):
         dtype: jnp.dtype,
         rngs: nnx.Rngs,
         implementation: str = "auto",
-        chunk: int = attention_lib.DEFAULT_CHUNK,
+        chunk: int = ATTENTION_CHUNK,
     ):
         self.num_heads = num_heads
         self.implementation, self.chunk = implementation, chunk
@@ -127,11 +128,6 @@ class SwiGLUFFN(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x1, x2 = jnp.split(self.w12(x), 2, axis=-1)
         return self.w3(jax.nn.silu(x1) * x2)
-
-
-def swiglu_hidden_dim(dim: int, mlp_ratio: float) -> int:
-    """DINOv2's `SwiGLUFFNFused` width: 2/3 of int(dim * mlp_ratio), rounded up to a multiple of 8 (g/14: 4096)."""
-    return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
 
 
 class LayerScale(nnx.Module):

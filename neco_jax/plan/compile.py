@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import topologies
 
-from neco_jax import memory_fit, sharding
-from neco_jax import train as train_lib
+from neco_jax import memory_fit, sharding, weights
+from neco_jax import step as step_lib
 from neco_jax import train_state as ts
 from neco_jax.flop_count import matmul_flops
 from neco_jax.models import VisionTransformer
@@ -31,6 +31,7 @@ from neco_jax.models.feature_forward import feature_forward
 from neco_jax.plan import hlo_traffic
 from neco_jax.plan.targets import JAX_GPU_MEMORY_FRACTION, Target, check_installed
 from neco_jax.precision import true_float32
+from neco_jax.settings import TrainSettings, from_config
 
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 NOT_AUTOTUNED = (
@@ -85,18 +86,18 @@ def plan_training(config, target: Target, *, fraction: float | None = None) -> d
     mesh = sharding.make_mesh(devices)
     sharding.check_batch_size(config.optim.batch_size, mesh)
     limit, share = memory_limit(target, fraction)
+    settings = from_config(config)
     total_steps = config.optim.total_steps or 1000  # only the schedules' horizon: the same program
-    student, teacher = jax.eval_shape(lambda: train_lib.random_params(config, config.seed))
-    _, labels, tx, state = train_lib.build_training(config, total_steps, student, teacher)
+    student, teacher = jax.eval_shape(lambda: weights.random_params(settings, settings.run.seed))
+    training = step_lib.build_training(settings, total_steps, student, teacher)
     start = time.perf_counter()
     with attention_lib.compiling_for(target.attention_platform):
-        result, models = train_lib.compile_loop_step(
-            config, total_steps, state, labels, tx, mesh, limit, compiler_options=_compiler_options(target)
-        )
-        chosen = result.remat or result.tried[-1][0]
-        step_fn = train_lib.make_train_step(train_lib.with_remat(config, chosen), models, labels, tx, total_steps)
-        flops = matmul_flops(step_fn, state, train_lib.batch_spec(config, mesh))
-        attention = _attention_used(config, models)
+        options = _compiler_options(target)
+        result, models = step_lib.compile_loop_step(settings, total_steps, training, mesh, limit, options)
+        chosen = step_lib.with_remat(settings, result.remat or result.tried[-1][0])
+        step_fn = step_lib.make_train_step(chosen, models, training.labels, training.tx, total_steps)
+        flops = matmul_flops(step_fn, training.state, step_lib.batch_spec(settings, mesh))
+        attention = _attention_used(settings, models)
     return {
         "job": "training step",
         **_device_fields(target, devices, limit, share),
@@ -115,10 +116,10 @@ def plan_training(config, target: Target, *, fraction: float | None = None) -> d
     }
 
 
-def _attention_used(config, models: ts.Models) -> str:
-    """What config.model.attention runs as for the global crops (under the active compiling_for)."""
-    vit = ts.vit_configs(config)[0]
-    tokens = 1 + vit.num_register_tokens + (config.data.size_crops[0] // models.patch_size) ** 2
+def _attention_used(settings: TrainSettings, models: ts.Models) -> str:
+    """What model.attention runs as for the global crops (under the active compiling_for)."""
+    vit = ts.vit_configs(settings.model)[0]
+    tokens = 1 + vit.num_register_tokens + (settings.views.size_crops[0] // models.patch_size) ** 2
     return attention_lib.resolve(vit.attention, vit.compute_dtype, tokens, vit.attention_chunk)
 
 
@@ -141,7 +142,7 @@ def plan_features(config, eval_config, target: Target, *, fraction: float | None
     devices = devices_of(target)
     mesh = sharding.make_mesh(devices)
     limit, share = memory_limit(target, fraction)
-    vit = dataclasses.replace(ts.vit_configs(config)[1], dtype=eval_config.dtype)
+    vit = dataclasses.replace(ts.vit_configs(from_config(config).model)[1], dtype=eval_config.dtype)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: VisionTransformer(vit, rngs=nnx.Rngs(0))))
     batch = -(-eval_config.batch_size // len(devices)) * len(devices)  # padded to the devices, as the job pads
     size = eval_config.image_size

@@ -1,6 +1,6 @@
 """The loop's device feed: prefetch order, lookahead and loader states; batch buffers released while their
-step runs; metric sums on the device against NumPy; and a training run that fetches from the device only at
-log and checkpoint steps, with one dispatch per step."""
+step runs; and a training run that fetches from the device only at log and checkpoint steps, with one dispatch
+per step."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from train_fixtures import SAME_STEP_4_TINY_STEPS
 
-from neco_jax import step_feed
+from neco_jax import device_feed
 
 
 class CountingLoader:
@@ -34,7 +34,7 @@ class CountingLoader:
 def test_prefetch_keeps_batches_ahead_in_order():
     loader = CountingLoader(5)
     put = lambda b: {"x": jax.device_put(b["x"])}  # noqa: E731
-    feed = step_feed.prefetch(loader, put, size=2)
+    feed = device_feed.prefetch(loader, put, size=2)
     got = []
     for fed in feed:
         assert loader.read == min(len(got) + 3, 5)  # the consumed batch plus two ahead
@@ -49,25 +49,17 @@ def test_skipped_images_are_warned_about_when_their_batch_is_consumed(tmp_path, 
     warning yet and a count of 0; after each later one, one warning per image the count includes."""
     from PIL import Image
 
-    from input_pipeline import make_train_loader
+    from input_pipeline import LoaderSettings, ViewSettings, make_train_loader
 
     for i in range(12):
         if i in (5, 9):  # read for batches 2 and 3 (batch 4, no shuffle): replaced by the next file
             (tmp_path / f"img_{i:02d}.png").write_bytes(b"\x89PNG\r\n\x1a\n corrupt")
         else:
             Image.fromarray(np.full((40, 40, 3), 10 * i, np.uint8)).save(tmp_path / f"img_{i:02d}.png")
-    data = {"size_crops": [28, 14], "nmb_samples": [1, 1], "min_scale_crops": [0.5, 0.2], "max_scale_crops": [1, 0.5]}
-    loader = make_train_loader(
-        {**data, "data_dir": str(tmp_path), "dataset_name": "folder", "max_bad_fraction": 1.0},
-        batch_size=4,
-        seed=0,
-        shuffle=False,
-        num_epochs=1,
-        process_index=0,
-        process_count=1,
-        worker_count=0,
-    )
-    feed = step_feed.prefetch(loader, lambda b: b, size=2)
+    views = ViewSettings(size_crops=(28, 14), nmb_samples=(1, 1), min_scale_crops=(0.5, 0.2), max_scale_crops=(1, 0.5))
+    settings = LoaderSettings(data_dir=str(tmp_path), dataset_name="folder", max_bad_fraction=1.0, num_workers=0)
+    loader = make_train_loader(views, settings, batch_size=4, seed=0, shuffle=False, num_epochs=1, process=(0, 1))
+    feed = device_feed.prefetch(loader, lambda b: b, size=2)
     counts = []
     with caplog.at_level("WARNING", logger="input_pipeline.loader"):
         for fed in feed:
@@ -88,42 +80,9 @@ def test_release_while_the_step_runs_frees_the_batch_and_keeps_the_result():
     want = np.asarray(slow(jax.device_put(host)))
     batch = jax.device_put(host)
     out = slow(batch)
-    step_feed.release(batch)
+    device_feed.release(batch)
     assert all(x.is_deleted() for x in batch.values())
     np.testing.assert_array_equal(np.asarray(out), want)
-
-
-def _run_sums(losses, norms, cap, start=10, run=0):
-    sums = step_feed.empty_sums(run)
-    for i, (loss, norm) in enumerate(zip(losses, norms)):
-        metrics = {
-            "loss": jnp.float32(loss),
-            "grad_norm": jnp.float32(norm),
-            "finite": jnp.bool_(np.isfinite(loss) & np.isfinite(norm)),
-        }
-        sums = step_feed.accumulate(sums, metrics, start + i, cap)
-    return jax.device_get(sums)
-
-
-def test_sums_match_numpy_with_nonfinite_steps():
-    losses = np.array([1.5, np.nan, 2.0, np.inf, np.nan, 0.25, 3.0], np.float32)
-    norms = np.array([0.5, 1.0, np.nan, 2.0, 3.0, 0.125, np.inf], np.float32)
-    sums = _run_sums(losses, norms, cap=3)
-    bad = ~(np.isfinite(losses) & np.isfinite(norms))
-    assert int(sums["steps"]) == 7 and int(sums["nonfinite"]) == bad.sum() == 5
-    assert int(sums["first_nonfinite_step"]) == 11 and np.isnan(sums["first_nonfinite_loss"])
-    assert float(sums["first_nonfinite_grad_norm"]) == 1.0 and int(sums["run"]) == 1
-    assert int(sums["alarm_step"]) == 13 and float(sums["alarm_grad_norm"]) == 2.0  # steps 11, 12, 13 in a row
-    assert int(_run_sums(losses, norms, cap=1)["alarm_step"]) == 11
-    assert int(_run_sums(losses, norms, cap=4)["alarm_step"]) == 14
-    assert int(_run_sums(losses, norms, cap=5)["alarm_step"]) == -1
-    assert int(_run_sums(losses[:1], norms[:1], cap=2, run=5)["run"]) == 0
-    assert int(_run_sums(losses[1:2], norms[1:2], cap=2, run=1)["alarm_step"]) == 10  # the run continues
-    window = step_feed.LogWindow()
-    window.add(sums)
-    assert np.isnan(window.means()["loss"])  # a non-finite step shows in the window mean, as before
-    window.add(_run_sums([2.0] * 3, [4.0] * 3, cap=1))
-    assert window.means() == {"loss": 2.0, "grad_norm_mean": 4.0} and window.steps == 0
 
 
 @pytest.mark.slow
@@ -133,22 +92,24 @@ def test_training_loop_fetches_only_at_log_and_checkpoint_steps(tmp_path, monkey
     raise), and host copies only at the log steps; the log rows carry the window means."""
     from train_fixtures import tiny_config
 
+    from neco_jax import nonfinite
+    from neco_jax import step as step_lib
     from neco_jax import train as train_lib
     from neco_jax.metrics_writer import read_metrics
 
     c = tiny_config(**{"optim.total_steps": 4, "log_every_steps": 2})  # the program of the other 4-step tiny runs
     fetches, fed, calls = [], [], []
-    real_copy, real_prefetch = train_lib.distributed.host_copy, step_feed.prefetch
+    real_copy, real_prefetch = train_lib.distributed.host_copy, device_feed.prefetch
     monkeypatch.setattr(train_lib.distributed, "host_copy", lambda x: fetches.append(x) or real_copy(x))
-    monkeypatch.setattr(step_feed, "prefetch", lambda *a: (fed.append(f) or f for f in real_prefetch(*a)))
-    real_accumulate, real_jit_step = step_feed.accumulate, train_lib.jit_train_step
-    monkeypatch.setattr(step_feed, "accumulate", lambda *a: calls.append("sums") or real_accumulate(*a))
+    monkeypatch.setattr(device_feed, "prefetch", lambda *a: (fed.append(f) or f for f in real_prefetch(*a)))
+    real_count, real_jit_step = nonfinite.count, step_lib.jit_train_step
+    monkeypatch.setattr(nonfinite, "count", lambda *a: calls.append("sums") or real_count(*a))
 
     def counting_jit_step(*a, **kw):
         step = real_jit_step(*a, **kw)
         return lambda *b: calls.append("step") or step(*b)
 
-    monkeypatch.setattr(train_lib, "jit_train_step", counting_jit_step)
+    monkeypatch.setattr(step_lib, "jit_train_step", counting_jit_step)
     with jax.transfer_guard_device_to_host("disallow"):
         out = train_lib.train_and_evaluate(c, tmp_path)
     monkeypatch.undo()
