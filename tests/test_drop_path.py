@@ -119,8 +119,9 @@ def test_dino_blocks_use_per_sample_drop_path_at_every_rate():
 def test_dino_recipes_build_per_sample_students():
     from configs import dino_s16, dinov2_s14, leopart_s16, timet_s16
     from neco_jax import train_state
+    from neco_jax.settings import from_config
 
     for module in (dino_s16, timet_s16, leopart_s16):
-        student, teacher = train_state.vit_configs(module.get_config())
+        student, teacher = train_state.vit_configs(from_config(module.get_config()).model)
         assert student.drop_path_mode == "per_sample" and student.drop_path_rate == 0.1
-    assert train_state.vit_configs(dinov2_s14.get_config())[0].drop_path_mode == "dinov2"
+    assert train_state.vit_configs(from_config(dinov2_s14.get_config()).model)[0].drop_path_mode == "dinov2"
