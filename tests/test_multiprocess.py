@@ -138,13 +138,13 @@ def _saved_steps(workdir):
 def reference(tmp_path_factory):
     """The uninterrupted run on 1 process x 4 devices: workdir, final state, and the global batches' indices."""
     from input_pipeline import make_train_loader
+    from neco_jax.settings import from_config
 
     c = multiprocess_config.get_config()
     workdir = tmp_path_factory.mktemp("mp") / "reference"
     state = train_lib.train_and_evaluate(c, workdir)["state"]
-    loader = make_train_loader(
-        c, batch_size=c.optim.batch_size, seed=c.seed, worker_count=0, process_index=0, process_count=1
-    )
+    s = from_config(c)
+    loader = make_train_loader(s.views, s.loader, batch_size=c.optim.batch_size, seed=c.seed, process=(0, 1))
     indices = [next(loader)["index"].tolist() for _ in range(c.optim.total_steps)]
     loader.close()
     return workdir, jax.device_get(state), indices
