@@ -133,7 +133,6 @@ def test_what_changes_the_computation_is_each_fields_own():
         "data.threads_per_worker",
         "model.init",
         "model.remat",
-        "model.remat_policy",
         "model.attention",
         "init_timeout_s",
         "stop_check_every_steps",
