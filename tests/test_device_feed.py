@@ -2,6 +2,8 @@
 step runs; and a training run that fetches from the device only at log and checkpoint steps, with one dispatch
 per step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +95,6 @@ def test_training_loop_fetches_only_at_log_and_checkpoint_steps(tmp_path, monkey
     from train_fixtures import tiny_config
 
     from neco_jax import nonfinite
-    from neco_jax import step as step_lib
     from neco_jax import train as train_lib
     from neco_jax.metrics_writer import read_metrics
 
@@ -102,20 +103,20 @@ def test_training_loop_fetches_only_at_log_and_checkpoint_steps(tmp_path, monkey
     real_copy, real_prefetch = train_lib.distributed.host_copy, device_feed.prefetch
     monkeypatch.setattr(train_lib.distributed, "host_copy", lambda x: fetches.append(x) or real_copy(x))
     monkeypatch.setattr(device_feed, "prefetch", lambda *a: (fed.append(f) or f for f in real_prefetch(*a)))
-    real_count, real_jit_step = nonfinite.count, step_lib.jit_train_step
+    real_count, real_compile = nonfinite.count, train_lib.compile_loop_step
     monkeypatch.setattr(nonfinite, "count", lambda *a: calls.append("sums") or real_count(*a))
 
-    def counting_jit_step(*a, **kw):
-        step = real_jit_step(*a, **kw)
-        return lambda *b: calls.append("step") or step(*b)
+    def counting_compile(*a, **kw):  # the loop's program, compiled ahead: each call of it counted
+        fit, models = real_compile(*a, **kw)
+        return dataclasses.replace(fit, compiled=lambda *b: calls.append("step") or fit.compiled(*b)), models
 
-    monkeypatch.setattr(step_lib, "jit_train_step", counting_jit_step)
+    monkeypatch.setattr(train_lib, "compile_loop_step", counting_compile)
     with jax.transfer_guard_device_to_host("disallow"):
         out = train_lib.train_and_evaluate(c, tmp_path)
     monkeypatch.undo()
     rows = read_metrics(tmp_path)
     assert out["step"] == 4 and [r["step"] for r in rows] == [2, 4]
-    assert calls == ["step", "sums"] + ["step"] * 3  # the sums are traced into the step: one dispatch per step
+    assert calls == ["sums"] + ["step"] * 4  # the sums are traced into the step: one dispatch per step
     assert len(fed) == 4 and all(x.is_deleted() for f in fed for x in jax.tree.leaves(f.batch))
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm_mean"]) for r in rows)
     metric_fetches = [x for x in fetches if isinstance(x, tuple) and "loss_sum" in x[0]]
