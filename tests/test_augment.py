@@ -18,7 +18,9 @@ from input_pipeline.decode import decode_rgb
 from input_pipeline.sample_data import sample_source
 from input_pipeline.views import COL, COLOUR_PARAMS, IMAGENET_MEAN, IMAGENET_STD, NO_COLOUR, ViewSettings, make_views
 
-TOL = 1e-5
+# Tensor ops vs torchvision on [0, 1] images, absolute: measured <= 9.5e-7 (hue; the chain 7.2e-7, blur 5.4e-7,
+# grayscale 0); the bound is 3x.
+TOL = 3e-6
 
 
 def _t(x):  # HWC numpy -> CHW torch
@@ -129,12 +131,13 @@ def test_pil_hsv_conversions_and_luma_equal_pillow():
 
 def test_pil_hue_matches_torchvision_on_pil(levels):
     """torchvision's adjust_hue on PIL images; Pillow rounds hsv2rgb's p, q, t in double precision (float32
-    here): one level in a few thousand differs, by at most 3."""
+    here): measured, at most 3.1e-4 of the values differ (18 of 57,600), by at most 2 levels. Bounds: 3x the
+    share; the level, an integer, as measured."""
     fn = jax.jit(jax.vmap(augment.pil_adjust_hue, in_axes=(0, None)))
     for f in np.float32([-0.5, -0.2, -0.013, 0.0, 0.11, 0.5]):
         want = np.stack([np.asarray(TF.adjust_hue(Image.fromarray(x), float(f))) for x in levels])
         diff = np.abs(np.asarray(fn(levels.astype(np.float32), f)) - want)
-        assert (diff > 0).mean() < 2e-3 and diff.max() <= 3, (f, (diff > 0).mean(), diff.max())
+        assert (diff > 0).mean() <= 1e-3 and diff.max() <= 2, (f, (diff > 0).mean(), diff.max())
 
 
 def test_pil_blur_equals_pillow(levels):
@@ -231,8 +234,8 @@ def _host_and_device(cfg, seeds, numerics="pil"):
 
 
 def _chain_diffs(numerics, seeds):
-    """Per crop: mean |device - host|, mean signed difference, max |diff| (grey levels), and the largest
-    |diff| of the crops with no colour op."""
+    """Over the crops: mean of the per-crop mean |device - host|, mean signed difference, largest |diff| (grey
+    levels), and the largest |diff| of the crops with no colour op."""
     per_crop, untouched = [], []
     for device, host, params in _host_and_device(ViewSettings(size_crops=(96, 48)), seeds, numerics):
         diff = (device - host).reshape(-1, device.shape[-3] * device.shape[-2] * 3)
@@ -242,27 +245,30 @@ def _chain_diffs(numerics, seeds):
         per_crop.append(np.stack([np.abs(diff).mean(1), diff.mean(1), np.abs(diff).max(1)], -1))
     per_crop = np.concatenate(per_crop)
     mean_abs, offset = per_crop[:, :2].mean(axis=0)
+    largest = per_crop[:, 2].max()
     print(
-        f"{numerics}: device vs host PIL chain over {len(per_crop)} crops: mean |diff| {mean_abs:.4f} grey levels "
-        f"(mean diff {offset:.4f}), max |diff| {per_crop[:, 2].max():.1f}, worst crop mean {per_crop[:, 0].max():.3f}"
+        f"{numerics}: device vs host PIL chain over {len(per_crop)} crops: mean |diff| {mean_abs:.2e} grey levels "
+        f"(mean diff {offset:.4f}), max |diff| {largest:.1f}, worst crop mean {per_crop[:, 0].max():.3f}"
     )
-    return mean_abs, offset, max(untouched)
+    return mean_abs, offset, largest, max(untouched)
 
 
 def test_device_chain_matches_host_pil_chain_on_photos():
     """Same crops, same parameters, on the bundled photos, default numerics ("pil"): the device repeats
-    Pillow's rounding, so all but a few hue-shifted values are equal (measured at 96/48 px over 144 crops:
-    mean |diff| 0.0002 grey levels, max 3)."""
-    mean_abs, _, untouched = _chain_diffs("pil", range(24))
+    Pillow's rounding, so all but a few hue-shifted values are equal (measured at 96/48 px over 144 crops: mean
+    |diff| 2.4e-4 grey levels, 261 of 2 million values differ, by at most 3 levels, the hue shift's own figure in
+    test_pil_hue_matches_torchvision_on_pil). The mean's bound is 3x the measured figure."""
+    mean_abs, _, largest, untouched = _chain_diffs("pil", range(24))
     assert untouched < 1e-3  # float32 normalisation round trip
-    assert mean_abs <= 0.01
+    assert mean_abs <= 7.5e-4
+    assert largest <= 3 + 1e-3
 
 
 def test_tensor_chain_differs_from_pil_by_its_rounding():
     """numerics "tensor": PIL's enhance ops truncate to uint8 (each about half a grey level darker on average),
     its hue shift goes through 8-bit HSV and its blur is a box cascade (measured: mean |diff| 1.26 grey levels,
     1.05 of it the systematic offset; max about 40)."""
-    mean_abs, offset, untouched = _chain_diffs("tensor", range(12))
+    mean_abs, offset, _, untouched = _chain_diffs("tensor", range(12))
     assert untouched < 1e-3
     assert 0 < offset <= 1.5 and mean_abs <= 1.5  # the host side is darker
 
@@ -285,5 +291,7 @@ def test_crop_statistics_agree_between_modes():
     assert gray["device"].mean() == share
     mean_d, mean_h = stats["device"].mean(axis=0), stats["host"].mean(axis=0)
     print(f"crop mean / std, averaged over {n} crops: device {mean_d}, host {mean_h} grey levels; gray share {share}")
-    np.testing.assert_allclose(mean_d, mean_h, atol=0.05)  # grey levels
-    np.testing.assert_allclose(stats["device"].std(axis=0), stats["host"].std(axis=0), rtol=0.01)
+    # The same draws in both modes: measured differences 7.4e-5 (averages) and 8.4e-5 (spreads) grey levels;
+    # bounds 3x.
+    np.testing.assert_allclose(mean_d, mean_h, atol=2.5e-4, rtol=0)
+    np.testing.assert_allclose(stats["device"].std(axis=0), stats["host"].std(axis=0), atol=2.5e-4, rtol=0)

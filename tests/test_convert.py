@@ -26,7 +26,9 @@ from neco_jax.convert import backbone_to_jax, export_state_dict, infer, torch_io
 from neco_jax.errors import UserError
 from neco_jax.models import get_arch
 
-TOL = 1e-5
+# Relative error of the converted model vs its reference (and of exports loaded back): measured <= 1.6e-6 (timm
+# reg4 registers; tokens 1.5e-6); the bound is 3x.
+TOL = 5e-6
 IMG = 112  # native size of the DINOv2-layout references below (an 8 x 8 position table)
 
 

@@ -26,7 +26,8 @@ from neco_jax.convert import arch_record, torch_io
 from neco_jax.errors import UserError
 from neco_jax.models import get_arch
 
-TOL = 1e-5
+# Relative error of a loaded file vs its reference: measured <= 8.9e-7; the bound is 3x.
+TOL = 2.7e-6
 IMG = 56  # vit_tiny_test's native size (a 4 x 4 position table)
 
 

@@ -26,7 +26,8 @@ from neco_jax.backbone_io import load_converted
 from neco_jax.convert import hf
 from neco_jax.errors import UserError
 
-TOL = 1e-5
+# Relative error vs transformers: measured <= 2.1e-6 (a folder read at another size); the bound is 3x.
+TOL = 6.2e-6
 NATIVE = (56, 56)
 OTHER = [(84, 84), (70, 42)]  # larger square grid; non-square grid from a non-square image
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14)

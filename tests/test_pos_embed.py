@@ -11,7 +11,9 @@ from reference_models import dinov2_reference, relative_error
 
 from neco_jax.models.pos_embed import interpolate_pos_embed, resample_grid
 
-TOL = 1e-5
+# Relative error vs torch: measured <= 1.2e-6 (offset 0 without antialias; the other rules 7.0e-7, the official
+# interpolate_pos_encoding 6.6e-7); the bound is 3x.
+TOL = 3.5e-6
 CASES = [  # (table side G, output h, output w)
     (37, 7, 7),
     (37, 16, 16),

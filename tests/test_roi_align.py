@@ -11,6 +11,10 @@ from torchvision.ops import roi_align as tv_roi_align
 
 from neco_jax.roi_align import roi_align
 
+# Relative to the largest value, float32: measured 1.0e-6 vs the NumPy kernel (float64), 1.3e-6 vs torchvision;
+# the feature gradient 1.2e-6 vs torchvision's. The bounds are 3x.
+TOL, GRADIENT_TOL = 4e-6, 3.6e-6
+
 
 def numpy_roi_align(features, box, k):
     """torchvision roi_align(aligned=True, sampling_ratio=-1, spatial_scale=1), one box, loops as in the kernel."""
@@ -86,8 +90,9 @@ def test_equals_numpy_and_torchvision(case):
         .numpy()
     )
     scale = np.abs(ref).max()
-    assert np.abs(out - ref).max() <= 1e-5 * scale
-    assert np.abs(out - tv).max() <= 1e-5 * scale
+    print(f"vs NumPy {np.abs(out - ref).max() / scale:.2e}, vs torchvision {np.abs(out - tv).max() / scale:.2e}")
+    assert np.abs(out - ref).max() <= TOL * scale
+    assert np.abs(out - tv).max() <= TOL * scale
     assert np.all(out[0] == 0) and np.all(out[1] == 0) and np.all(out[3] == 0)
 
 
@@ -106,4 +111,6 @@ def test_gradient_wrt_features_equals_torchvision(case):
     out = tv_roi_align(ft, [torch.tensor(b[None]) for b in boxes], 7, aligned=True)
     (out * torch.tensor(weights).permute(0, 3, 1, 2)).sum().backward()
     ref = ft.grad.permute(0, 2, 3, 1).numpy()
-    assert np.abs(np.asarray(grad) - ref).max() <= 1e-4 * np.abs(ref).max()
+    err = np.abs(np.asarray(grad) - ref).max() / np.abs(ref).max()
+    print(f"feature gradient vs torchvision {err:.2e}")
+    assert err <= GRADIENT_TOL

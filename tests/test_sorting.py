@@ -13,6 +13,24 @@ from neco_jax import errors, sorting
 SIZES = (2, 5, 16, 49, 64)
 NETWORKS = ("bitonic", "odd_even")
 ROWS = 4
+# float32 vs diffsort in float64, relative to the largest entry: the worst measured on the CPU over the relaxations,
+# for n <= 16 and for n in {49, 64} (diffsort's own float32 run, for scale: up to 5.8e-5 on P, 7.3e-4 on grad P).
+# The bounds are 3x these.
+MEASURED = {
+    "bitonic": {
+        "P": (1.2e-6, 1.5e-5),
+        "values": (2.1e-7, 5.0e-7),
+        "grad P": (3.3e-6, 6.1e-5),
+        "grad values": (9.4e-7, 3.7e-6),
+    },
+    "odd_even": {
+        "P": (2.1e-6, 3.6e-5),
+        "values": (2.5e-7, 1.9e-6),
+        "grad P": (5.8e-6, 1.9e-4),
+        "grad values": (1.3e-6, 1.5e-4),
+    },
+}
+MARGIN = 3
 
 
 def _inputs(n, seed):
@@ -69,27 +87,25 @@ def test_networks_equal_diffsort_matrices(n):
 @pytest.mark.parametrize("network", NETWORKS)
 @pytest.mark.parametrize("n", SIZES)
 def test_sort_equals_diffsort(n, network):
-    """Every relaxation: P and values within 1e-5, gradients within 1e-4 of diffsort (float64, relative to the
-    largest entry). Where diffsort's own float32 run is further than that from its float64 result (deep
-    odd-even networks amplify rounding), ours may be at most 4x as far as diffsort-float32 is."""
+    """Every relaxation: P, values and the gradients of both against diffsort in float64, within 3x the worst
+    error measured for this network and size class (`MEASURED`)."""
     x, weights = _inputs(n, seed=n)
     x32, w32 = x.astype(np.float32), weights.astype(np.float32)
     x64, w64 = x32.astype(np.float64), w32.astype(np.float64)
     for distribution in sorting.DISTRIBUTIONS:
         steepness = 2.0 * n  # swaps of neighbours with gap ~1/n are decided but still soft
         ref = _diffsort(x64, w64, network, steepness, distribution, torch.float64)
-        theirs32 = _diffsort(x64, w64, network, steepness, distribution, torch.float32)
         ours = _ours(x32, w32, network, steepness, distribution)
-        for name, o, t32, r, tol in zip(
-            ("P", "values", "grad P", "grad values"), ours, theirs32, ref, (1e-5, 1e-5, 1e-4, 1e-4)
-        ):
-            bound = max(tol, 4 * _rel(t32, r))
-            assert _rel(o, r) <= bound, (distribution, name, _rel(o, r), _rel(t32, r))
+        for name, o, r in zip(("P", "values", "grad P", "grad values"), ours, ref):
+            err, bound = _rel(o, r), MARGIN * MEASURED[network][name][n > 16]
+            print(f"{network} n={n} {distribution} {name}: {err:.2e}")
+            assert err <= bound, (distribution, name, err, bound)
 
 
 @pytest.mark.parametrize("network", NETWORKS)
 def test_gather_is_diffsort_in_float64(network):
-    """The algorithm itself, without float32 rounding: the executors equal diffsort to ~1e-12 in float64."""
+    """The algorithm itself, without float32 rounding: the executors equal diffsort in float64 (measured: P 2.0e-14,
+    values 1.5e-15; bounds 3x)."""
     x, _ = _inputs(49, seed=7)
     x = np.random.default_rng(0).normal(size=x.shape) * 0.3
     for distribution in sorting.DISTRIBUTIONS:
@@ -97,8 +113,8 @@ def test_gather_is_diffsort_in_float64(network):
         with jax.enable_x64(True):
             for run in (sorting._execute_gather, sorting._execute_dense):
                 values, perm = run(jnp.asarray(x, jnp.float64), network, 100.0, distribution, 0.25)
-                assert _rel(np.asarray(perm), ref_p) < 1e-12, (distribution, run.__name__)
-                assert _rel(np.asarray(values), ref_v) < 1e-12
+                assert _rel(np.asarray(perm), ref_p) <= 6e-14, (distribution, run.__name__)
+                assert _rel(np.asarray(values), ref_v) <= 5e-15
 
 
 @pytest.mark.parametrize("network", NETWORKS)

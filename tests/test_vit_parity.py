@@ -1,6 +1,7 @@
 """Forward parity of the NNX ViT against the official DINOv2 code and timm, random weights, fp32 on CPU.
 
-Error measure: relative_error(a, b) = max|a - b| / max|b| over the compared tensor; bar 1e-5.
+Error measure: relative_error(a, b) = max|a - b| / max|b| over the compared tensor. Each bound is 3x the worst
+figure measured on the CPU (fp32), the figure README's "What is checked" states.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from reference_models import (
 
 from neco_jax.models import VisionTransformer, get_arch
 
-TOL = 1e-5
+# Tokens (CLS, patches, registers, pre-norm, intermediate blocks) vs dinov2 and timm: measured <= 2.4e-6 (DINOv2
+# S/14 at 98; B/14 1.7e-6, timm reg4 1.4e-6, DINO S/16 1.6e-6, B/8 1.0e-6, SwiGLU 2.3e-6).
+TOL = 7e-6
+# The last block's CLS attention probabilities: measured 3.9e-6.
+ATTENTION_TOL = 1.2e-5
+# Parameter gradients, worst parameter: measured 7.9e-6 for ViT-S/14 at full width and depth (4.8e-6 to 9.8e-6 over
+# other inputs), 2.4e-6 to 3.1e-6 for 2 blocks of 48.
+GRADIENT_TOL_FULL = 2.4e-5
+GRADIENT_TOL = 1e-5
 SIZES = [(98, 98), (224, 224), (448, 448), (518, 518), (224, 308)]
 
 
@@ -105,11 +114,12 @@ def test_attention_and_last_blocks_match_official(dinov2_small):
     assert out["attn_cls"].shape == (2, 6, (224 // 14) * (168 // 14))
     err = relative_error(out["attn_cls"], expected_attn)
     print(f"attn_cls: {err}")
-    assert err <= TOL
+    assert err <= ATTENTION_TOL
     assert len(out["blocks"]) == 2
     for ours, (patches, cls) in zip(out["blocks"], layers):
-        assert relative_error(ours[:, 1:], patches) <= TOL
-        assert relative_error(ours[:, 0], cls) <= TOL
+        errors = (relative_error(ours[:, 1:], patches), relative_error(ours[:, 0], cls))
+        print(f"block patches, cls: {errors}")
+        assert max(errors) <= TOL
     # the last of the blocks is the final normed output itself
     np.testing.assert_array_equal(out["blocks"][-1][:, 1:], out["x_norm_patchtokens"])
 
@@ -284,20 +294,15 @@ def test_bfloat16_compute_stays_close_and_fp32_outputs(dinov2_small):
     assert relative_error(out16["x_norm_patchtokens"], out32["x_norm_patchtokens"]) > 1e-4  # really bf16
 
 
-def test_gradients_match_official():
-    """Parameter gradients of a loss on patch and CLS tokens, through the pos-embed resampling (70x42 input)."""
-    from dinov2.models.vision_transformer import DinoVisionTransformer
+def _check_gradients(ref, model, x, seed, tol):
+    """Parameter gradients of a random linear loss on patch and CLS tokens, ours vs the official code's."""
+    batch, (height, width) = x.shape[0], x.shape[1:3]
+    rng = np.random.default_rng(seed)
+    dim = model.config.embed_dim
+    w_patch = rng.standard_normal((batch, (height // 14) * (width // 14), dim)).astype(np.float32)
+    w_cls = rng.standard_normal((batch, dim)).astype(np.float32)
 
-    ref = DinoVisionTransformer(
-        img_size=56, patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=1.0, block_chunks=0
-    )
-    ref = randomize(ref, seed=9).eval()
-    model = _pair("vit_tiny_test", ref, "dinov2", embed_dim=48)
-    x = _image((70, 42), seed=10, batch=2)
-    rng = np.random.default_rng(11)
-    w_patch = rng.standard_normal((2, 15, 48)).astype(np.float32)
-    w_cls = rng.standard_normal((2, 48)).astype(np.float32)
-
+    ref.zero_grad(set_to_none=True)
     out = ref.forward_features(_nchw(x))
     loss = (out["x_norm_patchtokens"] * torch.from_numpy(w_patch)).sum() + (
         out["x_norm_clstoken"] * torch.from_numpy(w_cls)
@@ -307,18 +312,38 @@ def test_gradients_match_official():
         {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in ref.named_parameters()},
         layout="dinov2",
     )
+    ref.zero_grad(set_to_none=True)
 
     def jax_loss(m):
         o = m(x)
         return jax.numpy.sum(o["x_norm_patchtokens"] * w_patch) + jax.numpy.sum(o["x_norm_clstoken"] * w_cls)
 
-    grads = nnx.grad(jax_loss)(model)
+    grads = nnx.jit(nnx.grad(jax_loss))(model)
     ours = {tuple(str(p) for p in path): np.asarray(v[...]) for path, v in nnx.to_flat_state(grads)}
     assert set(ours) == set(expected)
     errors = {"/".join(k): relative_error(ours[k], expected[k]) for k in expected if np.abs(expected[k]).max() > 0}
-    print(f"worst gradient error: {max(errors.values()):.2e}")
-    assert max(errors.values()) <= 1e-4, errors
+    print(f"worst gradient error: {max(errors.values()):.2e} ({max(errors, key=errors.get)})")
+    assert max(errors.values()) <= tol, errors
     np.testing.assert_array_equal(ours[("mask_token",)], 0.0)
+
+
+def test_gradients_match_official():
+    """Through the pos-embed resampling (70x42 input), 2 blocks of 48, batch 2."""
+    from dinov2.models.vision_transformer import DinoVisionTransformer
+
+    ref = DinoVisionTransformer(
+        img_size=56, patch_size=14, embed_dim=48, depth=2, num_heads=2, init_values=1.0, block_chunks=0
+    )
+    ref = randomize(ref, seed=9).eval()
+    model = _pair("vit_tiny_test", ref, "dinov2", embed_dim=48)
+    _check_gradients(ref, model, _image((70, 42), seed=10, batch=2), seed=11, tol=GRADIENT_TOL)
+
+
+def test_gradients_of_the_full_vit_s14_match_official(dinov2_small):
+    """ViT-S/14 at its real width and depth (384 wide, 12 blocks, 6 heads) on a 42x28 image (3x2 patches, the
+    518 px table resampled), batch 1: what 12 blocks of rounding do to the gradients."""
+    ref, model = dinov2_small
+    _check_gradients(ref, model, _image((42, 28), seed=13), seed=14, tol=GRADIENT_TOL_FULL)
 
 
 def test_border_pixels_beyond_the_patch_grid_are_dropped():
