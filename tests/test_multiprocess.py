@@ -161,6 +161,7 @@ def _assert_own_rows(workdir, indices, steps):
 
 def _assert_same_losses(workdir, ref_dir, steps):
     a, b = _losses(ref_dir), _losses(workdir)
+    print(f"losses: largest relative difference {max(abs(a[s] - b[s]) / abs(a[s]) for s in steps):.2e}")
     for s in steps:
         assert abs(a[s] - b[s]) <= RTOL * abs(a[s]), (s, a[s], b[s])
     return [b[s] for s in steps]

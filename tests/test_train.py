@@ -19,6 +19,7 @@ from flax import nnx
 from train_fixtures import (
     RECIPES,
     SAME_STEP_4_TINY_STEPS,
+    SAME_STEP_DEMO,
     SAME_STEP_RECIPES,
     SAME_STEP_SKIP_RUN,
     tiny_config,
@@ -457,27 +458,39 @@ def test_skip_stops_after_the_cap_and_saves_only_finite_state(tmp_path, monkeypa
     assert [r["nonfinite_steps"] for r in read_metrics(tmp_path)] == [1]
 
 
+def _demo_command(workdir):
+    return [sys.executable, "main.py", "--config=configs/demo.py", f"--workdir={workdir}"]
+
+
+def _signal_demo_after_first_row(workdir, signum):
+    """Run the README's demo command, send `signum` once its first metrics row is written (the loop is then
+    running), and check it stopped as main.py documents: exit status 128 + signum ("stopped, resumable", not
+    "finished"), a checkpoint before the last step, the signal named, no export. Returns stderr."""
+    proc = subprocess.Popen(_demo_command(workdir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (workdir / "metrics.jsonl").is_file() and read_metrics(workdir):
+            proc.send_signal(signum)
+            break
+        time.sleep(0.2)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signum, err[-3000:]
+    stopped = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert stopped and stopped[-1] < 40 and f"signal {int(signum)}" in err, err[-2000:]
+    assert not (workdir / "export").exists()
+    return err
+
+
 @pytest.mark.slow
+@SAME_STEP_DEMO
 def test_demo_command_end_to_end_with_sigterm_and_resume(tmp_path):
     """The README's main command as a user runs it: SIGTERM mid-run saves and exits cleanly; the same
     command then resumes from that checkpoint and finishes, writing metrics, checkpoints and exports; and the
     trained weights order patches better than the initial ones (it learns)."""
     workdir = tmp_path / "demo"
-    cmd = [sys.executable, "main.py", "--config=configs/demo.py", f"--workdir={workdir}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if (workdir / "metrics.jsonl").is_file() and read_metrics(workdir):
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.2)
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]  # "stopped, resumable", not "finished"
-    stopped = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert stopped and stopped[-1] < 40 and "signal 15" in err, err[-2000:]
-    assert not (workdir / "export").exists()
+    _signal_demo_after_first_row(workdir, signal.SIGTERM)  # exit status 143
 
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(_demo_command(workdir), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr
     rows = read_metrics(workdir)
@@ -505,6 +518,13 @@ def test_demo_command_end_to_end_with_sigterm_and_resume(tmp_path):
     assert "ETA" in done.stderr
     assert (workdir / "metrics.png").is_file()  # the run's curves (tests/test_plot.py checks what they show)
     _assert_it_learned(workdir)
+
+
+@SAME_STEP_DEMO
+def test_demo_command_stops_on_ctrl_c_with_status_130(tmp_path):
+    """Ctrl-C (SIGINT) stops the demo command as SIGTERM does: a checkpoint at the step boundary and exit
+    status 130 (README, "What happens when things go wrong"); the checkpoint resumes (the test above)."""
+    _signal_demo_after_first_row(tmp_path / "demo", signal.SIGINT)
 
 
 def _assert_it_learned(workdir):

@@ -30,3 +30,4 @@ def tiny_settings(**fields) -> settings.TrainSettings:
 SAME_STEP_4_TINY_STEPS = pytest.mark.xdist_group("tiny_4_steps")  # tiny_config(optim.total_steps=4)
 SAME_STEP_SKIP_RUN = pytest.mark.xdist_group("tiny_skip")  # tiny_config with on_nonfinite=skip, NaN updates
 SAME_STEP_RECIPES = pytest.mark.xdist_group("recipes")  # several recipes compile to one program at reduced shapes
+SAME_STEP_DEMO = pytest.mark.xdist_group("demo")  # main.py --config=configs/demo.py, as the README runs it
