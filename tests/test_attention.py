@@ -1,6 +1,6 @@
 """The memory-efficient attention (neco_jax/models/attention.py) against the plain softmax path (XLA's, which
-keeps the scores), fp32: outputs within 1e-6 and gradients within 1e-5 relative (max-norm), for the kernel alone
-and inside the ViT; the backward pass keeps no N x N array; "auto" chooses by platform and dtype; cuDNN falls
+keeps the scores), fp32: outputs and gradients within 3x the relative error (max-norm) measured on the CPU, for
+the kernel alone and inside the ViT; the backward pass keeps no N x N array; "auto" chooses by platform and dtype; cuDNN falls
 back where it cannot serve, saying so once."""
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from neco_jax.errors import ConfigError
 from neco_jax.models import VisionTransformer, get_arch
 from neco_jax.models import attention as attention_lib
 
-OUT_TOL, GRAD_TOL = 1e-6, 1e-5
+# Measured: outputs <= 2.7e-7 (the ViT's CLS token; the kernel alone 2.6e-7), gradients <= 4.0e-7 (the ViT's
+# parameters; the kernel's 2.4e-7); one block of all queries equals the plain path exactly. The bounds are 3x.
+OUT_TOL, GRAD_TOL = 8e-7, 1.2e-6
 
 
 def rel(a, b) -> float:
