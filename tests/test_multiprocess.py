@@ -28,7 +28,12 @@ from neco_jax.metrics_writer import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = "tests/multiprocess_config.py"
-RTOL = 1e-6
+# 2 processes vs 1, relative: the worst measured (the pre-empted run stops at step 2 on a 2-core machine; other
+# stops gave the smaller figures in brackets), and the bounds, 3x or less.
+LOSS_RTOL = 6.5e-7  # per-step losses: 2.2e-7
+EXPORT_RTOL = 3.6e-7  # exported weights: 7.1e-8 (1.2e-7)
+STATE_RTOL = 1e-6  # resumed train state: 4.2e-7 (2.3e-7)
+MOMENTS_RTOL = 1e-5  # Adam's moments: 4.1e-6 (1.9e-6)
 
 
 def _free_port() -> int:
@@ -163,7 +168,7 @@ def _assert_same_losses(workdir, ref_dir, steps):
     a, b = _losses(ref_dir), _losses(workdir)
     print(f"losses: largest relative difference {max(abs(a[s] - b[s]) / abs(a[s]) for s in steps):.2e}")
     for s in steps:
-        assert abs(a[s] - b[s]) <= RTOL * abs(a[s]), (s, a[s], b[s])
+        assert abs(a[s] - b[s]) <= LOSS_RTOL * abs(a[s]), (s, a[s], b[s])
     return [b[s] for s in steps]
 
 
@@ -212,13 +217,13 @@ def test_preempted_on_two_processes_resumes_on_one(reference, tmp_path, monkeypa
         k: _rel(getattr(out["state"], k), getattr(ref_state, k)) for k in ("student", "teacher", "queue", "rng", "step")
     }
     # Adam's moments are the gradients themselves, summed over the devices in another order on 2 processes:
-    # float32 reduction noise (~2e-6 of the largest moment here), which the parameters above do not show.
+    # float32 reduction noise (up to 4e-6 of the largest moment here), which the parameters above do not show.
     opt_err = _rel(out["state"].opt_state, ref_state.opt_state)
     print(
         f"2 processes: losses {losses}, stopped at step {step}; resumed on 1: relative state differences {errs}, "
         f"optimizer moments {opt_err:.3g}"
     )
-    assert max(errs.values()) <= RTOL and opt_err <= 1e-5, (errs, opt_err)
+    assert max(errs.values()) <= STATE_RTOL and opt_err <= MOMENTS_RTOL, (errs, opt_err)
     _assert_same_losses(workdir, ref_dir, range(step + 1, 7))
 
 
@@ -236,7 +241,7 @@ def test_two_processes_continue_a_one_process_run(reference, tmp_path):
     ref_export, export = _export(ref_dir), _export(workdir)
     err = max(_rel(export[p], ref_export[p]) for p in ref_export)
     print(f"2 processes from step 2: losses {losses}, max relative difference of the exports {err:.3g}")
-    assert err <= RTOL
+    assert err <= EXPORT_RTOL
     _assert_own_rows(workdir, indices, range(2, 6))
     for _, log in results:  # both log their progress; the metrics rows are process 0's alone
         assert "resumed from" in log and "step 6/6" in log
