@@ -9,8 +9,13 @@ import numpy as np
 import optax
 import pytest
 import torch
+from reference_models import relative_error
 
 from neco_jax import errors, optim
+
+# Relative error (max|a - b| / max|b|, per tensor or schedule) vs torch's AdamW after the run: measured 4.4e-7; the
+# schedules vs the original's NumPy formula: 1.2e-7. The bounds are 3x.
+ADAMW_TOL, SCHEDULE_TOL = 1.3e-6, 3.6e-7
 
 TOTAL = 6
 
@@ -140,7 +145,7 @@ def test_adamw_matches_torch_groups(clip):
     ref = _torch_run(params, labels, grads_seq, cfg)
     got = _jax_run(params, labels, grads_seq, cfg)
     for k in ref:
-        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        assert relative_error(got[k], ref[k]) <= ADAMW_TOL, (k, relative_error(got[k], ref[k]))
     if clip:  # the clip really acted: without it the result differs.
         unclipped = _jax_run(params, labels, grads_seq, _cfg())
         assert max(np.abs(unclipped[k] - got[k]).max() for k in got) > 1e-3
@@ -177,7 +182,7 @@ def test_schedules_match_the_original():
     steps = np.arange(n)
     for base, final in ((1e-5, 0.0), (0.04, 0.5)):
         got = np.asarray(jax.vmap(optim.cosine_schedule(base, final, n))(steps))
-        np.testing.assert_allclose(got, _np_cosine(base, final, n), rtol=1e-6, atol=1e-12)
+        assert relative_error(got, _np_cosine(base, final, n)) <= SCHEDULE_TOL
     wd = np.asarray(jax.vmap(optim.cosine_schedule(0.04, 0.5, n))(steps))
     assert wd[0] == pytest.approx(0.04) and np.all(np.diff(wd) > 0) and wd[-1] < 0.5
     h = optim.hyperparams(_cfg(), n, 0)
