@@ -4,7 +4,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -12,6 +11,7 @@ import torch
 from reference_models import relative_error
 
 from neco_jax import errors, optim
+from neco_jax.settings import OptimSettings
 
 # Relative error (max|a - b| / max|b|, per tensor or schedule) vs torch's AdamW after the run: measured 4.4e-7; the
 # schedules vs the original's NumPy formula: 1.2e-7. The bounds are 3x.
@@ -47,19 +47,8 @@ def _params():
 
 
 def _cfg(**kw):
-    c = ml_collections.ConfigDict(
-        dict(
-            lr_backbone=0.05,
-            lr_heads=0.2,
-            final_lr=0.001,
-            weight_decay=0.04,
-            weight_decay_end=0.5,
-            exclude_norm_bias=True,
-            grad_clip_norm=0.0,
-        )
-    )
-    c.update(kw)
-    return c
+    fields = dict(lr_backbone=0.05, lr_heads=0.2, final_lr=0.001, weight_decay=0.04, weight_decay_end=0.5)
+    return OptimSettings(**{**fields, "exclude_norm_bias": True, "grad_clip_norm": 0.0, **kw})
 
 
 def _np_cosine(base, final, total):
@@ -192,4 +181,4 @@ def test_schedules_match_the_original():
 
 def test_negative_clip_is_an_error():
     with pytest.raises(errors.ConfigError, match="grad_clip_norm"):
-        optim.make_optimizer(_cfg(grad_clip_norm=-1.0), optim.param_labels(_params()), TOTAL)
+        _cfg(grad_clip_norm=-1.0)
