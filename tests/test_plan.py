@@ -4,17 +4,20 @@ errors."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import contextlib
+import io
+import json
+import logging
 from pathlib import Path
 
 import pytest
+from programs import run_program
 
-from configs import base, demo
+from configs import demo
 from neco_jax.errors import ConfigError, UserError
 from neco_jax.plan import hlo_traffic, targets
 
-ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 pytestmark = pytest.mark.xdist_group("plan")  # one worker compiles for the TPU and GPU targets, one after another
 
 
@@ -87,24 +90,42 @@ def test_traffic_counts_kernels_and_loop_trips():
     assert hlo_traffic.traffic_bytes(HLO.replace('"n":"12"', '"n":"1"')) == body + convert
 
 
+def _plan_cli(*argv: str) -> list[dict]:
+    """`python -m neco_jax.plan ... --json`, run in this process: its results."""
+    out, level = io.StringIO(), logging.getLogger("neco_jax").level
+    try:
+        with contextlib.redirect_stdout(out):
+            assert run_program("neco_jax.plan", f"--config={CONFIGS}/demo.py", *argv, "--json") == 0
+    finally:
+        logging.getLogger("neco_jax").setLevel(level)  # the program quiets the package's logger
+    return json.loads(out.getvalue())["results"]
+
+
 @pytest.fixture(scope="module")
 def demo_plans():
-    """The demo recipe's step for an H100 in bfloat16 (cuDNN attention) and a TPU v5e-4 in float32."""
-    from neco_jax.plan import compile as plan_compile
-
-    bf16 = base.set_fields(demo.get_config(), {"model.dtype": "bfloat16"})
-    gpu = plan_compile.plan_training(bf16, targets.get_target("h100-80gb"))
-    tpu = plan_compile.plan_training(demo.get_config(), targets.get_target("tpu-v5e-4"))
-    return gpu, tpu
+    """The demo recipe's step through the CLI, compiled once per target and shared by every test below: for an
+    H100 in bfloat16 (cuDNN attention), and for a TPU v5e-4 in float32 with an evaluation job's feature forward
+    (voc_linear at 28 px, batch 6, bfloat16)."""
+    (gpu,) = _plan_cli("--target=h100-80gb", "--config.model.dtype=bfloat16")
+    tpu, features = _plan_cli(
+        "--target=tpu-v5e-4",
+        f"--features={CONFIGS}/eval/voc_linear.py",
+        "--features.image_size=28",
+        "--features.batch_size=6",
+        "--features.dtype=bfloat16",
+    )
+    return gpu, tpu, features
 
 
 @pytest.mark.slow
 def test_demo_step_compiles_for_a_gpu_and_a_tpu(demo_plans):
-    gpu, tpu = demo_plans
+    gpu, tpu, _ = demo_plans
     assert gpu["device_kind"] == "NVIDIA H100 80GB HBM3" and gpu["attention"] == "cudnn"
+    assert gpu["dtype"] == "bfloat16" and tpu["dtype"] == "float32"
     assert tpu["device_kind"].startswith("TPU v5") and tpu["devices"] == 4 and tpu["attention"] == "chunked"
     for plan in (gpu, tpu):
         mem = plan["memory"]
+        assert plan["job"] == "training step" and plan["batch_size"] == demo.get_config().optim.batch_size
         assert plan["fits"] and plan["remat_chosen"] == "none" and [t["remat"] for t in plan["tried"]] == ["none"]
         assert mem["peak"] == mem["arguments"] + mem["outputs"] + mem["temporaries"] - mem["aliased"] > 0
         assert mem["aliased"] > 0  # the state is donated
@@ -122,25 +143,17 @@ def test_describe_says_fits_and_not_autotuned(demo_plans):
     assert text.startswith("h100-80gb: 1 x NVIDIA H100 80GB HBM3") and "FITS with model.remat=none" in text
 
 
-def test_cli_bad_target_is_one_line():
-    proc = subprocess.run(
-        [sys.executable, "-m", "neco_jax.plan", "--config=configs/demo.py", "--target=h200"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown target 'h200'" in proc.stderr
-
-
-def test_feature_forward_of_an_evaluation_job_compiles_for_a_tpu():
+@pytest.mark.slow
+def test_feature_forward_of_an_evaluation_job_compiles_for_a_tpu(demo_plans):
     """--features: the evaluation's own feature forward (neco_jax.models.feature_forward, which evaluation.features
     jits) on the recipe's teacher backbone, at the job's image size, batch (padded to the devices) and dtype."""
-    from configs.eval import voc_linear
-    from neco_jax.plan import compile as plan_compile
-
-    job = base.set_fields(voc_linear.get_config(), {"image_size": 56, "batch_size": 6, "dtype": "bfloat16"})
-    plan = plan_compile.plan_features(demo.get_config(), job, targets.get_target("tpu-v5e-4"))
-    assert plan["job"] == "feature forward" and plan["batch_size"] == 8 and plan["images_per_device"] == 2
+    plan = demo_plans[2]
+    assert plan["job"] == "feature forward" and plan["target"] == "tpu-v5e-4" and plan["dtype"] == "bfloat16"
+    assert plan["image_size"] == 28 and plan["batch_size"] == 8 and plan["images_per_device"] == 2
     assert plan["fits"] and plan["memory"]["peak"] > 0 and plan["matmul_flops"] > 0
+
+
+def test_cli_bad_target_is_one_line(capsys):
+    assert run_program("neco_jax.plan", f"--config={CONFIGS}/demo.py", "--target=h200") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "unknown target 'h200'" in err
