@@ -40,7 +40,11 @@ from bench.step_cases import FULL, SMALL, Built, Case, build_step, case_config, 
 from configs import base  # noqa: E402
 from input_pipeline import augment  # noqa: E402
 from neco_jax import loss as loss_lib  # noqa: E402
-from neco_jax import program, sharding  # noqa: E402
+from neco_jax import (  # noqa: E402
+    program,
+    sharding,
+    weights,  # noqa: E402
+)
 from neco_jax import step as step_lib  # noqa: E402
 from neco_jax import train as train_lib  # noqa: E402
 from neco_jax.errors import UserError  # noqa: E402
@@ -252,13 +256,14 @@ def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
     finally:
         train_lib.make_train_loader = real
     loop_s = float(np.mean([r["step_time_s"] for r in rows[1:]]))
-    # The loop's own program: the step with the metric sums carried (the persistent compilation cache, when
-    # set, serves it without a second compilation).
+    # The loop's own program (the step with the metric sums carried), compiled as the trainer compiles it: the
+    # persistent compilation cache, when set, serves it without a second compilation.
     mesh = sharding.make_mesh()
-    built = build_step(config, mesh)
-    step = step_lib.jit_loop_step(settings, built.step_fn, mesh)
+    training = step_lib.build_training(settings, settings.optim.total_steps, *weights.random_params(settings, 0))
+    training = training._replace(state=jax.device_put(training.state, sharding.replicated(mesh)))
+    step = step_lib.compile_loop_step(settings, settings.optim.total_steps, training, mesh, None)[0].compiled
     batch = sharding.global_batch(step_lib.device_part(batches[0]), mesh)
-    holder = {"state": built.state, "sums": step_lib.empty_sums(0, sharding.replicated(mesh))}
+    holder = {"state": training.state, "sums": step_lib.empty_sums(0, sharding.replicated(mesh))}
 
     def call():
         holder["state"], metrics, holder["sums"] = step(holder["state"], batch, holder["sums"])
@@ -293,6 +298,9 @@ _LOOP = flags.DEFINE_bool(
     "loop",
     False,
     "Also time the demo's training loop (data in memory) against its jitted step alone (not with --isolate).",
+)
+_LOOP_EVERY = flags.DEFINE_integer(
+    "loop_every", None, "--loop: steps per timed window (its log period; default 5 with --small, else 10)."
 )
 
 
@@ -378,7 +386,8 @@ def main(argv: list[str]) -> None:
     loop = None
     if _LOOP.value:
         device = device or common.device_summary()
-        loop = loop_overhead(windows=4, log_every=5 if _SMALL.value else 10, iters=_ITERS.value or 20)
+        every = _LOOP_EVERY.value or (5 if _SMALL.value else 10)
+        loop = loop_overhead(windows=4, log_every=every, iters=_ITERS.value or 20)
         print(
             f"  demo loop {loop['loop_step_ms']:.1f} ms/step vs its jitted step alone {loop['step_alone_ms']:.1f} "
             f"ms/step: overhead {100 * loop['overhead']:+.1f}%",
