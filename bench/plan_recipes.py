@@ -5,7 +5,7 @@ and whether it fits, with model.remat="auto" resolved against each target's memo
     python bench/plan_recipes.py                                   # every recipe, H100 80GB, A100 40GB, TPU v5e-8
     python bench/plan_recipes.py --recipes=dinov2_s14 --targets=h100-80gb --dtypes=float32
 
-Recipes with the same program (they differ only in their initial weights or learning rates) are compiled once.
+Recipes that differ only in their initial weights or learning rates (the same shapes and memory) are compiled once.
 Each plan runs `python -m neco_jax.plan --json` in its own process, one after another: a full-size compilation
 takes minutes of CPU and several GB of host memory, which the process returns when it ends; its peak resident
 memory and CPU time are recorded, and a plan whose process grows past --max_host_gib is stopped and recorded as
