@@ -129,25 +129,27 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 class Built(NamedTuple):
     state: ts.TrainState
-    step_fn: Any  # the pure step, (state, batch) -> (state, metrics)
+    step_fn: Any  # the pure step, (state, batch, schedules) -> (state, metrics)
     step: Any  # the same, jitted over the mesh with the state donated
     models: ts.Models
     labels: Any  # optimizer group of every parameter
+    schedules: Any  # the step's last argument (neco_jax.step.schedules), on the mesh
 
 
 def build_step(config, mesh) -> Built:
     """The trainer's state and jitted step on random-init weights, built by the trainer's own builders;
     model.remat="auto" resolved as the trainer resolves it (against the devices' memory, where reported)."""
     settings = from_config(config)
-    total_steps = settings.optim.total_steps
     student, teacher = weights.random_params(settings, settings.run.seed)
-    training = step_lib.build_training(settings, total_steps, student, teacher)
+    training = step_lib.build_training(settings, settings.optim.total_steps, student, teacher)
     training = training._replace(state=jax.device_put(training.state, sharding.replicated(mesh)))
     models = training.models
     if settings.model.remat == "auto":
         limit = memory_fit.device_limit(mesh.devices.flat)
-        fit = step_lib.compile_loop_step(settings, total_steps, training, mesh, limit)[0]
+        fit = step_lib.compile_loop_step(settings, training, mesh, limit)[0]
         settings = step_lib.with_remat(settings, fit.remat or "full")
         models = weights.build_models(settings)
-    step_fn = step_lib.make_train_step(settings, models, training.labels, training.tx, total_steps)
-    return Built(training.state, step_fn, step_lib.jit_train_step(step_fn, mesh), models, training.labels)
+    step_fn = step_lib.make_train_step(settings, models, training.labels)
+    schedules = jax.device_put(training.schedules, sharding.replicated(mesh))
+    jitted = step_lib.jit_train_step(step_fn, mesh)
+    return Built(training.state, step_fn, jitted, models, training.labels, schedules)

@@ -49,6 +49,7 @@ from neco_jax import step as step_lib  # noqa: E402
 from neco_jax import train as train_lib  # noqa: E402
 from neco_jax.errors import UserError  # noqa: E402
 from neco_jax.l2_norm import l2_normalize  # noqa: E402
+from neco_jax.precision import true_float32  # noqa: E402
 from neco_jax.settings import from_config  # noqa: E402
 
 COCO_TRAIN_IMAGES = 118_287  # the original's 25-epoch COCO run: 25 * (118287 // 64) = 46,200 steps
@@ -136,12 +137,12 @@ def run_case(
     row = {"case": case.name, **dataclasses.asdict(case), "status": "ok"}
     mesh = sharding.make_mesh(jax.devices()[:1])
     built = build_step(config, mesh)
-    state, step_fn, step, models = built.state, built.step_fn, built.step, built.models
+    state, step_fn, step, models, sched = built.state, built.step_fn, built.step, built.models, built.schedules
     batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
     if profile:  # every matmul XLA is given, sorting and remat recomputation included
-        row["matmul_tflop_traced"] = matmul_flops(step_fn, state, batch) / 1e12
+        row["matmul_tflop_traced"] = matmul_flops(step_fn, state, batch, sched) / 1e12
     start, start_cpu = time.perf_counter(), time.process_time()
-    lowered = step.lower(state, batch)
+    lowered = step.lower(state, batch, sched)
     row["lower_s"] = time.perf_counter() - start  # tracing and lowering to StableHLO
     compiled = lowered.compile()
     row["compile_s"] = time.perf_counter() - start  # the whole of it: lowering and XLA's compilation
@@ -155,7 +156,7 @@ def run_case(
     holder = {"state": state}
 
     def call():
-        holder["state"], metrics = compiled(holder["state"], batch)
+        holder["state"], metrics = compiled(holder["state"], batch, sched)
         holder["metrics"] = metrics
         return holder["state"], metrics
 
@@ -261,12 +262,13 @@ def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
     mesh = sharding.make_mesh()
     training = step_lib.build_training(settings, settings.optim.total_steps, *weights.random_params(settings, 0))
     training = training._replace(state=jax.device_put(training.state, sharding.replicated(mesh)))
-    step = step_lib.compile_loop_step(settings, settings.optim.total_steps, training, mesh, None)[0].compiled
+    step = step_lib.compile_loop_step(settings, training, mesh, None)[0].compiled
     batch = sharding.global_batch(step_lib.device_part(batches[0]), mesh)
+    sched = jax.device_put(training.schedules, sharding.replicated(mesh))
     holder = {"state": training.state, "sums": step_lib.empty_sums(0, sharding.replicated(mesh))}
 
     def call():
-        holder["state"], metrics, holder["sums"] = step(holder["state"], batch, holder["sums"])
+        holder["state"], metrics, holder["sums"] = step(holder["state"], batch, holder["sums"], sched)
         return metrics
 
     timing = common.time_calls(call, warmup=2, iters=iters)
@@ -328,6 +330,7 @@ def run_isolated(name: str, remaining_s: float | None) -> tuple[list[dict], dict
         return result["rows"], result["device"]
 
 
+@true_float32  # every step traced as the trainer traces it: float32 matmuls at full precision, GPUs included
 def main(argv: list[str]) -> None:
     program.flags_only(argv)
     plan = SMALL if _SMALL.value else FULL

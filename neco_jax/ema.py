@@ -11,16 +11,15 @@ keeps teacher trajectories (and hence the targets) identical to the original's f
 trajectory; the lag is one step out of tens of thousands, so "fixing" it would buy nothing.
 """
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
 
-from neco_jax.optim import cosine_schedule
+from neco_jax.optim import Cosine, cosine_schedule
 
 
-def ema_rate_schedule(momentum: float, momentum_end: float, total_steps: int) -> Callable[[Any], jax.Array]:
+def ema_rate_schedule(momentum: float, momentum_end: float, total_steps: int) -> Cosine:
     """`1 - m(t)` of the cosine momentum schedule, computed without forming m first.
 
     In float32, `1 - 0.9995` carries a relative error of ~5e-5; building the rate from the

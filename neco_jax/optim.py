@@ -11,11 +11,12 @@ grad is None, so decaying them would shrink weights the original leaves alone.
 """
 
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from neco_jax.errors import ConfigError
@@ -27,30 +28,45 @@ FROZEN = "frozen"
 NEVER_TRAINED = ("mask_token",)
 
 
-def cosine_schedule(base: float, final: float, total_steps: int) -> Callable[[Any], jax.Array]:
-    """`final + 0.5 (base - final)(1 + cos(pi t / total))`: the original's per-iteration cosine.
+class Cosine(NamedTuple):
+    """`final + 0.5 (base - final)(1 + cos(pi t / total))`: the original's per-iteration cosine, called on the step.
 
     Used for the learning rates (CosineAnnealingLR with eta_min=final) and the weight decay
     (`experiments/utils.py::cosine_scheduler`); t counts from 0 and the schedule is held at `final`
-    past `total_steps`. Evaluated as `base + (final - base) sin^2(x)` in the first half and
+    past `total`. Evaluated as `base + (final - base) sin^2(x)` in the first half and
     `final + (base - final) cos^2(x)` in the second (x = pi t / 2 total): the same value, without the
     float32 cancellation that `1 + cos` suffers near either end. (`optax.cosine_decay_schedule` computes
     `1 + cos` and scales by `final / base`: up to 0.25 % off the original's learning rate near the end of a
     run, and 0 for the EMA rate `1 - m` of the last step, which is 6e-13 in the original; tests/test_optim.py and
     test_ema.py hold this one to 1e-6.)
-    """
-    base, final, total = float(base), float(final), max(int(total_steps), 1)
 
-    def schedule(step):
-        t = jnp.minimum(jnp.asarray(step, jnp.float32), total)
-        x = (0.5 * math.pi / total) * t
+    The fields are float32 scalars worked out in double precision (`cosine_schedule`), and the tuple is a pytree:
+    the train step takes its schedules as arguments, so runs that differ only in learning rates, weight decay,
+    momentum or length share one compiled program.
+    """
+
+    base: Any
+    final: Any
+    rise: Any  # final - base
+    fall: Any  # base - final
+    scale: Any  # pi / (2 total)
+    total: Any
+
+    def __call__(self, step) -> jax.Array:
+        t = jnp.minimum(jnp.asarray(step, jnp.float32), self.total)
+        x = self.scale * t
         return jnp.where(
-            2 * t < total,
-            base + (final - base) * jnp.square(jnp.sin(x)),
-            final + (base - final) * jnp.square(jnp.cos(x)),
+            2 * t < self.total,
+            self.base + self.rise * jnp.square(jnp.sin(x)),
+            self.final + self.fall * jnp.square(jnp.cos(x)),
         )
 
-    return schedule
+
+def cosine_schedule(base: float, final: float, total_steps: int) -> Cosine:
+    """The cosine from `base` to `final` over `total_steps` (at least 1)."""
+    base, final, total = float(base), float(final), max(int(total_steps), 1)
+    values = (base, final, final - base, base - final, 0.5 * math.pi / total, total)
+    return Cosine(*(np.float32(v) for v in values))
 
 
 def parse_trainable_blocks(spec: str | int | None, depth: int) -> set[int] | None:
@@ -106,13 +122,13 @@ def param_labels(
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(settings: OptimSettings, labels: Any, total_steps: int) -> optax.GradientTransformation:
-    """AdamW over the four groups (torch defaults: betas 0.9/0.999, eps 1e-8), frozen params untouched.
+def make_optimizer(settings: OptimSettings, labels: Any, sched: Mapping[str, Cosine]) -> optax.GradientTransformation:
+    """AdamW over the four groups (torch defaults: betas 0.9/0.999, eps 1e-8), frozen params untouched, following
+    the schedules `sched` (`schedules`: concrete, or the train step's arguments).
 
     With `grad_clip_norm > 0` the gradients of the trained params are clipped to that global norm before
     Adam sees them (unlike the original, whose clipping runs before the backward pass and never acts).
     """
-    sched = schedules(settings, total_steps)
     lr_backbone, lr_heads, wd = sched["lr_backbone"], sched["lr_heads"], sched["weight_decay"]
     adamw = optax.inject_hyperparams(optax.adamw)
 
@@ -141,8 +157,8 @@ def trained_grad_norm(grads: Any, labels: Any) -> jax.Array:
     return optax.tree.norm(leaves)
 
 
-def schedules(settings: OptimSettings, total_steps: int) -> dict[str, Callable[[Any], jax.Array]]:
-    """The learning rates and the decayed groups' weight decay as functions of the step."""
+def schedules(settings: OptimSettings, total_steps: int) -> dict[str, Cosine]:
+    """The learning rates and the decayed groups' weight decay, each a function of the step."""
     return {
         "lr_backbone": cosine_schedule(settings.lr_backbone, settings.final_lr, total_steps),
         "lr_heads": cosine_schedule(settings.lr_heads, settings.final_lr, total_steps),
@@ -150,9 +166,9 @@ def schedules(settings: OptimSettings, total_steps: int) -> dict[str, Callable[[
     }
 
 
-def hyperparams(settings: OptimSettings, total_steps: int, step) -> dict[str, jax.Array]:
+def hyperparams(sched: Mapping[str, Cosine], step) -> dict[str, jax.Array]:
     """The learning rates and weight decay the optimizer applies at `step` (for the metrics)."""
-    return {name: schedule(step) for name, schedule in schedules(settings, total_steps).items()}
+    return {name: sched[name](step) for name in ("lr_backbone", "lr_heads", "weight_decay")}
 
 
 def group_counts(labels: Any) -> dict[str, int]:

@@ -1,8 +1,10 @@
 """The NeCo train step: forward passes, loss, gradients, EMA teacher and AdamW update, as one jitted program.
 
-The step (`make_train_step`) is a pure function of (TrainState, global batch): the batch is sharded along the
-mesh's "data" axis, the state replicated and donated; every mean is over the global batch, so the result does
-not depend on the number of devices. Order inside a step, as in the original: forward passes and loss (which
+The step (`make_train_step`) is a pure function of (TrainState, global batch, schedules): the batch is sharded
+along the mesh's "data" axis, the state replicated and donated; every mean is over the global batch, so the result
+does not depend on the number of devices. The schedules (learning rates, weight decay, EMA momentum: `schedules`)
+are arguments rather than constants of the program, so runs that differ only in those values or in their length
+share one compiled step. Order inside a step, as in the original: forward passes and loss (which
 also pushes this step's teacher vectors into the queue) -> gradients -> EMA of the teacher towards the
 *pre-update* student (the original's one-step lag, see ema.py) -> AdamW update. The loop runs it with the
 metric sums carried (`jit_loop_step`), so that the host fetches them only at log and checkpoint steps.
@@ -44,17 +46,24 @@ def device_part(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class Training(NamedTuple):
-    """What the step is built from: the graph definitions, each parameter's optimizer group, the optimizer, and
-    the train state (arrays, or shapes only: what a checkpoint restores into, what a step is compiled for)."""
+    """What the step is built from: the graph definitions, each parameter's optimizer group, the run's schedules,
+    and the train state (arrays, or shapes only: what a checkpoint restores into, what a step is compiled for)."""
 
     models: ts.Models
     labels: Any
-    tx: optax.GradientTransformation
+    schedules: dict[str, optim.Cosine]
     state: ts.TrainState
 
 
+def schedules(settings: TrainSettings, total_steps: int) -> dict[str, optim.Cosine]:
+    """The step's schedules over a run of `total_steps`: the optimizer's (`optim.schedules`) and the EMA rate
+    `1 - momentum` (`ema.ema_rate_schedule`)."""
+    rate = ema.ema_rate_schedule(settings.ema.momentum, settings.ema.momentum_end, total_steps)
+    return {**optim.schedules(settings.optim, total_steps), "ema_rate": rate}
+
+
 def build_training(settings: TrainSettings, total_steps: int, student: dict, teacher: dict) -> Training:
-    """The models, optimizer groups, optimizer and initial TrainState around initial student/teacher params; with
+    """The models, optimizer groups, schedules and initial TrainState around initial student/teacher params; with
     abstract params (shapes only) the state is abstract too."""
     models = build_models(settings, has_mask_token="mask_token" in student["backbone"])
     depth = len(student["backbone"]["blocks"])
@@ -63,7 +72,8 @@ def build_training(settings: TrainSettings, total_steps: int, student: dict, tea
         exclude_norm_bias=settings.optim.exclude_norm_bias,
         trainable_blocks=optim.parse_trainable_blocks(settings.optim.trainable_blocks, depth),
     )
-    tx = optim.make_optimizer(settings.optim, labels, total_steps)
+    sched = schedules(settings, total_steps)
+    tx = optim.make_optimizer(settings.optim, labels, sched)
     loss = settings.loss
     queue = (
         queue_lib.init(settings.views.nmb_samples[0], loss.queue_length, settings.head.out_dim)
@@ -76,7 +86,7 @@ def build_training(settings: TrainSettings, total_steps: int, student: dict, tea
 
     abstract = isinstance(jax.tree.leaves(student)[0], jax.ShapeDtypeStruct)
     state = jax.eval_shape(make_state, student, teacher) if abstract else make_state(student, teacher)
-    return Training(models, labels, tx, state)
+    return Training(models, labels, sched, state)
 
 
 def _forward(
@@ -117,25 +127,17 @@ def make_loss_fn(settings: TrainSettings, models: ts.Models, labels: Any) -> Cal
         student = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, student, frozen)
         s_glob, _ = _forward(models.student_backbone, models.head, student, batch["global_crops"], key=k_glob)
         s_loc, _ = _forward(models.student_backbone, models.head, student, batch["local_crops"], key=k_loc)
+        # The targets: the teacher's pass, or in the original's no-teacher ablation a second student pass (drop
+        # path on), through which the gradient flows.
         if use_teacher:
-            t_glob, attn = _forward(
-                models.teacher_backbone,
-                models.head,
-                teacher,
-                batch["global_crops"],
-                key=None,
-                return_attention=need_attn,
-            )
+            target_def, target, target_key = models.teacher_backbone, teacher, None
+        else:
+            target_def, target, target_key = models.student_backbone, student, k_self
+        t_glob, attn = _forward(
+            target_def, models.head, target, batch["global_crops"], key=target_key, return_attention=need_attn
+        )
+        if use_teacher:
             t_glob = jax.lax.stop_gradient(t_glob)
-        else:  # the original's no-teacher ablation: a second student pass (drop path on) is the target
-            t_glob, attn = _forward(
-                models.student_backbone,
-                models.head,
-                student,
-                batch["global_crops"],
-                key=k_self,
-                return_attention=need_attn,
-            )
         fg = attention_fg_mask(jax.lax.stop_gradient(attn), t_glob.shape[2:4]) if need_attn else None
         loss, aux, new_queue = loss_lib.neco_loss(
             (s_glob, s_loc, t_glob),
@@ -151,17 +153,16 @@ def make_loss_fn(settings: TrainSettings, models: ts.Models, labels: Any) -> Cal
     return loss_fn
 
 
-def make_train_step(
-    settings: TrainSettings, models: ts.Models, labels: Any, tx: optax.GradientTransformation, total_steps: int
-) -> Callable:
-    """The pure step `(state, batch) -> (state, metrics)`; jit it with `jit_train_step`. A batch of uint8 crops
-    (data.augment_on="device") gets its colour augmentation and normalisation first, inside the step."""
+def make_train_step(settings: TrainSettings, models: ts.Models, labels: Any) -> Callable:
+    """The pure step `(state, batch, schedules) -> (state, metrics)` (`schedules` as made by `schedules`); jit it
+    with `jit_train_step`. A batch of uint8 crops (data.augment_on="device") gets its colour augmentation and
+    normalisation first, inside the step."""
     use_teacher = settings.loss.use_teacher
-    rate_fn = ema.ema_rate_schedule(settings.ema.momentum, settings.ema.momentum_end, total_steps)
     loss_fn = make_loss_fn(settings, models, labels)
     colour = functools.partial(augment.apply_batch, views=settings.views)
 
-    def step(state: ts.TrainState, batch: dict) -> tuple[ts.TrainState, dict]:
+    def step(state: ts.TrainState, batch: dict, sched: dict[str, optim.Cosine]) -> tuple[ts.TrainState, dict]:
+        tx = optim.make_optimizer(settings.optim, labels, sched)
         batch = colour(batch)
         key, rng = jax.random.split(state.rng)
         (loss, (queue, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -170,7 +171,7 @@ def make_train_step(
         grad_norm = optim.trained_grad_norm(grads, labels)
         updates, opt_state = tx.update(grads, state.opt_state, state.student)
         student = optax.apply_updates(state.student, updates)
-        rate = rate_fn(state.step)
+        rate = sched["ema_rate"](state.step)
         teacher = ema.ema_update(state.teacher, state.student, rate) if use_teacher else state.teacher
         new = (student, teacher, opt_state, queue)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & nonfinite.all_finite(new)
@@ -192,7 +193,7 @@ def make_train_step(
             "finite": finite,
             "momentum": 1.0 - rate,
             "nonfinite_steps": new_state.skipped,
-            **optim.hyperparams(settings.optim, total_steps, state.step),
+            **optim.hyperparams(sched, state.step),
             **aux,
         }
         return new_state, metrics
@@ -201,12 +202,13 @@ def make_train_step(
 
 
 def jit_train_step(step_fn: Callable, mesh, carried: int = 0) -> Callable:
-    """jit over the mesh: state replicated and donated, batch sharded along "data", metrics replicated;
-    `carried` more replicated arguments after the batch (the loop's sums), donated and returned last."""
+    """jit over the mesh: state replicated and donated, batch sharded along "data", schedules (the last argument)
+    and metrics replicated; `carried` more replicated arguments after the batch (the loop's sums), donated and
+    returned last."""
     repl = sharding.replicated(mesh)
     return jax.jit(
         step_fn,
-        in_shardings=(repl, sharding.batch_sharding(mesh)) + (repl,) * carried,
+        in_shardings=(repl, sharding.batch_sharding(mesh)) + (repl,) * (carried + 1),
         out_shardings=(repl,) * (2 + carried),
         donate_argnums=(0, *range(2, 2 + carried)),
     )
@@ -231,11 +233,11 @@ def _empty_sums_program(placement: jax.sharding.Sharding) -> Callable:
 
 
 def with_sums(step_fn: Callable, limit: int) -> Callable:
-    """The step `(state, batch) -> (state, metrics)` as `(state, batch, sums) -> (state, metrics, sums)`: the sums
-    of `empty_sums` updated in the same program, so each step is one dispatch."""
+    """The step `(state, batch, schedules) -> (state, metrics)` as `(state, batch, sums, schedules) -> (state,
+    metrics, sums)`: the sums of `empty_sums` updated in the same program, so each step is one dispatch."""
 
-    def step(state, batch, sums):
-        state, metrics = step_fn(state, batch)
+    def step(state, batch, sums, sched):
+        state, metrics = step_fn(state, batch, sched)
         added = {
             "steps": sums["steps"] + 1,
             "loss_sum": sums["loss_sum"] + metrics["loss"].astype(jnp.float32),
@@ -247,8 +249,8 @@ def with_sums(step_fn: Callable, limit: int) -> Callable:
 
 
 def jit_loop_step(settings: TrainSettings, step_fn: Callable, mesh) -> Callable:
-    """The training loop's program: `step_fn` with the metric sums carried (`(state, batch, sums) -> (state,
-    metrics, sums)`), jitted over the mesh. The bench and the tests that time or probe the loop's step build it
+    """The training loop's program: `step_fn` with the metric sums carried (`(state, batch, sums, schedules) ->
+    (state, metrics, sums)`), jitted over the mesh. The bench and the tests that time or probe the loop's step build it
     here too, so they run (and the compilation cache serves) the very same program."""
     return jit_train_step(with_sums(step_fn, nonfinite.cap(settings.optim)), mesh, carried=1)
 
@@ -267,15 +269,10 @@ def with_remat(settings: TrainSettings, remat: str) -> TrainSettings:
 
 
 def compile_loop_step(
-    settings: TrainSettings,
-    total_steps: int,
-    training: Training,
-    mesh,
-    limit: int | None,
-    compiler_options: dict | None = None,
+    settings: TrainSettings, training: Training, mesh, limit: int | None, compiler_options: dict | None = None
 ) -> tuple[memory_fit.Fit, ts.Models]:
-    """The loop's program (`jit_loop_step`) compiled ahead for `training.state` (arrays or shapes) and
-    `batch_spec`, for each rematerialisation model.remat allows until one needs at most `limit` bytes per device
+    """The loop's program (`jit_loop_step`) compiled ahead for `training.state` (arrays or shapes), `batch_spec` and
+    `training.schedules`, for each rematerialisation model.remat allows until one needs at most `limit` bytes per device
     (None: the first; see neco_jax.memory_fit). Returns the outcome and the models of the choice taken. The
     planner (neco_jax.plan) compiles the same for devices this machine lacks."""
     batch = batch_spec(settings, mesh)
@@ -286,8 +283,9 @@ def compile_loop_step(
     def compile_with(remat: str):
         chosen = with_remat(settings, remat)
         models[remat] = build_models(chosen, has_mask_token)
-        step_fn = make_train_step(chosen, models[remat], training.labels, training.tx, total_steps)
-        return jit_loop_step(chosen, step_fn, mesh).lower(training.state, batch, sums).compile(compiler_options)
+        step_fn = make_train_step(chosen, models[remat], training.labels)
+        program = jit_loop_step(chosen, step_fn, mesh)
+        return program.lower(training.state, batch, sums, training.schedules).compile(compiler_options)
 
     per_batch = sum(math.prod(a.shape) * a.dtype.itemsize for a in batch.values())
     prefetched = PREFETCH_BATCHES * per_batch // mesh.devices.size

@@ -47,7 +47,7 @@ class _Run:
     checkpointer: ckpt_lib.Checkpointer
     models: ts.Models
     state: ts.TrainState
-    step_fn: Callable
+    step_fn: Callable  # the compiled loop step with the run's schedules bound: (state, batch, sums)
     monitor: Any
 
 
@@ -147,18 +147,23 @@ def _start(settings, config, workdir, devices, allow_config_change, make_monitor
     log.info("optimizer groups (tensors): %s", optim.group_counts(training.labels))
     if jax.process_index() == 0:
         mw.log_parameter_overview(ts.to_pure(distributed.host_copy(state.student)), "student")
-    compiled, models = _compiled_step(settings, total_steps, training, mesh)
-    return _Run(settings, config, workdir, mesh, loader, total_steps, checkpointer, models, state, compiled, monitor)
+    compiled, models = _compiled_step(settings, training, mesh)
+    schedules = jax.device_put(training.schedules, repl)
+
+    def step_fn(state, batch, sums):
+        return compiled(state, batch, sums, schedules)
+
+    return _Run(settings, config, workdir, mesh, loader, total_steps, checkpointer, models, state, step_fn, monitor)
 
 
-def _compiled_step(settings: TrainSettings, total_steps: int, training: Training, mesh) -> tuple[Any, ts.Models]:
+def _compiled_step(settings: TrainSettings, training: Training, mesh) -> tuple[Any, ts.Models]:
     """The loop's step compiled ahead and checked against the devices' memory (never an OOM inside the first
     step), model.remat="auto" resolved: the compiled program and the models of the rematerialisation taken."""
     local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     limit = memory_fit.device_limit(local)
     if limit is None:
         log.debug("the %s backend reports no memory limit: the step's memory is not checked", local[0].platform)
-    fit, models = compile_loop_step(settings, total_steps, training, mesh, limit)
+    fit, models = compile_loop_step(settings, training, mesh, limit)
     remat = settings.model.remat
     if not fit.fits:
         batch, devices = settings.optim.batch_size, mesh.devices.size

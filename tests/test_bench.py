@@ -17,6 +17,7 @@ import pytest
 import torch
 from flax import nnx
 from torch.utils.flop_counter import FlopCounterMode
+from train_fixtures import SAME_STEP_DEMO
 
 from bench import browser, flops
 from bench.step_cases import SMALL, Case, case_config, synthetic_batch
@@ -243,6 +244,7 @@ def test_train_step_bench_small(tmp_path):
 
 
 @pytest.mark.slow
+@SAME_STEP_DEMO  # the demo's loop, hence its program
 def test_train_step_bench_loop_overhead(tmp_path):
     start = time.perf_counter()
     loop = _run("train_step", tmp_path, "--cases", "", "--loop", "--loop_every", "2", "--iters", "3")["loop"]

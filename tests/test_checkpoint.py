@@ -143,7 +143,7 @@ def test_the_stored_layout_restores_into_the_nnx_train_state(tmp_path):
     student = {k: nnx.to_pure_dict(v) for k, v in student.items()}
     teacher = jax.tree.map(lambda x: 0.5 * x, {k: nnx.to_pure_dict(v) for k, v in teacher.items()})
     assert sorted(student["backbone"]["blocks"]) == [0, 1]
-    tx = optim.make_optimizer(c.optim, optim.param_labels(student), 2)
+    tx = optim.make_optimizer(c.optim, optim.param_labels(student), optim.schedules(c.optim, 2))
     _, opt_state = tx.update(jax.tree.map(lambda x: 0.1 * x, student), tx.init(student), student)  # moments != 0
     stored = ts.create(student, teacher, opt_state, {}, seed=7).replace(step=jax.numpy.int32(5))
     with ocp.CheckpointManager((tmp_path / "checkpoints").resolve(), item_names=("state", "data")) as manager:

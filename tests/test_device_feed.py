@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_fixtures import SAME_STEP_4_TINY_STEPS
+from train_fixtures import SAME_STEP_DEMO
 
 from neco_jax import device_feed
 
@@ -88,7 +88,7 @@ def test_release_while_the_step_runs_frees_the_batch_and_keeps_the_result():
 
 
 @pytest.mark.slow
-@SAME_STEP_4_TINY_STEPS
+@SAME_STEP_DEMO
 def test_training_loop_fetches_only_at_log_and_checkpoint_steps(tmp_path, monkeypatch):
     """4 steps, a log line every 2: no implicit device-to-host transfer at all (the transfer guard would
     raise), and host copies only at the log steps; the log rows carry the window means."""
@@ -98,7 +98,7 @@ def test_training_loop_fetches_only_at_log_and_checkpoint_steps(tmp_path, monkey
     from neco_jax import train as train_lib
     from neco_jax.metrics_writer import read_metrics
 
-    c = tiny_config(**{"optim.total_steps": 4, "log_every_steps": 2})  # the program of the other 4-step tiny runs
+    c = tiny_config(**{"optim.total_steps": 4, "log_every_steps": 2})  # the demo's program, as the other tiny runs
     fetches, fed, calls = [], [], []
     real_copy, real_prefetch = train_lib.distributed.host_copy, device_feed.prefetch
     monkeypatch.setattr(train_lib.distributed, "host_copy", lambda x: fetches.append(x) or real_copy(x))

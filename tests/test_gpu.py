@@ -103,7 +103,7 @@ def check_bf16_train_step(device, steps: int = 3) -> None:
     state = built.state
     for i in range(steps):
         batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(i)), mesh)
-        state, metrics = built.step(state, batch)
+        state, metrics = built.step(state, batch, built.schedules)
         metrics = jax.device_get(metrics)
         assert metrics["finite"] and np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     after = jax.device_get(state.student)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-from train_fixtures import SAME_STEP_4_TINY_STEPS, tiny_config
+from train_fixtures import SAME_STEP_DEMO, tiny_config
 
 from neco_jax import memory_fit
 from neco_jax import train as train_lib
@@ -58,7 +58,7 @@ def test_nothing_fits_names_need_memory_and_remedies(peaks):
     assert "model.dtype=bfloat16" in message and "optim.batch_size=" in message and "devices at this batch" in message
 
 
-@SAME_STEP_4_TINY_STEPS
+@SAME_STEP_DEMO
 def test_trainer_stops_before_the_first_step_when_the_step_does_not_fit(tmp_path, monkeypatch):
     """The tiny run's own step (model.remat="none", so one compilation, the one the tiny runs share), with the
     devices' memory faked at 1 MiB: a one-line error before any step runs, and nothing of a run recorded."""

@@ -7,7 +7,7 @@ import eval_fixtures
 import jax
 import pytest
 from flax import nnx
-from train_fixtures import SAME_STEP_4_TINY_STEPS, tiny_config, tiny_settings
+from train_fixtures import SAME_STEP_DEMO, tiny_config, tiny_settings
 
 from evaluation import monitor
 from neco_jax import errors, weights
@@ -43,7 +43,7 @@ def test_a_bad_eval_setup_fails_before_training(tmp_path):
 
 
 @pytest.mark.slow
-@SAME_STEP_4_TINY_STEPS
+@SAME_STEP_DEMO
 def test_every_epoch_evaluates_the_teacher_into_the_metrics(tmp_path):
     from evaluation import jobs, runner
     from neco_jax import save_backbone

@@ -26,6 +26,9 @@ import pytest
 from neco_jax import train as train_lib
 from neco_jax.metrics_writer import read_metrics
 
+# One worker runs them all: the reference run is made once, and each program is compiled once, then served by the
+# compilation cache (the 1-process runs share the reference's, the 2-process launches each other's).
+pytestmark = pytest.mark.xdist_group("multiprocess")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = "tests/multiprocess_config.py"
 # 2 processes vs 1, relative: the worst measured (the pre-empted run stops at step 2 on a 2-core machine; other

@@ -25,8 +25,8 @@ def _run_sums(losses, norms, cap, start=10, run=0):
             "grad_norm": jnp.float32(norm),
             "finite": jnp.bool_(np.isfinite(loss) & np.isfinite(norm)),
         }
-        step = step_lib.with_sums(lambda state, batch, m=metrics: (state, m), cap)
-        _, _, sums = step(_State(jnp.int32(start + i)), None, sums)
+        step = step_lib.with_sums(lambda state, batch, sched, m=metrics: (state, m), cap)
+        _, _, sums = step(_State(jnp.int32(start + i)), None, sums, None)
     return jax.device_get(sums)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from train_fixtures import SAME_STEP_4_TINY_STEPS, tiny_config
+from train_fixtures import SAME_STEP_DEMO, tiny_config
 
 from neco_jax import checkpoint as ckpt_lib
 from neco_jax import train as train_lib
@@ -42,7 +42,7 @@ def _stored_arrays(workdir, step):
         return _flat(reader.restore((workdir / "checkpoints" / str(step) / "state").resolve()))
 
 
-@SAME_STEP_4_TINY_STEPS
+@SAME_STEP_DEMO
 def test_a_checkpoint_written_before_the_settings_resumes_and_continues_as_the_old_code(tmp_path, monkeypatch, caplog):
     """Today's trainer, given the command that wrote the workdir, resumes from the old checkpoint at step 2 (the
     record's config accepted, every array restored bit for bit, the loader at its stored position), and steps

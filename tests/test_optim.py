@@ -86,7 +86,7 @@ def _torch_run(params, labels, grads_seq, cfg, trained_blocks_clip=None):
 
 
 def _jax_run(params, labels, grads_seq, cfg):
-    tx = optim.make_optimizer(cfg, labels, TOTAL)
+    tx = optim.make_optimizer(cfg, labels, optim.schedules(cfg, TOTAL))
     state = tx.init(params)
     for grads in grads_seq:
         updates, state = tx.update(grads, state, params)
@@ -174,9 +174,21 @@ def test_schedules_match_the_original():
         assert relative_error(got, _np_cosine(base, final, n)) <= SCHEDULE_TOL
     wd = np.asarray(jax.vmap(optim.cosine_schedule(0.04, 0.5, n))(steps))
     assert wd[0] == pytest.approx(0.04) and np.all(np.diff(wd) > 0) and wd[-1] < 0.5
-    h = optim.hyperparams(_cfg(), n, 0)
+    h = optim.hyperparams(optim.schedules(_cfg(), n), 0)
     assert float(h["lr_backbone"]) == pytest.approx(0.05) and float(h["lr_heads"]) == pytest.approx(0.2)
-    assert math.isclose(float(optim.hyperparams(_cfg(), n, n // 2)["lr_heads"]), 0.5 * (0.2 + 0.001), rel_tol=1e-6)
+    half = optim.hyperparams(optim.schedules(_cfg(), n), n // 2)
+    assert math.isclose(float(half["lr_heads"]), 0.5 * (0.2 + 0.001), rel_tol=1e-6)
+
+
+def test_schedule_as_a_step_argument_gives_the_constants_values():
+    """The step takes its schedules as arguments (so that runs share a program); XLA then computes them from
+    parameters instead of folded constants: the same float32 values, bit for bit, at every step."""
+    steps = np.arange(-1, 1102)
+    for base, final, total in ((1e-5, 0.0, 1000), (0.04, 0.5, 1000), (5e-4, 0.0, 7), (0.9995, 1.0, 1)):
+        sched = optim.cosine_schedule(base, final, total)
+        as_argument = jax.jit(jax.vmap(lambda s, t: s(t), in_axes=(None, 0)))(sched, steps)
+        as_constants = jax.jit(jax.vmap(sched))(steps)
+        np.testing.assert_array_equal(np.asarray(as_argument), np.asarray(as_constants))
 
 
 def test_negative_clip_is_an_error():

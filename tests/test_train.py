@@ -18,7 +18,6 @@ import pytest
 from flax import nnx
 from train_fixtures import (
     RECIPES,
-    SAME_STEP_4_TINY_STEPS,
     SAME_STEP_DEMO,
     SAME_STEP_RECIPES,
     SAME_STEP_SKIP_RUN,
@@ -148,7 +147,7 @@ def test_init_that_does_not_fit_is_named(tmp_path):
 
 
 def _setup(config, seed=0):
-    """(models, labels, tx, state) for `config` with random weights, on the host, as the trainer builds them."""
+    """(models, labels, schedules, state) for `config` with random weights, on the host, as the trainer builds them."""
     settings = from_config(config)
     student, teacher = weights.random_params(settings, seed)
     return step_lib.build_training(settings, settings.optim.total_steps, student, teacher)
@@ -166,24 +165,33 @@ def _batches(config, n):
     return out
 
 
-def _run_steps(config, devices, batches):
-    models, labels, tx, state = _setup(config)
+def _loop_step(config, devices):
+    """The trainer's loop step for `config` on a mesh of `devices`, compiled as the trainer compiles it (so the
+    compilation cache serves the trainer's runs of the same program, and the other way round): (step, mesh,
+    state, schedules), the last two on the mesh."""
+    training = _setup(config)
     mesh = sharding.make_mesh(devices)
-    settings = from_config(config)
-    step = step_lib.jit_train_step(
-        step_lib.make_train_step(settings, models, labels, tx, settings.optim.total_steps), mesh
-    )
-    state = jax.device_put(state, sharding.replicated(mesh))
+    repl = sharding.replicated(mesh)
+    training = training._replace(state=jax.device_put(training.state, repl))
+    step = step_lib.compile_loop_step(from_config(config), training, mesh, None)[0].compiled
+    return step, mesh, training.state, jax.device_put(training.schedules, repl)
+
+
+def _run_steps(config, devices, batches):
+    step, mesh, state, sched = _loop_step(config, devices)
+    sums = step_lib.empty_sums(0, sharding.replicated(mesh))
     losses = []
     for b in batches:
-        state, metrics = step(state, sharding.global_batch(b, mesh))
+        state, metrics, sums = step(state, sharding.global_batch(b, mesh), sums, sched)
         losses.append(float(metrics["loss"]))
     return jax.device_get(state), losses
 
 
 @pytest.mark.slow
+@SAME_STEP_DEMO
 def test_one_device_and_four_devices_agree():
-    """The same global batch on a mesh of 1 and of 4 CPU devices: same losses and parameters after 2 steps."""
+    """The same global batch on a mesh of 1 and of 4 CPU devices: same losses and parameters after 2 steps of the
+    trainer's loop step (on 4 devices, the demo's program)."""
     assert len(jax.devices()) >= 4, "conftest provides 4 CPU devices"
     # The recipe's learning rates: Adam's first steps move every weight by ~lr whatever its gradient, so an
     # entry whose gradient is ~1e-8 turns float32 reduction-order noise into differences of order lr.
@@ -202,6 +210,32 @@ def test_one_device_and_four_devices_agree():
         assert np.abs(m1[k] - m4[k]).max() <= 1e-4 * (np.abs(m1[k]).max() + 1e-30), k
 
 
+def test_runs_differing_in_schedules_or_length_share_one_program():
+    """Learning rates, weight decay, EMA momentum and run length reach the step as arguments: the demo and every
+    tiny run lower to one program (one compilation through the cache), and a schedule is all that differs."""
+
+    def lowered(**fields):
+        settings = tiny_settings(**fields)
+        student, teacher = jax.eval_shape(lambda: weights.random_params(settings, 0))
+        training = step_lib.build_training(settings, settings.optim.total_steps, student, teacher)
+        mesh = sharding.make_mesh()
+        program = step_lib.jit_loop_step(
+            settings, step_lib.make_train_step(settings, training.models, training.labels), mesh
+        )
+        sums = jax.eval_shape(lambda: step_lib.empty_sums(0))
+        batch = step_lib.batch_spec(settings, mesh)
+        return program.lower(training.state, batch, sums, training.schedules).as_text(), training.schedules
+
+    demo, demo_sched = lowered()
+    other, other_sched = lowered(
+        **{"optim.total_steps": 7, "optim.lr_backbone": 3e-3, "optim.weight_decay_end": 0.1, "ema.momentum": 0.99}
+    )
+    assert demo == other
+    assert float(other_sched["lr_backbone"](0)) == pytest.approx(3e-3, rel=1e-6)
+    assert float(demo_sched["lr_backbone"](0)) == pytest.approx(5e-4, rel=1e-6)
+    assert float(other_sched["ema_rate"](0)) == pytest.approx(0.01, rel=1e-6) and other_sched["ema_rate"].total == 7
+
+
 def _with_nan_boxes(batch):
     """The batch with NaN overlap boxes: a non-finite loss from the same compiled program (same input types)."""
     return {**batch, "boxes_gc": np.full_like(batch["boxes_gc"], np.nan)}
@@ -217,22 +251,21 @@ SKIP_RUN = {"optim.total_steps": 4, "optim.on_nonfinite": "skip", "optim.max_con
 
 @pytest.mark.slow
 @SAME_STEP_SKIP_RUN
-def test_nonfinite_step_changes_nothing_but_the_counters():
+def test_nonfinite_step_changes_nothing_but_the_counters(monkeypatch):
     """A non-finite loss (NaN overlap boxes), and a finite loss whose update is non-finite (NaN learning rate):
     the step commits neither; the second is seen only by checking the new state itself. The step is the
     trainer's program for the skip test below (its compilation serves both)."""
+    real = optim.make_optimizer
+    monkeypatch.setattr(optim, "make_optimizer", lambda *a: _nan_updates(real(*a)))
     c = tiny_config(**SKIP_RUN)
-    models, labels, tx, state = _setup(c)
-    tx = _nan_updates(tx)
-    state = jax.device_get(state.replace(opt_state=tx.init(state.student)))
-    mesh = sharding.make_mesh()
-    step = step_lib.jit_loop_step(from_config(c), step_lib.make_train_step(from_config(c), models, labels, tx, 4), mesh)
+    step, mesh, state, sched = _loop_step(c, jax.devices())
+    state = jax.device_get(state)
     batch = _batches(c, 1)[0]
     bad = _with_nan_boxes(batch)
     for n, b in enumerate((bad, batch), start=1):
         repl = sharding.replicated(mesh)
         new, metrics, _ = step(
-            jax.device_put(state, repl), sharding.global_batch(b, mesh), step_lib.empty_sums(0, repl)
+            jax.device_put(state, repl), sharding.global_batch(b, mesh), step_lib.empty_sums(0, repl), sched
         )
         assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
         assert np.isfinite(metrics["loss"]) == (b is batch)
@@ -271,7 +304,7 @@ def _truncate_arrays(step_dir):
 
 
 @pytest.mark.slow
-@SAME_STEP_4_TINY_STEPS
+@SAME_STEP_DEMO
 def test_exact_resume(tmp_path, caplog):
     """4 steps straight vs 3 steps whose last checkpoint is then damaged (truncated array files), resumed from
     step 2, the newest intact one: same params, teacher, queue, optimizer, RNG and data order; the damaged
@@ -400,7 +433,7 @@ def test_every_recipe_runs_one_step(name, arg, tmp_path):
 
 class _NaNBoxesFrom:
     """The training loader with NaN overlap boxes from its `first`-th batch on: a non-finite loss from the very
-    program of the other 4-step tiny runs (one compilation for all of them)."""
+    demo's program, as the other tiny runs (one compilation for all of them)."""
 
     def __init__(self, loader, first: int):
         self.loader, self.first, self.read = loader, first, 0
@@ -414,7 +447,7 @@ class _NaNBoxesFrom:
 
 
 @pytest.mark.slow
-@SAME_STEP_4_TINY_STEPS
+@SAME_STEP_DEMO
 def test_nonfinite_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     real = train_lib.make_train_loader
     monkeypatch.setattr(train_lib, "make_train_loader", lambda *a, **k: _NaNBoxesFrom(real(*a, **k), first=3))

@@ -93,10 +93,10 @@ def plan_training(config, target: Target, *, fraction: float | None = None) -> d
     start = time.perf_counter()
     with attention_lib.compiling_for(target.attention_platform):
         options = _compiler_options(target)
-        result, models = step_lib.compile_loop_step(settings, total_steps, training, mesh, limit, options)
+        result, models = step_lib.compile_loop_step(settings, training, mesh, limit, options)
         chosen = step_lib.with_remat(settings, result.remat or result.tried[-1][0])
-        step_fn = step_lib.make_train_step(chosen, models, training.labels, training.tx, total_steps)
-        flops = matmul_flops(step_fn, training.state, step_lib.batch_spec(settings, mesh))
+        step_fn = step_lib.make_train_step(chosen, models, training.labels)
+        flops = matmul_flops(step_fn, training.state, step_lib.batch_spec(settings, mesh), training.schedules)
         attention = _attention_used(settings, models)
     return {
         "job": "training step",
