@@ -11,7 +11,10 @@ ml_collections' `config_flags.DEFINE_config_file`, takes positional arguments (a
 
 Nothing imports a program module (`tests/test_programs.py`), so its flags exist only in its own process.
 `run` answers a bad command line (an unknown flag, a bad value, a missing config file, an unknown config field)
-with one line and exit status 2, and a `UserError` raised by `main` likewise (`neco_jax.errors.cli`).
+with one line and exit status 2, and a `UserError` raised by `main` likewise (`neco_jax.errors.cli`). One of
+several processes of a JAX distributed run leaves at once after such a line, without JAX's shutdown barrier at
+exit, which held two processes that had both refused different configs for over two minutes after their
+error lines (tests/test_multiprocess.py).
 """
 
 from __future__ import annotations
@@ -26,15 +29,32 @@ from typing import NoReturn
 from absl import app, flags
 from ml_collections import config_flags
 
-from neco_jax.errors import ConfigError, UserError, cli, print_error
+from neco_jax.errors import EXIT_USER_ERROR, ConfigError, UserError, cli, print_error
 
 _CONFIG_FILE_TYPE = config_flags.config_flags.ConfigFileFlagParser("probe").flag_type()  # "config object"
 
 
 def run(main: Callable[[list[str]], int | None]) -> NoReturn:
     """absl's `app.run(main)`, with `parse_flags` and `main`'s user errors as one line, exit status 2."""
-    app.run(cli(main), flags_parser=parse_flags)
+    app.run(_leave_distributed_run_at_once(cli(main)), flags_parser=parse_flags)
     raise AssertionError("app.run returned")  # it always exits
+
+
+def _leave_distributed_run_at_once(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int | None]:
+    """`main`, whose user error on one of several JAX processes ends that process at once (`os._exit`): the
+    error line is out, the trainer has closed its files, and the peers stop on the same verdict or on losing
+    this process, instead of everyone waiting in JAX's shutdown barrier."""
+
+    def run_main(argv: list[str]) -> int | None:
+        status = main(argv)
+        jax = sys.modules.get("jax")
+        if status == EXIT_USER_ERROR and jax is not None and jax.distributed.is_initialized():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        return status
+
+    return run_main
 
 
 def flags_only(argv: Sequence[str]) -> None:

@@ -292,9 +292,12 @@ def test_coordinator_port_taken_is_one_line(tmp_path):
 
 
 def test_processes_with_different_configs_refuse_to_start(tmp_path):
-    """Started as srun starts them (JAX's SLURM detection joins them), with one flag that differs."""
+    """Started as srun starts them (JAX's SLURM detection joins them), with one flag that differs: both stop after
+    their error line, at once (they took 6-12 s in all here; JAX's shutdown barrier once held them 156 s longer,
+    which the 120 s limit fails)."""
     results = _finish(
-        _launch(tmp_path / "w", per_process_flags={1: ["--config.optim.lr_heads=0.002"]}, launcher=_slurm_variables)
+        _launch(tmp_path / "w", per_process_flags={1: ["--config.optim.lr_heads=0.002"]}, launcher=_slurm_variables),
+        timeout=120,
     )
     for rc, err in results:
         errors = [line for line in err.splitlines() if line.startswith("error:")]
