@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The README's test command: make .venv, install neco-jax with its test extra (torch pinned by constraints.txt)
 # and the DINOv2 reference code without its stale pins, lint and format-check with ruff (configured in
-# pyproject.toml), run the suite on three pytest-xdist workers (on a 2-core CI machine two left a core idle while
-# a test waited on the processes it started; tests/conftest.py gives them one compilation cache, and tests that
-# compile the same step run on one worker, tests/train_fixtures.py) and list its 15 slowest tests.
+# pyproject.toml), run the suite on two pytest-xdist workers (compilation is single-threaded: two workers keep
+# both cores of a CI machine busy; tests/conftest.py gives them one compilation cache, and tests that compile the
+# same step run on one worker, tests/train_fixtures.py) and list its 15 slowest tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -17,4 +17,4 @@ install -c constraints.txt -e ".[test]"
 install --no-deps dinov2==0.0.1.dev2
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -n 3 --dist loadgroup --durations=15 "$@"
+.venv/bin/python -m pytest -n 2 --dist loadgroup --durations=15 "$@"
