@@ -2,7 +2,7 @@
 
     python main.py --config=configs/demo.py --workdir=runs/demo
 
-A few dozen steps on 2 CPU cores in a few minutes; writes checkpoints, metrics.jsonl and the exported
+40 steps on 2 CPU cores in well under a minute; writes checkpoints, metrics.jsonl and the exported
 student/teacher backbones (PyTorch files under workdir/export). Everything else is the DINOv2 ViT-S/14
 recipe: the same loss, queue, schedules and EMA, only smaller.
 """
@@ -27,6 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.lr_backbone = 5e-4
     c.optim.lr_heads = 1e-3
     c.loss.queue_length = 512
+    # Overlaps are aligned onto the global crop's own 4x4 token grid: 16 references sorted per query patch. The
+    # recipes' 7x7 grid is coarser than their 16x16 to 37x37 token grids; here it would resample 16 tokens into 49
+    # cells, and its sorts (49 wires, 21 layers) took 0.5 s of a 0.55 s step on 2 CPU cores (0.05 s with this grid).
+    c.loss.roi_align_kernel_size = 4
     c.log_every_steps = 5
     c.checkpoint_every_steps = 20
     c.keep_checkpoints = 2

@@ -52,8 +52,9 @@ def test_recipes_and_ablations_resolve_as_before(name):
     """Every recipe with each ablation argument gives the values it gave before the settings dataclasses, less
     the retired fields and but for the fields changed on purpose since (listed with the recording); a field added
     since is at its default."""
-    # Fields changed on purpose since the recording, for every recipe alike: (value, why).
+    # Fields changed on purpose since the recording, for every recipe alike, then in this recipe: (value, why).
     changed = {field: value for field, (value, _) in BEFORE["changed"].items()}
+    changed |= {field: value for field, (value, _) in BEFORE["changed_in_recipe"].get(name, {}).items()}
     recipe = {**BEFORE["dinov2_s14"], **BEFORE["recipes"][name], **changed}
     module = importlib.import_module(f"configs.{name}")
     for arg in ["", *sorted(base.ABLATIONS)]:

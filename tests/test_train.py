@@ -43,6 +43,10 @@ def _flat(tree):
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _flat_values(tree):
+    return [np.asarray(v, np.float64) for v in _flat(tree).values()]
+
+
 def _max_diff(a, b):
     fa, fb = _flat(a), _flat(b)
     assert fa.keys() == fb.keys()
@@ -193,16 +197,19 @@ def test_one_device_and_four_devices_agree():
     """The same global batch on a mesh of 1 and of 4 CPU devices: same losses and parameters after 2 steps of the
     trainer's loop step (on 4 devices, the demo's program)."""
     assert len(jax.devices()) >= 4, "conftest provides 4 CPU devices"
-    # The recipe's learning rates: Adam's first steps move every weight by ~lr whatever its gradient, so an
-    # entry whose gradient is ~1e-8 turns float32 reduction-order noise into differences of order lr.
-    c = tiny_config(**{"optim.lr_backbone": 1e-5, "optim.lr_heads": 1e-4})
+    c = tiny_config(**{"optim.lr_backbone": 1e-5, "optim.lr_heads": 1e-4})  # at most 2 steps x 2 lr apart
     batches = _batches(c, 2)
     s1, l1 = _run_steps(c, jax.devices()[:1], batches)
     s4, l4 = _run_steps(c, jax.devices()[:4], batches)
     np.testing.assert_allclose(l4, l1, rtol=1e-5)
-    err = max(_max_diff(s4.student, s1.student), _max_diff(s4.teacher, s1.teacher), _max_diff(s4.queue, s1.queue))
-    print(f"1 vs 4 devices: losses {l1} vs {l4}, max |param diff| {err:.3g}")
-    assert err <= 1e-5
+    # Adam's first step moves every weight by ~lr whatever its gradient: an entry whose gradient is float32
+    # reduction-order noise (~1e-8) moves by +-lr on either mesh. Such entries are rare (1 of 172k measured); all
+    # others agree to 2e-7.
+    student = np.concatenate([np.abs(x - y).ravel() for x, y in zip(*map(_flat_values, (s4.student, s1.student)))])
+    noise_moved = int(np.sum(student > 1e-6))
+    err = max(float(np.max(student[student <= 1e-6])), _max_diff(s4.teacher, s1.teacher), _max_diff(s4.queue, s1.queue))
+    print(f"1 vs 4 devices: losses {l1} vs {l4}, max |param diff| {err:.3g} (+{noise_moved} entries moved by noise)")
+    assert err <= 1e-6 and noise_moved <= 1e-4 * student.size and student.max() <= 2 * 2 * 1e-4
     assert _max_diff(s1.student, _setup(c)[3].student) > 1e-5  # the two steps did change the parameters
     # Adam's first moments are linear in the gradients: they agree to float32 reduction noise.
     m1, m4 = _flat(s1.opt_state), _flat(s4.opt_state)
