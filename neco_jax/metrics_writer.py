@@ -36,8 +36,10 @@ class MetricsWriter:
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.path = os.path.join(os.fspath(workdir), METRICS_FILE)
         self._tb = None
-        # Made with the first row, so that a run stopped before it leaves no empty tensorboard/ folder.
-        self._tb_dir = os.path.join(os.fspath(workdir), "tensorboard") if self.enabled and tensorboard else None
+        # tensorboardX is imported now (a second or more), not inside the steps that the second row times; its
+        # writer is made with the first row, so that a run stopped before it leaves no empty tensorboard/ folder.
+        self._tb_class = _summary_writer_class() if self.enabled and tensorboard else None
+        self._tb_dir = os.path.join(os.fspath(workdir), "tensorboard") if self._tb_class else None
         if self.enabled:
             os.makedirs(os.fspath(workdir), exist_ok=True)
 
@@ -48,7 +50,7 @@ class MetricsWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb_dir is not None:
-            self._tb, self._tb_dir = _tensorboard_writer(self._tb_dir), None
+            self._tb, self._tb_dir = self._tb_class(self._tb_dir), None
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -67,13 +69,13 @@ def _scalar(v: Any) -> Any:
     return a.tolist()
 
 
-def _tensorboard_writer(logdir: str):
+def _summary_writer_class():
     """tensorboardX's event-file writer (pure Python + protobuf), or None without the `tensorboard` extra."""
     try:
         from tensorboardX import SummaryWriter  # the optional tensorboard extra
     except ImportError:
         return None
-    return SummaryWriter(logdir)
+    return SummaryWriter
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
