@@ -27,11 +27,16 @@ def _compile_vit_step(remat: str):
     return jax.jit(jax.grad(loss)).lower(params, jax.ShapeDtypeStruct((8, 112, 112, 3), jnp.float32)).compile()
 
 
+# The tests of `peaks` run on one pytest-xdist worker, which compiles its three programs once.
+SAME_PEAKS = pytest.mark.xdist_group("memory_fit_peaks")
+
+
 @pytest.fixture(scope="module")
 def peaks():
     return {c: memory_fit.StepMemory.of(_compile_vit_step(c)).peak for c in memory_fit.REMAT_CHOICES}
 
 
+@SAME_PEAKS
 def test_auto_takes_the_cheapest_choice_that_fits(peaks):
     assert peaks["none"] > peaks["dots"] > peaks["full"]  # what makes the order meaningful
     for limit, chosen in ((None, "none"), (peaks["none"], "none"), (peaks["dots"], "dots"), (peaks["full"], "full")):
@@ -46,6 +51,7 @@ def test_auto_takes_the_cheapest_choice_that_fits(peaks):
     assert not memory_fit.fit(_compile_vit_step, "dots", peaks["full"]).fits
 
 
+@SAME_PEAKS
 def test_nothing_fits_names_need_memory_and_remedies(peaks):
     limit = peaks["full"] - 1
     result = memory_fit.fit(_compile_vit_step, "auto", limit)
@@ -73,6 +79,7 @@ def test_trainer_stops_before_the_first_step_when_the_step_does_not_fit(tmp_path
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.json").exists()
 
 
+@SAME_PEAKS
 def test_a_compiler_that_refuses_a_program_too_big_is_a_choice_that_does_not_fit(peaks):
     """libtpu's compiler refuses a program larger than the chip instead of compiling it: that choice does not fit,
     with the need it names, and the next is tried (a plan, or the trainer on a TPU, never stops on its error)."""

@@ -24,6 +24,9 @@ from reference_models import (
 
 from neco_jax.models import VisionTransformer, get_arch
 
+# One pytest-xdist worker runs the module: its reference models (module fixtures, up to 10 s each to build) are
+# then built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("vit_parity")
 # Tokens (CLS, patches, registers, pre-norm, intermediate blocks) vs dinov2 and timm: measured <= 2.4e-6 (DINOv2
 # S/14 at 98; B/14 1.7e-6, timm reg4 1.4e-6, DINO S/16 1.6e-6, B/8 1.0e-6, SwiGLU 2.3e-6).
 TOL = 7e-6
