@@ -32,11 +32,13 @@ FIELDS = {
     "checkpoint_every_steps": 2,
     "log_every_steps": 1,
     "export_at_end": False,
+    "loss.roi_align_kernel_size": 4,  # today's demo (configs/demo.py); that commit's demo had 7
 }
 
 
 def tiny_config():
-    """tests/train_fixtures.py's tiny_config(optim.total_steps=4, checkpoint_every_steps=2) at that commit."""
+    """tests/train_fixtures.py's tiny_config(optim.total_steps=4, checkpoint_every_steps=2) at that commit, on
+    today's demo grid."""
     c = demo.get_config()
     c.checkpoint_every_steps = 1000
     c.log_every_steps = 1
