@@ -512,7 +512,7 @@ def _signal_demo_after_first_row(workdir, signum):
         if (workdir / "metrics.jsonl").is_file() and read_metrics(workdir):
             proc.send_signal(signum)
             break
-        time.sleep(0.05)  # the demo's 40 steps take about 2 s
+        time.sleep(0.05)  # the demo's 40 steps take a few seconds
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 128 + signum, err[-3000:]
     stopped = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
