@@ -40,11 +40,7 @@ from bench.step_cases import FULL, SMALL, Built, Case, build_step, case_config, 
 from configs import base  # noqa: E402
 from input_pipeline import augment  # noqa: E402
 from neco_jax import loss as loss_lib  # noqa: E402
-from neco_jax import (  # noqa: E402
-    program,
-    sharding,
-    weights,  # noqa: E402
-)
+from neco_jax import nonfinite, program, sharding, weights  # noqa: E402
 from neco_jax import step as step_lib  # noqa: E402
 from neco_jax import train as train_lib  # noqa: E402
 from neco_jax.errors import UserError  # noqa: E402
@@ -265,7 +261,10 @@ def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
     step = step_lib.compile_loop_step(settings, training, mesh, None)[0].compiled
     batch = sharding.global_batch(step_lib.device_part(batches[0]), mesh)
     sched = jax.device_put(training.schedules, sharding.replicated(mesh))
-    holder = {"state": training.state, "sums": step_lib.empty_sums(0, sharding.replicated(mesh))}
+    holder = {
+        "state": training.state,
+        "sums": step_lib.empty_sums(nonfinite.cap(settings.optim), 0, sharding.replicated(mesh)),
+    }
 
     def call():
         holder["state"], metrics, holder["sums"] = step(holder["state"], batch, holder["sums"], sched)

@@ -43,24 +43,26 @@ def cap(settings: OptimSettings) -> int:
     return 1 if settings.on_nonfinite == "error" else settings.max_consecutive_skips
 
 
-def empty_counts(run: int = 0) -> dict[str, Any]:
-    """The device's count since the last fetch; `run`: the non-finite steps in a row that ended the previous
-    count (a run continues across fetches). NumPy values: the caller places them."""
-    ints = {"nonfinite": 0, "first_nonfinite_step": -1, "run": run, "alarm_step": -1}
+def empty_counts(limit: int, run: int = 0) -> dict[str, Any]:
+    """The device's count since the last fetch; `limit`: the non-finite steps in a row that stop training (`cap`),
+    carried as a value so that runs differing in it (or in `optim.on_nonfinite`) share one compiled step; `run`:
+    the non-finite steps in a row that ended the previous count (a run continues across fetches). NumPy values:
+    the caller places them."""
+    ints = {"nonfinite": 0, "first_nonfinite_step": -1, "run": run, "alarm_step": -1, "limit": limit}
     floats = ("first_nonfinite_loss", "first_nonfinite_grad_norm", "alarm_loss", "alarm_grad_norm")
     return {**{k: np.int32(v) for k, v in ints.items()}, **{k: np.float32(np.nan) for k in floats}}
 
 
-def count(counts: dict[str, jax.Array], metrics: dict[str, jax.Array], step, limit: int) -> dict[str, jax.Array]:
+def count(counts: dict[str, jax.Array], metrics: dict[str, jax.Array], step) -> dict[str, jax.Array]:
     """Add step `step`'s finiteness to the count, on the device.
 
-    The alarm is the first step that ends `limit` non-finite steps in a row (1: the first non-finite step); its
+    The alarm is the first step that ends `counts["limit"]` non-finite steps in a row (1: the first one); its
     loss and gradient norm are kept for the error message, as are the first non-finite step's for the warning.
     """
     bad = ~metrics["finite"]
     first = bad & (counts["first_nonfinite_step"] < 0)
     run = jnp.where(bad, counts["run"] + 1, 0)
-    alarm = (run >= limit) & (counts["alarm_step"] < 0)
+    alarm = (run >= counts["limit"]) & (counts["alarm_step"] < 0)
     keep = lambda cond, new, old: jnp.where(cond, new, old)  # noqa: E731
     return {
         "nonfinite": counts["nonfinite"] + bad.astype(jnp.int32),
@@ -71,6 +73,7 @@ def count(counts: dict[str, jax.Array], metrics: dict[str, jax.Array], step, lim
         "alarm_step": keep(alarm, jnp.int32(step), counts["alarm_step"]),
         "alarm_loss": keep(alarm, metrics["loss"], counts["alarm_loss"]),
         "alarm_grad_norm": keep(alarm, metrics["grad_norm"], counts["alarm_grad_norm"]),
+        "limit": counts["limit"],
     }
 
 

@@ -100,7 +100,8 @@ class NonFiniteCheck:
 
     def __init__(self, settings: OptimSettings, checkpoints: str, placement: jax.sharding.Sharding, due_with: tuple):
         self.settings, self.checkpoints, self.placement, self.due_with = settings, checkpoints, placement, due_with
-        self.sums = empty_sums(0, placement)  # placed as the step returns them: no second compilation
+        self.limit = nonfinite.cap(settings)
+        self.sums = empty_sums(self.limit, 0, placement)  # placed as the step returns them: no second compilation
 
     def due(self, tick: Tick) -> bool:
         return any(action.due(tick) for action in self.due_with)
@@ -109,7 +110,7 @@ class NonFiniteCheck:
         """(sums, metrics) on the host; NonFiniteError when the count says stop."""
         sums, metrics = distributed.host_copy((self.sums, metrics))
         run = nonfinite.check(sums, tick.step, int(metrics["nonfinite_steps"]), self.settings, self.checkpoints)
-        self.sums = empty_sums(run, self.placement)
+        self.sums = empty_sums(self.limit, run, self.placement)
         return sums, metrics
 
 

@@ -214,25 +214,25 @@ def jit_train_step(step_fn: Callable, mesh, carried: int = 0) -> Callable:
     )
 
 
-def empty_sums(run: int = 0, placement: jax.sharding.Sharding | None = None) -> dict[str, Any]:
+def empty_sums(limit: int, run: int = 0, placement: jax.sharding.Sharding | None = None) -> dict[str, Any]:
     """What the loop's step sums on the device between two fetches: the steps, their loss and gradient norm,
-    and the non-finite count (`nonfinite.count`; `run` continues the last one's run). With `placement`, made
-    by a jitted program with that output sharding, as the step returns them (on several processes
-    `jax.device_put` would compare the NaN entries between processes, and NaN != NaN)."""
+    and the non-finite count (`nonfinite.count`, stopping at `limit` in a row, `nonfinite.cap`; `run` continues
+    the last one's run). With `placement`, made by a jitted program with that output sharding, as the step returns
+    them (on several processes `jax.device_put` would compare the NaN entries between processes, and NaN != NaN)."""
     if placement is not None:
-        return _empty_sums_program(placement)(run)
+        return _empty_sums_program(placement)(limit, run)
     sums = {"steps": np.int32(0), "loss_sum": np.float32(0), "grad_norm_sum": np.float32(0)}
     # one buffer each: the step donates them, and a buffer cannot be donated twice in one call
-    return {k: jnp.array(v) for k, v in {**sums, **nonfinite.empty_counts(run)}.items()}
+    return {k: jnp.array(v) for k, v in {**sums, **nonfinite.empty_counts(limit, run)}.items()}
 
 
 @functools.cache
 def _empty_sums_program(placement: jax.sharding.Sharding) -> Callable:
-    """`empty_sums` jitted with that output sharding, once per sharding (compiled once per `run` value)."""
-    return jax.jit(empty_sums, static_argnums=0, out_shardings=placement)
+    """`empty_sums` jitted with that output sharding, once per sharding (compiled once per `limit` and `run`)."""
+    return jax.jit(empty_sums, static_argnums=(0, 1), out_shardings=placement)
 
 
-def with_sums(step_fn: Callable, limit: int) -> Callable:
+def with_sums(step_fn: Callable) -> Callable:
     """The step `(state, batch, schedules) -> (state, metrics)` as `(state, batch, sums, schedules) -> (state,
     metrics, sums)`: the sums of `empty_sums` updated in the same program, so each step is one dispatch."""
 
@@ -243,16 +243,16 @@ def with_sums(step_fn: Callable, limit: int) -> Callable:
             "loss_sum": sums["loss_sum"] + metrics["loss"].astype(jnp.float32),
             "grad_norm_sum": sums["grad_norm_sum"] + metrics["grad_norm"].astype(jnp.float32),
         }
-        return state, metrics, {**added, **nonfinite.count(sums, metrics, state.step, limit)}
+        return state, metrics, {**added, **nonfinite.count(sums, metrics, state.step)}
 
     return step
 
 
-def jit_loop_step(settings: TrainSettings, step_fn: Callable, mesh) -> Callable:
+def jit_loop_step(step_fn: Callable, mesh) -> Callable:
     """The training loop's program: `step_fn` with the metric sums carried (`(state, batch, sums, schedules) ->
     (state, metrics, sums)`), jitted over the mesh. The bench and the tests that time or probe the loop's step build it
     here too, so they run (and the compilation cache serves) the very same program."""
-    return jit_train_step(with_sums(step_fn, nonfinite.cap(settings.optim)), mesh, carried=1)
+    return jit_train_step(with_sums(step_fn), mesh, carried=1)
 
 
 def batch_spec(settings: TrainSettings, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -276,7 +276,7 @@ def compile_loop_step(
     (None: the first; see neco_jax.memory_fit). Returns the outcome and the models of the choice taken. The
     planner (neco_jax.plan) compiles the same for devices this machine lacks."""
     batch = batch_spec(settings, mesh)
-    sums = jax.eval_shape(lambda: empty_sums(0))
+    sums = jax.eval_shape(lambda: empty_sums(nonfinite.cap(settings.optim)))
     has_mask_token = "mask_token" in training.state.student["backbone"]
     models = {}
 
@@ -284,7 +284,7 @@ def compile_loop_step(
         chosen = with_remat(settings, remat)
         models[remat] = build_models(chosen, has_mask_token)
         step_fn = make_train_step(chosen, models[remat], training.labels)
-        program = jit_loop_step(chosen, step_fn, mesh)
+        program = jit_loop_step(step_fn, mesh)
         return program.lower(training.state, batch, sums, training.schedules).compile(compiler_options)
 
     per_batch = sum(math.prod(a.shape) * a.dtype.itemsize for a in batch.values())

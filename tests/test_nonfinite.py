@@ -18,14 +18,14 @@ class _State(NamedTuple):
 def _run_sums(losses, norms, cap, start=10, run=0):
     """The sums after steps `start`, `start + 1`, ... with these losses and gradient norms, as `with_sums` (the
     loop's program) adds them."""
-    sums = step_lib.empty_sums(run)
+    sums = step_lib.empty_sums(cap, run)
     for i, (loss, norm) in enumerate(zip(losses, norms)):
         metrics = {
             "loss": jnp.float32(loss),
             "grad_norm": jnp.float32(norm),
             "finite": jnp.bool_(np.isfinite(loss) & np.isfinite(norm)),
         }
-        step = step_lib.with_sums(lambda state, batch, sched, m=metrics: (state, m), cap)
+        step = step_lib.with_sums(lambda state, batch, sched, m=metrics: (state, m))
         _, _, sums = step(_State(jnp.int32(start + i)), None, sums, None)
     return jax.device_get(sums)
 

@@ -13,14 +13,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from train_fixtures import (
     RECIPES,
     SAME_STEP_DEMO,
     SAME_STEP_RECIPES,
-    SAME_STEP_SKIP_RUN,
     tiny_config,
     tiny_settings,
 )
@@ -28,7 +26,7 @@ from train_fixtures import (
 from configs import base
 from input_pipeline import augment
 from neco_jax import checkpoint as ckpt_lib
-from neco_jax import errors, optim, sharding, weights
+from neco_jax import errors, nonfinite, optim, sharding, weights
 from neco_jax import step as step_lib
 from neco_jax import train as train_lib
 from neco_jax import train_state as ts
@@ -183,7 +181,7 @@ def _loop_step(config, devices):
 
 def _run_steps(config, devices, batches):
     step, mesh, state, sched = _loop_step(config, devices)
-    sums = step_lib.empty_sums(0, sharding.replicated(mesh))
+    sums = step_lib.empty_sums(1, 0, sharding.replicated(mesh))
     losses = []
     for b in batches:
         state, metrics, sums = step(state, sharding.global_batch(b, mesh), sums, sched)
@@ -218,24 +216,29 @@ def test_one_device_and_four_devices_agree():
 
 
 def test_runs_differing_in_schedules_or_length_share_one_program():
-    """Learning rates, weight decay, EMA momentum and run length reach the step as arguments: the demo and every
-    tiny run lower to one program (one compilation through the cache), and a schedule is all that differs."""
+    """Learning rates, weight decay, EMA momentum, run length and the non-finite steps that stop a run reach the
+    step as arguments: the demo and every tiny run lower to one program (one compilation through the cache), and a
+    schedule is all that differs."""
 
     def lowered(**fields):
         settings = tiny_settings(**fields)
         student, teacher = jax.eval_shape(lambda: weights.random_params(settings, 0))
         training = step_lib.build_training(settings, settings.optim.total_steps, student, teacher)
         mesh = sharding.make_mesh()
-        program = step_lib.jit_loop_step(
-            settings, step_lib.make_train_step(settings, training.models, training.labels), mesh
-        )
-        sums = jax.eval_shape(lambda: step_lib.empty_sums(0))
+        program = step_lib.jit_loop_step(step_lib.make_train_step(settings, training.models, training.labels), mesh)
+        sums = jax.eval_shape(lambda: step_lib.empty_sums(nonfinite.cap(settings.optim)))
         batch = step_lib.batch_spec(settings, mesh)
         return program.lower(training.state, batch, sums, training.schedules).as_text(), training.schedules
 
     demo, demo_sched = lowered()
     other, other_sched = lowered(
-        **{"optim.total_steps": 7, "optim.lr_backbone": 3e-3, "optim.weight_decay_end": 0.1, "ema.momentum": 0.99}
+        **{
+            **SKIP_RUN,
+            "optim.total_steps": 7,
+            "optim.lr_backbone": 3e-3,
+            "optim.weight_decay_end": 0.1,
+            "ema.momentum": 0.99,
+        }
     )
     assert demo == other
     assert float(other_sched["lr_backbone"](0)) == pytest.approx(3e-3, rel=1e-6)
@@ -248,31 +251,33 @@ def _with_nan_boxes(batch):
     return {**batch, "boxes_gc": np.full_like(batch["boxes_gc"], np.nan)}
 
 
-def _nan_updates(tx):
-    """The optimizer with every update multiplied by NaN, as a NaN schedule value would make it."""
-    return optax.chain(tx, optax.scale(float("nan")))
+def _nan_learning_rates(sched):
+    """The schedules with NaN learning rates: a finite loss whose update is non-finite, from the step's own
+    program (schedules are arguments of the step)."""
+    nan = np.float32(np.nan)
+    return {
+        k: v._replace(base=nan, final=nan, rise=nan, fall=nan) if k.startswith("lr_") else v for k, v in sched.items()
+    }
 
 
 SKIP_RUN = {"optim.total_steps": 4, "optim.on_nonfinite": "skip", "optim.max_consecutive_skips": 2}
 
 
 @pytest.mark.slow
-@SAME_STEP_SKIP_RUN
-def test_nonfinite_step_changes_nothing_but_the_counters(monkeypatch):
+@SAME_STEP_DEMO
+def test_nonfinite_step_changes_nothing_but_the_counters():
     """A non-finite loss (NaN overlap boxes), and a finite loss whose update is non-finite (NaN learning rate):
-    the step commits neither; the second is seen only by checking the new state itself. The step is the
-    trainer's program for the skip test below (its compilation serves both)."""
-    real = optim.make_optimizer
-    monkeypatch.setattr(optim, "make_optimizer", lambda *a: _nan_updates(real(*a)))
+    the step commits neither; the second is seen only by checking the new state itself. The step is the demo's
+    program (the skip mode and its cap are values the step carries)."""
     c = tiny_config(**SKIP_RUN)
     step, mesh, state, sched = _loop_step(c, jax.devices())
-    state = jax.device_get(state)
+    repl = sharding.replicated(mesh)
+    state, sched = jax.device_get(state), jax.device_put(_nan_learning_rates(jax.device_get(sched)), repl)
     batch = _batches(c, 1)[0]
     bad = _with_nan_boxes(batch)
     for n, b in enumerate((bad, batch), start=1):
-        repl = sharding.replicated(mesh)
         new, metrics, _ = step(
-            jax.device_put(state, repl), sharding.global_batch(b, mesh), step_lib.empty_sums(0, repl), sched
+            jax.device_put(state, repl), sharding.global_batch(b, mesh), step_lib.empty_sums(2, 0, repl), sched
         )
         assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
         assert np.isfinite(metrics["loss"]) == (b is batch)
@@ -476,12 +481,18 @@ def _restored_state(workdir, step):
 
 
 @pytest.mark.slow
-@SAME_STEP_SKIP_RUN
+@SAME_STEP_DEMO
 def test_skip_stops_after_the_cap_and_saves_only_finite_state(tmp_path, monkeypatch):
-    """on_nonfinite=skip with every update non-finite (finite loss): skipped steps are counted, the cap stops the
-    run naming it, and neither the checkpoints nor an export ever hold a non-finite value."""
-    real = optim.make_optimizer
-    monkeypatch.setattr(optim, "make_optimizer", lambda *a: _nan_updates(real(*a)))
+    """on_nonfinite=skip with every update non-finite (finite loss, NaN learning rates): skipped steps are
+    counted, the cap stops the run naming it, and neither the checkpoints nor an export ever hold a non-finite
+    value."""
+    real = train_lib.build_training  # the initial state as always; the step's schedule arguments NaN
+
+    def nan_schedules(*args):
+        training = real(*args)
+        return training._replace(schedules=_nan_learning_rates(training.schedules))
+
+    monkeypatch.setattr(train_lib, "build_training", nan_schedules)
     c = tiny_config(**SKIP_RUN, **{"checkpoint_every_steps": 1, "export_at_end": True})
     with pytest.raises(
         errors.NonFiniteError,

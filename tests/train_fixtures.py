@@ -27,8 +27,8 @@ def tiny_settings(**fields) -> settings.TrainSettings:
 
 # Tests that compile the same training step share it through the session's compilation cache, but only when
 # they run one after the other: each group goes to one pytest-xdist worker (`--dist loadgroup`, tests/run.sh).
-# Learning rates, weight decay, momentum and run length are arguments of the step (neco_jax/step.py), so configs
-# that differ only in those, or in what the host does around the step, share a program.
+# Learning rates, weight decay, momentum and run length are arguments of the step (neco_jax/step.py), and the
+# non-finite steps that stop a run a value it carries, so configs that differ only in those, or in what the host
+# does around the step, share a program.
 SAME_STEP_DEMO = pytest.mark.xdist_group("demo")  # the demo's loop step on 4 devices: main.py and tiny_config runs
-SAME_STEP_SKIP_RUN = pytest.mark.xdist_group("tiny_skip")  # tiny_config with on_nonfinite=skip, NaN updates
 SAME_STEP_RECIPES = pytest.mark.xdist_group("recipes")  # several recipes compile to one program at reduced shapes
