@@ -21,9 +21,10 @@ import jax  # noqa: E402
 
 from input_pipeline import loader as loader_lib  # noqa: E402
 
-# As tests/conftest.py sets it for the in-process runs. No persistent compilation cache: JAX writes it from
-# process 0 only, so process 1 would compile while process 0 runs ahead, and gloo gives up on a peer that
-# joins a collective more than ~30 s late.
+# As tests/conftest.py sets it for the in-process runs. No persistent compilation cache (the test leaves it out of
+# the environment): JAX writes entries from process 0 only and the two processes' keys differ (in a second launch
+# process 0 loaded its step in 1.4 s while process 1 compiled it for 17 s), so process 0 would run ahead, and
+# gloo gives up on a peer that joins a collective more than ~30 s late.
 jax.config.update("jax_default_matmul_precision", "highest")
 
 _fetch = loader_lib.TrainLoader.fetch  # what the trainer's prefetch calls (and plain iteration too)

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import jax
-import multiprocess_config
 import numpy as np
 import pytest
+import smallest_config
 
 from neco_jax import train as train_lib
 from neco_jax.metrics_writer import read_metrics
@@ -30,7 +30,7 @@ from neco_jax.metrics_writer import read_metrics
 # compilation cache (the 1-process runs share the reference's, the 2-process launches each other's).
 pytestmark = pytest.mark.xdist_group("multiprocess")
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_FILE = "tests/multiprocess_config.py"
+CONFIG_FILE = "tests/smallest_config.py"
 # 2 processes vs 1, relative: the worst measured (the pre-empted run stops at step 2 on a 2-core machine; other
 # stops gave the smaller figures in brackets), and the bounds, 3x or less.
 LOSS_RTOL = 6.5e-7  # per-step losses: 2.2e-7
@@ -65,6 +65,7 @@ def _launch(workdir: Path, n: int = 2, *, flags=(), per_process_flags=None, env=
     """Start `n` worker processes (2 CPU devices each) of one run; returns the Popen objects."""
     port = _free_port()
     launch = {
+        "JAX_COMPILATION_CACHE_DIR",  # tests/multiprocess_worker.py says why the workers have none
         "JAX_COORDINATOR_ADDRESS",
         "JAX_NUM_PROCESSES",
         "JAX_PROCESS_ID",
@@ -148,7 +149,7 @@ def reference(tmp_path_factory):
     from input_pipeline import make_train_loader
     from neco_jax.settings import from_config
 
-    c = multiprocess_config.get_config()
+    c = smallest_config.get_config()
     workdir = tmp_path_factory.mktemp("mp") / "reference"
     state = train_lib.train_and_evaluate(c, workdir)["state"]
     s = from_config(c)
@@ -214,7 +215,7 @@ def test_preempted_on_two_processes_resumes_on_one(reference, tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(train_lib, "random_params", spy)
-    out = train_lib.train_and_evaluate(multiprocess_config.get_config(), workdir)
+    out = train_lib.train_and_evaluate(smallest_config.get_config(), workdir)
     assert out["step"] == 6 and inits == [True]
     errs = {
         k: _rel(getattr(out["state"], k), getattr(ref_state, k)) for k in ("student", "teacher", "queue", "rng", "step")
@@ -236,7 +237,7 @@ def test_two_processes_continue_a_one_process_run(reference, tmp_path):
     uninterrupted 1-process run, each process reading only its rows, process 0 alone writing files."""
     ref_dir, ref_state, indices = reference
     workdir = tmp_path / "grown"
-    first = train_lib.train_and_evaluate(multiprocess_config.get_config(), workdir, stop_after=2)
+    first = train_lib.train_and_evaluate(smallest_config.get_config(), workdir, stop_after=2)
     assert first["step"] == 2 and _saved_steps(workdir) == [2]
     results = _finish(_launch(workdir))
     assert [rc for rc, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]

@@ -1,6 +1,7 @@
-"""The demo recipe at the smallest shapes that keep every part of the step (for the multi-process tests):
-a 1-block 32-dim ViT, 28/14-px crops, a 2x2 aligned grid and a 32-entry queue, 6 steps, metrics every step,
-stop requests exchanged every step. Used both in-process and as `--config=tests/multiprocess_config.py`."""
+"""The demo recipe at the smallest shapes that keep every part of the step, for the tests whose time is compiling
+and running it (the multi-process runs, the planner's GPU and TPU compilations): a 1-block 32-dim ViT, 28/14-px
+crops, a 2x2 aligned grid and a 32-entry queue, 6 steps, metrics every step, stop requests exchanged every step.
+Used both in-process and as `--config=tests/smallest_config.py`."""
 
 import ml_collections
 
