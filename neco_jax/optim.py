@@ -48,7 +48,6 @@ class Cosine(NamedTuple):
     base: Any
     final: Any
     rise: Any  # final - base
-    fall: Any  # base - final
     scale: Any  # pi / (2 total)
     total: Any
 
@@ -58,14 +57,14 @@ class Cosine(NamedTuple):
         return jnp.where(
             2 * t < self.total,
             self.base + self.rise * jnp.square(jnp.sin(x)),
-            self.final + self.fall * jnp.square(jnp.cos(x)),
+            self.final - self.rise * jnp.square(jnp.cos(x)),
         )
 
 
 def cosine_schedule(base: float, final: float, total_steps: int) -> Cosine:
     """The cosine from `base` to `final` over `total_steps` (at least 1)."""
     base, final, total = float(base), float(final), max(int(total_steps), 1)
-    values = (base, final, final - base, base - final, 0.5 * math.pi / total, total)
+    values = (base, final, final - base, 0.5 * math.pi / total, total)
     return Cosine(*(np.float32(v) for v in values))
 
 

@@ -254,9 +254,7 @@ def _nan_learning_rates(sched):
     """The schedules with NaN learning rates: a finite loss whose update is non-finite, from the step's own
     program (schedules are arguments of the step)."""
     nan = np.float32(np.nan)
-    return {
-        k: v._replace(base=nan, final=nan, rise=nan, fall=nan) if k.startswith("lr_") else v for k, v in sched.items()
-    }
+    return {k: v._replace(base=nan, final=nan, rise=nan) if k.startswith("lr_") else v for k, v in sched.items()}
 
 
 SKIP_RUN = {"optim.total_steps": 4, "optim.on_nonfinite": "skip", "optim.max_consecutive_skips": 2}
