@@ -178,9 +178,14 @@ def _loop_step(config, devices, seed=0):
     return step, mesh, training.state, jax.device_put(training.schedules, repl)
 
 
+def _empty_sums(config, mesh):
+    """The loop's fresh metric sums for `config` (its non-finite cap), placed as the trainer places them."""
+    return step_lib.empty_sums(nonfinite.cap(from_config(config).optim), 0, sharding.replicated(mesh))
+
+
 def _run_steps(config, devices, batches):
     step, mesh, state, sched = _loop_step(config, devices)
-    sums = step_lib.empty_sums(1, 0, sharding.replicated(mesh))
+    sums = _empty_sums(config, mesh)
     losses = []
     for b in batches:
         state, metrics, sums = step(state, sharding.global_batch(b, mesh), sums, sched)
@@ -273,9 +278,7 @@ def test_nonfinite_step_changes_nothing_but_the_counters():
     batch = _batches(c, 1)[0]
     bad = _with_nan_boxes(batch)
     for n, b in enumerate((bad, batch), start=1):
-        new, metrics, _ = step(
-            jax.device_put(state, repl), sharding.global_batch(b, mesh), step_lib.empty_sums(2, 0, repl), sched
-        )
+        new, metrics, _ = step(jax.device_put(state, repl), sharding.global_batch(b, mesh), _empty_sums(c, mesh), sched)
         assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
         assert np.isfinite(metrics["loss"]) == (b is batch)
         for part in ("student", "teacher", "opt_state", "queue"):
@@ -589,7 +592,7 @@ def _assert_it_learned(workdir):
 
     def loss(weights):  # the initial queue, RNG and step around either weights (the step donates its state)
         state = jax.device_put(start.replace(**weights), repl)
-        return float(step(state, batch, step_lib.empty_sums(1, 0, repl), sched)[1]["loss"])
+        return float(step(state, batch, _empty_sums(c, mesh), sched)[1]["loss"])
 
     before, after = loss(parts), loss(saved)
     print(f"loss on a fixed batch: step 0 {before:.4f} -> step 40 {after:.4f}")
