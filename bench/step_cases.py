@@ -1,6 +1,6 @@
 """The training steps that bench/train_step.py times (and tests/test_bench.py, tests/test_gpu.py check): the
 recipes' cases, each case's config, synthetic batches with the input pipeline's keys and shapes, and the trainer's
-own state and jitted step built on random-init weights."""
+own state and loop program built on random-init weights."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import numpy as np
 
 from configs import base
 from input_pipeline.views import draw_colour_params
-from neco_jax import memory_fit, sharding, weights
+from neco_jax import memory_fit, nonfinite, sharding, weights
 from neco_jax import step as step_lib
-from neco_jax import train_state as ts
-from neco_jax.settings import from_config
+from neco_jax.settings import TrainSettings, from_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,17 +65,18 @@ FULL = _cases(
 )
 SMALL = _cases(
     [
-        ("demo", (56, 28), 2, "float32"),
-        ("demo", (56, 28), 2, "float32", "none", "xla"),
-        ("demo", (56, 28), 2, "float32", "none", "chunked"),
-        ("demo", (56, 28), 2, "bfloat16"),
-        ("demo", (56, 28), 2, "float32", "full"),
-        ("demo", (56, 28), 2, "float32", "auto"),
+        ("demo", (56, 28), 4, "float32"),
+        ("demo", (56, 28), 4, "float32", "none", "xla"),
+        ("demo", (56, 28), 4, "float32", "none", "chunked"),
+        ("demo", (56, 28), 4, "bfloat16"),
+        ("demo", (56, 28), 4, "float32", "full"),
+        ("demo", (56, 28), 4, "float32", "auto"),
         ("dinov2_s14", S518, 1, "float32", "full"),
         ("dinov2_s14", S518, 1, "float32"),
         ("dinov2_s14", S518, 1, "float32", "none", "xla"),
     ]
-)  # the demo (model.attention "auto", the plain "xla" path, "chunked"), and the recipe's shapes at a CPU batch
+)  # the demo at its own batch (model.attention "auto", the plain "xla" path, "chunked"; its first case is the
+# demo's loop program on one device, which tests/test_train.py compiles too), and the recipe's shapes at a CPU batch
 
 
 def case_config(case: Case):
@@ -128,28 +128,35 @@ def synthetic_batch(config, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 class Built(NamedTuple):
-    state: ts.TrainState
-    step_fn: Any  # the pure step, (state, batch, schedules) -> (state, metrics)
-    step: Any  # the same, jitted over the mesh with the state donated
-    models: ts.Models
-    labels: Any  # optimizer group of every parameter
-    schedules: Any  # the step's last argument (neco_jax.step.schedules), on the mesh
+    """A case as the trainer builds it, on the mesh: what the loop's program is lowered from and called with."""
+
+    settings: TrainSettings  # model.remat "auto" resolved
+    training: step_lib.Training  # the models of that remat, optimizer groups; state and schedules on the mesh
+    sums: Any  # the loop's fresh metric sums (neco_jax.step.empty_sums) on the mesh; the program donates them
+
+    def lower(self, mesh) -> jax.stages.Lowered:
+        """The loop's program, lowered by the trainer's own `neco_jax.step.lower_loop_step`: the very program
+        a training run with these settings compiles (and the compilation cache holds)."""
+        return step_lib.lower_loop_step(self.settings, self.training, mesh)[0]
+
+    def step_fn(self):
+        """The pure step, (state, batch, schedules) -> (state, metrics)."""
+        return step_lib.make_train_step(self.settings, self.training.models, self.training.labels)
 
 
 def build_step(config, mesh) -> Built:
-    """The trainer's state and jitted step on random-init weights, built by the trainer's own builders;
-    model.remat="auto" resolved as the trainer resolves it (against the devices' memory, where reported)."""
+    """The trainer's state, schedules and loop sums on random-init weights, built by the trainer's own builders
+    and placed on the mesh as it places them; model.remat="auto" resolved as the trainer resolves it (against the
+    devices' memory, where reported)."""
     settings = from_config(config)
     student, teacher = weights.random_params(settings, settings.run.seed)
     training = step_lib.build_training(settings, settings.optim.total_steps, student, teacher)
-    training = training._replace(state=jax.device_put(training.state, sharding.replicated(mesh)))
-    models = training.models
+    repl = sharding.replicated(mesh)
+    training = training._replace(
+        state=jax.device_put(training.state, repl), schedules=jax.device_put(training.schedules, repl)
+    )
     if settings.model.remat == "auto":
-        limit = memory_fit.device_limit(mesh.devices.flat)
-        fit = step_lib.compile_loop_step(settings, training, mesh, limit)[0]
+        fit, models = step_lib.compile_loop_step(settings, training, mesh, memory_fit.device_limit(mesh.devices.flat))
         settings = step_lib.with_remat(settings, fit.remat or "full")
-        models = weights.build_models(settings)
-    step_fn = step_lib.make_train_step(settings, models, training.labels)
-    schedules = jax.device_put(training.schedules, sharding.replicated(mesh))
-    jitted = step_lib.jit_train_step(step_fn, mesh)
-    return Built(training.state, step_fn, jitted, models, training.labels, schedules)
+        training = training._replace(models=models)
+    return Built(settings, training, step_lib.empty_sums(nonfinite.cap(settings.optim), 0, repl))

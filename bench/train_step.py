@@ -8,8 +8,9 @@ of the sorting + ROI-align loss part, for the recipes' shapes with synthetic bat
     python bench/train_step.py --cases s14_518_b64_bf16_auto --isolate --budget_s=360 --profile s14_518_b64_bf16_auto
 Cases: the recipes' own defaults first (dinov2_s14 at 518/98, batch 64, and dinov2_b14, batch 16: float32,
 model.remat and model.attention "auto"), then dinov2_s14 at 518/98 and 224/98 and dinov2_b14 with fp32 and bf16
-compute, with and without rematerialisation, and XLA's plain attention path. The step is the trainer's own (`neco_jax.step.make_train_step`, jitted
-by `jit_train_step` with the state donated) on random-init weights. `--isolate` runs each case in a child
+compute, with and without rematerialisation, and XLA's plain attention path. The program timed is the one the
+training loop runs (`neco_jax.step.jit_loop_step`: the trainer's step with its metric sums, state donated) on
+random-init weights. `--isolate` runs each case in a child
 process, so the allocator's peak is per case and an out-of-memory case cannot take the others down.
 Every case also times the device colour augmentation alone (`augment share` of the step). Prints a table and
 writes bench/results/train_step[_small].json (folder: $BENCH_RESULTS_DIR if set).
@@ -105,7 +106,7 @@ def time_loss_part(config, models, queue, batch, warmup: int, iters: int) -> dic
 def time_forward_part(config, built: Built, state, batch, warmup: int, iters: int) -> dict:
     """The step's forward alone (student and teacher backbones, heads, loss; no gradients, no update): with the
     step time and the loss part, a coarse profile of where the step's time goes."""
-    loss_fn = jax.jit(step_lib.make_loss_fn(from_config(config), built.models, built.labels))
+    loss_fn = jax.jit(step_lib.make_loss_fn(built.settings, built.training.models, built.training.labels))
     batch = augmented(config)(batch)  # the loss takes the crops the step's augmentation made
     key = jax.random.PRNGKey(2)  # a raw key, as the state.rng the step splits
     timing = common.time_calls(
@@ -133,12 +134,9 @@ def run_case(
     row = {"case": case.name, **dataclasses.asdict(case), "status": "ok"}
     mesh = sharding.make_mesh(jax.devices()[:1])
     built = build_step(config, mesh)
-    state, step_fn, step, models, sched = built.state, built.step_fn, built.step, built.models, built.schedules
-    batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
-    if profile:  # every matmul XLA is given, sorting and remat recomputation included
-        row["matmul_tflop_traced"] = matmul_flops(step_fn, state, batch, sched) / 1e12
+    state, sched = built.training.state, built.training.schedules
     start, start_cpu = time.perf_counter(), time.process_time()
-    lowered = step.lower(state, batch, sched)
+    lowered = built.lower(mesh)
     row["lower_s"] = time.perf_counter() - start  # tracing and lowering to StableHLO
     compiled = lowered.compile()
     row["compile_s"] = time.perf_counter() - start  # the whole of it: lowering and XLA's compilation
@@ -147,12 +145,15 @@ def run_case(
     row["compiled_memory_gib"] = None if mem is None else mem / 2**30
     row["hlo_gib_accessed"] = common.bytes_accessed(compiled) / 2**30
     row["program"] = common.program_id(compiled)
+    batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
+    if profile:  # every matmul XLA is given, sorting and remat recomputation included
+        row["matmul_tflop_traced"] = matmul_flops(built.step_fn(), state, batch, sched) / 1e12
     if compile_only:
         return row
-    holder = {"state": state}
+    holder = {"state": state, "sums": built.sums}
 
     def call():
-        holder["state"], metrics = compiled(holder["state"], batch, sched)
+        holder["state"], metrics, holder["sums"] = compiled(holder["state"], batch, holder["sums"], sched)
         holder["metrics"] = metrics
         return holder["state"], metrics
 
@@ -177,7 +178,7 @@ def run_case(
     row["augment_share"] = row["augment_ms"] / row["step_ms"]
     if profile:
         try:
-            row.update(time_loss_part(config, models, holder["state"].queue, batch, warmup, iters))
+            row.update(time_loss_part(config, built.training.models, holder["state"].queue, batch, warmup, iters))
             row["loss_share"] = row["loss_part_ms"] / row["step_ms"]
         except AttributeError as err:  # the trainer's loss entry point moved: keep the step's numbers
             row["loss_part_error"] = repr(err)

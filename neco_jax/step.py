@@ -154,8 +154,8 @@ def make_loss_fn(settings: TrainSettings, models: ts.Models, labels: Any) -> Cal
 
 
 def make_train_step(settings: TrainSettings, models: ts.Models, labels: Any) -> Callable:
-    """The pure step `(state, batch, schedules) -> (state, metrics)` (`schedules` as made by `schedules`); jit it
-    with `jit_train_step`. A batch of uint8 crops (data.augment_on="device") gets its colour augmentation and
+    """The pure step `(state, batch, schedules) -> (state, metrics)` (`schedules` as made by `schedules`); the loop
+    runs it inside `jit_loop_step`. A batch of uint8 crops (data.augment_on="device") gets its colour augmentation and
     normalisation first, inside the step."""
     use_teacher = settings.loss.use_teacher
     loss_fn = make_loss_fn(settings, models, labels)
@@ -201,19 +201,6 @@ def make_train_step(settings: TrainSettings, models: ts.Models, labels: Any) -> 
     return step
 
 
-def jit_train_step(step_fn: Callable, mesh, carried: int = 0) -> Callable:
-    """jit over the mesh: state replicated and donated, batch sharded along "data", schedules (the last argument)
-    and metrics replicated; `carried` more replicated arguments after the batch (the loop's sums), donated and
-    returned last."""
-    repl = sharding.replicated(mesh)
-    return jax.jit(
-        step_fn,
-        in_shardings=(repl, sharding.batch_sharding(mesh)) + (repl,) * (carried + 1),
-        out_shardings=(repl,) * (2 + carried),
-        donate_argnums=(0, *range(2, 2 + carried)),
-    )
-
-
 def empty_sums(limit: int, run: int = 0, placement: jax.sharding.Sharding | None = None) -> dict[str, Any]:
     """What the loop's step sums on the device between two fetches: the steps, their loss and gradient norm,
     and the non-finite count (`nonfinite.count`, stopping at `limit` in a row, `nonfinite.cap`; `run` continues
@@ -250,9 +237,16 @@ def with_sums(step_fn: Callable) -> Callable:
 
 def jit_loop_step(step_fn: Callable, mesh) -> Callable:
     """The training loop's program: `step_fn` with the metric sums carried (`(state, batch, sums, schedules) ->
-    (state, metrics, sums)`), jitted over the mesh. The bench and the tests that time or probe the loop's step build it
-    here too, so they run (and the compilation cache serves) the very same program."""
-    return jit_train_step(with_sums(step_fn), mesh, carried=1)
+    (state, metrics, sums)`), jitted over the mesh: the batch sharded along "data", everything else replicated, the
+    state and the sums donated. The bench and the tests that time or probe the loop's step build it here too, so
+    they run (and the compilation cache serves) the very same program."""
+    repl = sharding.replicated(mesh)
+    return jax.jit(
+        with_sums(step_fn),
+        in_shardings=(repl, sharding.batch_sharding(mesh), repl, repl),
+        out_shardings=(repl, repl, repl),
+        donate_argnums=(0, 2),
+    )
 
 
 def batch_spec(settings: TrainSettings, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -268,26 +262,29 @@ def with_remat(settings: TrainSettings, remat: str) -> TrainSettings:
     return dataclasses.replace(settings, model=dataclasses.replace(settings.model, remat=remat))
 
 
+def lower_loop_step(settings: TrainSettings, training: Training, mesh) -> tuple[jax.stages.Lowered, ts.Models]:
+    """The loop's program (`jit_loop_step`) lowered for `training.state` (arrays or shapes), `batch_spec` and
+    `training.schedules`, with `settings.model.remat` (a choice, not "auto"); and the models it runs. Whatever
+    compiles the loop's step lowers it here, so that equal settings give the very same program."""
+    models = build_models(settings, "mask_token" in training.state.student["backbone"])
+    program = jit_loop_step(make_train_step(settings, models, training.labels), mesh)
+    sums = jax.eval_shape(lambda: empty_sums(nonfinite.cap(settings.optim)))
+    return program.lower(training.state, batch_spec(settings, mesh), sums, training.schedules), models
+
+
 def compile_loop_step(
     settings: TrainSettings, training: Training, mesh, limit: int | None, compiler_options: dict | None = None
 ) -> tuple[memory_fit.Fit, ts.Models]:
-    """The loop's program (`jit_loop_step`) compiled ahead for `training.state` (arrays or shapes), `batch_spec` and
-    `training.schedules`, for each rematerialisation model.remat allows until one needs at most `limit` bytes per device
-    (None: the first; see neco_jax.memory_fit). Returns the outcome and the models of the choice taken. The
-    planner (neco_jax.plan) compiles the same for devices this machine lacks."""
-    batch = batch_spec(settings, mesh)
-    sums = jax.eval_shape(lambda: empty_sums(nonfinite.cap(settings.optim)))
-    has_mask_token = "mask_token" in training.state.student["backbone"]
+    """The loop's program (`lower_loop_step`) compiled ahead for each rematerialisation model.remat allows until one
+    needs at most `limit` bytes per device (None: the first; see neco_jax.memory_fit). Returns the outcome and the
+    models of the choice taken. The planner (neco_jax.plan) compiles the same for devices this machine lacks."""
     models = {}
 
     def compile_with(remat: str):
-        chosen = with_remat(settings, remat)
-        models[remat] = build_models(chosen, has_mask_token)
-        step_fn = make_train_step(chosen, models[remat], training.labels)
-        program = jit_loop_step(step_fn, mesh)
-        return program.lower(training.state, batch, sums, training.schedules).compile(compiler_options)
+        lowered, models[remat] = lower_loop_step(with_remat(settings, remat), training, mesh)
+        return lowered.compile(compiler_options)
 
-    per_batch = sum(math.prod(a.shape) * a.dtype.itemsize for a in batch.values())
+    per_batch = sum(math.prod(a.shape) * a.dtype.itemsize for a in batch_spec(settings, mesh).values())
     prefetched = PREFETCH_BATCHES * per_batch // mesh.devices.size
     result = memory_fit.fit(compile_with, settings.model.remat, limit, extra=prefetched)
     return result, models[result.tried[-1][0]]

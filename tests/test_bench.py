@@ -189,7 +189,7 @@ def test_bf16_peak_by_device_kind(kind, tflops):
 
 
 def test_synthetic_batch_follows_the_pipeline_contract():
-    config = case_config(SMALL["demo_56_b2_fp32"])
+    config = case_config(SMALL["demo_56_b4_fp32"])
     batch = synthetic_batch(config, np.random.default_rng(0))
     b, (s_g, s_l) = config.optim.batch_size, config.data.size_crops
     assert batch["global_crops"].shape == (b, 2, s_g, s_g, 3) and batch["local_crops"].shape == (b, 4, s_l, s_l, 3)
@@ -229,8 +229,9 @@ def test_forward_bench_small(tmp_path):
 
 
 @pytest.mark.slow
+@SAME_STEP_DEMO  # its case is the demo's loop program on one device, as test_train.py's 1-vs-4 devices test
 def test_train_step_bench_small(tmp_path):
-    name = "demo_56_b2_fp32"
+    name = "demo_56_b4_fp32"
     (row,) = _run("train_step", tmp_path, "--cases", name, "--isolate", "--profile", name)["rows"]
     assert row["case"] == name and row["status"] == "ok" and row["finite"]
     assert row["step_ms"] > 0 and row["images_per_s"] > 0 and row["loss_part_ms"] > 0 and row["forward_ms"] > 0
@@ -260,7 +261,7 @@ def test_train_step_bench_loop_overhead(tmp_path):
 
 
 def test_train_step_bench_time_budget(tmp_path):
-    rows = _run("train_step", tmp_path, "--cases", "demo_56_b2_fp32,demo_56_b2_bf16", "--budget_s=0")["rows"]
+    rows = _run("train_step", tmp_path, "--cases", "demo_56_b4_fp32,demo_56_b4_bf16", "--budget_s=0")["rows"]
     assert [r["status"].split(":")[0] for r in rows] == ["skipped", "skipped"]
 
 

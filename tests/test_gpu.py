@@ -19,7 +19,6 @@ from neco_jax import sharding
 from neco_jax import step as step_lib
 from neco_jax.models import VisionTransformer, get_arch
 from neco_jax.models import attention as attention_lib
-from neco_jax.settings import from_config
 
 pytestmark = pytest.mark.gpu
 
@@ -55,9 +54,10 @@ def loss_and_grads(config, device):
     mesh = sharding.make_mesh([device])
     built = build_step(config, mesh)
     batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(0)), mesh)
-    loss_fn = step_lib.make_loss_fn(from_config(config), built.models, built.labels)
+    loss_fn = step_lib.make_loss_fn(built.settings, built.training.models, built.training.labels)
+    state = built.training.state
     (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        built.state.student, built.state.teacher, built.state.queue, batch, jax.random.PRNGKey(7)
+        state.student, state.teacher, state.queue, batch, jax.random.PRNGKey(7)
     )
     return float(loss), jax.device_get(grads)
 
@@ -100,11 +100,12 @@ def check_bf16_train_step(device, steps: int = 3) -> None:
     config.model.arch_overrides.depth = 4
     mesh = sharding.make_mesh([device])
     built = build_step(config, mesh)
-    before = jax.device_get(built.state.student)
-    state = built.state
+    step = built.lower(mesh).compile()
+    state, sums = built.training.state, built.sums
+    before = jax.device_get(state.student)
     for i in range(steps):
         batch = sharding.global_batch(synthetic_batch(config, np.random.default_rng(i)), mesh)
-        state, metrics = built.step(state, batch, built.schedules)
+        state, metrics, sums = step(state, batch, sums, built.training.schedules)
         metrics = jax.device_get(metrics)
         assert metrics["finite"] and np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     after = jax.device_get(state.student)
