@@ -169,18 +169,18 @@ def _drawn_rows(pushed, emb_gc):
     return torch.tensor(idx)
 
 
+def _jitted_loss(settings: LossSettings, **kwargs):
+    """`neco_loss` with these settings, jitted as the train step runs it (one program, not hundreds of
+    single-op ones)."""
+    return jax.jit(functools.partial(loss_lib.neco_loss, settings=settings, patch_size=PATCH, **kwargs))
+
+
 @pytest.mark.slow
 def test_loss_equals_reference_with_given_references(data):
     """Batch-pool path: the original's pool of the pair's aligned teacher vectors."""
     key = jax.random.PRNGKey(3)
-    out, aux, _ = loss_lib.neco_loss(
-        (data["sg"], data["sl"], data["tg"]),
-        (data["gc"], data["all"]),
-        None,
-        key,
-        LossSettings(student_steepness=20.0, teacher_steepness=50.0, roi_align_kernel_size=K),
-        patch_size=PATCH,
-    )
+    settings = LossSettings(student_steepness=20.0, teacher_steepness=50.0, roi_align_kernel_size=K)
+    out, aux, _ = _jitted_loss(settings)((data["sg"], data["sl"], data["tg"]), (data["gc"], data["all"]), None, key)
 
     def refs_fn(g, v, t_q):
         return original_pool_references(t_q, None, _pair_permutation(key, g, v, B * K * K))
@@ -197,9 +197,7 @@ def test_loss_equals_reference_queue_mode(data, original_counter):
     the references, cosine 0 with everything; with neco-jax's own count (15) none are."""
     key, length, per_image = jax.random.PRNGKey(5), 64, 5
     settings = LossSettings(roi_align_kernel_size=K, sort_net="odd_even", queue_original_counter=original_counter)
-    step = jax.jit(
-        functools.partial(loss_lib.neco_loss, settings=settings, patch_size=PATCH, queue_per_image=per_image)
-    )
+    step = _jitted_loss(settings, queue_per_image=per_image)
     args = ((data["sg"], data["sl"], data["tg"]), (data["gc"], data["all"]), queue_lib.init(G, length, C))
     out, aux, q1 = step(*args, key)
 
@@ -232,23 +230,26 @@ def test_gradients_reach_only_student(data):
     assert np.abs(gs).max() > 0 and np.abs(gl).max() > 0 and np.all(np.isfinite(gs))
     assert np.abs(gt).max() == 0
     # use_teacher=False ablation: references (from the "teacher" input) then carry gradient.
-    g2 = jax.grad(
-        lambda tg: loss_lib.neco_loss(
-            (data["sg"], data["sl"], tg),
-            (data["gc"], data["all"]),
-            None,
-            jax.random.PRNGKey(0),
-            LossSettings(roi_align_kernel_size=K, use_teacher=False),
-            patch_size=PATCH,
-        )[0]
+    g2 = jax.jit(
+        jax.grad(
+            lambda tg: loss_lib.neco_loss(
+                (data["sg"], data["sl"], tg),
+                (data["gc"], data["all"]),
+                None,
+                jax.random.PRNGKey(0),
+                LossSettings(roi_align_kernel_size=K, use_teacher=False),
+                patch_size=PATCH,
+            )[0]
+        )
     )(data["tg"])
     assert np.abs(g2).max() > 0
 
 
 def test_student_equal_teacher_is_lower(data):
     settings, boxes, key = LossSettings(roi_align_kernel_size=K), (data["gc"], data["all"]), jax.random.PRNGKey(1)
-    same = loss_lib.neco_loss((data["tg"], data["sl"], data["tg"]), boxes, None, key, settings, patch_size=PATCH)[0]
-    rand = loss_lib.neco_loss((data["sg"], data["sl"], data["tg"]), boxes, None, key, settings, patch_size=PATCH)[0]
+    loss = _jitted_loss(settings)
+    same = loss((data["tg"], data["sl"], data["tg"]), boxes, None, key)[0]
+    rand = loss((data["sg"], data["sl"], data["tg"]), boxes, None, key)[0]
     assert float(same) < float(rand)
     t, r, s = (jnp.asarray(data[k][:, i, :3, :3].reshape(B, 9, C)) for k, i in (("tg", 0), ("tg", 1), ("sg", 0)))
     assert float(loss_lib.pair_loss(t, t, r, settings)) < float(loss_lib.pair_loss(s, t, r, settings))
@@ -306,14 +307,8 @@ def test_fg_masked_loss_equals_reference(data):
     rng = np.random.default_rng(4)
     fg = (rng.uniform(size=(B, G, HG, HG)) < 0.8).astype(np.float32)
     key = jax.random.PRNGKey(11)
-    out, _, _ = loss_lib.neco_loss(
-        (data["sg"], data["sl"], data["tg"]),
-        (data["gc"], data["all"]),
-        None,
-        key,
-        LossSettings(roi_align_kernel_size=K, loss_mask="fg"),
-        patch_size=PATCH,
-        fg_mask=fg,
+    out, _, _ = _jitted_loss(LossSettings(roi_align_kernel_size=K, loss_mask="fg"))(
+        (data["sg"], data["sl"], data["tg"]), (data["gc"], data["all"]), None, key, fg_mask=fg
     )
 
     def reference(threshold, original_pool_rows):
