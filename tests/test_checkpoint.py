@@ -141,10 +141,13 @@ def test_the_stored_layout_restores_into_the_nnx_train_state(tmp_path):
     c = tiny_settings(**{"optim.total_steps": 2})
     student, teacher = weights.random_params(c, 0)
     student = {k: nnx.to_pure_dict(v) for k, v in student.items()}
-    teacher = jax.tree.map(lambda x: 0.5 * x, {k: nnx.to_pure_dict(v) for k, v in teacher.items()})
+    teacher = jax.jit(lambda t: jax.tree.map(lambda x: 0.5 * x, t))(
+        {k: nnx.to_pure_dict(v) for k, v in teacher.items()}
+    )
     assert sorted(student["backbone"]["blocks"]) == [0, 1]
     tx = optim.make_optimizer(c.optim, optim.param_labels(student), optim.schedules(c.optim, 2))
-    _, opt_state = tx.update(jax.tree.map(lambda x: 0.1 * x, student), tx.init(student), student)  # moments != 0
+    moved = jax.jit(lambda p: tx.update(jax.tree.map(lambda x: 0.1 * x, p), tx.init(p), p)[1])  # one program
+    opt_state = moved(student)  # moments != 0
     stored = ts.create(student, teacher, opt_state, {}, seed=7).replace(step=jax.numpy.int32(5))
     with ocp.CheckpointManager((tmp_path / "checkpoints").resolve(), item_names=("state", "data")) as manager:
         manager.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(stored), data=ocp.args.JsonSave({})))
