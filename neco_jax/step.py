@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -282,9 +283,25 @@ def compile_loop_step(
 
     def compile_with(remat: str):
         lowered, models[remat] = lower_loop_step(with_remat(settings, remat), training, mesh)
-        return lowered.compile(compiler_options)
+        return lowered.compile(compiler_options) if compiler_options else _compile_reusing(lowered, mesh)
 
     per_batch = sum(math.prod(a.shape) * a.dtype.itemsize for a in batch_spec(settings, mesh).values())
     prefetched = PREFETCH_BATCHES * per_batch // mesh.devices.size
     result = memory_fit.fit(compile_with, settings.model.remat, limit, extra=prefetched)
     return result, models[result.tried[-1][0]]
+
+
+_RECENT: dict[tuple[str, tuple[int, ...]], Any] = {}  # the last few loop programs compiled here, oldest first
+_KEEP = 4
+
+
+def _compile_reusing(lowered: jax.stages.Lowered, mesh) -> Any:
+    """`lowered.compile()`, or the executable this process compiled for one of its last `_KEEP` runs when the program
+    is the very same (StableHLO text and devices): repeated runs in one process (a notebook, a sweep, the tests)
+    then skip loading it from the compilation cache again (1-3 s for the demo on a CPU)."""
+    key = (hashlib.sha256(lowered.as_text().encode()).hexdigest(), tuple(d.id for d in mesh.devices.flat))
+    compiled = _RECENT.pop(key, None)
+    _RECENT[key] = compiled = lowered.compile() if compiled is None else compiled
+    while len(_RECENT) > _KEEP:
+        del _RECENT[next(iter(_RECENT))]
+    return compiled

@@ -228,11 +228,7 @@ def test_runs_differing_in_schedules_or_length_share_one_program():
         settings = tiny_settings(**fields)
         student, teacher = jax.eval_shape(lambda: weights.random_params(settings, 0))
         training = step_lib.build_training(settings, settings.optim.total_steps, student, teacher)
-        mesh = sharding.make_mesh()
-        program = step_lib.jit_loop_step(step_lib.make_train_step(settings, training.models, training.labels), mesh)
-        sums = jax.eval_shape(lambda: step_lib.empty_sums(nonfinite.cap(settings.optim)))
-        batch = step_lib.batch_spec(settings, mesh)
-        return program.lower(training.state, batch, sums, training.schedules).as_text(), training.schedules
+        return step_lib.lower_loop_step(settings, training, sharding.make_mesh())[0].as_text(), training.schedules
 
     demo, demo_sched = lowered()
     other, other_sched = lowered(
@@ -248,6 +244,27 @@ def test_runs_differing_in_schedules_or_length_share_one_program():
     assert float(other_sched["lr_backbone"](0)) == pytest.approx(3e-3, rel=1e-6)
     assert float(demo_sched["lr_backbone"](0)) == pytest.approx(5e-4, rel=1e-6)
     assert float(other_sched["ema_rate"](0)) == pytest.approx(0.01, rel=1e-6) and other_sched["ema_rate"].total == 7
+
+
+@pytest.mark.slow
+@SAME_STEP_DEMO
+def test_a_run_in_the_same_process_reuses_the_last_runs_executable():
+    """Runs of one program in one process (schedules apart) get the executable compiled for the first, not
+    another load from the compilation cache; a program on other devices, or another program, gets its own."""
+    first = _loop_step(tiny_config(), jax.devices())[0]
+    assert _loop_step(tiny_config(**{"optim.lr_backbone": 3e-3}), jax.devices())[0] is first
+
+    def lowered(devices, factor):
+        mesh = sharding.make_mesh(devices)
+        return jax.jit(lambda x: x * factor, out_shardings=sharding.replicated(mesh)).lower(jnp.ones(4)), mesh
+
+    small = step_lib._compile_reusing(*lowered(jax.devices()[:1], 2))
+    assert step_lib._compile_reusing(*lowered(jax.devices()[:1], 2)) is small
+    assert step_lib._compile_reusing(*lowered(jax.devices()[1:2], 2)) is not small
+    assert step_lib._compile_reusing(*lowered(jax.devices()[:1], 3)) is not small
+    for factor in range(4, 4 + step_lib._KEEP):  # the oldest are let go
+        step_lib._compile_reusing(*lowered(jax.devices()[:1], factor))
+    assert step_lib._compile_reusing(*lowered(jax.devices()[:1], 2)) is not small
 
 
 def _with_nan_boxes(batch):
