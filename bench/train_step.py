@@ -9,9 +9,9 @@ of the sorting + ROI-align loss part, for the recipes' shapes with synthetic bat
 Cases: the recipes' own defaults first (dinov2_s14 at 518/98, batch 64, and dinov2_b14, batch 16: float32,
 model.remat and model.attention "auto"), then dinov2_s14 at 518/98 and 224/98 and dinov2_b14 with fp32 and bf16
 compute, with and without rematerialisation, and XLA's plain attention path. The program timed is the one the
-training loop runs (`neco_jax.step.jit_loop_step`: the trainer's step with its metric sums, state donated) on
-random-init weights. `--isolate` runs each case in a child
-process, so the allocator's peak is per case and an out-of-memory case cannot take the others down.
+training loop runs (`neco_jax.step.lower_loop_step`: the trainer's step with its metric sums, state donated) on
+random-init weights. `--isolate` runs each case in a child process, so the allocator's peak is per case and an
+out-of-memory case cannot take the others down.
 Every case also times the device colour augmentation alone (`augment share` of the step). Prints a table and
 writes bench/results/train_step[_small].json (folder: $BENCH_RESULTS_DIR if set).
 """
