@@ -265,8 +265,8 @@ def with_remat(settings: TrainSettings, remat: str) -> TrainSettings:
 
 def lower_loop_step(settings: TrainSettings, training: Training, mesh) -> tuple[jax.stages.Lowered, ts.Models]:
     """The loop's program (`jit_loop_step`) lowered for `training.state` (arrays or shapes), `batch_spec` and
-    `training.schedules`, with `settings.model.remat` (a choice, not "auto"); and the models it runs. Whatever
-    compiles the loop's step lowers it here, so that equal settings give the very same program."""
+    `training.schedules`, with `settings.model.remat` ("auto" builds its first choice, "none"); and the models it
+    runs. Whatever compiles the loop's step lowers it here, so that equal settings give the very same program."""
     models = build_models(settings, "mask_token" in training.state.student["backbone"])
     program = jit_loop_step(make_train_step(settings, models, training.labels), mesh)
     sums = jax.eval_shape(lambda: empty_sums(nonfinite.cap(settings.optim)))
