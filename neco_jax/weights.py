@@ -3,6 +3,7 @@ a pretrained name, a weight file or folder, a NeCo checkpoint), and the export o
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -17,7 +18,7 @@ from neco_jax import train_state as ts
 from neco_jax.backbone_io import load_parts
 from neco_jax.convert import export_file, flatten_params, unflatten_params_like
 from neco_jax.errors import ConfigError, NonFiniteError
-from neco_jax.models import ProjectionHead, VisionTransformer
+from neco_jax.models import ProjectionHead, VisionTransformer, ViTConfig
 from neco_jax.settings import HeadSettings, TrainSettings
 
 
@@ -41,15 +42,22 @@ def random_params(settings: TrainSettings, seed: int, has_mask_token: bool | Non
     """(student, teacher) params: one random backbone for both (as both load the same weights in the
     original), and two independently initialised heads (the original never copies the head)."""
     s_cfg, _ = ts.vit_configs(settings.model, has_mask_token)
+    return _initializer(s_cfg, settings.head)(jax.random.PRNGKey(seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _initializer(vit: ViTConfig, head: HeadSettings):
+    """`random_params`' jitted program for one architecture and head, made once per process: a later run of the
+    same models (a resume, a notebook, the tests) reuses its trace and executable."""
 
     def init(key):
         kb, ks, kt = jax.random.split(key, 3)
-        backbone = ts.split(VisionTransformer(s_cfg, rngs=nnx.Rngs(kb)))[1]
-        s_head = ts.split(_head(settings.head, s_cfg.embed_dim, nnx.Rngs(ks)))[1]
-        t_head = ts.split(_head(settings.head, s_cfg.embed_dim, nnx.Rngs(kt)))[1]
+        backbone = ts.split(VisionTransformer(vit, rngs=nnx.Rngs(kb)))[1]
+        s_head = ts.split(_head(head, vit.embed_dim, nnx.Rngs(ks)))[1]
+        t_head = ts.split(_head(head, vit.embed_dim, nnx.Rngs(kt)))[1]
         return {"backbone": backbone, "head": s_head}, {"backbone": backbone, "head": t_head}
 
-    return jax.jit(init)(jax.random.PRNGKey(seed))
+    return jax.jit(init)
 
 
 def initial_params(settings: TrainSettings) -> tuple[dict, dict, str]:

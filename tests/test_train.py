@@ -53,6 +53,20 @@ def _max_diff(a, b):
 # --------------------------------------------------------------------------- groups and weights
 
 
+def test_random_weights_follow_the_seed_from_one_program_per_model():
+    """The same seed gives the same weights, another seed others; runs of the same models in one process share
+    one jitted init (traced and loaded once), and other models get their own."""
+    settings = tiny_settings()
+    built = weights._initializer.cache_info().currsize
+    a, b, c = (weights.random_params(settings, seed) for seed in (0, 0, 1))
+    assert _max_diff(a, b) == 0 and _max_diff(a, c) > 0
+    assert weights._initializer.cache_info().currsize <= built + 1
+    assert weights._initializer.cache_info().hits >= 2
+    out_dims = {x.shape[-1] for x in jax.tree.leaves(a[0]["head"])}
+    other = weights.random_params(tiny_settings(**{"head.out_dim": 32}), 0)[0]["head"]
+    assert 32 not in out_dims and 32 in {x.shape[-1] for x in jax.tree.leaves(other)}
+
+
 def test_optimizer_groups_of_the_real_model():
     student, _ = weights.random_params(tiny_settings(), 0)
     labels = optim.param_labels(student)
