@@ -139,6 +139,11 @@ class Built(NamedTuple):
         a training run with these settings compiles (and the compilation cache holds)."""
         return step_lib.lower_loop_step(self.settings, self.training, mesh)[0]
 
+    def compile(self, mesh) -> Any:
+        """The loop's program compiled as the trainer compiles it (`neco_jax.step.compile_loop_step`): the
+        executable this process already has for it where it has one (the remat resolution, a training run)."""
+        return step_lib.compile_loop_step(self.settings, self.training, mesh, None)[0].compiled
+
     def step_fn(self):
         """The pure step, (state, batch, schedules) -> (state, metrics)."""
         return step_lib.make_train_step(self.settings, self.training.models, self.training.labels)

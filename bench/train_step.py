@@ -41,7 +41,7 @@ from bench.step_cases import FULL, SMALL, Built, Case, build_step, case_config, 
 from configs import base  # noqa: E402
 from input_pipeline import augment  # noqa: E402
 from neco_jax import loss as loss_lib  # noqa: E402
-from neco_jax import nonfinite, program, sharding, weights  # noqa: E402
+from neco_jax import program, sharding  # noqa: E402
 from neco_jax import step as step_lib  # noqa: E402
 from neco_jax import train as train_lib  # noqa: E402
 from neco_jax.errors import UserError  # noqa: E402
@@ -254,18 +254,14 @@ def loop_overhead(windows: int, log_every: int, iters: int) -> dict:
     finally:
         train_lib.make_train_loader = real
     loop_s = float(np.mean([r["step_time_s"] for r in rows[1:]]))
-    # The loop's own program (the step with the metric sums carried), compiled as the trainer compiles it: the
-    # persistent compilation cache, when set, serves it without a second compilation.
+    # The loop's own program (the step with the metric sums carried), compiled as the trainer compiles it: this
+    # process's executable from the run above, without a second compilation.
     mesh = sharding.make_mesh()
-    training = step_lib.build_training(settings, settings.optim.total_steps, *weights.random_params(settings, 0))
-    training = training._replace(state=jax.device_put(training.state, sharding.replicated(mesh)))
-    step = step_lib.compile_loop_step(settings, training, mesh, None)[0].compiled
+    built = build_step(config, mesh)
+    step = built.compile(mesh)
     batch = sharding.global_batch(step_lib.device_part(batches[0]), mesh)
-    sched = jax.device_put(training.schedules, sharding.replicated(mesh))
-    holder = {
-        "state": training.state,
-        "sums": step_lib.empty_sums(nonfinite.cap(settings.optim), 0, sharding.replicated(mesh)),
-    }
+    sched = built.training.schedules
+    holder = {"state": built.training.state, "sums": built.sums}
 
     def call():
         holder["state"], metrics, holder["sums"] = step(holder["state"], batch, holder["sums"], sched)

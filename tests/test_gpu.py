@@ -100,7 +100,7 @@ def check_bf16_train_step(device, steps: int = 3) -> None:
     config.model.arch_overrides.depth = 4
     mesh = sharding.make_mesh([device])
     built = build_step(config, mesh)
-    step = built.lower(mesh).compile()
+    step = built.compile(mesh)
     state, sums = built.training.state, built.sums
     before = jax.device_get(state.student)
     for i in range(steps):
