@@ -8,7 +8,6 @@ programs by every test that starts them. The cache is a fresh folder for each se
 so the suite's time is what a clean clone sees; NECO_TEST_JAX_CACHE names a folder to keep between sessions.
 """
 
-import gc
 import glob
 import os
 import shutil
@@ -26,14 +25,12 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["NECO_TEST_JAX_CACHE"]
 # Every program, however quick to compile: the tests build the same small ones over and over.
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
-# Python's cycle collector at its default thresholds (the youngest generation every 700 net allocations) promotes
-# the tests' short-lived objects until it walks a worker's whole heap (JAX, torch, the traced programs): 31-33 such
-# walks and 22-23 s of GC per xdist worker over the suite. Every 100 000 allocations: 3 walks, 6-7 s, and the same
-# peak memory (measured with gc.callbacks).
-gc.set_threshold(100_000, 10, 10)
-
 import jax  # noqa: E402  (after the environment above)
 import pytest  # noqa: E402
+
+from neco_jax import program  # noqa: E402
+
+program.collect_garbage_less_often()  # as the programs the tests start
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
